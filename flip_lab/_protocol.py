@@ -1,0 +1,121 @@
+"""The messages that cross FLIP Lab's boundaries, written down once.
+
+Hub -> researcher: ``Event`` dicts, printed by the hub's ServerApp as ``FLIP-EVENT {json}`` log lines and read
+back through Flower's Control API (``StreamLogs``). The same dicts feed the notebook dashboard, the job history
+and the Jupyter server extension's event stream.
+
+Site executor <-> sandboxed worker: ``WorkerRequest`` / ``WorkerReply`` JSON headers on a pipe, followed by an
+optional safetensors payload (never a pickle).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NotRequired, TypedDict
+
+EVENT_PREFIX = "FLIP-EVENT "
+WEIGHTS_PREFIX = "FLIP-WEIGHTS "
+
+Phase = Literal["train", "evaluate"]
+JobStatus = Literal["pending", "starting", "running", "completed", "failed", "cancelled"]
+SiteState = Literal[
+    "waiting_approval",
+    "preparing_data",
+    "training",
+    "evaluating",
+    "done",
+    "failed",
+    "withheld",
+    "offline",
+]
+
+
+class JobStarted(TypedDict):
+    type: Literal["job_started"]
+    rounds: int
+    strategy: str
+    min_sites: int
+    sites: list[str]
+    plan_hash: str
+    t: float
+
+
+class SiteStateEvent(TypedDict):
+    type: Literal["site_state"]
+    round: int
+    site: str
+    state: SiteState
+    detail: NotRequired[str]
+    t: float
+
+
+class Reply(TypedDict):
+    """One site's checked reply for one phase of one round."""
+
+    type: Literal["reply"]
+    round: int
+    phase: Phase
+    site: str
+    metrics: dict[str, float]
+    num_examples: int
+    compute_s: float
+    audit_head: NotRequired[str]
+    approval: NotRequired[str]
+    t: float
+
+
+class Aggregate(TypedDict):
+    type: Literal["aggregate"]
+    round: int
+    phase: Phase
+    metrics: dict[str, float]
+    contributors: list[str]
+    wall_s: float
+    t: float
+
+
+class RoundDiscarded(TypedDict):
+    type: Literal["round_discarded"]
+    round: int
+    phase: Phase
+    reason: str
+    t: float
+
+
+class SiteError(TypedDict):
+    """A site's failure, as the site chose to describe it: a kind and a safe message, never a traceback."""
+
+    type: Literal["site_error"]
+    round: int
+    phase: Phase
+    site: str
+    kind: str
+    message: str
+    t: float
+
+
+class UpdateRejected(TypedDict):
+    type: Literal["update_rejected"]
+    round: int
+    site: str
+    reason: str
+    t: float
+
+
+class JobFinished(TypedDict):
+    type: Literal["job_finished"]
+    status: Literal["completed", "failed", "cancelled"]
+    message: str
+    rounds_completed: int
+    t: float
+
+
+Event = (
+    JobStarted
+    | SiteStateEvent
+    | Reply
+    | Aggregate
+    | RoundDiscarded
+    | SiteError
+    | UpdateRejected
+    | JobFinished
+)

@@ -1,0 +1,28 @@
+"""Stop a notebook's local federation when the notebook's kernel dies, however it dies.
+
+``python -m flip_lab._reaper PARENT_PID WORKDIR PID...``: waits for PARENT_PID to disappear, then stops the
+process groups by PID and removes the federation's state file. It exits early once the state file is gone
+(the federation was shut down normally).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from .local import STATE, _alive, stop_pids
+
+
+def main() -> None:
+    parent, workdir, pids = int(sys.argv[1]), Path(sys.argv[2]), [int(p) for p in sys.argv[3:]]
+    while _alive(parent):
+        if not (workdir / STATE).exists():
+            return
+        time.sleep(0.5)
+    stop_pids(pids)
+    (workdir / STATE).unlink(missing_ok=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,203 @@
+"""``flip-lab``: the researcher's and teacher's command line.
+
+    flip-lab demo [--sites 4 --rounds 3]      start a local federation, run the demo study, print the metrics
+    flip-lab up [--sites 3] [--workdir DIR]   start a local federation in the background
+    flip-lab status [--workdir DIR]           hub, sites and jobs of a local federation
+    flip-lab down [--workdir DIR]             stop it by PID; nothing is left running
+    flip-lab jobs / cancel JOB                list or stop studies on the local federation
+    flip-lab study run NOTEBOOK -p NAME VALUE  run a parameterised study notebook and keep a run record
+    flip-lab study verify RECORD              re-check every checksum of a run record
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .errors import FlipError
+
+
+def _workdir(args: argparse.Namespace) -> Path:
+    from .local import default_workdir
+
+    return Path(args.workdir) if args.workdir else default_workdir()
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    from .local import LocalFederation
+
+    workdir = _workdir(args)
+    print(f"starting a hub and {args.sites} simulated hospitals in {workdir} ...", flush=True)
+    fed = LocalFederation.start(args.sites, workdir=workdir, seed=args.seed, watch_parent=False,
+                                approval="manual" if args.manual else "automatic")
+    print(f"hub:   127.0.0.1:{fed.state['hub_port']}")
+    for site in fed.sites():
+        print(f"site:  {site['site']:<12} {'online' if site['online'] else 'offline'}  pid {site['pid']}")
+    print(f"stop it with: flip-lab down --workdir {workdir}")
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from .local import LocalFederation, read_state, running_state
+
+    workdir = _workdir(args)
+    if running_state(workdir) is None:
+        print(f"no local federation is running in {workdir}" + (" (stale state file)" if read_state(workdir) else ""))
+        return 3
+    fed = LocalFederation.attach(workdir)
+    print(f"hub:   127.0.0.1:{fed.state['hub_port']}  (pid {fed.state['hub_pid']})")
+    for site in fed.sites():
+        print(f"site:  {site['site']:<12} {'online' if site['online'] else 'OFFLINE'}  last seen {site['last_seen']}")
+    for run in fed.jobs():
+        print(f"job:   {run.run_id}  {run.job_status}")
+    return 0
+
+
+def _cmd_down(args: argparse.Namespace) -> int:
+    from .local import STATE, read_state, stop_pids
+
+    workdir = _workdir(args)
+    state = read_state(workdir)
+    if state is None:
+        print(f"no local federation in {workdir}; nothing to stop")
+        return 0
+    stop_pids(list(state.get("pids", [])))
+    (workdir / STATE).unlink(missing_ok=True)
+    print(f"stopped the hub and {len(state.get('sites', {}))} sites in {workdir}")
+    return 0
+
+
+def _cmd_jobs(args: argparse.Namespace) -> int:
+    from .local import LocalFederation
+
+    fed = LocalFederation.attach(_workdir(args))
+    for run in fed.jobs():
+        print(f"{run.run_id}  {run.job_status:<10} submitted {run.pending_at}")
+    return 0
+
+
+def _cmd_cancel(args: argparse.Namespace) -> int:
+    from .local import LocalFederation
+
+    fed = LocalFederation.attach(_workdir(args))
+    fed.job(args.job).cancel()
+    print(f"job {args.job} cancelled")
+    return 0
+
+
+def progress_bar(job: Any, stream: Any = sys.stdout) -> None:
+    """A terminal progress line per event: round x/N, which sites replied, the aggregated metrics."""
+    def on_event(event: dict[str, Any]) -> None:
+        kind = event["type"]
+        if kind == "job_started":
+            print(f"job {job.id}: {event['rounds']} rounds of {event['strategy']}", file=stream, flush=True)
+        elif kind == "site_state" and event["state"] in ("waiting_approval", "failed"):
+            print(f"  {event['site']}: {event['state']} {event.get('detail', '')}", file=stream, flush=True)
+        elif kind == "aggregate":
+            metrics = "  ".join(f"{k}={v:.4f}" for k, v in sorted(event["metrics"].items()))
+            bar = "#" * event["round"] + "." * max(0, (job.rounds or 0) - event["round"])
+            print(f"  [{bar}] round {event['round']}/{job.rounds} {event['phase']:<8} {metrics}  "
+                  f"({len(event['contributors'])} sites)", file=stream, flush=True)
+        elif kind in ("site_error", "update_rejected", "round_discarded"):
+            where = event.get("site", "")
+            print(f"  ! round {event['round']} {where}: {event.get('kind', kind)}: "
+                  f"{event.get('message') or event.get('reason')}", file=stream, flush=True)
+        elif kind == "job_finished":
+            print(f"job {job.id} {event['status']}: {event['message']}", file=stream, flush=True)
+
+    job.subscribe(on_event)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .examples import demo_plan
+    from .local import LocalFederation
+
+    t0 = time.monotonic()
+    workdir = Path(args.workdir) if args.workdir else None
+    print(f"starting a local federation: 1 hub + {args.sites} simulated hospitals on 127.0.0.1 ...", flush=True)
+    with LocalFederation.start(args.sites, workdir=workdir, seed=args.seed) as fed:
+        print(f"federation up in {time.monotonic() - t0:.1f} s (hub 127.0.0.1:{fed.state['hub_port']}, "
+              f"work folder {fed.workdir})", flush=True)
+        for name, cat in fed.catalogue().items():
+            print(f"  {name}: {_catalogue_line(cat)}")
+        job = fed.submit(demo_plan(), rounds=args.rounds, strategy=args.strategy, seed=args.seed,
+                         min_sites=min(2, args.sites), expected_sites=args.sites)
+        progress_bar(job)
+        job.wait(timeout=args.timeout)
+        table = job.history
+        final = table[(table["round"] == table["round"].max()) & (table["phase"] == "evaluate")]
+        print("\nfinal round, evaluation on each site's held-out test set:")
+        print(final.pivot_table(index="site", columns="metric", values="value").round(4).to_string())
+        print(f"\ndone in {time.monotonic() - t0:.1f} s; history and final model in {job.store}")
+    return 0
+
+
+def _catalogue_line(cat: dict[str, Any]) -> str:
+    datasets = cat.get("datasets", cat)
+    parts = []
+    if isinstance(datasets, dict):
+        for name, info in datasets.items():
+            if isinstance(info, dict):
+                parts.append(f"{name}: {info.get('modality', '?')} {info.get('count', info.get('counts', ''))}")
+    return "; ".join(parts) or "catalogue available"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flip-lab", description="Federated learning on medical images.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def workdir(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--workdir", help="the federation's folder (default ~/.flip-lab/federations/default)")
+
+    p = sub.add_parser("demo", help="local federation + demo study, end to end")
+    p.add_argument("--sites", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--strategy", default="fedavg")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout", type=float, default=900)
+    p.add_argument("--workdir")
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("up", help="start a local federation in the background")
+    p.add_argument("--sites", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--manual", action="store_true", help="sites require manual approval (flip-site plans approve)")
+    workdir(p)
+    p.set_defaults(func=_cmd_up)
+    for name, func, help_ in (("status", _cmd_status, "show the local federation"),
+                              ("down", _cmd_down, "stop the local federation"),
+                              ("jobs", _cmd_jobs, "list jobs")):
+        p = sub.add_parser(name, help=help_)
+        workdir(p)
+        p.set_defaults(func=func)
+    p = sub.add_parser("cancel", help="cancel a job")
+    p.add_argument("job", type=int)
+    workdir(p)
+    p.set_defaults(func=_cmd_cancel)
+
+    try:
+        from .study import add_study_commands
+    except ImportError:  # pragma: no cover
+        pass
+    else:
+        add_study_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except FlipError as err:
+        print(f"flip-lab: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("flip-lab: interrupted; everything it started has been stopped", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

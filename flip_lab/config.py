@@ -1,0 +1,68 @@
+"""A study's settings (the run config): every key, its type, its default and what it means, in one table.
+
+These are the researcher's settings. Site settings (data paths, policy) never appear here: only site code resolves
+those.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Key:
+    type: type | tuple[type, ...]
+    default: Any
+    help: str
+    min: float | None = None
+
+
+SCHEMA: dict[str, Key] = {
+    "rounds": Key(int, 3, "federated rounds to run", 1),
+    "strategy": Key(str, "fedavg", "aggregation strategy: fedavg, fedprox, fedadam, fedmedian, fedtrimmedavg, krum"),
+    "local_epochs": Key(int, 2, "passes over the local training data per round", 1),
+    "lr": Key(float, 1e-3, "learning rate handed to train()", 0.0),
+    "batch_size": Key(int, 16, "mini-batch size handed to train()", 1),
+    "seed": Key(int, 0, "seed for model initialisation and every site's training"),
+    "proximal_mu": Key(float, 0.0, "FedProx proximal term weight (used when strategy is fedprox)", 0.0),
+    "min_sites": Key(int, 2, "a round with fewer accepted contributors is discarded, never released", 1),
+    "round_timeout": Key(float, 300.0, "seconds to wait for the sites' replies in one phase of one round", 1.0),
+    "approval_timeout": Key(float, 600.0, "seconds to wait for data owners to approve the plan", 0.0),
+    "connect_timeout": Key(float, 30.0, "seconds to wait for sites to connect to the hub", 0.0),
+    "expected_sites": Key(int, 0, "sites to wait for before starting (0: min_sites)", 0),
+    "strategy_options": Key(dict, {}, "extra keyword arguments for the strategy class"),
+    "robust": Key(dict, {}, "update screening: norm_factor (default 10), weight_cap_factor (default 3)"),
+    "extra": Key(dict, {}, "any further plain values handed to train()/evaluate() in their config"),
+}
+
+
+def validate(values: dict[str, Any]) -> dict[str, Any]:
+    """Return a complete config: defaults filled in, unknown keys and wrong types refused with the key's name."""
+    unknown = sorted(set(values) - set(SCHEMA))
+    if unknown:
+        raise ConfigError(unknown[0], f"one of the known keys ({', '.join(SCHEMA)})", values[unknown[0]])
+    config: dict[str, Any] = {}
+    for key, spec in SCHEMA.items():
+        value = values.get(key, spec.default)
+        if spec.type is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if isinstance(value, bool) and spec.type is not bool or not isinstance(value, spec.type):
+            expected = spec.type.__name__ if isinstance(spec.type, type) else " or ".join(t.__name__ for t in spec.type)
+            raise ConfigError(key, f"a {expected}", value)
+        if spec.min is not None and value < spec.min:
+            raise ConfigError(key, f">= {spec.min:g}", value)
+        config[key] = value
+    if config["expected_sites"] == 0:
+        config["expected_sites"] = config["min_sites"]
+    if config["strategy"] == "fedprox":
+        config["strategy_options"] = {"proximal_mu": config["proximal_mu"], **config["strategy_options"]}
+    return config
+
+
+def train_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The part of the config that reaches the plan's train()/evaluate() at the sites."""
+    keys = ("local_epochs", "lr", "batch_size", "seed", "proximal_mu")
+    return {**{k: config[k] for k in keys}, **config["extra"]}

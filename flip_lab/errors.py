@@ -1,0 +1,60 @@
+"""FLIP Lab's exceptions: one root, a few subclasses with structured fields and a next step in the message."""
+
+from __future__ import annotations
+
+
+class FlipError(Exception):
+    """Root of every error FLIP Lab raises on purpose."""
+
+
+class PlanError(FlipError):
+    """The plan cannot be sent: it names what is wrong and where, before anything leaves the notebook."""
+
+    def __init__(self, message: str, *, name: str | None = None, line: int | None = None, cell: str | None = None):
+        self.name = name
+        self.line = line
+        self.cell = cell
+        where = ""
+        if cell is not None and line is not None:
+            where = f" ({cell}, line {line})"
+        elif line is not None:
+            where = f" (line {line})"
+        super().__init__(message + where)
+
+
+class ConfigError(FlipError):
+    """A study setting has the wrong type or value."""
+
+    def __init__(self, key: str, expected: str, got: object):
+        self.key = key
+        self.expected = expected
+        self.got = got
+        super().__init__(f"config[{key!r}] must be {expected}, got {got!r}")
+
+
+class HubUnreachable(FlipError):
+    def __init__(self, address: str, detail: str = ""):
+        self.address = address
+        super().__init__(
+            f"cannot reach the FLIP hub at {address}: {detail or 'no answer'}. "
+            "Is the federation up? (`flip-lab status`, or `flip-lab up` for a local one)"
+        )
+
+
+class FederationError(FlipError):
+    """Starting, finding or stopping a federation failed; the message says what was left behind (nothing)."""
+
+
+class JobFailed(FlipError):
+    def __init__(self, job_id: int, message: str):
+        self.job_id = job_id
+        super().__init__(f"job {job_id} failed: {message}")
+
+
+class JobTimeout(FlipError):
+    def __init__(self, job_id: int, timeout: float, status: str):
+        self.job_id = job_id
+        super().__init__(
+            f"job {job_id} is still {status} after {timeout:g} s; it keeps running: "
+            f"wait again, or `job.cancel()`"
+        )

@@ -1,0 +1,99 @@
+"""Federations: where plans are sent. ``connect`` reaches any hub; ``local_federation`` starts one on this machine.
+
+>>> fed = connect("hub.example.org:9093", root_certificates="ca.pem")   # doctest: +SKIP
+>>> job = fed.submit(plan, rounds=5, strategy="fedprox", proximal_mu=0.01)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from ._bundle import bundle
+from ._flower import ControlClient, NodeInfo, RunInfo
+from .job import Job
+from .plan import BuiltPlan, Plan
+
+
+def _default_home() -> Path:
+    return Path(os.environ.get("FLIP_LAB_HOME", Path.home() / ".flip-lab"))
+
+
+class Federation:
+    """A hub to submit plans to. The same API serves a local federation, papermill runs and remote hubs."""
+
+    def __init__(self, address: str, *, root_certificates: str | bytes | None = None,
+                 workdir: str | Path | None = None) -> None:
+        self.address = address
+        if isinstance(root_certificates, str) and Path(root_certificates).exists():
+            root_certificates = Path(root_certificates).read_bytes()
+        self._client = ControlClient(address, root_certificates=root_certificates)
+        safe = address.replace(":", "_").replace("/", "_")
+        self.workdir = Path(workdir) if workdir else _default_home() / "hubs" / safe
+        self._jobs: dict[int, Job] = {}
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.address}>"
+
+    def __enter__(self) -> Federation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._client.close()
+
+    # -- studies -----------------------------------------------------------------------------------
+    def submit(self, plan: Plan | BuiltPlan, config: dict[str, Any] | None = None, **settings: Any) -> Job:
+        """Send ``plan`` with the study's settings (see ``flip_lab.config.SCHEMA``); returns a ``Job`` at once.
+
+        Everything that can be checked here is checked before anything leaves the notebook: settings, the plan's
+        source, its imports and names, and that ``model()`` builds.
+        """
+        built = plan if isinstance(plan, BuiltPlan) else plan.build({**(config or {}), **settings})
+        run_id = self._client.start_run(bundle(built))
+        job = Job(self._client, run_id, self._job_dir(run_id), rounds=int(built.spec["config"]["rounds"]),
+                  plan_hash=built.hash)
+        (job.store / "plan.py").write_text(built.source)
+        (job.store / "spec.json").write_text(__import__("json").dumps(built.spec, indent=1))
+        self._jobs[run_id] = job
+        return job
+
+    def _job_dir(self, job_id: int) -> Path:
+        return self.workdir / "jobs" / str(job_id)
+
+    def job(self, job_id: int) -> Job:
+        """Re-attach to a job by id: its history so far comes back and, if it still runs, keeps filling."""
+        if job_id in self._jobs:
+            return self._jobs[job_id]
+        info = self._client.run(job_id)
+        store = self._job_dir(job_id)
+        if info is None and not (store / "events.jsonl").exists():
+            raise KeyError(f"the hub at {self.address} has no job {job_id}; `fed.jobs()` lists the known ones")
+        job = Job(self._client, job_id, store, follow=info is not None and info.status != "finished")
+        if info is not None and info.status == "finished" and not job.done:
+            job._settle(info.job_status, info.details or "finished")
+        self._jobs[job_id] = job
+        return job
+
+    def jobs(self) -> list[RunInfo]:
+        return self._client.list_runs()
+
+    def nodes(self) -> list[NodeInfo]:
+        return self._client.list_nodes()
+
+    def sites(self) -> list[dict[str, Any]]:
+        """What the hub knows of its sites: node id, status, last seen."""
+        return [{"site": f"node-{n.node_id}", "node_id": n.node_id, "online": n.status == "online",
+                 "last_seen": n.last_seen} for n in self.nodes()]
+
+
+def connect(address: str, *, root_certificates: str | bytes | None = None,
+            workdir: str | Path | None = None) -> Federation:
+    """Connect to a running hub (a FLIP hub is a Flower SuperLink) at ``host:port``.
+
+    Beyond loopback, pass the federation's CA certificate (``root_certificates``) so traffic is encrypted.
+    """
+    return Federation(address, root_certificates=root_certificates, workdir=workdir)

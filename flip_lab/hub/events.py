@@ -1,0 +1,58 @@
+"""The hub's side of the event stream: one ``FLIP-EVENT {json}`` line per event on the ServerApp's stdout.
+
+Flower uploads a ServerApp's output to the SuperLink every 0.2 s and serves it through the Control API's
+``StreamLogs``, so a researcher anywhere reads these lines with the same credentials that started the run; nothing
+else has to be exposed. Final weights use the same channel in base64 chunks (``FLIP-WEIGHTS``).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .._protocol import EVENT_PREFIX, WEIGHTS_PREFIX
+
+_CHUNK = 48_000  # characters per log line; keeps each line far below any log buffer limit
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class EventSink:
+    """Writes events to stdout (for the Control API) and, when given a folder, to ``events.jsonl`` there."""
+
+    def __init__(self, record_dir: Path | None = None) -> None:
+        self.record_dir = record_dir
+        if record_dir is not None:
+            record_dir.mkdir(parents=True, exist_ok=True)
+
+    def emit(self, event_type: str, **fields: Any) -> dict[str, Any]:
+        event = {"type": event_type, **{k: _finite(v) for k, v in fields.items()}, "t": time.time()}
+        line = json.dumps(event, separators=(",", ":"), default=float)
+        print(EVENT_PREFIX + line, flush=True)
+        if self.record_dir is not None:
+            with open(self.record_dir / "events.jsonl", "a", encoding="utf-8") as fh:
+                fh.write(line + "\n")
+        return event
+
+    def emit_weights(self, arrays: dict[str, np.ndarray], round_: int) -> None:
+        """Stream the released global model as base64 safetensors in numbered chunks."""
+        from safetensors.numpy import save
+
+        blob = base64.b64encode(save({k: np.ascontiguousarray(v) for k, v in arrays.items()})).decode()
+        chunks = [blob[i : i + _CHUNK] for i in range(0, len(blob), _CHUNK)] or [""]
+        for i, chunk in enumerate(chunks):
+            print(f"{WEIGHTS_PREFIX}{round_} {i} {len(chunks)} {chunk}", flush=True)
+        if self.record_dir is not None:
+            (self.record_dir / "final_weights.b64").write_text(blob)
+        sys.stdout.flush()

@@ -1,0 +1,147 @@
+"""A Grid that streams each site's reply the moment it arrives, and never waits longer than it must.
+
+Flower's ``send_and_receive`` polls the SuperLink every 3 s and returns only when every reply is in; FLIP Lab wraps
+the run's Grid so that Flower's own strategies keep working unchanged while (a) replies are polled every 50 ms,
+(b) each reply is turned into an event for the researcher as it lands, (c) a site that goes offline or fails stops
+being waited for, and (d) only the sites that approved this plan are ever sampled.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from flwr.app import Message
+from flwr.serverapp import Grid
+
+from .events import EventSink
+
+POLL_S = 0.05
+
+
+class NotEnoughSites(RuntimeError):
+    """Fewer approved sites are online than the study's minimum: the round cannot be released."""
+
+
+def site_info(msg: Message) -> dict[str, Any]:
+    """The ``flip`` ConfigRecord a site attaches to every reply (name, audit head, timings)."""
+    if msg.has_error() or "flip" not in msg.content.config_records:
+        return {}
+    return dict(msg.content.config_records["flip"])
+
+
+def parse_site_error(reason: str) -> tuple[str, str]:
+    """Split a site's error reason ``"kind: message"``; the site already made the message safe."""
+    kind, sep, message = reason.partition(": ")
+    if not sep or not kind.replace("_", "").isalnum():
+        return "site_error", reason[:300]
+    return kind, message[:300]
+
+
+class StreamingGrid:
+    """Proxy over a run's ``Grid``; see the module docstring."""
+
+    def __init__(
+        self,
+        grid: Grid,
+        sink: EventSink,
+        *,
+        site_names: dict[int, str],
+        min_sites: int,
+        on_reply: Callable[[Message, str], None] | None = None,
+    ) -> None:
+        self._grid = grid
+        self.sink = sink
+        self.site_names = dict(site_names)
+        self.min_sites = min_sites
+        self.on_reply = on_reply
+        self.current_round = 0
+        self.dropped: set[int] = set()
+
+    def __getattr__(self, name: str) -> Any:  # everything not overridden goes to Flower's grid
+        return getattr(self._grid, name)
+
+    def name(self, node_id: int) -> str:
+        return self.site_names.get(node_id, f"node-{node_id}")
+
+    def online_sites(self) -> list[int]:
+        online = set(self._grid.get_node_ids())
+        return [n for n in self.site_names if n in online and n not in self.dropped]
+
+    def get_node_ids(self) -> list[int]:
+        nodes = self.online_sites()
+        if len(nodes) < self.min_sites:
+            missing = sorted(self.name(n) for n in self.site_names if n not in nodes)
+            raise NotEnoughSites(
+                f"only {len(nodes)} of the approved sites can take part (unavailable: "
+                f"{', '.join(missing) or 'none'}); the study's minimum is {self.min_sites}"
+            )
+        return nodes
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        messages = list(messages)
+        if not messages:
+            return []
+        phase = messages[0].metadata.message_type
+        round_ = int(messages[0].content.config_records["config"].get("server-round", 0))
+        self.current_round = round_
+        state = "training" if phase == "train" else "evaluating"
+        for msg in messages:
+            self.sink.emit("site_state", round=round_, site=self.name(msg.metadata.dst_node_id), state=state)
+        waiting = dict(zip(self._grid.push_messages(messages), (m.metadata.dst_node_id for m in messages)))
+        deadline = time.monotonic() + (timeout if timeout is not None else 3600.0)
+        replies: list[Message] = []
+        next_liveness_check = time.monotonic() + 2.0
+        while waiting and time.monotonic() < deadline:
+            for reply in self._grid.pull_messages(list(waiting)):
+                node = waiting.pop(reply.metadata.reply_to_message_id, None)
+                if node is None:  # a straggler's reply to an older message: ignore it
+                    continue
+                replies.append(reply)
+                self._report(reply, node, phase, round_)
+            if waiting and time.monotonic() >= next_liveness_check:
+                self._drop_offline(waiting, phase, round_)
+                next_liveness_check = time.monotonic() + 2.0
+            if waiting:
+                time.sleep(POLL_S)
+        for node in waiting.values():
+            self.dropped.add(node)
+            self.sink.emit(
+                "site_error", round=round_, phase=phase, site=self.name(node), kind="timeout",
+                message=f"no reply within {timeout:g} s; the round goes on without this site",
+            )
+        return replies
+
+    def _drop_offline(self, waiting: dict[str, int], phase: str, round_: int) -> None:
+        online = set(self._grid.get_node_ids())
+        for msg_id, node in list(waiting.items()):
+            if node not in online:
+                del waiting[msg_id]
+                self.dropped.add(node)
+                self.sink.emit(
+                    "site_error", round=round_, phase=phase, site=self.name(node), kind="site_offline",
+                    message="the site went offline during the round; the round goes on without it",
+                )
+
+    def _report(self, reply: Message, node: int, phase: str, round_: int) -> None:
+        site = self.name(node)
+        if reply.has_error():
+            kind, message = parse_site_error(reply.error.reason)
+            self.sink.emit("site_error", round=round_, phase=phase, site=site, kind=kind, message=message)
+            if kind == "withheld":
+                self.sink.emit("site_state", round=round_, site=site, state="withheld", detail=message)
+            else:
+                self.sink.emit("site_state", round=round_, site=site, state="failed", detail=message)
+            return
+        info = site_info(reply)
+        metrics = dict(reply.content.metric_records.get("metrics", {}))
+        num_examples = int(metrics.pop("num-examples", 0))
+        self.sink.emit(
+            "reply", round=round_, phase=phase, site=site, metrics=metrics, num_examples=num_examples,
+            compute_s=float(info.get("compute_s", 0.0)), audit_head=str(info.get("audit_head", "")),
+            approval=str(info.get("approval", "")),
+        )
+        self.sink.emit("site_state", round=round_, site=site, state="done")
+        if self.on_reply is not None:
+            self.on_reply(reply, phase)

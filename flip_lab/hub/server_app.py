@@ -1,0 +1,173 @@
+"""The hub's ServerApp: discover sites, wait for their approval, run the strategy, stream everything back.
+
+It runs inside Flower's ``flwr-serverapp`` process, spawned by the SuperLink for each run. The plan arrives in the
+run config (``flip-plan-spec``, ``flip-init-weights``); the plan's source is never executed here.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from .events import EventSink
+from .grid import POLL_S, NotEnoughSites, StreamingGrid, parse_site_error, site_info
+from .robust import RobustConfig
+from .strategies import RoundBelowMinimum, make_strategy
+
+app = ServerApp()
+
+
+def load_weights(blob: str) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load
+
+    return dict(load(base64.b64decode(blob)))
+
+
+class HubRun:
+    """One study on the hub. ``spec`` is the plan's JSON spec; see ``flip_lab.plan.Plan.spec``."""
+
+    def __init__(self, grid: Grid, spec: dict[str, Any], weights: dict[str, np.ndarray], sink: EventSink):
+        self.grid = grid
+        self.spec = spec
+        self.config = spec["config"]
+        self.weights = weights
+        self.sink = sink
+        self.min_sites = int(self.config["min_sites"])
+
+    # -- discovery and approval ------------------------------------------------------------------
+    def _query(self, nodes: list[int]) -> dict[int, Message]:
+        content = RecordDict({"config": ConfigRecord({"op": "hello", "plan-hash": self.spec["plan_hash"]})})
+        msgs = [Message(content=content, message_type=MessageType.QUERY, dst_node_id=n) for n in nodes]
+        waiting = dict(zip(self.grid.push_messages(msgs), nodes))
+        replies: dict[int, Message] = {}
+        deadline = time.monotonic() + float(self.config["round_timeout"])
+        while waiting and time.monotonic() < deadline:
+            for reply in self.grid.pull_messages(list(waiting)):
+                node = waiting.pop(reply.metadata.reply_to_message_id, None)
+                if node is not None:
+                    replies[node] = reply
+            if waiting:
+                time.sleep(POLL_S)
+        return replies
+
+    def _wait_for_sites(self) -> list[int]:
+        deadline = time.monotonic() + float(self.config["connect_timeout"])
+        while True:
+            nodes = sorted(self.grid.get_node_ids())
+            if len(nodes) >= int(self.config.get("expected_sites", self.min_sites)) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        if len(nodes) < self.min_sites:
+            raise NotEnoughSites(
+                f"{len(nodes)} site(s) connected to the hub within {self.config['connect_timeout']} s; "
+                f"the study needs at least {self.min_sites}"
+            )
+        return nodes
+
+    def approvals(self) -> dict[int, str]:
+        """Ask every site about this plan until each has approved or rejected it, or time runs out."""
+        nodes = self._wait_for_sites()
+        names: dict[int, str] = {}
+        approved: dict[int, str] = {}
+        announced: set[int] = set()
+        deadline = time.monotonic() + float(self.config["approval_timeout"])
+        pending = list(nodes)
+        while pending:
+            replies = self._query(pending)
+            still: list[int] = []
+            for node in pending:
+                reply = replies.get(node)
+                if reply is None:
+                    still.append(node)
+                    continue
+                if reply.has_error():
+                    kind, message = parse_site_error(reply.error.reason)
+                    self.sink.emit("site_error", round=0, phase="train", site=names.get(node, f"node-{node}"),
+                                   kind=kind, message=message)
+                    continue
+                info = site_info(reply)
+                name = names[node] = str(info.get("site", f"node-{node}"))
+                state = str(info.get("approval", "unknown"))
+                if state == "approved":
+                    approved[node] = name
+                    self.sink.emit("site_state", round=0, site=name, state="preparing_data",
+                                   detail=str(info.get("policy", "")))
+                elif state == "rejected":
+                    self.sink.emit("site_state", round=0, site=name, state="failed",
+                                   detail="the data owner rejected this plan")
+                else:
+                    if node not in announced:
+                        announced.add(node)
+                        self.sink.emit("site_state", round=0, site=name, state="waiting_approval",
+                                       detail=f"waiting for approval at site {name}")
+                    still.append(node)
+            pending = still
+            if pending and time.monotonic() > deadline:
+                for node in pending:
+                    self.sink.emit("site_state", round=0, site=names.get(node, f"node-{node}"), state="failed",
+                                   detail="no approval before the job's approval timeout")
+                break
+            if pending:
+                time.sleep(1.0)
+        if len(approved) < self.min_sites:
+            raise NotEnoughSites(
+                f"{len(approved)} site(s) approved this plan; the study needs at least {self.min_sites}"
+            )
+        return approved
+
+    # -- the study -------------------------------------------------------------------------------
+    def run(self) -> None:
+        cfg = self.config
+        self.sink.emit("job_started", rounds=int(cfg["rounds"]), strategy=cfg["strategy"], min_sites=self.min_sites,
+                       sites=[], plan_hash=self.spec["plan_hash"])
+        strategy = None
+        try:
+            sites = self.approvals()
+            grid = StreamingGrid(self.grid, self.sink, site_names=sites, min_sites=self.min_sites)
+            strategy = make_strategy(cfg["strategy"], n_sites=len(sites), options=dict(cfg.get("strategy_options", {})))
+            strategy.setup_flip(sink=self.sink, min_sites=self.min_sites, reference=self.weights,
+                                robust=RobustConfig.from_dict(cfg.get("robust", {})))
+            initial = ArrayRecord(OrderedDict((k, Array(v)) for k, v in self.weights.items()))
+            train_cfg = ConfigRecord({"op": "train", **_scalars(cfg.get("train", {}))})
+            eval_cfg = ConfigRecord({"op": "evaluate", **_scalars(cfg.get("train", {}))})
+            strategy.start(grid=grid, initial_arrays=initial, num_rounds=int(cfg["rounds"]),
+                           timeout=float(cfg["round_timeout"]), train_config=train_cfg, evaluate_config=eval_cfg)
+        except (NotEnoughSites, RoundBelowMinimum) as err:
+            self._finish(strategy, "failed", str(err))
+            return
+        except Exception as err:  # the hub reports its own faults to the researcher instead of vanishing
+            self._finish(strategy, "failed", f"the hub failed: {type(err).__name__}: {err}")
+            return
+        self._finish(strategy, "completed", "all rounds released")
+
+    def _finish(self, strategy: Any, status: str, message: str) -> None:
+        released = getattr(strategy, "released_round", 0) if strategy is not None else 0
+        if strategy is not None and released:
+            self.sink.emit_weights(strategy.released, released)
+        self.sink.emit("job_finished", status=status, message=message, rounds_completed=released)
+
+
+def _scalars(values: dict[str, Any]) -> dict[str, Any]:
+    """ConfigRecord holds scalars and lists of scalars; drop anything else."""
+    return {k: v for k, v in values.items() if isinstance(v, (int, float, str, bool, bytes, list))}
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    from .._flower import fast_object_pulls
+
+    fast_object_pulls()
+    spec = json.loads(str(context.run_config["flip-plan-spec"]))
+    weights = load_weights(str(context.run_config["flip-init-weights"]))
+    hub_dir = os.environ.get("FLIP_HUB_DIR")
+    record_dir = Path(hub_dir) / "runs" / str(grid.run.run_id) if hub_dir else None
+    HubRun(grid, spec, weights, EventSink(record_dir)).run()

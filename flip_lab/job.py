@@ -1,0 +1,245 @@
+"""Job handles: a running study seen from the notebook.
+
+``Federation.submit`` returns a ``Job`` at once. A background thread reads the hub's event lines through Flower's
+Control API and fills ``job.events`` and ``job.history`` while the study runs; subscribers (the dashboard, the
+server extension) are called for each event and can never raise into the researcher's code. Every event is also
+written to the job's folder, so re-attaching by id (after a kernel restart, or once the hub has forgotten a finished
+run's log) rebuilds the same history.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ._flower import ControlClient
+from ._protocol import EVENT_PREFIX, WEIGHTS_PREFIX
+from .errors import HubUnreachable, JobFailed, JobTimeout
+from .history import History
+
+log = logging.getLogger("flip_lab")
+FINAL = ("completed", "failed", "cancelled")
+Subscriber = Callable[[dict[str, Any]], None]
+
+
+class Job:
+    """A study on a federation. See ``status``, ``round``, ``history``, ``wait``, ``cancel``, ``final_weights``."""
+
+    def __init__(self, client: ControlClient, job_id: int, store: Path, *, rounds: int | None = None,
+                 plan_hash: str = "", follow: bool = True) -> None:
+        self._client = client
+        self.id = job_id
+        self.store = store
+        self.store.mkdir(parents=True, exist_ok=True)
+        self.plan_hash = plan_hash
+        self.rounds = rounds
+        self.round = 0
+        self.status = "pending"
+        self.message = ""
+        self.events: list[dict[str, Any]] = []
+        self._history = History()
+        self.site_states: dict[str, dict[str, Any]] = {}
+        self.errors: list[dict[str, Any]] = []
+        self._subscribers: list[Subscriber] = []
+        self._weights_chunks: dict[int, str] = {}
+        self._weights_total = 0
+        self._weights: bytes | None = None
+        self._finished = threading.Event()
+        self._lock = threading.RLock()
+        self._last_ts = 0.0
+        self._buffer = ""
+        self._load_store()
+        if follow and self.status not in FINAL:
+            threading.Thread(target=self._follow, name=f"flip-job-{job_id}", daemon=True).start()
+        elif self.status in FINAL:
+            self._finished.set()
+
+    def __repr__(self) -> str:
+        rounds = f"{self.round}/{self.rounds}" if self.rounds else str(self.round)
+        return f"<Job {self.id} {self.status} round {rounds}>"
+
+    # -- events --------------------------------------------------------------------------------------
+    def subscribe(self, callback: Subscriber, *, replay: bool = True) -> None:
+        """Call ``callback(event)`` for every event (past ones too when ``replay``), from a background thread."""
+        with self._lock:
+            self._subscribers.append(callback)
+            past = list(self.events) if replay else []
+        for event in past:
+            self._notify(callback, event)
+
+    def _notify(self, callback: Subscriber, event: dict[str, Any]) -> None:
+        try:
+            callback(event)
+        except Exception:  # a display's bug must never break the job or the researcher's cell
+            log.exception("a job subscriber failed on a %s event", event.get("type"))
+
+    def _apply(self, event: dict[str, Any], *, persist: bool = True) -> None:
+        with self._lock:
+            kind = event.get("type")
+            self.events.append(event)
+            if kind == "job_started":
+                self.status = "running"
+                self.rounds = int(event.get("rounds", self.rounds or 0))
+            elif kind == "site_state":
+                self.site_states[event["site"]] = event
+                self.round = max(self.round, int(event.get("round", 0)))
+            elif kind == "reply":
+                self._history.add_reply(event)
+            elif kind == "aggregate":
+                self._history.add_aggregate(event)
+                self.round = max(self.round, int(event["round"]))
+            elif kind in ("site_error", "update_rejected", "round_discarded"):
+                self.errors.append(event)
+            elif kind == "job_finished":
+                self.status = str(event["status"])
+                self.message = str(event.get("message", ""))
+            if persist:
+                with open(self.store / "events.jsonl", "a", encoding="utf-8") as fh:
+                    fh.write(json.dumps(event) + "\n")
+            subscribers = list(self._subscribers)
+        for callback in subscribers:
+            self._notify(callback, event)
+        if self.status in FINAL and (kind == "job_finished"):
+            self._finished.set()
+
+    def _load_store(self) -> None:
+        events = self.store / "events.jsonl"
+        if events.exists():
+            for line in events.read_text().splitlines():
+                if line.strip():
+                    self._apply(json.loads(line), persist=False)
+        meta = self.store / "stream.json"
+        if meta.exists():
+            self._last_ts = float(json.loads(meta.read_text()).get("after", 0.0))
+        weights = self.store / "final_weights.safetensors"
+        if weights.exists():
+            self._weights = weights.read_bytes()
+
+    # -- following the hub -----------------------------------------------------------------------------
+    def _follow(self) -> None:
+        failures = 0
+        while not self._finished.is_set():
+            try:
+                for text, ts in self._client.stream_logs(self.id, self._last_ts):
+                    self._consume(text)
+                    self._last_ts = ts
+                    (self.store / "stream.json").write_text(json.dumps({"after": ts}))
+                    failures = 0
+                self._check_final_status()
+            except HubUnreachable as err:
+                failures += 1
+                if failures == 1:
+                    log.warning("%s; retrying", err)
+                if failures > 30:
+                    self._settle("failed", f"lost contact with the hub: {err}")
+                    return
+            except Exception as err:  # e.g. the hub forgot a finished run: settle from what we know
+                log.debug("log stream ended: %s", err)
+                self._check_final_status()
+            if not self._finished.is_set():
+                time.sleep(0.5)
+
+    def _check_final_status(self) -> None:
+        try:
+            info = self._client.run(self.id)
+        except HubUnreachable:
+            return
+        if info is None:
+            self._settle("failed", "the hub no longer knows this job")
+        elif info.status == "finished":
+            time.sleep(0.3)  # the last log upload can trail the status change
+            try:
+                for text, ts in self._client.stream_logs(self.id, self._last_ts):
+                    self._consume(text)
+                    self._last_ts = ts
+            except Exception:
+                pass
+            status = info.job_status
+            detail = info.details or "the hub's run ended without a final report"
+            self._settle(status, detail if status != "cancelled" else "cancelled")
+
+    def _settle(self, status: str, message: str) -> None:
+        """The run ended without (or before) our own final event: record Flower's verdict."""
+        if self.status not in FINAL:
+            self._apply({"type": "job_finished", "status": status, "message": message,
+                         "rounds_completed": self.round, "t": time.time()})
+        self._finished.set()
+
+    def _consume(self, text: str) -> None:
+        self._buffer += text
+        *lines, self._buffer = self._buffer.split("\n")
+        for raw in lines:
+            idx = raw.find(EVENT_PREFIX)
+            if idx >= 0:
+                try:
+                    self._apply(json.loads(raw[idx + len(EVENT_PREFIX):]))
+                except json.JSONDecodeError:
+                    log.warning("unreadable event line from the hub")
+                continue
+            idx = raw.find(WEIGHTS_PREFIX)
+            if idx >= 0:
+                self._weights_line(raw[idx + len(WEIGHTS_PREFIX):])
+
+    def _weights_line(self, rest: str) -> None:
+        _round, index, total, chunk = (rest.split(" ", 3) + [""])[:4]
+        self._weights_chunks[int(index)] = chunk.strip()
+        self._weights_total = int(total)
+        if len(self._weights_chunks) == self._weights_total:
+            blob = "".join(self._weights_chunks[i] for i in range(self._weights_total))
+            self._weights = base64.b64decode(blob)
+            (self.store / "final_weights.safetensors").write_bytes(self._weights)
+
+    # -- the researcher's verbs -------------------------------------------------------------------------
+    @property
+    def history(self) -> Any:
+        """A pandas DataFrame (round, site, phase, metric, value); aggregated rows have site ``"aggregate"``."""
+        return self._history.frame()
+
+    def metric(self, name: str, *, phase: str = "evaluate", site: str = "aggregate") -> Any:
+        """One metric over rounds as a pandas Series, e.g. ``job.metric("dice")``."""
+        return self._history.metric(name, phase=phase, site=site)
+
+    @property
+    def done(self) -> bool:
+        return self.status in FINAL
+
+    def wait(self, timeout: float | None = None, *, raise_on_failure: bool = True) -> Job:
+        """Block until the job ends (or ``timeout`` seconds pass: ``JobTimeout``, the job keeps running)."""
+        if not self._finished.wait(timeout):
+            raise JobTimeout(self.id, timeout or 0.0, self.status)
+        if raise_on_failure and self.status == "failed":
+            raise JobFailed(self.id, self.describe_failure())
+        return self
+
+    def describe_failure(self) -> str:
+        parts = [self.message]
+        for err in self.errors:
+            if err["type"] == "site_error":
+                parts.append(f"site {err['site']}, round {err['round']} ({err['phase']}): {err['kind']}: "
+                             f"{err['message']}")
+        return "; ".join(p for p in parts if p)
+
+    def cancel(self) -> None:
+        """Stop the study at the hub; sites drop the job's worker when the run stops."""
+        if not self.done:
+            self._client.stop_run(self.id)
+            self._settle("cancelled", "cancelled by the researcher")
+
+    def final_weights(self) -> dict[str, Any]:
+        """The last released global model as a torch state dict, read from safetensors (nothing unpickled)."""
+        from safetensors.torch import load
+
+        if self._weights is None:
+            raise JobFailed(self.id, "no global model has been released (yet)")
+        return load(self._weights)
+
+    def summary(self) -> dict[str, Any]:
+        return {"job": self.id, "status": self.status, "round": self.round, "rounds": self.rounds,
+                "plan_hash": self.plan_hash, "message": self.message,
+                "sites": {k: v.get("state") for k, v in self.site_states.items()}}

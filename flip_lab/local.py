@@ -1,0 +1,299 @@
+"""The embedded default: a real hub and N real site kernels on 127.0.0.1, one command away.
+
+The hub is ``flower-superlink``; each site is ``flip-site run`` (a SuperNode plus the site's executor) holding a
+simulated hospital generated offline. Ports are picked free, so two federations can coexist. Every process starts
+in its own session and is recorded in ``WORKDIR/federation.json``; ``shutdown`` (or ``flip-lab down``) stops them
+by PID. A federation started from a notebook also gets a reaper process that stops it if the kernel dies.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from .errors import FederationError
+from .federation import Federation, _default_home
+
+STATE = "federation.json"
+HUB_START_TIMEOUT = 30.0
+SITE_START_TIMEOUT = 60.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie child counts as gone
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(") ")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _flower_env(hub_dir: Path | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    # The SuperLink starts Flower's own helpers (flower-superexec, flwr-serverapp) by name: use this environment's.
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    env.update({"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+                # Flower's SuperExec checks for new runs every second by default; a study should not wait for it.
+                "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.05", "PYTHONUNBUFFERED": "1",
+                # A model travels as one object per array; Flower moves two at a time by default.
+                "FLWR_PRIVATE_MAX_CONCURRENT_OBJ_PULLS": "8", "FLWR_PRIVATE_MAX_CONCURRENT_OBJ_PUSHES": "8"})
+    if hub_dir is not None:
+        env["FLIP_HUB_DIR"] = str(hub_dir)
+    return env
+
+
+def stop_pids(pids: list[int], timeout: float = 8.0) -> None:
+    """Stop each process, its process group and every descendant (Flower starts some helpers in sessions of
+    their own): SIGTERM first, SIGKILL for whatever is left after ``timeout``."""
+    import psutil
+
+    procs: dict[int, psutil.Process] = {}
+    for pid in pids:
+        try:
+            root = psutil.Process(pid)
+            procs[pid] = root
+            procs.update({c.pid: c for c in root.children(recursive=True)})
+        except psutil.NoSuchProcess:
+            pass
+    for pid in pids:
+        try:
+            os.killpg(pid, signal.SIGTERM)
+        except (ProcessLookupError, PermissionError):
+            pass
+    for proc in procs.values():
+        try:
+            proc.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(_alive(p) for p in procs):
+        _reap()
+        time.sleep(0.1)
+    for pid in pids:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    for proc in procs.values():
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    _reap()
+
+
+def _reap() -> None:
+    try:
+        while os.waitpid(-1, os.WNOHANG)[0] > 0:
+            pass
+    except ChildProcessError:
+        pass
+
+
+def read_state(workdir: Path) -> dict[str, Any] | None:
+    path = workdir / STATE
+    if not path.exists():
+        return None
+    return json.loads(path.read_text())
+
+
+def running_state(workdir: Path) -> dict[str, Any] | None:
+    state = read_state(workdir)
+    if state and any(_alive(p) for p in state.get("pids", [])):
+        return state
+    return None
+
+
+class LocalFederation(Federation):
+    """A hub and N site kernels on this machine. Use as a context manager or call ``shutdown()``."""
+
+    def __init__(self, workdir: Path, state: dict[str, Any], *, owner: bool) -> None:
+        super().__init__(f"127.0.0.1:{state['hub_port']}", workdir=workdir)
+        self.state = state
+        self.site_dirs = {name: Path(p) for name, p in state["sites"].items()}
+        self._owner = owner
+        if owner:
+            atexit.register(self.shutdown)
+
+    @classmethod
+    def start(cls, n_sites: int = 3, *, workdir: str | Path | None = None, seed: int = 0,
+              approval: str = "automatic", watch_parent: bool = True, quiet: bool = True) -> LocalFederation:
+        from site_kernel.provision import create_demo_sites
+
+        if n_sites < 1:
+            raise FederationError("a federation needs at least one site")
+        workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="flip-federation-"))
+        workdir.mkdir(parents=True, exist_ok=True)
+        workdir.chmod(0o755)  # site workers run as unprivileged users and must reach their job folders
+        if (existing := running_state(workdir)) is not None:
+            raise FederationError(
+                f"a federation is already running in {workdir} (hub at 127.0.0.1:{existing['hub_port']}); "
+                f"use it with `flip_lab.attach('{workdir}')`, or stop it with `flip-lab down --workdir {workdir}`"
+            )
+        pids: list[int] = []
+        state: dict[str, Any] = {"workdir": str(workdir), "pids": pids, "sites": {}, "site_pids": {},
+                                 "started": time.time(), "owner_pid": os.getpid()}
+        try:
+            hub_port = free_port()
+            state["hub_port"] = hub_port
+            hub_dir = workdir / "hub"
+            hub_dir.mkdir(exist_ok=True)
+            with open(hub_dir / "superlink.log", "ab") as out:
+                hub = subprocess.Popen(
+                    [str(Path(sys.executable).with_name("flower-superlink")), "--insecure", "--host", "127.0.0.1",
+                     "--port", str(hub_port), "--isolation", "subprocess",
+                     "--disable-runtime-dependency-installation"],
+                    stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                    env=_flower_env(hub_dir), cwd=hub_dir,
+                )
+            pids.append(hub.pid)
+            state["hub_pid"] = hub.pid
+            _write_state(workdir, state)
+            _wait_for(lambda: _listening(hub_port), HUB_START_TIMEOUT, hub,
+                      f"the hub did not start listening on 127.0.0.1:{hub_port}", hub_dir / "superlink.log")
+            site_dirs = create_demo_sites(workdir / "sites", n_sites=n_sites, seed=seed, approval=approval,
+                                          hub=f"127.0.0.1:{hub_port}")
+            for site_dir in site_dirs:
+                cmd = [sys.executable, "-m", "site_kernel.cli", "run", str(site_dir)]
+                if watch_parent:
+                    cmd += ["--parent-pid", str(os.getpid())]
+                with open(site_dir / "daemon.log", "ab") as out:
+                    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                            start_new_session=True, env=_flower_env())
+                pids.append(proc.pid)
+                state["sites"][site_dir.name] = str(site_dir)
+                state["site_pids"][site_dir.name] = proc.pid
+                _write_state(workdir, state)
+            fed = cls(workdir, state, owner=watch_parent)
+
+            def sites_ready() -> bool:
+                for name, pid in state["site_pids"].items():
+                    if not _alive(pid):
+                        raise FederationError(f"site {name} stopped while starting; see "
+                                              f"{workdir / 'sites' / name / 'logs'}. Nothing was left running.")
+                return sum(n.status == "online" for n in fed.nodes()) >= n_sites
+
+            _wait_for(sites_ready, SITE_START_TIMEOUT, hub, f"{n_sites} sites did not all connect to the hub",
+                      workdir / "sites")
+            if watch_parent:
+                _start_reaper(workdir, os.getpid(), pids)
+            return fed
+        except BaseException:  # KeyboardInterrupt included: nothing half-started is left behind
+            stop_pids(pids)
+            (workdir / STATE).unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def attach(cls, workdir: str | Path) -> LocalFederation:
+        workdir = Path(workdir)
+        state = running_state(workdir)
+        if state is None:
+            raise FederationError(f"no running federation in {workdir}; start one with `flip-lab up`")
+        return cls(workdir, state, owner=False)
+
+    def sites(self) -> list[dict[str, Any]]:
+        online = {n.node_id: n for n in self.nodes()}
+        rows = []
+        for name, site_dir in self.site_dirs.items():
+            node_id = _node_id(site_dir)
+            node = online.get(node_id) if node_id is not None else None
+            pid = self.state["site_pids"].get(name)
+            rows.append({"site": name, "node_id": node_id,
+                         "online": bool(node and node.status == "online" and pid and _alive(pid)),
+                         "last_seen": node.last_seen if node else "", "pid": pid})
+        return rows
+
+    def catalogue(self) -> dict[str, Any]:
+        """Each site's public catalogue: counts (small ones suppressed), modality, shapes; no identifiers."""
+        from site_kernel.data import public_catalogue
+
+        return {name: public_catalogue(site_dir) for name, site_dir in self.site_dirs.items()}
+
+    def kill_site(self, name: str) -> None:
+        """Stop one site kernel abruptly (SIGKILL), as a crash would: for fault drills and tests."""
+        pid = self.state["site_pids"][name]
+        os.killpg(pid, signal.SIGKILL)
+        _reap()
+
+    def shutdown(self) -> None:
+        """Stop the hub and every site by PID; nothing is left listening."""
+        stop_pids(list(self.state.get("pids", [])))
+        (self.workdir / STATE).unlink(missing_ok=True)
+        self.close()
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+
+def _node_id(site_dir: Path) -> int | None:
+    log = site_dir / "logs" / "supernode.log"
+    if not log.exists():
+        return None
+    node = None
+    for line in log.read_text(errors="replace").splitlines():
+        if "SuperNode ID:" in line:
+            node = int(line.rsplit(":", 1)[1].strip())
+    return node
+
+
+def _write_state(workdir: Path, state: dict[str, Any]) -> None:
+    tmp = workdir / (STATE + ".tmp")
+    tmp.write_text(json.dumps(state, indent=1))
+    tmp.replace(workdir / STATE)
+
+
+def _wait_for(ready: Any, timeout: float, proc: subprocess.Popen[bytes], what: str, logs: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if ready():
+                return
+        except FederationError:
+            raise
+        except Exception:  # the hub's API is not answering yet
+            pass
+        if proc.poll() is not None:
+            raise FederationError(f"{what}: the hub process exited with code {proc.returncode}; see {logs}")
+        time.sleep(0.1)
+    raise FederationError(f"{what} within {timeout:g} s; see {logs}. Nothing was left running.")
+
+
+def _start_reaper(workdir: Path, parent: int, pids: list[int]) -> None:
+    subprocess.Popen([sys.executable, "-m", "flip_lab._reaper", str(parent), str(workdir), *map(str, pids)],
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                     start_new_session=True)
+
+
+def default_workdir(name: str = "default") -> Path:
+    return _default_home() / "federations" / name
+
+
+def remove(workdir: Path) -> None:
+    shutil.rmtree(workdir, ignore_errors=True)

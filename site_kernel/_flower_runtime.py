@@ -1,0 +1,100 @@
+"""The site's one adapter over Flower's internal Runtime API modules.
+
+With ``--isolation process`` a SuperNode executes nothing itself: it queues each message as a task on its Runtime
+API and waits for an executor to acquire it. Flower's own executor (``flower-superexec``) would install the bundle
+and run its ClientApp in a fresh process per message; the site kernel is that executor instead, so bundle code is
+never run and the process stays warm between rounds. This module is the only place that touches the internal
+``flwr.supercore``/``flwr.supernode`` APIs for that; ``pyproject.toml`` pins Flower's minor version.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from flwr.app import Context, Message
+from flwr.common.constant import SubStatus
+from flwr.proto.runtime_pb2 import AcquireTaskRequest
+from flwr.supercore.constant import TaskType
+from flwr.supercore.fab import Fab
+from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
+from flwr.supercore.retry import make_simple_http_retry_invoker
+from flwr.supercore.run import Run
+from flwr.supercore.runtime import RuntimeHttpClient
+from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+
+COMPLETED = SubStatus.COMPLETED
+FAILED = SubStatus.FAILED
+
+
+@dataclass
+class Task:
+    message: Message
+    context: Context
+    run: Run
+    fab: Fab
+    client: RuntimeHttpClient
+
+    def reply(self, message: Message, *, status: str = COMPLETED, details: str = "") -> None:
+        push_message(self.client, message, self.context)
+        push_task_output(client=self.client, context=self.context, sub_status=status, details=details)
+
+
+class RuntimeConnection:
+    """Acquires the SuperNode's queued client-app tasks, one at a time."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self._client = RuntimeHttpClient.from_server_address(
+            server_address=address, insecure=True, root_certificates=None,
+            interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")],
+            retry_invoker=make_simple_http_retry_invoker(),
+        )
+
+    def close(self) -> None:
+        self._client.close()
+
+    def acquire_token(self) -> str | None:
+        response = self._client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
+        if response.HasField("task") and response.token:
+            return str(response.token)
+        return None
+
+    @contextmanager
+    def task(self, token: str) -> Iterator[Task]:
+        """Pull one task's inputs; keep its heartbeat going while the site works on it."""
+        client = RuntimeHttpClient.from_server_address(
+            server_address=self.address, insecure=True, root_certificates=None,
+            interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
+                          RuntimeTokenHttpInterceptor(token)],
+            retry_invoker=make_simple_http_retry_invoker(),
+        )
+        heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
+        heartbeat.start()
+        try:
+            message, context, run, fab = pull_task_input(client)
+            yield Task(message, context, run, fab, client)
+        finally:
+            if heartbeat.is_running:
+                heartbeat.stop()
+            client.close()
+
+
+def fast_object_pulls(initial_backoff: float = 0.01, cap: float = 0.05) -> None:
+    """Make Flower's object pulls retry within milliseconds instead of after 1 s, 2 s, 4 s...
+
+    A message's objects are often pulled a moment before the peer has stored them; Flower then backs off starting
+    at 1 s (``PULL_INITIAL_BACKOFF``), which alone cost about a second per message on loopback. The defaults are
+    keyword-only arguments bound at definition time, hence ``__kwdefaults__``.
+    """
+    from flwr.supercore.inflatable import inflatable_utils
+
+    for fn in (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree):
+        fn.__kwdefaults__["initial_backoff"] = initial_backoff
+        fn.__kwdefaults__["backoff_cap"] = cap

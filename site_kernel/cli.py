@@ -1,0 +1,138 @@
+"""``flip-site``: what a hospital's data owner runs.
+
+    flip-site init SITE --name NAME --hub HOST:PORT    lay out a site folder (manual approval by default)
+    flip-site data add NAME PATH --site SITE           register a folder of DICOM series or NIfTI images
+    flip-site data catalogue --site SITE               what researchers may see of the site's data
+    flip-site run SITE                                 serve the hub: SuperNode + the site's executor
+    flip-site status SITE                              is the site running, and under which policy
+    flip-site plans list|show|approve|reject ...       decide which plans may run
+    flip-site audit show|verify ...                    read and check the hash-chained audit log
+    flip-site policy show|init ...                     the site's governance policy
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .errors import SiteKernelError
+
+
+def _cmd_init(args: argparse.Namespace) -> int:
+    from .provision import init_site
+
+    site = init_site(Path(args.site), name=args.name, hub=args.hub, demo=args.demo)
+    print(f"site {args.name} created in {site}")
+    print(f"policy: {site / 'policy.toml'} ({'automatic approval (demo only)' if args.demo else 'manual approval'})")
+    print(f"next: flip-site data add default /path/to/images --site {site}")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .daemon import run_site
+
+    return run_site(Path(args.site), hub=args.hub, parent_pid=args.parent_pid)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from .policy import load_policy
+    from .settings import load_settings
+
+    site = Path(args.site)
+    settings = load_settings(site)
+    state_file = site / "run" / "state.json"
+    running = False
+    if state_file.exists():
+        state = json.loads(state_file.read_text())
+        try:
+            os.kill(int(state["pid"]), 0)
+            running = True
+        except (ProcessLookupError, PermissionError):
+            running = False
+    try:
+        policy_label = load_policy(site).label
+    except SiteKernelError as err:
+        policy_label = f"NO VALID POLICY ({err})"
+    print(f"site:    {settings.name}")
+    print(f"hub:     {settings.hub}")
+    print(f"running: {'yes' if running else 'no'}")
+    print(f"policy:  {policy_label}")
+    return 0 if running else 3
+
+
+def _cmd_data_add(args: argparse.Namespace) -> int:
+    from .data import register_dataset
+
+    summary = register_dataset(Path(args.site), args.name, Path(args.path), seed=args.seed)
+    print(json.dumps(_jsonable(summary), indent=1, default=str))
+    return 0
+
+
+def _cmd_data_catalogue(args: argparse.Namespace) -> int:
+    from .data import public_catalogue
+
+    print(json.dumps(public_catalogue(Path(args.site)), indent=1, default=str))
+    return 0
+
+
+def _jsonable(obj: object) -> object:
+    if hasattr(obj, "__dataclass_fields__"):
+        return {k: getattr(obj, k) for k in obj.__dataclass_fields__}  # type: ignore[attr-defined]
+    return obj
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flip-site", description="Run and govern a FLIP Lab site.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("init", help="create a site folder")
+    p.add_argument("site")
+    p.add_argument("--name", required=True)
+    p.add_argument("--hub", default="127.0.0.1:9093")
+    p.add_argument("--demo", action="store_true", help="demo policy: automatic approval, labelled as such")
+    p.set_defaults(func=_cmd_init)
+
+    p = sub.add_parser("run", help="serve the hub until stopped")
+    p.add_argument("site")
+    p.add_argument("--hub", help="override the hub address in site.toml")
+    p.add_argument("--parent-pid", type=int, help="stop when this process exits")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("status", help="is the site running")
+    p.add_argument("site")
+    p.set_defaults(func=_cmd_status)
+
+    data = sub.add_parser("data", help="register and describe datasets").add_subparsers(dest="data", required=True)
+    p = data.add_parser("add", help="register a folder of DICOM series or NIfTI images")
+    p.add_argument("name")
+    p.add_argument("path")
+    p.add_argument("--site", required=True)
+    p.add_argument("--seed", type=int, default=0, help="seed of the train/test split")
+    p.set_defaults(func=_cmd_data_add)
+    p = data.add_parser("catalogue", help="what researchers may see")
+    p.add_argument("--site", required=True)
+    p.set_defaults(func=_cmd_data_catalogue)
+
+    try:
+        from .governance_cli import add_governance_commands
+    except ImportError:  # pragma: no cover - governance commands ship with the site kernel
+        pass
+    else:
+        add_governance_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except SiteKernelError as err:
+        print(f"flip-site: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

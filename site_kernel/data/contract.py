@@ -1,0 +1,158 @@
+"""The data contract a plan declares, checked and completed with defaults before any data is touched.
+
+>>> validate_contract({"modality": "MR", "dims": 2, "size": [64, 64], "spacing": [1.0, 1.0],
+...                    "intensity": {"kind": "percentile", "lower": 1.0, "upper": 99.0},
+...                    "labels": {"background": 0, "lesion": 1}})["orientation"]
+'RAS'
+
+Keys (unknown keys are refused, so a typo cannot silently change a study):
+
+- ``modality``: ``"CT"``, ``"MR"``, ... or a list of them; a dataset of another modality is refused.
+- ``dims``: ``2``: the site returns axial slices ([N, 1, H, W]). Every slice of every case is used (not only
+  slices with a lesion), so the class balance of the data reaches the researcher as it is.
+- ``size``: ``[H, W]`` output slice size in pixels (after resampling, centred crop or pad).
+- ``spacing``: ``[row, column]`` in-plane pixel size in mm; slice thickness is kept.
+- ``orientation``: axis codes of the output (default ``"RAS"``); slices run along the third axis.
+- ``intensity``: ``{"kind": "percentile", "lower": 1, "upper": 99}`` (per volume, to [0, 1], clipped),
+  ``{"kind": "zscore"}`` (per volume, over all its voxels), or
+  ``{"kind": "window", "center": 40, "width": 400}`` (fixed window to [0, 1], clipped).
+- ``labels``: class name -> integer value, e.g. ``{"background": 0, "lesion": 1}``; must include 0. Label values
+  of the site's data that the contract does not name become background.
+- ``dataset``: which registered dataset to use (default ``"default"``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from .errors import ContractError
+
+DEFAULTS: dict[str, Any] = {"orientation": "RAS", "dataset": "default"}
+REQUIRED = ("modality", "dims", "size", "spacing", "intensity", "labels")
+KNOWN = frozenset(REQUIRED) | frozenset(DEFAULTS)
+_AXES = ({"R", "L"}, {"A", "P"}, {"S", "I"})
+
+
+def validate_contract(contract: Mapping[str, Any]) -> dict[str, Any]:
+    """Return a normalised copy of ``contract`` (defaults filled in) or raise :class:`ContractError`."""
+    if not isinstance(contract, Mapping):
+        raise ContractError(f"a data contract is a dict, got {type(contract).__name__}", expected="dict")
+    unknown = sorted(set(contract) - KNOWN)
+    if unknown:
+        raise ContractError(
+            f"unknown data contract key(s) {unknown}; allowed keys are {sorted(KNOWN)}",
+            key=unknown[0], expected=", ".join(sorted(KNOWN)),
+        )
+    missing = [k for k in REQUIRED if k not in contract]
+    if missing:
+        raise ContractError(
+            f"data contract lacks {missing}; e.g. {{'modality': 'MR', 'dims': 2, 'size': [64, 64], "
+            "'spacing': [1.0, 1.0], 'intensity': {'kind': 'percentile', 'lower': 1, 'upper': 99}, "
+            "'labels': {'background': 0, 'lesion': 1}}",
+            key=missing[0], expected="present",
+        )
+    out = {**DEFAULTS, **contract}
+    out["modality"] = _modality(out["modality"])
+    if out["dims"] != 2 or isinstance(out["dims"], bool):
+        raise ContractError(
+            f"dims={out['dims']!r} is not supported; use dims=2 (axial slices)", key="dims", expected="2"
+        )
+    out["size"] = [_number(v, "size", int, 8, 1024) for v in _pair(out["size"], "size")]
+    out["spacing"] = [_number(v, "spacing", float, 0.01, 50.0) for v in _pair(out["spacing"], "spacing")]
+    out["orientation"] = _orientation(out["orientation"])
+    out["intensity"] = _intensity(out["intensity"])
+    out["labels"] = _labels(out["labels"])
+    if not isinstance(out["dataset"], str) or not out["dataset"]:
+        raise ContractError("dataset must be a non-empty name such as 'default'", key="dataset", expected="str")
+    return out
+
+
+def contract_hash(contract: Mapping[str, Any]) -> str:
+    """sha256 of the normalised contract, so equivalent spellings share one cache entry."""
+    canonical = json.dumps(validate_contract(contract), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _modality(value: Any) -> list[str]:
+    values = [value] if isinstance(value, str) else value
+    if not isinstance(values, (list, tuple)) or not values or not all(isinstance(v, str) and v for v in values):
+        raise ContractError(
+            f"modality must be a name like 'MR' or a list like ['CT', 'MR'], got {value!r}",
+            key="modality", expected="str or list[str]",
+        )
+    return sorted({v.upper() for v in values})
+
+
+def _pair(value: Any, key: str) -> list[Any]:
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise ContractError(f"{key} must be a pair [rows, columns], got {value!r}", key=key, expected="[a, b]")
+    return list(value)
+
+
+def _number(value: Any, key: str, kind: type, low: float, high: float) -> Any:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+        raise ContractError(f"{key} values must be {kind.__name__}s, got {value!r}", key=key, expected=kind.__name__)
+    if not low <= value <= high:
+        raise ContractError(f"{key} values must lie in [{low}, {high}], got {value!r}", key=key,
+                            expected=f"[{low}, {high}]")
+    return kind(value)
+
+
+def _orientation(value: Any) -> str:
+    ok = isinstance(value, str) and len(value) == 3 and all(
+        sum(c.upper() in axis for c in value) == 1 for axis in _AXES
+    )
+    if not ok:
+        raise ContractError(
+            f"orientation must be three axis codes, one of R/L, A/P, S/I each (e.g. 'RAS'), got {value!r}",
+            key="orientation", expected="e.g. 'RAS'",
+        )
+    return str(value).upper()
+
+
+def _intensity(value: Any) -> dict[str, Any]:
+    if not isinstance(value, Mapping) or "kind" not in value:
+        raise ContractError("intensity must be a dict with a 'kind'", key="intensity", expected="{'kind': ...}")
+    kind = value["kind"]
+    allowed = {"percentile": {"lower", "upper"}, "zscore": set(), "window": {"center", "width"}}
+    if kind not in allowed:
+        raise ContractError(f"intensity.kind {kind!r} is unknown; use one of {sorted(allowed)}",
+                            key="intensity.kind", expected=" | ".join(sorted(allowed)))
+    extra = sorted(set(value) - allowed[kind] - {"kind"})
+    if extra:
+        raise ContractError(f"intensity kind {kind!r} takes no {extra}", key=f"intensity.{extra[0]}",
+                            expected=str(sorted(allowed[kind])))
+    if kind == "percentile":
+        lower = _number(value.get("lower", 1.0), "intensity.lower", float, 0.0, 100.0)
+        upper = _number(value.get("upper", 99.0), "intensity.upper", float, 0.0, 100.0)
+        if lower >= upper:
+            raise ContractError(f"intensity.lower ({lower}) must be below intensity.upper ({upper})",
+                                key="intensity.lower", expected="lower < upper")
+        return {"kind": kind, "lower": lower, "upper": upper}
+    if kind == "window":
+        for key in ("center", "width"):
+            if key not in value:
+                raise ContractError(f"intensity kind 'window' needs {key!r}", key=f"intensity.{key}",
+                                    expected="number")
+        return {"kind": kind, "center": _number(value["center"], "intensity.center", float, -1e6, 1e6),
+                "width": _number(value["width"], "intensity.width", float, 1e-6, 1e6)}
+    return {"kind": kind}
+
+
+def _labels(value: Any) -> dict[str, int]:
+    if not isinstance(value, Mapping) or not value:
+        raise ContractError("labels must map class names to integers, e.g. {'background': 0, 'lesion': 1}",
+                            key="labels", expected="dict[str, int]")
+    out = {}
+    for name, index in value.items():
+        if not isinstance(name, str):
+            raise ContractError(f"label names must be strings, got {name!r}", key="labels", expected="str")
+        out[name] = _number(index, f"labels.{name}", int, 0, 255)
+    if 0 not in out.values():
+        raise ContractError("labels must give background the value 0", key="labels", expected="a class = 0")
+    if len(set(out.values())) != len(out):
+        raise ContractError("labels must give each class its own value", key="labels", expected="unique values")
+    return out

@@ -1,0 +1,235 @@
+"""DICOM series: reading headers, assembling checked volumes, and writing series (for the demo hospitals).
+
+Geometry follows PS3.3 C.7.6.2: voxel (i, j) of a slice lies at ``IPP + i * Δcol * row_dir + j * Δrow * col_dir``
+where ``ImageOrientationPatient = row_dir + col_dir`` and ``PixelSpacing = [Δrow, Δcol]``. Slices are ordered by
+their ``ImagePositionPatient`` projected on the slice normal (never by file name or InstanceNumber), and the
+assembled volume is indexed ``[column, row, slice]`` with an affine in RAS+ (DICOM's LPS with x and y negated).
+Reading and writing share these conventions so a written series reads back onto the same world grid.
+"""
+
+from __future__ import annotations
+
+import struct
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
+
+from .errors import InputRejected
+from .volume import Volume, check_dimensions
+
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+_GEOMETRY_TAGS = {"ImageOrientationPatient": 6, "ImagePositionPatient": 3, "PixelSpacing": 2}
+_SOP_CLASS = {"CT": "1.2.840.10008.5.1.4.1.1.2", "MR": "1.2.840.10008.5.1.4.1.1.4"}
+#: Relative tolerance on slice gaps: scanners round positions to ~0.01 mm; a missing slice is a 100 % jump.
+_GAP_TOLERANCE = 0.05
+
+
+def read_header(path: Path) -> Dataset:
+    """Read one file's tags without pixel data; raise :class:`InputRejected` for anything unusable."""
+    return _read(path, stop_before_pixels=True)
+
+
+def _read(path: Path, *, stop_before_pixels: bool) -> Dataset:
+    if path.stat().st_size == 0:
+        raise InputRejected("empty_file")
+    try:
+        # pydicom warns about every odd value in real-world files; the site log records what matters.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = _dcmread(path, stop_before_pixels)
+    except InvalidDicomError as e:
+        raise InputRejected("unreadable") from e
+    except (EOFError, struct.error) as e:
+        raise InputRejected("truncated") from e
+    except Exception as e:  # pydicom raises many types on damaged files; all mean the same to a site
+        raise InputRejected("corrupt", type(e).__name__) from e
+    if "Rows" not in ds or "Columns" not in ds:
+        raise InputRejected("not_an_image")
+    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+        raise InputRejected("unsupported", "multi-frame objects are not read")
+    if int(ds.get("SamplesPerPixel", 1)) != 1:
+        raise InputRejected("unsupported", "colour images are not read")
+    check_dimensions((int(ds.Columns), int(ds.Rows)))
+    for tag, multiplicity in _GEOMETRY_TAGS.items():
+        if tag not in ds or ds[tag].VM != multiplicity:
+            raise InputRejected("missing_geometry", f"no usable {tag}")
+    return ds
+
+
+def _dcmread(path: Path, stop_before_pixels: bool) -> Dataset:
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
+    except InvalidDicomError:
+        # Older scanners and some exporters write the dataset without preamble and file meta. Accept those only
+        # when the file starts like a dataset (group 0008, little endian), so text files stay "unreadable".
+        with path.open("rb") as f:
+            if f.read(2) != b"\x08\x00":
+                raise
+        ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels, force=True)
+        if "TransferSyntaxUID" not in ds.file_meta:
+            implicit = ds.original_encoding[0]
+            ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
+        return ds
+
+
+def read_pixels(path: Path) -> tuple[Dataset, np.ndarray]:
+    """Read one slice with its pixels in modality units (RescaleSlope/Intercept or LUT applied), as [rows, cols]."""
+    ds = _read(path, stop_before_pixels=False)
+    if "PixelData" not in ds:
+        raise InputRejected("not_an_image")
+    if not ds.file_meta.get("TransferSyntaxUID", ExplicitVRLittleEndian).is_compressed:
+        # Compare the buffer the file really holds with what the header claims before decoding anything.
+        expected = int(ds.Rows) * int(ds.Columns) * int(ds.get("BitsAllocated", 16)) // 8
+        if len(ds.PixelData) < expected:
+            raise InputRejected("truncated", "pixel data shorter than Rows x Columns")
+    try:
+        raw = ds.pixel_array
+    except (NotImplementedError, RuntimeError) as e:
+        raise InputRejected("unsupported", "no decoder for this transfer syntax") from e
+    except Exception as e:
+        raise InputRejected("corrupt", type(e).__name__) from e
+    values = pydicom.pixels.apply_modality_lut(raw, ds)
+    return ds, np.asarray(values, dtype=np.float32)
+
+
+def _vector(ds: Dataset, tag: str) -> np.ndarray:
+    return np.asarray([float(v) for v in ds[tag].value], dtype=np.float64)
+
+
+def order_slices(headers: Sequence[Dataset]) -> tuple[list[int], np.ndarray]:
+    """Order a series' slices along the slice normal and check it is one regular stack.
+
+    Returns the order (indices into ``headers``) and the mean step vector between consecutive slices in LPS mm.
+    Raises ``mixed_series`` when slices disagree on matrix, orientation, spacing or modality, and
+    ``inconsistent_spacing`` when positions repeat or gaps differ (a missing slice, two stacks in one UID).
+    """
+    first = headers[0]
+    reference = _consistency_key(first)
+    if any(_consistency_key(h) != reference for h in headers[1:]):
+        raise InputRejected("mixed_series", "slices differ in matrix, orientation, spacing or modality")
+    iop = _vector(first, "ImageOrientationPatient")
+    normal = np.cross(iop[:3], iop[3:])
+    positions = np.stack([_vector(h, "ImagePositionPatient") for h in headers])
+    depth = positions @ normal
+    order = [int(i) for i in np.argsort(depth, kind="stable")]
+    if len(headers) == 1:
+        thickness = float(first.get("SpacingBetweenSlices") or first.get("SliceThickness") or 1.0)
+        return order, normal * abs(thickness)
+    gaps = np.diff(depth[order])
+    median = float(np.median(gaps))
+    if median <= 1e-3 or np.any(gaps <= 1e-3):
+        raise InputRejected("inconsistent_spacing", "repeated slice positions")
+    if np.max(np.abs(gaps - median)) > _GAP_TOLERANCE * median:
+        raise InputRejected("inconsistent_spacing", "uneven gaps between slices")
+    step = (positions[order[-1]] - positions[order[0]]) / (len(order) - 1)
+    return order, step
+
+
+def _consistency_key(ds: Dataset) -> tuple[Any, ...]:
+    return (
+        int(ds.Rows),
+        int(ds.Columns),
+        tuple(round(float(v), 3) for v in ds.ImageOrientationPatient),
+        tuple(round(float(v), 3) for v in ds.PixelSpacing),
+        str(ds.get("Modality", "")),
+    )
+
+
+def series_affine(first: Dataset, step_lps: np.ndarray) -> np.ndarray:
+    """Voxel [column, row, slice] -> RAS+ mm affine of a series whose first (lowest) slice is ``first``."""
+    iop = _vector(first, "ImageOrientationPatient")
+    d_row, d_col = (float(v) for v in first.PixelSpacing)
+    lps = np.eye(4)
+    lps[:3, 0] = iop[:3] * d_col
+    lps[:3, 1] = iop[3:] * d_row
+    lps[:3, 2] = step_lps
+    lps[:3, 3] = _vector(first, "ImagePositionPatient")
+    return _LPS_TO_RAS @ lps
+
+
+def read_series(paths: Sequence[Path]) -> Volume:
+    """Read the files of one series into a :class:`Volume`; any unusable file rejects the whole series."""
+    slices = [read_pixels(p) for p in paths]  # each slice's size is checked before its pixels are decoded
+    return assemble([ds for ds, _ in slices], [pixels for _, pixels in slices])
+
+
+def assemble(headers: Sequence[Dataset], pixels: Sequence[np.ndarray]) -> Volume:
+    """Stack decoded slices ([rows, cols] each, any order) into a volume indexed [column, row, slice]."""
+    order, step = order_slices(headers)
+    first = headers[order[0]]
+    check_dimensions((int(first.Columns), int(first.Rows), len(headers)))
+    return Volume(
+        array=np.ascontiguousarray(np.stack([pixels[i].T for i in order], axis=-1), dtype=np.float32),
+        affine=series_affine(first, step),
+        modality=str(first.get("Modality", "unknown")) or "unknown",
+        vendor=str(first.get("Manufacturer", "unknown")) or "unknown",
+    )
+
+
+def write_series(
+    folder: Path,
+    stored: np.ndarray,
+    affine_ras: np.ndarray,
+    *,
+    modality: str,
+    tags: Mapping[str, Any],
+    slope: float = 1.0,
+    intercept: float = 0.0,
+    uid_seed: str,
+    reverse_file_order: bool = False,
+) -> list[Path]:
+    """Write ``stored`` ([column, row, slice] integer values) as one DICOM series on ``affine_ras``'s grid.
+
+    ``tags`` adds or overrides attributes (PatientName, Manufacturer, ...). UIDs derive from ``uid_seed`` so the
+    same call writes byte-identical files. ``reverse_file_order`` numbers files against slice order, as some
+    scanners do, so readers cannot rely on names.
+    """
+    if stored.dtype not in (np.int16, np.uint16):
+        raise ValueError(f"stored values must be int16 or uint16, got {stored.dtype}")
+    folder.mkdir(parents=True, exist_ok=True)
+    lps = _LPS_TO_RAS @ np.asarray(affine_ras, dtype=np.float64)
+    d_col, d_row, d_slice = (float(np.linalg.norm(lps[:3, k])) for k in range(3))
+    iop = [*(lps[:3, 0] / d_col), *(lps[:3, 1] / d_row)]
+    series_uid = generate_uid(entropy_srcs=[uid_seed, "series"])
+    study_uid = generate_uid(entropy_srcs=[uid_seed, "study"])
+    frame_uid = generate_uid(entropy_srcs=[uid_seed, "frame"])
+    # One dataset reused for every slice: only position, instance and pixels change between slices.
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = _SOP_CLASS.get(modality, "1.2.840.10008.5.1.4.1.1.7")
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.Modality = modality
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study_uid, series_uid, frame_uid
+    ds.SeriesNumber = 1
+    ds.ImageOrientationPatient = [round(float(v), 6) for v in iop]
+    ds.PixelSpacing = [round(d_row, 6), round(d_col, 6)]
+    ds.SliceThickness = round(d_slice, 4)
+    ds.SpacingBetweenSlices = round(d_slice, 4)
+    ds.RescaleSlope, ds.RescaleIntercept = float(slope), float(intercept)
+    ds.RescaleType = "HU" if modality == "CT" else "US"
+    for key, value in tags.items():
+        setattr(ds, key, value)
+    ds.set_pixel_data(
+        np.ascontiguousarray(stored[:, :, 0].T), "MONOCHROME2", bits_stored=16, generate_instance_uid=False
+    )
+    n = stored.shape[2]
+    paths = []
+    for k in range(n):
+        ds.SOPInstanceUID = generate_uid(entropy_srcs=[uid_seed, "instance", str(k)])
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.InstanceNumber = k + 1
+        ds.ImagePositionPatient = [round(float(v), 4) for v in lps[:3, 3] + k * lps[:3, 2]]
+        ds.PixelData = np.ascontiguousarray(stored[:, :, k].T).tobytes()
+        number = n - k if reverse_file_order else k + 1
+        path = folder / f"IM{number:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths

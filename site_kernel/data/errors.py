@@ -1,0 +1,92 @@
+"""Errors raised by the site's data layer, and the reasons a file can be quarantined.
+
+Every error derives from :class:`DataError` (itself a :class:`site_kernel.errors.SiteKernelError`). Messages are
+written for the data owner and the researcher alike: they name the dataset, the contract key or the reason, never
+a patient name, a file name or a pixel value.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from site_kernel.errors import SiteKernelError
+
+QuarantineReason = Literal[
+    "empty_file",
+    "unreadable",
+    "truncated",
+    "corrupt",
+    "unsupported",
+    "not_an_image",
+    "missing_geometry",
+    "absurd_dimensions",
+    "header_size_mismatch",
+    "inconsistent_spacing",
+    "mixed_series",
+    "missing_label",
+    "label_mismatch",
+]
+
+#: What the catalogue says about each reason ("3 files skipped: unreadable").
+REASON_TEXT: dict[str, str] = {
+    "empty_file": "empty file",
+    "unreadable": "unreadable (neither DICOM nor NIfTI)",
+    "truncated": "truncated file",
+    "corrupt": "corrupt file",
+    "unsupported": "unsupported encoding or layout",
+    "not_an_image": "DICOM object without an image",
+    "missing_geometry": "missing spacing or orientation tags",
+    "absurd_dimensions": "implausible image dimensions",
+    "header_size_mismatch": "header promises more data than the file holds",
+    "inconsistent_spacing": "series with inconsistent slice spacing",
+    "mixed_series": "series mixing incompatible slices",
+    "missing_label": "image without a label map",
+    "label_mismatch": "label map does not match its image",
+}
+
+
+class DataError(SiteKernelError):
+    """Root of every error raised by ``site_kernel.data``."""
+
+
+class DatasetNotFound(DataError):
+    """No dataset of that name is registered at this site."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(
+            f"dataset {name!r} is not registered at this site; register it with "
+            "site_kernel.data.register_dataset(site_dir, name, source) or pick another name"
+        )
+        self.name = name
+
+
+class RegistrationError(DataError):
+    """A dataset could not be registered at all (no source folder, no usable case, bad arguments)."""
+
+
+class ContractError(DataError, ValueError):
+    """A data contract is malformed or asks for something this site cannot provide.
+
+    ``key`` is the contract key at fault (``"intensity.kind"``), ``expected`` what would have been accepted.
+    """
+
+    def __init__(self, message: str, *, key: str = "", expected: str = "") -> None:
+        super().__init__(message)
+        self.key = key
+        self.expected = expected
+
+
+class HarmonisationError(DataError):
+    """A site harmonisation step is unknown or malformed in the site's settings."""
+
+
+class InputRejected(DataError):
+    """One input file or series cannot be used; ingestion quarantines it under ``reason``.
+
+    ``detail`` is for the site's own log (it may name a tag, never a tag's value).
+    """
+
+    def __init__(self, reason: QuarantineReason, detail: str = "") -> None:
+        super().__init__(f"{REASON_TEXT[reason]}{': ' + detail if detail else ''}")
+        self.reason: QuarantineReason = reason
+        self.detail = detail

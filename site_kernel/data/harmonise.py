@@ -1,0 +1,92 @@
+"""Map one case onto a data contract: site steps, orientation, spacing, intensity, size, then axial slices.
+
+The pipeline is MONAI's: ``Orientationd`` and ``Spacingd`` use the volume's affine (so a series stored flipped,
+transposed or in reverse order lands on the same grid), ``ScaleIntensityRangePercentiles`` /
+``NormalizeIntensity`` / ``ScaleIntensityRange`` implement the contract's intensity kinds, and
+``ResizeWithPadOrCropd`` centres the field of view. Slices are taken along the third axis of the contract's
+orientation (axial for ``RAS``).
+
+``mode`` exists for the heterogeneity benchmark: ``"geometric"`` does orientation, spacing and size only, and
+``"none"`` just resizes the stored array to the contract's size (nearest neighbour); both scale raw intensities
+by the fixed :data:`RAW_SCALE` instead of normalising them, and skip the site steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import (
+    NormalizeIntensity,
+    Orientationd,
+    ResizeWithPadOrCrop,
+    Resized,
+    ScaleIntensityRange,
+    ScaleIntensityRangePercentiles,
+    Spacingd,
+)
+
+from .steps import SiteStep
+from .volume import Volume
+
+Mode = Literal["full", "geometric", "none"]
+MODES: tuple[str, ...] = ("full", "geometric", "none")
+#: Raw intensities are multiplied by this when a benchmark turns intensity harmonisation off (HU / 1000).
+RAW_SCALE = 1e-3
+#: Axis-code letters of nibabel's RAS+ world, the space every reader's affine is in.
+_RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
+
+
+def harmonise_case(
+    volume: Volume,
+    label: np.ndarray | None,
+    contract: dict[str, Any],
+    *,
+    steps: Sequence[SiteStep] = (),
+    mode: Mode = "full",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Return slices ``[Z, 1, H, W]`` float32 and label maps ``[Z, H, W]`` int64 (zeros when unlabelled).
+
+    ``contract`` must already be validated (:func:`site_kernel.data.contract.validate_contract`).
+    """
+    array = volume.array
+    if mode == "full":
+        for step in steps:
+            array = step(Volume(array, volume.affine, volume.modality, volume.vendor))
+    affine = torch.as_tensor(volume.affine, dtype=torch.float64)
+    labels = np.zeros(array.shape, np.float32) if label is None else label.astype(np.float32)
+    data = {
+        "image": MetaTensor(torch.from_numpy(np.ascontiguousarray(array, np.float32))[None], affine=affine),
+        "label": MetaTensor(torch.from_numpy(np.ascontiguousarray(labels))[None], affine=affine),
+    }
+    height, width = contract["size"]
+    keys = ["image", "label"]
+    if mode == "none":
+        data = Resized(keys, spatial_size=(height, width, -1), mode="nearest")(data)
+        image = data["image"] * RAW_SCALE
+    else:
+        data = Orientationd(keys, axcodes=contract["orientation"], labels=_RAS_LABELS)(data)
+        spacing = (*contract["spacing"], -1.0)  # keep slice thickness: slices are used one by one
+        data = Spacingd(keys, pixdim=spacing, mode=("bilinear", "nearest"), padding_mode=("border", "zeros"))(data)
+        image = _intensity(data["image"], contract["intensity"]) if mode == "full" else data["image"] * RAW_SCALE
+    size = (height, width, -1)
+    image = ResizeWithPadOrCrop(size, mode="constant", value=float(image.min()))(image)
+    label_out = ResizeWithPadOrCrop(size, mode="constant", value=0.0)(data["label"])
+    slices = np.moveaxis(np.asarray(image, dtype=np.float32)[0], -1, 0)[:, None]
+    maps = np.moveaxis(np.rint(np.asarray(label_out)[0]).astype(np.int64), -1, 0)
+    wanted = np.array(sorted(contract["labels"].values()))
+    maps[~np.isin(maps, wanted)] = 0  # classes the contract does not name are background to this study
+    return np.ascontiguousarray(slices), np.ascontiguousarray(maps)
+
+
+def _intensity(image: torch.Tensor, spec: dict[str, Any]) -> torch.Tensor:
+    kind = spec["kind"]
+    if kind == "percentile":
+        return ScaleIntensityRangePercentiles(spec["lower"], spec["upper"], b_min=0.0, b_max=1.0, clip=True)(image)
+    if kind == "window":
+        half = spec["width"] / 2
+        return ScaleIntensityRange(spec["center"] - half, spec["center"] + half, 0.0, 1.0, clip=True)(image)
+    return NormalizeIntensity()(image)

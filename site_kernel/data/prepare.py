@@ -1,0 +1,156 @@
+"""``prepare``: a registered dataset harmonised onto a plan's data contract, as training and test arrays.
+
+>>> data = prepare(site_dir, CONTRACT, site_steps=[{"kind": "ct_window", "center": 40, "width": 400}])
+>>> data.train_x.shape, data.train_y.dtype
+((492, 1, 64, 64), dtype('int64'))
+
+The first call reads every case, applies the site's steps then the contract (:mod:`site_kernel.data.harmonise`)
+and caches the result (:mod:`site_kernel.data.cache`); later calls with the same contract, data and site steps
+load it. ``stats`` holds aggregate intensity histograms before and after harmonisation: numbers over all of the
+dataset's voxels, safe to show the researcher (:func:`harmonisation_report`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import cache
+from .contract import contract_hash, validate_contract
+from .errors import ContractError, InputRejected
+from .harmonise import MODES, Mode, harmonise_case
+from .manifest import Manifest, load_case, manifest_hash, read_manifest
+from .sitelog import site_log
+from .steps import build_steps
+
+HISTOGRAM_BINS = 32
+_SAMPLE = 4096  # voxels per case kept for the aggregate histograms
+
+
+@dataclass
+class PreparedData:
+    """Harmonised slices: images float32 ``[N, 1, H, W]``, label maps int64 ``[N, H, W]``."""
+
+    train_x: np.ndarray
+    train_y: np.ndarray
+    test_x: np.ndarray
+    test_y: np.ndarray
+    stats: dict[str, Any] = field(default_factory=dict)
+    cache_key: str = ""
+    from_cache: bool = False
+
+    @property
+    def num_train(self) -> int:
+        return int(self.train_x.shape[0])
+
+    @property
+    def num_test(self) -> int:
+        return int(self.test_x.shape[0])
+
+
+def prepare(
+    site_dir: Path,
+    contract: Mapping[str, Any],
+    *,
+    site_steps: Sequence[Mapping[str, Any]] | None = None,
+    harmonise: Mode = "full",
+) -> PreparedData:
+    """Harmonise dataset ``contract["dataset"]`` of ``site_dir`` onto ``contract`` (cached).
+
+    ``site_steps`` come from the site's settings and run first. ``harmonise`` is ``"full"`` for studies;
+    ``"geometric"`` and ``"none"`` exist for benchmarks. Raises :class:`ContractError` when the contract is
+    malformed or the dataset cannot satisfy it, :class:`DatasetNotFound` when no such dataset is registered.
+    """
+    spec = validate_contract(contract)
+    if harmonise not in MODES:
+        raise ContractError(f"harmonise must be one of {list(MODES)}, got {harmonise!r}", key="harmonise")
+    manifest = read_manifest(site_dir, spec["dataset"])
+    _check_dataset(manifest, spec)
+    steps = build_steps(site_steps)
+    key = cache.cache_key(spec, manifest_hash(manifest), [s.spec() for s in steps], harmonise)
+    hit = cache.load(site_dir, key)
+    if hit is not None:
+        arrays, meta = hit
+        return PreparedData(**arrays, stats=meta["stats"], cache_key=key, from_cache=True)
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in cache.ARRAYS}
+    before: list[np.ndarray] = []
+    skipped = 0
+    for case in manifest["cases"]:
+        try:
+            volume, label = load_case(case)
+        except InputRejected as error:  # a file changed or vanished since registration
+            site_log(site_dir, f"dataset={manifest['name']} case={case['id']} skipped in prepare: {error}")
+            skipped += 1
+            continue
+        before.append(_sample(volume.array))
+        slices, maps = harmonise_case(volume, label, spec, steps=steps, mode=harmonise)
+        parts[f"{case['split']}_x"].append(slices)
+        parts[f"{case['split']}_y"].append(maps)
+    height, width = spec["size"]
+    arrays = {
+        name: np.concatenate(chunks) if chunks else np.zeros(
+            (0, 1, height, width) if name.endswith("x") else (0, height, width),
+            np.float32 if name.endswith("x") else np.int64,
+        )
+        for name, chunks in parts.items()
+    }
+    after = np.concatenate([arrays["train_x"].ravel(), arrays["test_x"].ravel()])
+    stats = _stats(np.concatenate(before) if before else np.zeros(0), after[:: max(1, after.size // 200_000)])
+    stats.update(cases=len(manifest["cases"]) - skipped, skipped_cases=skipped, slices=int(after.size // (height * width)))
+    cache.store(site_dir, key, arrays, {"stats": stats, "contract": spec, "mode": harmonise})
+    site_log(site_dir, f"dataset={manifest['name']} prepared contract={contract_hash(spec)[:12]} mode={harmonise} "
+                       f"train={arrays['train_x'].shape[0]} test={arrays['test_x'].shape[0]} skipped={skipped}")
+    return PreparedData(**arrays, stats=stats, cache_key=key, from_cache=False)
+
+
+def harmonisation_report(
+    site_dir: Path, contract: Mapping[str, Any], *, site_steps: Sequence[Mapping[str, Any]] | None = None
+) -> dict[str, Any]:
+    """Aggregate intensity histograms before/after harmonisation (numbers only), for the researcher's plots."""
+    return prepare(site_dir, contract, site_steps=site_steps).stats
+
+
+def _check_dataset(manifest: Manifest, spec: dict[str, Any]) -> None:
+    found = sorted({case["modality"] for case in manifest["cases"]})
+    refused = [m for m in found if m not in spec["modality"]]
+    if refused:
+        raise ContractError(
+            f"dataset {manifest['name']!r} holds {refused} images but the contract asks for {spec['modality']}; "
+            "widen the contract's modality or pick another dataset", key="modality", expected=str(found),
+        )
+    if len(spec["labels"]) > 1 and not manifest["labelled"]:
+        raise ContractError(
+            f"dataset {manifest['name']!r} has no label maps, so it cannot serve a segmentation contract",
+            key="labels", expected="a labelled dataset",
+        )
+
+
+def _sample(array: np.ndarray) -> np.ndarray:
+    flat = array.ravel()
+    return flat[:: max(1, flat.size // _SAMPLE)].astype(np.float32)
+
+
+def _stats(before: np.ndarray, after: np.ndarray) -> dict[str, Any]:
+    return {"bins": HISTOGRAM_BINS, "before": _histogram(before), "after": _histogram(after)}
+
+
+def _histogram(values: np.ndarray) -> dict[str, Any]:
+    """Density over the 0.5-99.5 percentile range: aggregate shape of the intensities, no single voxel."""
+    if values.size == 0:
+        return {"edges": [], "density": [], "percentiles": {}}
+    lo, hi = (float(v) for v in np.percentile(values, [0.5, 99.5]))
+    if hi <= lo:
+        hi = lo + 1.0
+    density, edges = np.histogram(np.clip(values, lo, hi), bins=HISTOGRAM_BINS, range=(lo, hi), density=True)
+    pct = np.percentile(values, [1, 25, 50, 75, 99])
+    return {
+        "edges": [round(float(e), 5) for e in edges],
+        "density": [round(float(d), 6) for d in density],
+        "percentiles": {str(p): round(float(v), 5) for p, v in zip((1, 25, 50, 75, 99), pct, strict=True)},
+        "mean": round(float(values.mean()), 5),
+        "std": round(float(values.std()), 5),
+    }

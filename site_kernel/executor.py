@@ -1,0 +1,228 @@
+"""The site's trusted executor: every message from the hub is handled here, by the site's own code.
+
+For each task the SuperNode queues, the executor reads the plan out of the bundle's run config as data, recomputes
+its hash, consults the site's policy and approvals, prepares the harmonised dataset, runs the plan in a sandboxed
+worker, checks the reply against the egress policy and writes the audit log. Whatever the researcher's code does,
+the executor answers with a well-formed reply or an error of a known kind with a safe message, and keeps serving.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+import threading
+import time
+import tomllib
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+
+from . import _flower_runtime as rt
+from .approvals import ApprovalStore, plan_hash
+from .audit import AuditLog
+from .egress import check_reply
+from .errors import PolicyError, SiteKernelError
+from .jobs import JobWorker, WorkerFailure
+from .policy import SitePolicy, load_policy
+from .settings import SiteSettings
+
+log = logging.getLogger("flip.site")
+
+EXPECTED_COMPONENTS = {"serverapp": "flip_lab.hub.server_app:app", "clientapp": "flip_lab.hub.client_app:app"}
+ERROR_CODE = 0  # Flower's ErrorCode.UNKNOWN: the kind travels in the reason text, "kind: message"
+_SAFE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]{0,60}$")
+
+
+class Refusal(Exception):
+    """A request the site declines; ``kind`` and ``message`` are safe to send to the hub as they are."""
+
+    def __init__(self, kind: str, message: str, *, audit: str | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+        self.audit = audit
+
+
+def bundle_components(fab_content: bytes) -> dict[str, str]:
+    """The app components a bundle declares, read from its ``pyproject.toml`` without running anything."""
+    with zipfile.ZipFile(io.BytesIO(fab_content)) as zf:
+        config = tomllib.loads(zf.read("pyproject.toml").decode())
+    return dict(config.get("tool", {}).get("flwr", {}).get("app", {}).get("components", {}))
+
+
+class Executor:
+    """Serves one site: see the module docstring. ``handle`` is the unit under test; ``serve`` the loop."""
+
+    def __init__(self, site_dir: Path, settings: SiteSettings, runtime_address: str) -> None:
+        self.site_dir = site_dir
+        self.settings = settings
+        self.runtime_address = runtime_address
+        self.audit = AuditLog(site_dir / "audit.jsonl")
+        self.approvals = ApprovalStore(site_dir, audit=self.audit)
+        self.workers: dict[int, JobWorker] = {}
+        self._lock = threading.Lock()
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def serve(self, stop: threading.Event, poll_s: float = 0.02) -> None:
+        rt.fast_object_pulls()
+        conn = rt.RuntimeConnection(self.runtime_address)
+        try:
+            while not stop.is_set():
+                try:
+                    token = conn.acquire_token()
+                except Exception as err:  # SuperNode restarting: keep trying, quietly
+                    log.debug("runtime API not ready: %s", err)
+                    stop.wait(0.5)
+                    continue
+                if token is None:
+                    stop.wait(poll_s)
+                    continue
+                try:
+                    t0 = time.perf_counter()
+                    with conn.task(token) as task:
+                        t1 = time.perf_counter()
+                        reply = self.handle(task.message, task.context.run_config, task.fab.content,
+                                            task.run.run_id)
+                        t2 = time.perf_counter()
+                        task.reply(reply)
+                    log.debug("task %s: pull %.3f s, handle %.3f s, reply %.3f s", task.message.metadata.message_type,
+                             t1 - t0, t2 - t1, time.perf_counter() - t2)
+                except Exception:  # never let one task take the site down
+                    log.exception("task failed outside the plan; the site keeps serving")
+        finally:
+            conn.close()
+            self.close()
+
+    def close(self) -> None:
+        with self._lock:
+            for worker in self.workers.values():
+                worker.stop()
+            self.workers.clear()
+
+    # -- one message -------------------------------------------------------------------------------
+    def handle(self, message: Message, run_config: dict[str, Any], fab_content: bytes, run_id: int) -> Message:
+        op = message.metadata.message_type
+        try:
+            policy = self._policy()
+            source, spec, digest = self._read_plan(run_config, fab_content, run_id)
+            state = self._approval_state(digest, source, spec, policy, run_id)
+            if op == "query":
+                if state == "approved":
+                    self._worker(run_id, source, spec, digest, policy, prewarm=True)
+                return self._reply(message, config={"approval": state, "policy": policy.label})
+            if state != "approved":
+                raise Refusal("not_approved", f"plan {digest[:12]} is {state} at site {self.settings.name}")
+            strategy = str(spec["config"].get("strategy", ""))
+            if not policy.allows_strategy(strategy):
+                raise Refusal("policy", f"strategy {strategy!r} is not allowed by site {self.settings.name}",
+                              audit="strategy_refused")
+            return self._run_phase(message, op, source, spec, digest, policy, run_id)
+        except Refusal as refusal:
+            self.audit.append(refusal.audit or "refused", run_id=run_id, kind=refusal.kind, op=op,
+                              reason=refusal.message)
+            return self._error(message, refusal.kind, refusal.message)
+        except SiteKernelError as err:  # the site's own trouble: said in the site's words, kept short
+            self.audit.append("site_error", run_id=run_id, op=op, error=type(err).__name__)
+            log.error("site error: %s", err)
+            return self._error(message, "site_error", f"site {self.settings.name} could not serve this request: "
+                                                      f"{type(err).__name__}; its data owner has the details")
+
+    def _policy(self) -> SitePolicy:
+        try:
+            return load_policy(self.site_dir)
+        except PolicyError as err:
+            log.error("%s", err)
+            raise Refusal("no_policy", f"site {self.settings.name} has no valid policy; nothing runs until its "
+                                       "data owner writes one") from err
+
+    def _read_plan(self, run_config: dict[str, Any], fab_content: bytes, run_id: int) -> tuple[str, dict, str]:
+        components = bundle_components(fab_content)
+        if components != EXPECTED_COMPONENTS:
+            raise Refusal("bundle_refused", "the bundle asks the site to run code other than FLIP's runner",
+                          audit="bundle_refused")
+        try:
+            source = str(run_config["flip-plan-source"])
+            spec = json.loads(str(run_config["flip-plan-spec"]))
+            contract, shapes = spec["contract"], spec["model_shapes"]
+        except (KeyError, ValueError, TypeError) as err:
+            raise Refusal("bundle_refused", "the bundle carries no readable FLIP plan", audit="bundle_refused") from err
+        digest = plan_hash(source, contract, shapes)
+        if digest != spec.get("plan_hash"):
+            raise Refusal("bundle_refused", "the plan's declared hash does not match its content",
+                          audit="bundle_refused")
+        return source, spec, digest
+
+    def _approval_state(self, digest: str, source: str, spec: dict, policy: SitePolicy, run_id: int) -> str:
+        state = self.approvals.state(digest)
+        if state == "unknown":
+            store = ApprovalStore(self.site_dir, policy=policy, audit=self.audit)
+            state = store.submit(digest, source, spec["contract"], spec["model_shapes"],
+                                 {"name": str(spec.get("name", ""))[:100], "run_id": run_id})
+        return state
+
+    def _worker(self, run_id: int, source: str, spec: dict, digest: str, policy: SitePolicy,
+                prewarm: bool = False) -> JobWorker:
+        with self._lock:
+            for old_run in [r for r in self.workers if r != run_id]:  # one job at a time per site
+                self.workers.pop(old_run).stop()
+            worker = self.workers.get(run_id)
+            if worker is None or not worker.alive:
+                worker = JobWorker(self.site_dir, self.settings, run_id, source, spec, digest, policy, self.audit)
+                self.workers[run_id] = worker
+                worker.start()
+            return worker
+
+    def _run_phase(self, message: Message, op: str, source: str, spec: dict, digest: str,
+                   policy: SitePolicy, run_id: int) -> Message:
+        config = dict(message.content.config_records.get("config", {}))
+        round_ = int(config.get("server-round", 0))
+        declared = spec["model_shapes"]
+        arrays = {}
+        for key, value in next(iter(message.content.array_records.values())).items():
+            array = value.numpy()
+            if key in declared and list(array.shape) == [1] and declared[key] == []:
+                array = array.reshape(())  # Flower's wire format carries 0-d arrays as shape (1,)
+            arrays[key] = array
+        worker = self._worker(run_id, source, spec, digest, policy)
+        try:
+            result = worker.step(op, arrays, {**spec.get("train_config", {}), **config})
+        except WorkerFailure as failure:
+            self.audit.append("plan_failed", run_id=run_id, round=round_, op=op, kind=failure.kind,
+                              plan=digest)
+            raise Refusal(failure.kind, failure.message) from None
+        num_examples = worker.num_train if op == "train" else worker.num_test
+        decision = check_reply(
+            sent_shapes={k: tuple(v.shape) for k, v in arrays.items()},
+            sent_dtypes={k: str(v.dtype) for k, v in arrays.items()},
+            reply_arrays=result.arrays if op == "train" else None,
+            metrics=result.metrics, num_examples=num_examples, policy=policy,
+        )
+        self.audit.append("egress", run_id=run_id, round=round_, op=op, plan=digest,
+                          allowed=decision.allowed, reason=decision.reason or "")
+        if not decision.allowed:
+            raise Refusal("withheld", f"site {self.settings.name} withheld its {op} reply: {decision.reason}")
+        metrics = dict(decision.metrics)
+        metrics["num-examples"] = num_examples
+        content = {"metrics": MetricRecord(metrics)}
+        if op == "train":
+            content["arrays"] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in result.arrays.items()})
+        return self._reply(message, config={"approval": "approved", "compute_s": result.compute_s}, **content)
+
+    # -- replies -----------------------------------------------------------------------------------
+    def _reply(self, message: Message, *, config: dict[str, Any], **records: Any) -> Message:
+        info = {"site": self.settings.name, "audit_head": self.audit.head(), **config}
+        return Message(RecordDict({**records, "flip": ConfigRecord(info)}), reply_to=message)
+
+    def _error(self, message: Message, kind: str, text: str) -> Message:
+        kind = kind if _SAFE_NAME.match(kind) else "site_error"
+        return Message(Error(code=ERROR_CODE, reason=f"{kind}: {text}"[:500]), reply_to=message)
+
+
+def serve_forever(site_dir: Path, settings: SiteSettings, runtime_address: str, stop: threading.Event) -> None:
+    Executor(site_dir, settings, runtime_address).serve(stop)
+    time.sleep(0)

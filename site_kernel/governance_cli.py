@@ -1,0 +1,199 @@
+"""The data owner's governance commands, mounted under ``flip-site``::
+
+    flip-site plans list [--state STATE] --site DIR     plans waiting, approved, rejected
+    flip-site plans show HASH --site DIR                one plan in full, source included
+    flip-site plans approve HASH [--note N] --site DIR  approve (a unique hash prefix will do)
+    flip-site plans reject HASH --reason R --site DIR   reject or revoke
+    flip-site audit show [--tail N] --site DIR          the audit log, newest last
+    flip-site audit verify [--expected-head H] --site DIR
+                                                        check the hash chain (exit 1: tampered)
+    flip-site policy show --site DIR                    the policy in force, every key
+    flip-site policy init [--demo] [--force] --site DIR write the documented default policy
+
+Every command returns an exit code: 0 done, 1 a check failed (tampered log), 2 an error explained
+on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from .approvals import ApprovalStore
+from .audit import AuditLog
+from .errors import PolicyMissing, SiteKernelError
+from .policy import load_policy, write_default_policy
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def add_governance_commands(subparsers: Any) -> None:
+    """Add the ``plans``, ``audit`` and ``policy`` command groups to an argparse subparsers object.
+
+    Each leaf command sets ``func``: call ``args.func(args)`` and exit with what it returns.
+    """
+    plans = subparsers.add_parser("plans", help="review, approve and reject plans").add_subparsers(
+        dest="plans_command", required=True
+    )
+    p = _leaf(plans, "list", "plans and their state", _plans_list)
+    p.add_argument("--state", choices=["pending", "approved", "rejected"])
+    p = _leaf(plans, "show", "one plan in full", _plans_show)
+    p.add_argument("hash", help="plan hash or a unique prefix of it")
+    p = _leaf(plans, "approve", "approve a plan", _plans_approve)
+    p.add_argument("hash", help="plan hash or a unique prefix of it")
+    p.add_argument("--note", default="", help="why, for the audit log")
+    p.add_argument("--by", default=None, help="who decides (default: the current user)")
+    p = _leaf(plans, "reject", "reject (or revoke) a plan", _plans_reject)
+    p.add_argument("hash", help="plan hash or a unique prefix of it")
+    p.add_argument(
+        "--reason", required=True, help="why; the researcher is told the plan was refused"
+    )
+    p.add_argument("--by", default=None, help="who decides (default: the current user)")
+
+    audit = subparsers.add_parser("audit", help="read and check the audit log").add_subparsers(
+        dest="audit_command", required=True
+    )
+    p = _leaf(audit, "show", "print the audit log", _audit_show)
+    p.add_argument("--tail", type=int, default=None, metavar="N", help="only the last N entries")
+    p = _leaf(audit, "verify", "check the hash chain", _audit_verify)
+    p.add_argument(
+        "--expected-head", default=None, help="a head hash known from outside, e.g. a researcher's"
+    )
+
+    policy = subparsers.add_parser("policy", help="the site's governance policy").add_subparsers(
+        dest="policy_command", required=True
+    )
+    _leaf(policy, "show", "the policy in force", _policy_show)
+    p = _leaf(policy, "init", "write the documented default policy", _policy_init)
+    p.add_argument(
+        "--demo", action="store_true", help="demo site: automatic approval, labelled as such"
+    )
+    p.add_argument("--force", action="store_true", help="replace an existing policy.toml")
+
+
+def _leaf(group: Any, name: str, help: str, func: Command) -> argparse.ArgumentParser:
+    p = group.add_parser(name, help=help)
+    p.add_argument("--site", required=True, type=Path, help="the site folder")
+    p.set_defaults(func=_guarded(func))
+    return p
+
+
+def _guarded(func: Command) -> Command:
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return func(args)
+        except SiteKernelError as err:
+            print(f"flip-site: {err}", file=sys.stderr)
+            return 2
+
+    run.__doc__ = func.__doc__
+    return run
+
+
+def _policy_line(site: Path) -> str:
+    try:
+        return f"site policy: {load_policy(site).label}"
+    except PolicyMissing:
+        return "site policy: NONE (nothing runs until the data owner writes policy.toml)"
+    except SiteKernelError as err:
+        return f"site policy: INVALID ({err})"
+
+
+def _plans_list(args: argparse.Namespace) -> int:
+    records = ApprovalStore(args.site).list(args.state)
+    print(_policy_line(args.site))
+    if not records:
+        print("no plans" + (f" in state {args.state}" if args.state else ""))
+        return 0
+    print(f"{'HASH':14}{'STATE':10}{'SUBMITTED':31}{'DECIDED BY':14}FROM")
+    for r in records:
+        origin = ", ".join(
+            f"{k}={v}" for k, v in sorted(r.meta.items()) if isinstance(v, (str, int, float))
+        )
+        print(f"{r.hash[:12]:14}{r.state:10}{r.submitted_at:31}{(r.decided_by or '-'):14}{origin}")
+    return 0
+
+
+def _plans_show(args: argparse.Namespace) -> int:
+    r = ApprovalStore(args.site).show(args.hash)
+    print(f"plan      {r.hash}")
+    print(
+        f"state     {r.state}" + (f" by {r.decided_by} at {r.decided_at}" if r.decided_by else "")
+    )
+    if r.note:
+        print(f"note      {r.note}")
+    print(f"submitted {r.submitted_at}  {json.dumps(r.meta, sort_keys=True)}")
+    print(f"contract  {json.dumps(r.contract, sort_keys=True)}")
+    print("model     " + ", ".join(f"{k} {tuple(v)}" for k, v in r.model_shapes.items()))
+    print(f"--- plan.py ({len(r.source.splitlines())} lines, shown in full) ---")
+    for number, line in enumerate(r.source.splitlines(), start=1):
+        print(f"{number:4} | {line}")
+    return 0
+
+
+def _plans_approve(args: argparse.Namespace) -> int:
+    r = ApprovalStore(args.site).approve(args.hash, by=args.by or getpass.getuser(), note=args.note)
+    print(f"approved plan {r.hash} (by {r.decided_by})")
+    return 0
+
+
+def _plans_reject(args: argparse.Namespace) -> int:
+    r = ApprovalStore(args.site).reject(
+        args.hash, by=args.by or getpass.getuser(), reason=args.reason
+    )
+    print(f"rejected plan {r.hash} (by {r.decided_by}): {r.note}")
+    return 0
+
+
+def _audit_show(args: argparse.Namespace) -> int:
+    log = AuditLog(args.site / "audit.jsonl")
+    entries = log.tail(args.tail) if args.tail is not None else list(log.entries())
+    for e in entries:
+        fields = " ".join(
+            f"{k}={json.dumps(v, sort_keys=True)}"
+            for k, v in e.items()
+            if k not in ("seq", "ts", "event", "prev", "hash")
+        )
+        print(f"{e['seq']:>6} {e['ts']} {e['event']:18} {fields}")
+    print(f"head {log.head()}")
+    return 0
+
+
+def _audit_verify(args: argparse.Namespace) -> int:
+    result = AuditLog(args.site / "audit.jsonl").verify(expected_head=args.expected_head)
+    print(result)
+    return 0 if result.ok else 1
+
+
+def _policy_show(args: argparse.Namespace) -> int:
+    policy = load_policy(args.site)
+    print(f"{policy.source}: {policy.label}")
+    for key, value in asdict(policy).items():
+        if key == "source":
+            continue
+        key = (
+            "sandbox.accept_weaker_isolation" if key == "accept_weaker_isolation" else key
+        )  # as in the file
+        if isinstance(value, dict):
+            for sub, item in value.items():
+                print(
+                    f"  {key}.{sub} = {json.dumps(list(item) if isinstance(item, tuple) else item)}"
+                )
+        else:
+            print(f"  {key} = {json.dumps(list(value) if isinstance(value, tuple) else value)}")
+    return 0
+
+
+def _policy_init(args: argparse.Namespace) -> int:
+    path = write_default_policy(args.site, demo=args.demo, overwrite=args.force)
+    print(
+        f"wrote {path} ({'automatic approval (demo only)' if args.demo else 'manual approval'}); "
+        "every key is described in the file"
+    )
+    return 0

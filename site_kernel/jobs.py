@@ -1,0 +1,237 @@
+"""One job's sandboxed worker, seen from the trusted side.
+
+``JobWorker`` prepares the job's harmonised dataset (site code, cached by contract), starts the worker process as
+soon as the plan is approved so the first round does not wait for torch to import, and turns everything the worker
+says (untrusted: it ran researcher code) into either checked arrays and metrics or a ``WorkerFailure`` whose
+message the executor composed itself from a kind, a function name, an exception type name and a line number.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import shutil
+import subprocess
+import sys
+import threading
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import _pipe
+from .audit import AuditLog
+from .policy import SitePolicy
+from .settings import SiteSettings
+
+log = logging.getLogger("flip.site")
+
+
+class WorkerFailure(Exception):
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+
+
+@dataclass
+class StepResult:
+    arrays: dict[str, np.ndarray]
+    metrics: dict[str, Any]
+    compute_s: float
+
+
+def _describe(site: str, reply: dict[str, Any], source: str) -> WorkerFailure:
+    """Compose a safe message from the worker's failure report: the worker ran plan code, so every field is
+    re-checked by ``describe_failure`` and none of its free text is used."""
+    from .egress import describe_failure
+
+    kind = str(reply.get("kind", "plan_error"))
+    role = reply.get("role") if reply.get("role") in ("model", "train", "evaluate") else "the plan"
+    if kind == "model_mismatch":
+        return WorkerFailure("model_mismatch", f"the weights sent do not fit model() at site {site}")
+    if kind == "sandbox_unavailable":
+        return WorkerFailure("sandbox_unavailable", f"site {site} cannot isolate plans on this host and its "
+                                                    "policy does not accept weaker isolation")
+    if reply.get("not_a_dict"):
+        return WorkerFailure("plan_error", f"{role}() must return a dict of metrics (at site {site})")
+    fields = reply.get("fields") if isinstance(reply.get("fields"), dict) else {}
+    allowed = {k: fields.get(k) for k in ("function", "exc_type", "exc_base", "library", "line")}
+    safe_kind, message = describe_failure("plan_error", **allowed, plan_source=source)
+    return WorkerFailure(safe_kind, f"{message} in {role}() at site {site}" if role != "the plan"
+                         else f"{message} at site {site}")
+
+
+class JobWorker:
+    """The sandboxed process serving one run at this site."""
+
+    def __init__(self, site_dir: Path, settings: SiteSettings, run_id: int, source: str, spec: dict[str, Any],
+                 digest: str, policy: SitePolicy, audit: AuditLog) -> None:
+        self.site_dir = site_dir
+        self.settings = settings
+        self.run_id = run_id
+        self.source = source
+        self.spec = spec
+        self.digest = digest
+        self.policy = policy
+        self.audit = audit
+        self.job_dir = site_dir / "jobs" / str(run_id)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._to_worker = self._from_worker = -1
+        self._ready = threading.Event()
+        self._failure: WorkerFailure | None = None
+        self.num_train = self.num_test = 0
+        self._lock = threading.Lock()
+
+    @property
+    def uid(self) -> int:
+        """An unprivileged uid of this site's own: workers of sites on one host never share process limits."""
+        return 100_000 + zlib.crc32(str(self.site_dir.resolve()).encode()) % 50_000
+
+    @property
+    def alive(self) -> bool:
+        return self._failure is None and (self.proc is None or self.proc.poll() is None)
+
+    def start(self) -> None:
+        threading.Thread(target=self._start, name=f"worker-{self.run_id}", daemon=True).start()
+
+    def _start(self) -> None:
+        try:
+            self._prepare_and_load()
+        except WorkerFailure as failure:
+            self._failure = failure
+        except Exception as err:  # site-side trouble (e.g. unreadable dataset): a safe, generic message
+            log.exception("preparing job %s failed", self.run_id)
+            self._failure = WorkerFailure("site_error", f"site {self.settings.name} could not prepare its data "
+                                                        f"({type(err).__name__}); its data owner has the details")
+        finally:
+            self._ready.set()
+
+    def _prepare_and_load(self) -> None:
+        from safetensors.numpy import save_file
+
+        from .data import prepare
+
+        data_dir, scratch = self.job_dir / "data", self.job_dir / "scratch"
+        for d in (data_dir, scratch, self.site_dir / "logs"):
+            d.mkdir(parents=True, exist_ok=True)
+        contract = {**self.spec["contract"], "dataset": self.spec["contract"].get("dataset", self.settings.dataset)}
+        prepared = prepare(self.site_dir, contract, site_steps=self.settings.site_steps)
+        self.num_train, self.num_test = int(prepared.num_train), int(prepared.num_test)
+        data_file = data_dir / "data.safetensors"
+        save_file({"train_x": np.ascontiguousarray(prepared.train_x, np.float32),
+                   "train_y": np.ascontiguousarray(prepared.train_y, np.int64),
+                   "test_x": np.ascontiguousarray(prepared.test_x, np.float32),
+                   "test_y": np.ascontiguousarray(prepared.test_y, np.int64)}, str(data_file))
+        self._grant(data_dir, scratch, data_file)
+        to_r, to_w = os.pipe()
+        from_r, from_w = os.pipe()
+        output = open(self.site_dir / "logs" / f"researcher-{self.run_id}.log", "ab")  # stays at the site
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "site_kernel.worker", str(to_r), str(from_w)],
+            pass_fds=(to_r, from_w), stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            cwd=scratch, env=_worker_env(scratch),
+        )
+        output.close()
+        os.close(to_r)
+        os.close(from_w)
+        self._to_worker, self._from_worker = to_w, from_r
+        limits = self.policy.limits
+        header = {
+            "op": "load", "source": self.source, "data": str(data_file), "scratch": str(scratch),
+            "readable": [str(data_dir)], "threads": self.settings.threads,
+            "seed": int(self.spec["config"].get("seed", 0)),
+            "limits": {k: getattr(limits, k) for k in limits.__dataclass_fields__},
+            "confine": True, "accept_weaker": self.policy.accept_weaker_isolation, "uid": self.uid,
+            "protected": [str(self.site_dir / p) for p in ("policy.toml", "approvals", "audit.jsonl", "audit.head",
+                                                           "site.toml", "keys")],
+        }
+        reply, _ = self._exchange(header, b"", timeout=120.0, what="model()")
+        if not reply.get("ok"):
+            raise _describe(self.settings.name, reply, self.source)
+        if reply.get("model_shapes") != self.spec["model_shapes"]:
+            raise WorkerFailure("model_mismatch", f"model() at site {self.settings.name} does not build the "
+                                                  "shapes the plan declared")
+        self.audit.append("job_started", run_id=self.run_id, plan=self.digest,
+                          confinement=reply.get("confinement", {}))
+
+    def _grant(self, data_dir: Path, scratch: Path, data_file: Path) -> None:
+        """The worker drops to an unprivileged user: give it its data (read) and scratch (write), nothing else."""
+        if os.geteuid() != 0:
+            return
+        for path in (self.job_dir.parent, self.job_dir, data_dir):
+            os.chmod(path, 0o755)
+        os.chmod(data_file, 0o644)
+        os.chown(scratch, self.uid, self.uid)
+        os.chmod(scratch, 0o700)
+
+    def _exchange(self, header: dict[str, Any], payload: bytes, *, timeout: float, what: str
+                  ) -> tuple[dict[str, Any], bytes]:
+        assert self.proc is not None
+        _pipe.send(self._to_worker, header, payload)
+        ready, _, _ = select.select([self._from_worker], [], [], timeout)
+        if not ready:
+            self.stop()
+            raise WorkerFailure("resource_limit", f"{what} exceeded site {self.settings.name}'s time limit of "
+                                                  f"{timeout:g} s")
+        try:
+            return _pipe.recv(self._from_worker)
+        except (_pipe.PipeClosed, _pipe.FrameTooLarge, ValueError):
+            code = self.proc.wait(timeout=5)
+            self.audit.append("sandbox_violation", run_id=self.run_id, plan=self.digest, exit_code=code)
+            raise WorkerFailure("resource_limit", f"{what} was stopped at site {self.settings.name} "
+                                                  f"(exceeded a limit or broke the sandbox)") from None
+
+    def step(self, op: str, arrays: dict[str, np.ndarray], config: dict[str, Any]) -> StepResult:
+        from safetensors.numpy import load, save
+
+        self._ready.wait()
+        if self._failure is not None:
+            raise self._failure
+        if self.proc is None or self.proc.poll() is not None:
+            raise WorkerFailure("resource_limit", f"the plan's process at site {self.settings.name} has ended")
+        with self._lock:
+            header = {"op": op, "config": {k: v for k, v in config.items() if _jsonable(v)}}
+            reply, payload = self._exchange(header, save(arrays), timeout=float(self.policy.limits.wall_seconds),
+                                            what=f"{op}()")
+        if not reply.get("ok"):
+            raise _describe(self.settings.name, reply, self.source)
+        out = dict(load(payload)) if payload else {}
+        return StepResult(out, dict(reply.get("metrics", {})), float(reply.get("compute_s", 0.0)))
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        for fd in (self._to_worker, self._from_worker):
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self._to_worker = self._from_worker = -1
+        if self._failure is None:
+            self._failure = WorkerFailure("resource_limit", f"the plan's process at site {self.settings.name} "
+                                                            "was stopped")
+        shutil.rmtree(self.job_dir / "scratch", ignore_errors=True)
+
+
+def _jsonable(value: Any) -> bool:
+    return isinstance(value, (int, float, str, bool)) or (
+        isinstance(value, list) and all(isinstance(v, (int, float, str, bool)) for v in value))
+
+
+def _worker_env(scratch: Path) -> dict[str, str]:
+    """A minimal environment: nothing of the site's own (keys, tokens, paths) is inherited by researcher code."""
+    keep = ("PATH", "LANG", "LC_ALL", "PYTHONPATH", "VIRTUAL_ENV", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+    env = {k: os.environ[k] for k in keep if k in os.environ}
+    env.update({"HOME": str(scratch), "TMPDIR": str(scratch), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+                "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1"})
+    env["PYTHONSAFEPATH"] = "1"
+    site_root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = site_root + (os.pathsep + env["PYTHONPATH"] if "PYTHONPATH" in env else "")
+    return env
+

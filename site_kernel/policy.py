@@ -1,0 +1,226 @@
+"""The site's governance policy: one TOML file per site, every key documented.
+
+``SITE/policy.toml`` says who approves plans, which strategies the site joins, how many examples
+must stand behind a reply, which metrics may leave, the sandbox's resource limits and what happens
+to researcher output. The shipped ``policy_default.toml`` documents every key and supplies the value
+of any key a site leaves out. A site without a policy runs nothing
+(:class:`~site_kernel.errors.PolicyMissing`).
+
+Example::
+
+    policy = load_policy(site_dir)
+    if not policy.allows_strategy("fedavg"): ...
+    print(policy.label)     # "manual approval" or "automatic approval (demo only)"
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+from .errors import PolicyError, PolicyMissing
+
+POLICY_FILE = "policy.toml"
+Approval = Literal["manual", "automatic"]
+ResearcherOutput = Literal["keep", "release"]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Resource limits for one sandboxed plan process (``[limits]`` in ``policy_default.toml``)."""
+
+    memory_mb: int = 8192
+    cpu_seconds: int = 3600
+    processes: int = 64
+    open_files: int = 256
+    file_size_mb: int = 1024
+    wall_seconds: int = 3600
+
+    def as_dict(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
+
+
+@dataclass(frozen=True)
+class MetricRules:
+    """Which metric names may leave the site, and how many per reply."""
+
+    allow: tuple[str, ...]
+    max_count: int
+
+
+@dataclass(frozen=True)
+class SitePolicy:
+    """A validated site policy. Build it with :func:`load_policy`, not by hand."""
+
+    demo: bool
+    approval: Approval
+    allowed_strategies: tuple[str, ...]
+    min_cohort: int
+    researcher_output: ResearcherOutput
+    researcher_output_max_chars: int
+    metrics: MetricRules
+    limits: Limits
+    accept_weaker_isolation: bool
+    source: Path | None = None
+
+    @property
+    def label(self) -> str:
+        """How the site's approval mode is shown in every status line."""
+        return (
+            "automatic approval (demo only)" if self.approval == "automatic" else "manual approval"
+        )
+
+    def allows_strategy(self, name: str) -> bool:
+        return name.strip().lower() in {s.lower() for s in self.allowed_strategies}
+
+
+def default_policy_text() -> str:
+    """The documented default policy, exactly as shipped."""
+    return resources.files(__package__).joinpath("policy_default.toml").read_text(encoding="utf-8")
+
+
+def write_default_policy(site_dir: Path, *, demo: bool, overwrite: bool = False) -> Path:
+    """Write the documented default policy to ``SITE/policy.toml`` and return its path.
+
+    ``demo=True`` writes ``demo = true`` and ``approval = "automatic"``; everything else keeps its
+    secure default. An existing policy is never replaced unless ``overwrite`` is true.
+    """
+    path = Path(site_dir) / POLICY_FILE
+    if path.exists() and not overwrite:
+        raise PolicyError(
+            f"{path} already exists; edit it, or remove it first to start from the defaults"
+        )
+    text = default_policy_text()
+    if demo:
+        text = _replace_line(text, "demo = false", "demo = true")
+        text = _replace_line(text, 'approval = "manual"', 'approval = "automatic"')
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".toml.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def load_policy(site_dir: Path) -> SitePolicy:
+    """Read and validate ``SITE/policy.toml``.
+
+    Raises :class:`PolicyMissing` when the file is absent and :class:`PolicyError` (with ``key``
+    set) when a key is unknown or has the wrong type or value.
+    """
+    path = Path(site_dir) / POLICY_FILE
+    if not path.is_file():
+        raise PolicyMissing(
+            f"this site has no {POLICY_FILE} ({path}): nothing runs until the data owner writes "
+            "one; `flip-site policy init` writes a documented default"
+        )
+    try:
+        given = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as err:
+        raise PolicyError(f"{path} is not valid TOML ({err}); fix the file and try again") from err
+    if "dp" in given:
+        raise PolicyError(
+            "differential privacy ([dp]) is not implemented in this version; remove the [dp] "
+            "section so that nobody believes it is enforced",
+            key="dp",
+        )
+    defaults = tomllib.loads(default_policy_text())
+    return _build(_merge(defaults, given, prefix=""), source=path)
+
+
+def _merge(defaults: Mapping[str, Any], given: Mapping[str, Any], *, prefix: str) -> dict[str, Any]:
+    """Overlay ``given`` on ``defaults``, refusing keys the defaults do not document."""
+    merged = dict(defaults)
+    for key, value in given.items():
+        dotted = f"{prefix}{key}"
+        if key not in defaults:
+            known = ", ".join(sorted(defaults))
+            raise PolicyError(
+                f"policy.toml: unknown key `{dotted}` (known here: {known})", key=dotted
+            )
+        if isinstance(defaults[key], dict):
+            if not isinstance(value, dict):
+                raise PolicyError(
+                    f"policy.toml: `{dotted}` must be a table ([{dotted}])", key=dotted
+                )
+            merged[key] = _merge(defaults[key], value, prefix=f"{dotted}.")
+        else:
+            merged[key] = value
+    return merged
+
+
+def _build(t: dict[str, Any], *, source: Path | None) -> SitePolicy:
+    demo = _bool(t, "demo")
+    approval = _choice(t, "approval", ("manual", "automatic"))
+    if approval == "automatic" and not demo:
+        raise PolicyError(
+            'policy.toml: approval = "automatic" is allowed only with demo = true; a real site '
+            'approves each plan by hand (approval = "manual")',
+            key="approval",
+        )
+    metrics, limits, sandbox = t["metrics"], t["limits"], t["sandbox"]
+    return SitePolicy(
+        demo=demo,
+        approval=approval,  # type: ignore[arg-type]  # checked by _choice
+        allowed_strategies=_names(t, "allowed_strategies"),
+        min_cohort=_int(t, "min_cohort", minimum=1),
+        researcher_output=_choice(t, "researcher_output", ("keep", "release")),  # type: ignore[arg-type]
+        researcher_output_max_chars=_int(t, "researcher_output_max_chars", minimum=0),
+        metrics=MetricRules(
+            allow=_names(metrics, "allow", prefix="metrics."),
+            max_count=_int(metrics, "max_count", minimum=0, prefix="metrics."),
+        ),
+        limits=Limits(
+            **{k: _int(limits, k, minimum=1, prefix="limits.") for k in Limits.__dataclass_fields__}
+        ),
+        accept_weaker_isolation=_bool(sandbox, "accept_weaker_isolation", prefix="sandbox."),
+        source=source,
+    )
+
+
+# Hand-written checks rather than a schema library: TOML already yields native types, and these few
+# isinstance tests (minding that bool is an int in Python) give messages that name the key and the
+# expected type.
+def _bool(t: Mapping[str, Any], key: str, *, prefix: str = "") -> bool:
+    value = t[key]
+    if not isinstance(value, bool):
+        raise _wrong(prefix + key, "true or false", value)
+    return value
+
+
+def _int(t: Mapping[str, Any], key: str, *, minimum: int, prefix: str = "") -> int:
+    value = t[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise _wrong(prefix + key, f"an integer >= {minimum}", value)
+    return value
+
+
+def _choice(t: Mapping[str, Any], key: str, options: tuple[str, ...], *, prefix: str = "") -> str:
+    value = t[key]
+    if value not in options:
+        raise _wrong(prefix + key, " or ".join(f'"{o}"' for o in options), value)
+    return str(value)
+
+
+def _names(t: Mapping[str, Any], key: str, *, prefix: str = "") -> tuple[str, ...]:
+    value = t[key]
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+        raise _wrong(prefix + key, "a list of non-empty strings", value)
+    return tuple(v.strip() for v in value)
+
+
+def _wrong(key: str, expected: str, value: object) -> PolicyError:
+    shown = repr(value) if isinstance(value, (bool, int, float, str)) else type(value).__name__
+    return PolicyError(f"policy.toml: `{key}` must be {expected}, got {shown}", key=key)
+
+
+def _replace_line(text: str, old: str, new: str) -> str:
+    lines = text.splitlines(keepends=True)
+    hits = [i for i, line in enumerate(lines) if line.strip() == old]
+    if len(hits) != 1:  # the shipped file is ours: this guards edits to it, not user input
+        raise AssertionError(f"policy_default.toml must contain the line {old!r} exactly once")
+    lines[hits[0]] = lines[hits[0]].replace(old, new)
+    return "".join(lines)

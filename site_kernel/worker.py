@@ -1,0 +1,164 @@
+"""The sandboxed worker: the only process that runs researcher code.
+
+Started by the site executor (``python -m site_kernel.worker IN_FD OUT_FD``), it imports torch while still trusted,
+waits for a ``load`` frame, reads its job's prepared dataset, confines itself (no network, read-only data, writes to
+scratch only, resource limits, unprivileged user; see ``site_kernel.sandbox``), and only then executes the plan. It
+then serves ``train``/``evaluate`` frames for the rest of the job. Everything it sends back is untrusted by the
+executor; its stdout/stderr go to the site's log, never to the hub.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import types
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import _pipe
+
+
+@dataclass
+class SiteData:
+    """What the plan's ``train``/``evaluate`` receive as ``data``: harmonised tensors, nothing else."""
+
+    train_x: Any
+    train_y: Any
+    test_x: Any
+    test_y: Any
+
+    @property
+    def num_train(self) -> int:
+        return int(self.train_x.shape[0])
+
+    @property
+    def num_test(self) -> int:
+        return int(self.test_x.shape[0])
+
+
+def _failure(role: str, exc: BaseException) -> dict[str, Any]:
+    """What the trusted side may describe of a failure: names and a line number, never the exception's text."""
+    from .egress import failure_fields
+
+    return {"ok": False, "kind": "plan_error", "role": role, "fields": failure_fields(exc)}
+
+
+class Worker:
+    def __init__(self, fd_in: int, fd_out: int) -> None:
+        self.fd_in, self.fd_out = fd_in, fd_out
+        self.ns: dict[str, Any] = {}
+        self.model: Any = None
+        self.data: SiteData | None = None
+
+    def load(self, header: dict[str, Any]) -> dict[str, Any]:
+        import torch
+        from safetensors.torch import load_file
+
+        arrays = load_file(header["data"])
+        self.data = SiteData(arrays["train_x"], arrays["train_y"], arrays["test_x"], arrays["test_y"])
+        report = self._confine(header)
+        if report.get("refused"):
+            return {"ok": False, "kind": "sandbox_unavailable", "missing": report.get("missing", [])}
+        # Threads only after confine(): namespaces and Landlock bind the calling thread and those it starts.
+        torch.set_num_threads(int(header.get("threads", 1)))
+        module = types.ModuleType("flip_plan")
+        module.__file__ = "plan.py"
+        try:
+            exec(compile(header["source"], "plan.py", "exec"), module.__dict__)
+            self.ns = module.__dict__
+            torch.manual_seed(int(header.get("seed", 0)))
+            self.model = self.ns["model"]()
+        except Exception as exc:  # researcher code: report kind and line only
+            return _failure("model", exc)
+        shapes = {k: list(v.shape) for k, v in self.model.state_dict().items()}
+        return {"ok": True, "confinement": report, "model_shapes": shapes}
+
+    def _confine(self, header: dict[str, Any]) -> dict[str, Any]:
+        if not header.get("confine", True):
+            return {"applied": [], "note": "sandbox disabled by the site's policy"}
+        import dataclasses
+
+        from . import sandbox
+        from .errors import SandboxError
+        from .policy import Limits
+
+        try:
+            report = sandbox.confine(
+                scratch=Path(header["scratch"]),
+                readable=[Path(p) for p in header["readable"]],
+                limits=Limits(**header["limits"]),
+                uid=int(header.get("uid", 65534)),
+                accept_weaker_isolation=bool(header.get("accept_weaker", False)),
+                protected=[Path(p) for p in header.get("protected", [])],
+            )
+        except SandboxError as exc:  # unavailable, or a mechanism failed part way: run nothing
+            return {"refused": True, "missing": list(getattr(exc, "missing", []))}
+        return dataclasses.asdict(report)
+
+    def step(self, header: dict[str, Any], payload: bytes) -> tuple[dict[str, Any], bytes]:
+        import torch
+        from safetensors.torch import load, save
+
+        op = header["op"]
+        function = "train" if op == "train" else "evaluate"
+        config = dict(header.get("config", {}))
+        try:
+            self.model.load_state_dict(load(payload), strict=True)
+        except Exception:
+            return {"ok": False, "kind": "model_mismatch", "role": function}, b""
+        if op == "train" and float(config.get("proximal_mu", 0.0)) > 0:
+            config["global_params"] = [p.detach().clone() for p in self.model.parameters()]
+        seed = int(config.get("seed", 0)) * 100_003 + int(config.get("server-round", 0))
+        torch.manual_seed(seed)
+        started = time.process_time()
+        try:
+            metrics = self.ns[function](self.model, self.data, config)
+        except Exception as exc:
+            return _failure(function, exc), b""
+        compute_s = time.process_time() - started
+        if not isinstance(metrics, dict):
+            return {"ok": False, "kind": "plan_error", "role": function, "not_a_dict": True}, b""
+        clean: dict[str, Any] = {}
+        for key, value in list(metrics.items())[:256]:
+            try:
+                clean[str(key)[:100]] = float(value)
+            except (TypeError, ValueError):
+                clean[str(key)[:100]] = None  # the executor's egress check names and refuses it
+        reply = {"ok": True, "metrics": clean, "compute_s": compute_s}
+        if op == "train":
+            state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+            return reply, save(state)
+        return reply, b""
+
+    def serve(self) -> None:
+        header, _ = _pipe.recv(self.fd_in)
+        result = self.load(header)
+        _pipe.send(self.fd_out, result)
+        if not result["ok"]:
+            return
+        while True:
+            try:
+                header, payload = _pipe.recv(self.fd_in)
+            except _pipe.PipeClosed:
+                return
+            if header.get("op") == "exit":
+                return
+            reply, out = self.step(header, payload)
+            _pipe.send(self.fd_out, reply, out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = argv if argv is not None else sys.argv[1:]
+    fd_in, fd_out = int(args[0]), int(args[1])
+    # Import heavy, trusted libraries before any researcher code exists, so the sandbox can forbid reading them
+    # again later and so the job's first round does not pay for the import.
+    import numpy  # noqa: F401
+    import safetensors.torch  # noqa: F401
+    import torch  # noqa: F401
+
+    Worker(fd_in, fd_out).serve()
+
+
+if __name__ == "__main__":
+    main()
