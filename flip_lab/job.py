@@ -131,8 +131,12 @@ class Job:
                     self._last_ts = ts
                     (self.store / "stream.json").write_text(json.dumps({"after": ts}))
                     failures = 0
+                    if self._finished.is_set():
+                        return
                 self._check_final_status()
             except HubUnreachable as err:
+                if self._finished.is_set():
+                    return
                 failures += 1
                 if failures == 1:
                     log.warning("%s; retrying", err)

@@ -144,7 +144,13 @@ class LocalFederation(Federation):
 
     @classmethod
     def start(cls, n_sites: int = 3, *, workdir: str | Path | None = None, seed: int = 0,
-              approval: str = "automatic", watch_parent: bool = True, quiet: bool = True) -> LocalFederation:
+              approval: str = "automatic", watch_parent: bool = True, scale: float = 1.0) -> LocalFederation:
+        """Start the hub and ``n_sites`` simulated hospitals (``scale`` < 1 makes each hospital smaller).
+
+        ``approval="manual"`` gives every site the secure default policy: each plan waits for its data owner
+        (``flip-site plans approve HASH --site SITE``). ``watch_parent`` stops the federation when this process
+        exits, however it exits.
+        """
         from site_kernel.provision import create_demo_sites
 
         if n_sites < 1:
@@ -179,7 +185,7 @@ class LocalFederation(Federation):
             _wait_for(lambda: _listening(hub_port), HUB_START_TIMEOUT, hub,
                       f"the hub did not start listening on 127.0.0.1:{hub_port}", hub_dir / "superlink.log")
             site_dirs = create_demo_sites(workdir / "sites", n_sites=n_sites, seed=seed, approval=approval,
-                                          hub=f"127.0.0.1:{hub_port}")
+                                          hub=f"127.0.0.1:{hub_port}", scale=scale)
             for site_dir in site_dirs:
                 cmd = [sys.executable, "-m", "site_kernel.cli", "run", str(site_dir)]
                 if watch_parent:
@@ -238,8 +244,15 @@ class LocalFederation(Federation):
 
     def kill_site(self, name: str) -> None:
         """Stop one site kernel abruptly (SIGKILL), as a crash would: for fault drills and tests."""
+        import psutil
+
         pid = self.state["site_pids"][name]
-        os.killpg(pid, signal.SIGKILL)
+        family = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+        for proc in family:
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
         _reap()
 
     def shutdown(self) -> None:

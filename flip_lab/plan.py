@@ -120,6 +120,7 @@ class Plan:
         from safetensors.torch import save
 
         cfg = _config.validate(dict(config or {}))
+        contract = _validated_contract(self.contract)
         source = self.source()
         namespace = _exec_module(source, self.name)
         torch.manual_seed(cfg["seed"])
@@ -134,14 +135,25 @@ class Plan:
         dtypes = {k: str(v.dtype).removeprefix("torch.") for k, v in state.items()}
         spec = {
             "name": self.name,
-            "plan_hash": plan_hash(source, self.contract, shapes),
-            "contract": self.contract,
+            "plan_hash": plan_hash(source, contract, shapes),
+            "contract": contract,
             "model_shapes": shapes,
             "model_dtypes": dtypes,
             "config": cfg,
             "train_config": _config.train_config(cfg),
         }
         return BuiltPlan(self.name, source, spec, save(state))
+
+
+def _validated_contract(contract: dict[str, Any]) -> dict[str, Any]:
+    """The contract as every site will read it (defaults filled in), or a PlanError naming the bad key."""
+    from site_kernel.data.contract import validate_contract
+    from site_kernel.data.errors import ContractError
+
+    try:
+        return validate_contract(contract)
+    except ContractError as err:
+        raise PlanError(f"the plan's data contract is not valid: {err}", name="contract") from err
 
 
 def _exec_module(source: str, name: str) -> dict[str, Any]:

@@ -73,7 +73,7 @@ def run_site(site_dir: Path, *, hub: str | None = None, parent_pid: int | None =
         supernode = subprocess.Popen(
             supernode_command(site_dir, hub, runtime_port, settings.poll_interval, settings.name,
                               settings.root_certificates, settings.auth_key),
-            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,  # same process group: dies with us
         )
     state = {"pid": os.getpid(), "supernode_pid": supernode.pid, "runtime_port": runtime_port, "hub": hub,
              "name": settings.name, "started": time.time()}

@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
+from flip_lab._packing import pack, unpack_arrays
+
 from . import _flower_runtime as rt
 from .approvals import ApprovalStore, plan_hash
 from .audit import AuditLog
@@ -183,8 +185,7 @@ class Executor:
         round_ = int(config.get("server-round", 0))
         declared = spec["model_shapes"]
         arrays = {}
-        for key, value in next(iter(message.content.array_records.values())).items():
-            array = value.numpy()
+        for key, array in unpack_arrays(next(iter(message.content.array_records.values()))).items():
             if key in declared and list(array.shape) == [1] and declared[key] == []:
                 array = array.reshape(())  # Flower's wire format carries 0-d arrays as shape (1,)
             arrays[key] = array
@@ -210,7 +211,7 @@ class Executor:
         metrics["num-examples"] = num_examples
         content = {"metrics": MetricRecord(metrics)}
         if op == "train":
-            content["arrays"] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in result.arrays.items()})
+            content["arrays"] = pack(ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in result.arrays.items()}))
         return self._reply(message, config={"approval": "approved", "compute_s": result.compute_s}, **content)
 
     # -- replies -----------------------------------------------------------------------------------

@@ -18,22 +18,26 @@ def init_site(site_dir: Path, *, name: str, hub: str, demo: bool = False) -> Pat
     return site_dir
 
 
-def create_demo_sites(root: Path, *, n_sites: int, seed: int, hub: str, approval: str = "automatic"
-                      ) -> list[Path]:
+def create_demo_sites(root: Path, *, n_sites: int, seed: int, hub: str, approval: str = "automatic",
+                      scale: float = 1.0) -> list[Path]:
     """Generate ``n_sites`` simulated hospitals under ``root`` and make each a ready site folder.
 
     ``approval="automatic"`` writes the demo policy (labelled "automatic approval (demo only)" everywhere);
     ``"manual"`` keeps the secure default, so a data owner approves each plan with ``flip-site plans approve``.
+    Each hospital's own harmonisation steps (e.g. its CT window) go into its ``site.toml``, where only the site sees
+    them.
     """
-    from .data import generate_demo_hospitals, register_dataset
+    from .data import generate_demo_hospitals
 
     root.mkdir(parents=True, exist_ok=True)
-    raw_root = root / "_raw"
-    hospitals = generate_demo_hospitals(raw_root, n_sites=n_sites, seed=seed)
+    hospitals = generate_demo_hospitals(root, n_sites=n_sites, seed=seed, scale=scale, register=True)
     sites = []
     for hospital in hospitals:
-        site_dir = root / hospital.name
-        init_site(site_dir, name=hospital.name, hub=hub, demo=approval == "automatic")
-        register_dataset(site_dir, "default", hospital.path, seed=seed)
+        site_dir = hospital.site_dir
+        for sub in ("approvals", "logs", "cache"):
+            (site_dir / sub).mkdir(parents=True, exist_ok=True)
+        write_settings(site_dir, SiteSettings(name=hospital.name, hub=hub, site_steps=list(hospital.site_steps)))
+        if not (site_dir / "policy.toml").exists():
+            write_default_policy(site_dir, demo=approval == "automatic")
         sites.append(site_dir)
     return sites

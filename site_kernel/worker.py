@@ -38,9 +38,16 @@ class SiteData:
 
 
 def _failure(role: str, exc: BaseException) -> dict[str, Any]:
-    """What the trusted side may describe of a failure: names and a line number, never the exception's text."""
+    """What the trusted side may describe of a failure: names and a line number, never the exception's text.
+
+    The full traceback goes to this process's stderr, which is the site's own log: the data owner can read it,
+    nothing sends it anywhere.
+    """
+    import traceback
+
     from .egress import failure_fields
 
+    traceback.print_exc(file=sys.stderr)
     return {"ok": False, "kind": "plan_error", "role": role, "fields": failure_fields(exc)}
 
 
@@ -105,7 +112,8 @@ class Worker:
         config = dict(header.get("config", {}))
         try:
             self.model.load_state_dict(load(payload), strict=True)
-        except Exception:
+        except Exception as exc:
+            _failure(function, exc)
             return {"ok": False, "kind": "model_mismatch", "role": function}, b""
         if op == "train" and float(config.get("proximal_mu", 0.0)) > 0:
             config["global_params"] = [p.detach().clone() for p in self.model.parameters()]
@@ -156,6 +164,8 @@ def main(argv: list[str] | None = None) -> None:
     import numpy  # noqa: F401
     import safetensors.torch  # noqa: F401
     import torch  # noqa: F401
+
+    from . import egress, sandbox  # noqa: F401  (the sandbox forbids reading the site kernel's files later)
 
     Worker(fd_in, fd_out).serve()
 

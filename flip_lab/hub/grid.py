@@ -15,6 +15,7 @@ from typing import Any
 from flwr.app import Message
 from flwr.serverapp import Grid
 
+from .._packing import is_packed, pack, unpack
 from .events import EventSink
 
 POLL_S = 0.05
@@ -88,6 +89,9 @@ class StreamingGrid:
         self.current_round = round_
         state = "training" if phase == "train" else "evaluating"
         for msg in messages:
+            record = msg.content.array_records.get("arrays")
+            if record is not None and not is_packed(record):  # strategies share one RecordDict among messages
+                msg.content["arrays"] = pack(record)
             self.sink.emit("site_state", round=round_, site=self.name(msg.metadata.dst_node_id), state=state)
         waiting = dict(zip(self._grid.push_messages(messages), (m.metadata.dst_node_id for m in messages)))
         deadline = time.monotonic() + (timeout if timeout is not None else 3600.0)
@@ -98,6 +102,10 @@ class StreamingGrid:
                 node = waiting.pop(reply.metadata.reply_to_message_id, None)
                 if node is None:  # a straggler's reply to an older message: ignore it
                     continue
+                if not reply.has_error():
+                    for key, record in list(reply.content.array_records.items()):
+                        if is_packed(record):
+                            reply.content[key] = unpack(record)
                 replies.append(reply)
                 self._report(reply, node, phase, round_)
             if waiting and time.monotonic() >= next_liveness_check:

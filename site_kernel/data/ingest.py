@@ -100,7 +100,11 @@ def register_dataset(
     quarantine: list[QuarantineEntry] = []
 
     def reject(paths: list[Path], error: InputRejected) -> None:
-        quarantine.append({"paths": [str(p) for p in paths], "reason": error.reason, "detail": error.detail})
+        # A series whose slices were already quarantined one by one is not counted a second time.
+        seen = {p for entry in quarantine for p in entry["paths"]}
+        fresh = [str(p) for p in paths if str(p) not in seen]
+        if fresh:
+            quarantine.append({"paths": fresh, "reason": error.reason, "detail": error.detail})
 
     label_index = _index_labels(Path(labels)) if labels is not None else {}
     candidates = _discover(source, Path(labels) if labels else None, reject)

@@ -3,7 +3,10 @@
 import torch
 import torch.nn.functional as F
 
-CONTRACT = {"modality": "any", "dims": 2, "size": [32, 32], "intensity": {"kind": "zscore"}}
+CONTRACT = {
+    "modality": ["CT", "MR"], "dims": 2, "size": [32, 32], "spacing": [6.0, 6.0],
+    "intensity": {"kind": "percentile", "lower": 1.0, "upper": 99.0}, "labels": {"background": 0, "lesion": 1},
+}
 
 
 def model():

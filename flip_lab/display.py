@@ -1,0 +1,278 @@
+"""What a job looks like to a person: its state folded from events, and a static summary for saved notebooks.
+
+``JobView`` folds the hub's events (``flip_lab._protocol.Event``) into what the dashboard, the static summary and the
+study record show: round progress, each site's state with the site's own detail text, the governance facts (plan
+hash, each site's approval and policy label, the head of each site's audit log as reported with its last reply) and
+the metric history. It needs nothing but events, so a replayed ``events.jsonl`` gives exactly what the live job
+gave.
+
+``StaticSummary`` renders a view as HTML, markdown and plain text: what survives in a notebook executed headless
+(papermill, nbclient), where widget state renders nowhere.
+"""
+
+from __future__ import annotations
+
+import html
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import pandas as pd
+
+from .history import AGGREGATE, History
+
+STATE_LABELS = {
+    "pending": "pending",
+    "waiting_approval": "waiting for approval",
+    "preparing_data": "preparing data",
+    "training": "training",
+    "evaluating": "evaluating",
+    "done": "done",
+    "failed": "failed",
+    "withheld": "withheld by policy",
+    "offline": "offline",
+}
+STATE_COLOURS = {"done": "#2e7d32", "failed": "#c62828", "withheld": "#ef6c00", "waiting_approval": "#6a1b9a",
+                 "training": "#1565c0", "evaluating": "#00838f", "preparing_data": "#5d4037", "offline": "#616161"}
+FINAL = ("completed", "failed", "cancelled")
+
+
+class JobLike(Protocol):
+    """What the dashboard and the study record need from a ``flip_lab.Job``."""
+
+    id: int
+    events: list[dict[str, Any]]
+
+    def subscribe(self, callback: Any, *, replay: bool = True) -> None: ...
+
+
+@dataclass
+class SiteView:
+    name: str
+    state: str = "pending"
+    detail: str = ""
+    round: int = 0
+    approval: str = ""
+    policy: str = ""
+    audit_head: str = ""
+    replies: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)  # the site's latest evaluation metrics
+
+
+@dataclass
+class JobView:
+    """A job's state, folded from its events in order. ``apply`` is thread-safe; read under ``lock``."""
+
+    job_id: int | str = ""
+    rounds: int = 0
+    released: int = 0  # highest round with an aggregate
+    status: str = "pending"
+    message: str = ""
+    strategy: str = ""
+    min_sites: int = 0
+    plan_hash: str = ""
+    sites: dict[str, SiteView] = field(default_factory=dict)
+    errors: list[dict[str, Any]] = field(default_factory=list)
+    history: History = field(default_factory=History)
+    events: int = 0
+    lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+
+    @classmethod
+    def from_events(cls, events: Iterable[dict[str, Any]], **fields: Any) -> JobView:
+        view = cls(**fields)
+        for event in events:
+            view.apply(event)
+        return view
+
+    @property
+    def done(self) -> bool:
+        return self.status in FINAL
+
+    def site(self, name: str) -> SiteView:
+        if name not in self.sites:
+            self.sites[name] = SiteView(name)
+        return self.sites[name]
+
+    def apply(self, event: dict[str, Any]) -> None:
+        """Fold one event in. Unknown event types and missing optional fields are ignored, never raised."""
+        kind = event.get("type")
+        with self.lock:
+            self.events += 1
+            if kind == "job_started":
+                self.status = "running"
+                self.rounds = int(event.get("rounds") or self.rounds)
+                self.strategy = str(event.get("strategy", ""))
+                self.min_sites = int(event.get("min_sites") or 0)
+                self.plan_hash = str(event.get("plan_hash") or self.plan_hash)
+                for name in event.get("sites") or []:
+                    self.site(str(name))
+            elif kind == "site_state":
+                site = self.site(str(event["site"]))
+                site.state = str(event["state"])
+                site.detail = str(event.get("detail", ""))
+                site.round = max(site.round, int(event.get("round", 0)))
+                if site.state == "preparing_data" and site.detail:
+                    site.policy = site.detail  # sites report their policy label when they approve
+                if site.state == "preparing_data" and not site.approval:
+                    site.approval = "approved"
+            elif kind == "reply":
+                site = self.site(str(event["site"]))
+                site.replies += 1
+                site.audit_head = str(event.get("audit_head") or site.audit_head)
+                site.approval = str(event.get("approval") or site.approval)
+                if event.get("phase") == "evaluate":
+                    site.metrics = {str(k): float(v) for k, v in (event.get("metrics") or {}).items()
+                                    if v is not None}
+                self.history.add_reply(event)
+            elif kind == "aggregate":
+                self.released = max(self.released, int(event["round"]))
+                self.history.add_aggregate(event)
+            elif kind in ("site_error", "update_rejected", "round_discarded"):
+                self.errors.append(dict(event))
+            elif kind == "job_finished":
+                self.status = str(event.get("status", "failed"))
+                self.message = str(event.get("message", ""))
+                self.released = max(self.released, int(event.get("rounds_completed") or 0))
+
+    def frame(self) -> pd.DataFrame:
+        return self.history.frame()
+
+    def governance(self) -> dict[str, Any]:
+        """The facts a reviewer checks: plan hash, and per site its approval, policy label and audit head."""
+        with self.lock:
+            return {
+                "plan_hash": self.plan_hash,
+                "strategy": self.strategy,
+                "min_sites": self.min_sites,
+                "sites": {name: {"approval": s.approval, "policy": s.policy, "audit_head": s.audit_head,
+                                 "state": s.state, "replies": s.replies}
+                          for name, s in sorted(self.sites.items())},
+            }
+
+
+def primary_metric(frame: pd.DataFrame, phase: str = "evaluate") -> str | None:
+    """The metric a person looks at first: Dice when there is one, else the first non-loss metric, else loss."""
+    names = sorted(set(frame.loc[frame["phase"] == phase, "metric"]) - {"num_examples"})
+    for preferred in ("dice",):
+        if preferred in names:
+            return preferred
+    others = [n for n in names if n != "loss"]
+    return others[0] if others else (names[0] if names else None)
+
+
+def _short(text: str, n: int = 12) -> str:
+    return text[:n] + "…" if len(text) > n else text
+
+
+_FIXED = ("site", "state", "round", "detail", "approval", "policy", "audit head")
+
+
+def site_rows(view: JobView) -> list[dict[str, str]]:
+    """One row per site: what the state table and the static summary show, as text."""
+    with view.lock:
+        metric = primary_metric(view.frame())
+        rows = []
+        for name, s in sorted(view.sites.items()):
+            value = s.metrics.get(metric) if metric else None
+            rows.append({
+                "site": name,
+                "state": STATE_LABELS.get(s.state, s.state),
+                "round": str(s.round),
+                (metric or "metric"): "" if value is None else f"{value:.4f}",
+                "detail": s.detail if s.state not in ("preparing_data",) else "",
+                "approval": s.approval,
+                "policy": s.policy,
+                "audit head": s.audit_head,
+            })
+    return rows
+
+
+def html_table(rows: list[dict[str, str]], *, columns: list[str] | None = None,
+               short: tuple[str, ...] = ("audit head",)) -> str:
+    """Rows as an HTML table (cell text escaped; long hashes shortened, in full in the cell's tooltip)."""
+    if not rows:
+        return "<p><em>no site has reported yet</em></p>"
+    if columns is not None:
+        rows = [{k: v for k, v in row.items() if k in columns or (k not in _FIXED and "metric" in columns)}
+                for row in rows]
+    head = "".join(f"<th style='text-align:left'>{html.escape(k)}</th>" for k in rows[0])
+    body = []
+    for row in rows:
+        cells = []
+        for key, value in row.items():
+            text = html.escape(_short(value, 16) if key in short else value)
+            if key == "state":
+                state = next((k for k, v in STATE_LABELS.items() if v == value), value)
+                colour = STATE_COLOURS.get(state, "#424242")
+                text = f"<span style='color:{colour};font-weight:600'>{text}</span>"
+            title = f" title='{html.escape(value)}'" if key in short else ""
+            cells.append(f"<td style='text-align:left'{title}>{text}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def headline(view: JobView) -> str:
+    with view.lock:
+        rounds = f"{view.released}/{view.rounds}" if view.rounds else str(view.released)
+        text = f"Job {view.job_id}: {view.status}, round {rounds}"
+        if view.strategy:
+            text += f", {view.strategy}"
+        if view.message:
+            text += f" ({view.message})"
+        return text
+
+
+def error_lines(view: JobView) -> list[str]:
+    with view.lock:
+        return [f"round {e.get('round', '?')} {e.get('site', '')} {e.get('phase', '')}: "
+                f"{e.get('kind', e.get('type'))}: {e.get('message') or e.get('reason') or ''}".replace("  ", " ")
+                for e in view.errors]
+
+
+def summary_html(view: JobView) -> str:
+    errors = error_lines(view)
+    parts = [f"<h4>{html.escape(headline(view))}</h4>",
+             f"<p>plan hash <code>{html.escape(view.plan_hash or 'unknown')}</code></p>",
+             html_table(site_rows(view))]
+    if errors:
+        parts.append("<ul>" + "".join(f"<li>{html.escape(e)}</li>" for e in errors) + "</ul>")
+    return "<div class='flip-summary'>" + "".join(parts) + "</div>"
+
+
+def summary_markdown(view: JobView) -> str:
+    rows = site_rows(view)
+    lines = [f"**{headline(view)}**", "", f"plan hash `{view.plan_hash or 'unknown'}`", ""]
+    if rows:
+        keys = list(rows[0])
+        lines.append("| " + " | ".join(keys) + " |")
+        lines.append("|" + "---|" * len(keys))
+        for row in rows:
+            lines.append("| " + " | ".join(row[k].replace("|", "\\|") for k in keys) + " |")
+    lines += [f"- {e}" for e in error_lines(view)]
+    return "\n".join(lines) + "\n"
+
+
+class StaticSummary:
+    """The job's final state as a table that renders anywhere (HTML, markdown, plain text)."""
+
+    def __init__(self, view: JobView) -> None:
+        self.view = view
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, str]:
+        return {"text/html": summary_html(self.view), "text/markdown": summary_markdown(self.view),
+                "text/plain": summary_markdown(self.view)}
+
+    def __repr__(self) -> str:
+        return summary_markdown(self.view)
+
+
+def final_metrics(view: JobView, phase: str = "evaluate") -> dict[str, dict[str, float]]:
+    """Per site (and ``aggregate``) the metrics of the last round that has any, for records and comparisons."""
+    frame = view.frame()
+    frame = frame[(frame["phase"] == phase) & (frame["metric"] != "num_examples")]
+    out: dict[str, dict[str, float]] = {}
+    for site, rows in frame.groupby("site"):
+        last = rows[rows["round"] == rows["round"].max()]
+        out[str(site)] = {str(m): float(v) for m, v in zip(last["metric"], last["value"], strict=True)}
+    return dict(sorted(out.items(), key=lambda kv: (kv[0] == AGGREGATE, kv[0])))
