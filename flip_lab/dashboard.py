@@ -186,7 +186,10 @@ class Dashboard:
         from IPython.display import display
 
         try:
-            display(self.widget)
+            # The widget's own view, with a text fallback that reads well where widgets do not render.
+            bundle = dict(self.widget._repr_mimebundle_())
+            bundle["text/plain"] = f"FLIP Lab dashboard for job {self.view.job_id} (a live Jupyter widget)"
+            display(bundle, raw=True)
             handles = (display({"text/plain": ""}, raw=True, display_id=True),
                        display({"text/plain": ""}, raw=True, display_id=True))
             with self._lock:

@@ -97,7 +97,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     _nifti_case(source / "nifti", "wronglabel", label_shape=(12, 12, 3))
     site = root / "site"
     tracemalloc.start()
-    register_dataset(site, "mixed_bag", source, labels=labels)
+    register_dataset(site, "mixed_bag", source, labels=labels, modality="CT")
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert peak < 64 * 2**20, f"registration peaked at {peak / 2**20:.0f} MiB"  # the liars claim 256 MiB each

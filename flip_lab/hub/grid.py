@@ -32,8 +32,16 @@ def site_info(msg: Message) -> dict[str, Any]:
     return dict(msg.content.config_records["flip"])
 
 
-def parse_site_error(reason: str) -> tuple[str, str]:
-    """Split a site's error reason ``"kind: message"``; the site already made the message safe."""
+_FLOWER_KINDS = {5: "site_offline", 3: "message_lost", 4: "message_lost", 7: "bundle_refused", 8: "site_crashed"}
+
+
+def parse_site_error(reason: str, code: int = 0) -> tuple[str, str]:
+    """Split a site's error reason ``"kind: message"``; the site already made the message safe.
+
+    Errors that Flower itself raised (a node that stopped sending heartbeats, say) carry a non-zero code.
+    """
+    if code in _FLOWER_KINDS:
+        return _FLOWER_KINDS[code], reason.split("\n")[0][:300]
     kind, sep, message = reason.partition(": ")
     if not sep or not kind.replace("_", "").isalnum():
         return "site_error", reason[:300]
@@ -135,7 +143,7 @@ class StreamingGrid:
     def _report(self, reply: Message, node: int, phase: str, round_: int) -> None:
         site = self.name(node)
         if reply.has_error():
-            kind, message = parse_site_error(reply.error.reason)
+            kind, message = parse_site_error(reply.error.reason, int(reply.error.code))
             self.sink.emit("site_error", round=round_, phase=phase, site=site, kind=kind, message=message)
             if kind == "withheld":
                 self.sink.emit("site_state", round=round_, site=site, state="withheld", detail=message)

@@ -90,7 +90,7 @@ class HubRun:
                     still.append(node)
                     continue
                 if reply.has_error():
-                    kind, message = parse_site_error(reply.error.reason)
+                    kind, message = parse_site_error(reply.error.reason, int(reply.error.code))
                     self.sink.emit("site_error", round=0, phase="train", site=names.get(node, f"node-{node}"),
                                    kind=kind, message=message)
                     continue

@@ -92,6 +92,9 @@ def _bounded_gunzip(path: Path, expected: int) -> bytes:
                 if not chunk:
                     break
                 buffer.extend(chunk)
+            # Read on to the end of the stream (gzip checks its CRC there), tolerating a little trailing data.
+            if len(buffer) == expected and len(stream.read(_CHUNK)) == _CHUNK:
+                raise InputRejected("corrupt", "far more data than the header describes")
     except EOFError as e:
         raise InputRejected("truncated") from e
     except (gzip.BadGzipFile, zlib.error, OSError) as e:

@@ -22,9 +22,9 @@ AIR, FAT, MUSCLE, LIVER, SPLEEN, BOWEL, AORTA, CORTEX, MARROW, VESSEL, CYST, COR
 #: Half the height of the slab every scanner images, centred on z = 0; lesions are placed within it.
 SLAB_HALF_MM = 12.0
 #: Mean tissue values: CT in HU (portal venous phase), MR as T1-weighted post-contrast signal in [0, 1].
-CT_HU = np.array([-1000, -100, 45, 105, 95, 20, 170, 700, 220, 160, 5, 40, 125], dtype=np.float32)
+CT_HU = np.array([-1000, -100, 45, 105, 95, 20, 170, 700, 220, 160, 5, 40, 140], dtype=np.float32)
 MR_SIGNAL = np.array(
-    [0.02, 0.90, 0.30, 0.55, 0.45, 0.35, 0.85, 0.05, 0.70, 0.80, 0.10, 0.28, 0.64], dtype=np.float32
+    [0.02, 0.90, 0.30, 0.55, 0.45, 0.35, 0.85, 0.05, 0.70, 0.80, 0.10, 0.28, 0.70], dtype=np.float32
 )
 #: Texture amplitude as a fraction of the liver-to-muscle contrast: mottled lesion cores and bowel.
 TEXTURE = np.array([0, 0.05, 0.1, 0.08, 0.08, 0.9, 0, 0, 0.2, 0, 0.02, 0.25, 0.1], dtype=np.float32)
@@ -70,7 +70,7 @@ def _column(x: float, y: float, r: float) -> Ellipsoid:
 
 
 def sample_anatomy(
-    rng: np.random.Generator, *, lesion_radius: tuple[float, float], prevalence: float, max_lesions: int = 3
+    rng: np.random.Generator, *, lesion_radius: tuple[float, float], prevalence: float, max_lesions: int = 2
 ) -> Anatomy:
     """Draw one patient. ``prevalence`` is the chance of at least one lesion; radii are in mm."""
     u = rng.uniform
@@ -97,7 +97,7 @@ def sample_anatomy(
             radii = tuple(float(r) * u(0.6, 0.9) for r in lobe.radii)
             lobes.append(Ellipsoid(tuple(float(c) for c in np.asarray(lobe.centre) + offset), radii, lobe.angle))
         lesions.append(lobes)
-    return Anatomy(body, u(6, 13), liver, spleen, aorta, spine, bowel, vessels, cysts, lesions, u(1.8, 3.0))
+    return Anatomy(body, u(6, 13), liver, spleen, aorta, spine, bowel, vessels, cysts, lesions, u(3.0, 4.5))
 
 
 def _point_in(rng: np.random.Generator, organ: Ellipsoid, depth: float) -> tuple[float, float, float]:

@@ -1,0 +1,443 @@
+"""The side panel's state on the server: which federation it watches, that federation's sites and its jobs.
+
+``FederationManager`` is plain Python (no Tornado, no HTTP), so it is tested directly. It holds at most one
+connection: a local federation (started here, or found running in a folder, e.g. by ``flip-lab up``) or a remote hub
+by address. Credentials (a hub's CA file) stay here; the panel gets ``messages.ConnectionInfo``.
+
+Jobs are Flower runs on the hub, so jobs submitted from a notebook, papermill or the command line appear too: every
+``poll`` lists them with ``Federation.jobs()`` and attaches with ``Federation.job(id)``, whose follower thread streams
+the hub's events. The manager keeps its own job store (``STORE/hubs/``), never the notebook's, so two followers of
+one run never append to the same ``events.jsonl``.
+
+Changes reach listeners as ``messages.StreamMessage`` dicts (deep copies), called from whichever thread noticed them
+(a poll, a job's follower, a background start) with the manager's lock held, so a listener added by ``subscribe``
+sees every change after its snapshot exactly once. Listeners must return quickly. Every other public method may
+wait on the hub for seconds: call them off the server's event loop.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from .._flower import RunInfo
+from ..errors import FederationError, FlipError, HubUnreachable
+from ..federation import Federation
+from ..job import Job
+from ..local import LocalFederation, running_state
+from .messages import ConnectionInfo, ConnectionKind, ConnectionState, JobSummary, SiteRow, SnapshotMessage, StreamMessage
+from .views import FINAL, PANEL_EVENTS, SiteBoard, dataset_summary, fold_event, new_job_summary
+
+log = logging.getLogger("flip_lab.server")
+Listener = Callable[[StreamMessage], None]
+MAX_LOCAL_SITES = 16
+SAVED = "connection.json"
+
+
+class PanelError(FlipError):
+    """A panel request that cannot be done now; ``reason`` is a short word the handlers map to an HTTP status."""
+
+    reason = "bad_request"
+
+
+class NotConnected(PanelError):
+    reason = "not_connected"
+
+
+class UnknownJob(PanelError):
+    reason = "unknown_job"
+
+
+class Busy(PanelError):
+    reason = "busy"
+
+
+@dataclass
+class _Connection:
+    kind: ConnectionKind
+    address: str
+    hub: Federation  # follows jobs with the manager's own job store
+    local: LocalFederation | None = None
+    ca_file: str = ""
+    jobs: list[Job] = field(default_factory=list)
+
+    def release(self) -> None:
+        # A follower thread still streaming through a closed client would die noisily; an open one settles by
+        # itself once the hub is gone, so only close when every followed job has ended.
+        if all(job.done for job in self.jobs):
+            self.hub.close()
+
+
+class FederationManager:
+    """One federation connection and what the panel shows of it.
+
+    >>> manager = FederationManager(Path("~/.flip-lab/lab").expanduser())   # doctest: +SKIP
+    >>> manager.start_local(2); manager.sites()                             # doctest: +SKIP
+    """
+
+    def __init__(self, store: Path, *, local_options: dict[str, Any] | None = None, max_jobs: int = 20,
+                 stop_local_on_exit: bool = True, clock: Callable[[], float] = time.time) -> None:
+        self.store = Path(store)
+        self.local_workdir = self.store / "local"
+        self.local_options = dict(local_options or {})
+        self.max_jobs = max_jobs
+        self.stop_local_on_exit = stop_local_on_exit
+        self._clock = clock
+        self._lock = threading.RLock()  # guards the state below; never held while waiting on the hub
+        self._op = threading.Lock()  # one connect/start/stop at a time
+        self._conn: _Connection | None = None
+        self._generation = 0  # bumped on every connection change; late callbacks of older ones are dropped
+        self._info: ConnectionInfo = _info("disconnected")
+        self._sites = SiteBoard()
+        self._datasets: dict[str, str] = {}
+        self._jobs: dict[str, JobSummary] = {}
+        self._listeners: list[Listener] = []
+
+    # -- what the panel reads ---------------------------------------------------------------------------
+    def subscribe(self, listener: Listener) -> SnapshotMessage:
+        """Add ``listener`` and return the snapshot it starts from; later changes arrive through it."""
+        with self._lock:
+            self._listeners.append(listener)
+            return self.snapshot()
+
+    def unsubscribe(self, listener: Listener) -> None:
+        with self._lock:
+            if listener in self._listeners:
+                self._listeners.remove(listener)
+
+    @property
+    def watched(self) -> bool:
+        """Whether any panel is listening (the server polls only then)."""
+        return bool(self._listeners)
+
+    def snapshot(self) -> SnapshotMessage:
+        with self._lock:
+            return copy.deepcopy({"type": "snapshot", "connection": self._info, "sites": self._sites.rows(),
+                                  "jobs": self._sorted_jobs()})
+
+    def connection(self) -> ConnectionInfo:
+        with self._lock:
+            return copy.deepcopy(self._info)
+
+    def sites(self) -> list[SiteRow]:
+        with self._lock:
+            return copy.deepcopy(self._sites.rows())
+
+    def jobs(self) -> list[JobSummary]:
+        with self._lock:
+            return copy.deepcopy(self._sorted_jobs())
+
+    def catalogue(self) -> dict[str, Any]:
+        """Each site's public catalogue (counts, modalities, ranges; no identifiers). Remote hubs publish none."""
+        conn = self._require()
+        return conn.local.catalogue() if conn.local is not None else {}
+
+    # -- choosing a federation ----------------------------------------------------------------------------
+    def connect(self, address: str = "", *, workdir: str = "", ca_file: str = "") -> ConnectionInfo:
+        """Watch the hub at ``address``, or the local federation running in ``workdir`` (give one of the two).
+
+        Raises ``HubUnreachable`` when the hub does not answer, ``FederationError`` when nothing runs in ``workdir``.
+        """
+        if bool(address) == bool(workdir):
+            raise PanelError("give either a hub address (host:port) or the folder of a local federation")
+        with self._exclusive("connecting"):
+            conn = self._open_local(LocalFederation.attach(workdir)) if workdir else self._open_remote(address,
+                                                                                                       ca_file)
+            self._replace(conn, "connected", _connected_text(conn))
+        self.poll()
+        return self.connection()
+
+    def disconnect(self) -> ConnectionInfo:
+        """Stop watching; the federation itself keeps running."""
+        with self._exclusive("disconnecting"):
+            self._replace(None, "disconnected", "")
+        return self.connection()
+
+    def start_local(self, n_sites: int, *, wait: bool = True) -> ConnectionInfo:
+        """Start a hub and ``n_sites`` simulated hospitals in ``STORE/local`` (or use the one already there).
+
+        With ``wait=False`` the start runs in the background: the state is ``starting`` at once and listeners hear
+        ``connected`` or ``failed`` (with the reason in words) when it ends.
+        """
+        if not isinstance(n_sites, int) or isinstance(n_sites, bool) or not 1 <= n_sites <= MAX_LOCAL_SITES:
+            raise PanelError(f"a local federation needs between 1 and {MAX_LOCAL_SITES} sites, got {n_sites!r}")
+        if not self._op.acquire(blocking=False):
+            raise Busy("another start, stop or connect is under way; wait for it to finish")
+        try:
+            with self._lock:
+                local = self._conn.local if self._conn is not None else None
+            if local is not None and running_state(local.workdir) is not None:
+                raise Busy(f"a local federation is already running in {local.workdir}; stop it first")
+            self._replace(None, "starting", f"Starting a hub and {n_sites} simulated hospitals on this machine; "
+                                            "this takes about a minute.")
+        except BaseException:
+            self._op.release()
+            raise
+        if not wait:
+            threading.Thread(target=self._start_local, args=(n_sites, False), name="flip-lab-start",
+                             daemon=True).start()
+            return self.connection()
+        self._start_local(n_sites, True)
+        return self.connection()
+
+    def _start_local(self, n_sites: int, raise_errors: bool) -> None:
+        try:
+            if running_state(self.local_workdir) is not None:  # e.g. left by a Jupyter server that was killed
+                local = LocalFederation.attach(self.local_workdir)
+            else:
+                shutil.rmtree(self.local_workdir, ignore_errors=True)  # the manager's own folder: a fresh demo
+                local = LocalFederation.start(n_sites, workdir=self.local_workdir, watch_parent=False,
+                                              **self.local_options)
+            conn = self._open_local(local)
+            self._replace(conn, "connected", _connected_text(conn))
+        except Exception as err:
+            detail = str(err) if isinstance(err, FlipError) else f"{type(err).__name__}; see the Jupyter server log"
+            if not isinstance(err, FlipError):
+                log.exception("starting the local federation failed")
+            self._replace(None, "failed", f"The local federation did not start: {detail}")
+            if raise_errors:
+                raise err if isinstance(err, FlipError) else FederationError(detail) from err
+            return
+        finally:
+            self._op.release()
+        self.poll()
+
+    def stop_local(self) -> ConnectionInfo:
+        """Stop the hub and every site of the local federation being watched, by PID."""
+        with self._exclusive("stopping"):
+            with self._lock:
+                conn = self._conn
+            if conn is None or conn.local is None:
+                raise NotConnected("no local federation is being watched; nothing to stop")
+            self._set_state("stopping", "Stopping the hub and the sites ...")
+            try:
+                conn.local.shutdown()
+            finally:
+                self._replace(None, "disconnected", "The local federation was stopped.")
+        return self.connection()
+
+    def restore(self) -> ConnectionInfo:
+        """Pick up the connection saved by an earlier Jupyter server (called once when the server starts)."""
+        path = self.store / SAVED
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return self.connection()
+        with self._exclusive("restoring"):
+            if saved.get("kind") == "local":
+                workdir = Path(saved["workdir"])
+                if running_state(workdir) is None or saved.get("stopped"):
+                    path.unlink(missing_ok=True)
+                    self._replace(None, "stopped", "The local federation stopped with the previous Jupyter server; "
+                                                   "start it again when you need it.")
+                    return self.connection()
+                conn = self._open_local(LocalFederation.attach(workdir))
+            else:
+                conn = self._open_remote(saved["address"], saved.get("ca_file", ""), must_answer=False)
+            self._replace(conn, "connected", _connected_text(conn))
+        self.poll()
+        return self.connection()
+
+    def close(self) -> None:
+        """The Jupyter server is stopping: stop the local federation this manager started (if so configured)."""
+        with self._lock:
+            conn = self._conn
+            self._listeners.clear()
+        if conn is None:
+            return
+        if conn.local is not None and self.stop_local_on_exit and conn.local.workdir == self.local_workdir:
+            conn.local.shutdown()
+            self._save(conn, stopped=True)
+        conn.release()
+
+    # -- jobs ------------------------------------------------------------------------------------------------
+    def cancel(self, job_id: str) -> JobSummary:
+        """Stop a job at the hub; sites drop its worker. Cancelling a job that has ended changes nothing."""
+        conn = self._require()
+        with self._lock:
+            if job_id not in self._jobs:
+                raise UnknownJob(f"job {job_id} is not on the hub at {conn.address}; refresh the job list")
+        try:
+            job = conn.hub.job(int(job_id))
+        except KeyError as err:
+            raise UnknownJob(f"the hub at {conn.address} no longer knows job {job_id}") from err
+        job.cancel()
+        with self._lock:
+            return copy.deepcopy(self._jobs[job_id])
+
+    # -- polling -------------------------------------------------------------------------------------------
+    def poll(self) -> None:
+        """Ask the hub for its sites and jobs once; tell listeners what changed. Never raises for a lost hub."""
+        with self._lock:
+            conn, generation = self._conn, self._generation
+            if conn is None or self._info["state"] in ("starting", "stopping"):
+                return
+        try:
+            rows = conn.local.sites() if conn.local is not None else conn.hub.sites()
+            runs = conn.hub.jobs()[-self.max_jobs:]
+        except HubUnreachable as err:
+            self._lost_contact(conn, generation, err)
+            return
+        with self._lock:
+            if generation != self._generation:
+                return
+            if self._info["state"] != "connected":
+                self._set_state("connected", "The hub answers again. " + _connected_text(conn))
+            if self._sites.update(rows, self._datasets, self._clock()):
+                self._emit({"type": "sites", "sites": self._sites.rows()})
+            fresh = [run for run in runs if str(run.run_id) not in self._jobs]
+            for run in runs:
+                self._update_from_hub(run)
+        for run in fresh:
+            self._follow(conn, generation, run)
+
+    def _lost_contact(self, conn: _Connection, generation: int, err: HubUnreachable) -> None:
+        with self._lock:
+            if generation != self._generation:
+                return
+            if conn.local is not None and running_state(conn.local.workdir) is None:
+                state: ConnectionState = "stopped"
+                text = ("The local federation is no longer running (it was stopped outside this panel). "
+                        "Start it again from here.")
+            else:
+                state, text = "unreachable", f"{err} The panel keeps trying and recovers on its own."
+            if self._info["state"] != state or self._info["message"] != text:
+                self._set_state(state, text)
+            if self._sites.mark_unknown():
+                self._emit({"type": "sites", "sites": self._sites.rows()})
+
+    def _update_from_hub(self, run: RunInfo) -> None:
+        """Before the hub's own events arrive (or if they never do), show Flower's view of the run."""
+        summary = self._jobs.get(str(run.run_id))
+        if summary is None or summary["status"] in FINAL:
+            return
+        if summary["status"] in ("pending", "starting") and run.job_status != summary["status"]:
+            summary["status"] = run.job_status
+            if run.status == "finished" and not summary["message"]:
+                summary["message"] = run.details
+            self._emit({"type": "job", "job": summary})
+
+    def _follow(self, conn: _Connection, generation: int, run: RunInfo) -> None:
+        job_id = str(run.run_id)
+        with self._lock:
+            if generation != self._generation or job_id in self._jobs:
+                return
+            self._jobs[job_id] = new_job_summary(job_id, status=run.job_status, submitted=run.pending_at)
+            self._emit({"type": "job", "job": self._jobs[job_id]})
+        try:
+            job = conn.hub.job(run.run_id)
+        except (KeyError, HubUnreachable) as err:
+            log.info("cannot follow job %s yet: %s", job_id, err)
+            with self._lock:
+                self._jobs.pop(job_id, None)  # the next poll tries again
+            return
+        conn.jobs.append(job)
+        job.subscribe(partial(self._on_job_event, generation, job_id), replay=True)
+
+    def _on_job_event(self, generation: int, job_id: str, event: dict[str, Any]) -> None:
+        if event.get("type") not in PANEL_EVENTS:
+            return
+        with self._lock:
+            summary = self._jobs.get(job_id)
+            if generation != self._generation or summary is None:
+                return
+            fold_event(summary, event)
+            self._emit({"type": "job_event", "job_id": job_id, "event": event})
+
+    # -- internals -----------------------------------------------------------------------------------------
+    @contextmanager
+    def _exclusive(self, what: str) -> Iterator[None]:
+        if not self._op.acquire(blocking=False):
+            raise Busy(f"another start, stop or connect is under way; wait for it before {what}")
+        try:
+            yield
+        finally:
+            self._op.release()
+
+    def _require(self) -> _Connection:
+        with self._lock:
+            if self._conn is None:
+                raise NotConnected("not connected to a federation: start the local one or connect to a hub first")
+            return self._conn
+
+    def _open_remote(self, address: str, ca_file: str, *, must_answer: bool = True) -> _Connection:
+        hub = Federation(address, root_certificates=ca_file or None, workdir=self._hub_store(address))
+        try:
+            hub.nodes()
+        except HubUnreachable:
+            if must_answer:
+                hub.close()
+                raise
+        return _Connection("remote", address, hub, ca_file=ca_file)
+
+    def _open_local(self, local: LocalFederation) -> _Connection:
+        hub = Federation(local.address, workdir=self._hub_store(local.address))
+        self._datasets = {name: dataset_summary(entry) for name, entry in local.catalogue().items()}
+        return _Connection("local", local.address, hub, local=local)
+
+    def _hub_store(self, address: str) -> Path:
+        return self.store / "hubs" / address.replace(":", "_").replace("/", "_")
+
+    def _replace(self, conn: _Connection | None, state: ConnectionState, message: str) -> None:
+        """Switch to another connection (or none): jobs and sites start afresh and every panel gets a snapshot."""
+        with self._lock:
+            old, self._conn = self._conn, conn
+            self._generation += 1
+            self._jobs.clear()
+            self._sites.clear()
+            if conn is None:
+                self._datasets = {}
+            self._info = _info(state, conn, message)
+            self._emit(self.snapshot())
+        if old is not None and old is not conn:
+            old.release()
+        if conn is not None:
+            self._save(conn)
+        elif state in ("disconnected", "failed"):
+            (self.store / SAVED).unlink(missing_ok=True)
+
+    def _set_state(self, state: ConnectionState, message: str) -> None:
+        with self._lock:
+            self._info = _info(state, self._conn, message)
+            self._emit({"type": "connection", "connection": self._info})
+
+    def _save(self, conn: _Connection, *, stopped: bool = False) -> None:
+        saved = {"kind": conn.kind, "address": conn.address, "ca_file": conn.ca_file,
+                 "workdir": str(conn.local.workdir) if conn.local is not None else "", "stopped": stopped}
+        self.store.mkdir(parents=True, exist_ok=True)
+        (self.store / SAVED).write_text(json.dumps(saved))
+
+    def _emit(self, message: Any) -> None:
+        message = copy.deepcopy(message)
+        for listener in list(self._listeners):
+            try:
+                listener(message)
+            except Exception:  # one broken panel connection must not stop the others, or the poller
+                log.exception("a panel listener failed on a %s message", message.get("type"))
+
+    def _sorted_jobs(self) -> list[JobSummary]:
+        return sorted(self._jobs.values(), key=lambda j: j["submitted"], reverse=True)
+
+
+def _info(state: ConnectionState, conn: _Connection | None = None, message: str = "") -> ConnectionInfo:
+    if conn is None:
+        return {"state": state, "kind": None, "address": "", "workdir": "", "ca_file": "", "message": message}
+    workdir = str(conn.local.workdir) if conn.local is not None else ""
+    return {"state": state, "kind": conn.kind, "address": conn.address, "workdir": workdir,
+            "ca_file": conn.ca_file, "message": message}
+
+
+def _connected_text(conn: _Connection) -> str:
+    if conn.local is not None:
+        return f"Local federation: a hub and {len(conn.local.site_dirs)} simulated hospitals on this machine."
+    return f"Connected to the hub at {conn.address}."

@@ -1,0 +1,213 @@
+"""The live dashboard: state from recorded event streams, updates from the job's thread, the final static summary."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import nbformat
+import pytest
+from IPython.core.interactiveshell import InteractiveShell
+from IPython.utils.capture import capture_output
+
+from flip_lab import Job
+from flip_lab.dashboard import Dashboard, show
+from flip_lab.display import JobView, site_rows
+
+NOTEBOOKS = Path(__file__).parent / "notebooks"
+RECORDED = NOTEBOOKS / "recorded_job"  # a 3-site, 2-round job recorded on the local federation
+PNG = b"\x89PNG\r\n\x1a\n"
+T0 = 1_800_000_000.0
+
+
+def recorded_events() -> list[dict]:
+    return [json.loads(line) for line in (RECORDED / "events.jsonl").read_text().splitlines() if line.strip()]
+
+
+def replayed_job(tmp_path: Path) -> Job:
+    store = tmp_path / "job"
+    shutil.copytree(RECORDED, store)
+    return Job(None, 11, store, follow=False)  # type: ignore[arg-type]
+
+
+def empty_job(tmp_path: Path, rounds: int = 2) -> Job:
+    return Job(None, 12, tmp_path / "live", rounds=rounds, follow=False)  # type: ignore[arg-type]
+
+
+def troubled_stream() -> list[dict]:
+    """A job where one site waits for approval, one withholds its reply and one fails, as the hub reports them."""
+    return [
+        {"type": "job_started", "rounds": 3, "strategy": "fedprox", "min_sites": 2, "sites": [],
+         "plan_hash": "ab" * 32, "t": T0},
+        {"type": "site_state", "round": 0, "site": "north", "state": "waiting_approval",
+         "detail": "waiting for approval at site north", "t": T0 + 1},
+        {"type": "site_state", "round": 0, "site": "east", "state": "preparing_data", "detail": "strict v2",
+         "t": T0 + 1},
+        {"type": "site_state", "round": 0, "site": "west", "state": "preparing_data", "detail": "strict v2",
+         "t": T0 + 1},
+        {"type": "site_state", "round": 1, "site": "east", "state": "training", "t": T0 + 2},
+        {"type": "site_state", "round": 1, "site": "west", "state": "training", "t": T0 + 2},
+        {"type": "reply", "round": 1, "phase": "train", "site": "east", "metrics": {"loss": 0.7},
+         "num_examples": 40, "compute_s": 1.0, "audit_head": "e1" * 32, "approval": "approved", "t": T0 + 3},
+        {"type": "site_error", "round": 1, "phase": "train", "site": "west", "kind": "withheld",
+         "message": "metric 'hist' is not allowed by the site's egress policy", "t": T0 + 3},
+        {"type": "site_state", "round": 1, "site": "west", "state": "withheld",
+         "detail": "metric 'hist' is not allowed by the site's egress policy", "t": T0 + 3},
+        {"type": "site_state", "round": 1, "site": "east", "state": "failed", "detail": "worker ran out of memory",
+         "t": T0 + 4},
+        {"type": "round_discarded", "round": 1, "phase": "train", "reason": "1 contributor, fewer than 2",
+         "t": T0 + 4},
+    ]
+
+
+def test_replayed_stream_shows_final_state(tmp_path: Path) -> None:
+    dash = Dashboard(replayed_job(tmp_path))
+    headline, progress, states, curves, governance, problems = dash.widget.children
+    assert (progress.value, progress.max, progress.bar_style) == (2, 2, "success")
+    assert "completed, round 2/2" in headline.value
+    for site in ("site0", "site1", "site2"):
+        assert site in states.value
+    assert states.value.count(">done<") == 3
+    events = recorded_events()
+    heads = {e["site"]: e["audit_head"] for e in events if e["type"] == "reply"}  # the last reply per site wins
+    for head in heads.values():
+        assert f"title='{head}'" in governance.value
+    assert events[0]["plan_hash"] in governance.value
+    assert "automatic approval (demo only)" in governance.value
+    assert problems.value == ""
+    assert bytes(curves.value).startswith(PNG)
+
+
+@pytest.mark.parametrize(("site", "label", "detail"), [
+    ("north", "waiting for approval", "waiting for approval at site north"),
+    ("west", "withheld by policy", "metric 'hist' is not allowed by the site's egress policy"),
+    ("east", "failed", "worker ran out of memory"),
+])
+def test_site_states_carry_the_sites_detail(site: str, label: str, detail: str) -> None:
+    rows = {row["site"]: row for row in site_rows(JobView.from_events(troubled_stream()))}
+    assert rows[site]["state"] == label
+    assert rows[site]["detail"] == detail
+
+
+def test_problems_and_governance_of_a_troubled_job(tmp_path: Path) -> None:
+    job = empty_job(tmp_path, rounds=3)
+    dash = Dashboard(job)
+    for event in troubled_stream():
+        job._apply(event)
+    problems = dash.widget.children[5].value
+    assert "withheld" in problems and "fewer than 2" in problems
+    assert "strict v2" in dash.governance.value  # the policy label the approving sites reported
+    assert "e1e1e1e1" in dash.governance.value
+    assert dash.progress.value == 0 and dash.progress.max == 3
+
+
+def test_updates_from_a_background_thread_reach_the_widget(tmp_path: Path) -> None:
+    """The job's thread delivers events while the main thread keeps working and reads the widget's state."""
+    events = recorded_events()
+    pause_at = next(i for i, e in enumerate(events) if e["type"] == "aggregate" and e["phase"] == "evaluate")
+    job = empty_job(tmp_path)
+    dash = Dashboard(job, min_interval=0.05)
+    main_has_looked = threading.Event()
+
+    def hub_thread() -> None:
+        for i, event in enumerate(events):
+            job._apply(event)  # what the job's hub-reading thread does with every event
+            if i == pause_at:
+                main_has_looked.wait(10)
+
+    feeder = threading.Thread(target=hub_thread, daemon=True)
+    feeder.start()
+    deadline = time.monotonic() + 10
+    busy = 0
+    while dash.widget.children[1].value < 1 and time.monotonic() < deadline:
+        busy += sum(range(1000))  # the researcher's own work in the meantime
+    assert dash.widget.children[1].value == 1
+    assert feeder.is_alive() and busy > 0
+    assert "round 1/2" in dash.widget.children[0].value
+    main_has_looked.set()
+    job.wait(timeout=10)
+    feeder.join(5)
+    assert dash.widget.children[1].value == 2
+    assert dash.widget.children[1].bar_style == "success"
+    assert bytes(dash.widget.children[3].value).startswith(PNG)
+
+
+def test_curves_are_throttled(tmp_path: Path) -> None:
+    rounds = 40
+    job = empty_job(tmp_path, rounds=rounds)
+    dash = Dashboard(job, min_interval=0.5)
+    start = time.monotonic()
+    for r in range(1, rounds + 1):
+        for site in ("a", "b", "c"):
+            job._apply({"type": "reply", "round": r, "phase": "evaluate", "site": site,
+                        "metrics": {"dice": r / rounds}, "num_examples": 4, "compute_s": 0.1, "t": T0 + r})
+        job._apply({"type": "aggregate", "round": r, "phase": "evaluate", "metrics": {"dice": r / rounds},
+                    "contributors": ["a", "b", "c"], "wall_s": 0.0, "t": T0 + r})
+    job._apply({"type": "job_finished", "status": "completed", "message": "all rounds released",
+                "rounds_completed": rounds, "t": T0 + 99})
+    elapsed = time.monotonic() - start
+    assert dash.renders <= 2 + elapsed / 0.5  # 160 curve events, a handful of renders
+    assert dash.progress.value == rounds
+
+
+def test_a_misbehaving_event_never_raises(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    job = empty_job(tmp_path)
+    dash = Dashboard(job)
+    with caplog.at_level(logging.ERROR, logger="flip_lab"):
+        dash._on_event({"type": "reply", "site": "x", "metrics": {"dice": "n/a"}})  # the subscriber callback
+        dash._on_event({"type": "site_state"})
+    assert "could not show a reply event" in caplog.text
+    for event in recorded_events():
+        job._apply(event)
+    assert dash.progress.value == 2
+
+
+@pytest.fixture
+def shell() -> InteractiveShell:
+    return InteractiveShell.instance()
+
+
+def test_finalize_fills_the_outputs_reserved_under_the_widget(tmp_path: Path, shell: InteractiveShell) -> None:
+    job = empty_job(tmp_path)
+    with capture_output() as shown:
+        dash = show(job)
+    widget_view, figure_slot, table_slot = shown.outputs
+    assert "application/vnd.jupyter.widget-view+json" in widget_view.data
+    with capture_output() as later:  # the job ends while another cell runs
+        for event in recorded_events():
+            job._apply(event)
+    updates = [o for o in later.outputs if o.update]
+    figure = next(o for o in updates if "image/png" in o.data)
+    table = next(o for o in updates if "text/html" in o.data)
+    assert figure.transient["display_id"] == figure_slot.transient["display_id"]
+    assert table.transient["display_id"] == table_slot.transient["display_id"]
+    assert "<table>" in table.data["text/html"] and "site2" in table.data["text/html"]
+    assert "| site0 | done |" in table.data["text/markdown"]
+    assert dash.finalized
+
+
+def test_finalize_without_show_displays_here(tmp_path: Path, shell: InteractiveShell) -> None:
+    dash = Dashboard(replayed_job(tmp_path))
+    with capture_output() as out:
+        dash.finalize()
+    kinds = [set(o.data) for o in out.outputs]
+    assert any("image/png" in k for k in kinds) and any("text/html" in k for k in kinds)
+
+
+def test_headless_notebook_keeps_the_final_state(tmp_path: Path) -> None:
+    """Executed by nbclient (as papermill does): the saved notebook holds a PNG and the summary table."""
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(NOTEBOOKS / "live_dashboard.ipynb", as_version=4)
+    NotebookClient(nb, timeout=120, resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
+    outputs = nb.cells[1].outputs  # the cell that showed the dashboard; the job ended two cells later
+    data = [o.get("data", {}) for o in outputs]
+    assert any("application/vnd.jupyter.widget-view+json" in d for d in data)
+    assert any(d.get("image/png") for d in data)
+    table = next(d["text/html"] for d in data if "text/html" in d)
+    assert "completed, round 2/2" in table and "site1" in table
+    assert "completed True" in nb.cells[3].outputs[0]["text"]
