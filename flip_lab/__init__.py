@@ -5,19 +5,32 @@
 >>> plan = flip_lab.Plan.from_file("my_plan.py")          # or @plan.model / @plan.train / @plan.evaluate
 >>> job = fed.submit(plan, rounds=3, strategy="fedavg")   # doctest: +SKIP
 >>> job.wait(); job.history                                # doctest: +SKIP
+
+Names are imported on first use, so the hub and the site kernels (which share a few private modules with this
+package) do not pay for pandas, matplotlib or ipywidgets.
 """
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, FederationError, FlipError, HubUnreachable, JobFailed, JobTimeout, PlanError
-from .federation import Federation, connect
-from .job import Job
-from .plan import BuiltPlan, Plan
-
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "BuiltPlan": "plan", "Plan": "plan",
+    "ConfigError": "errors", "FederationError": "errors", "FlipError": "errors", "HubUnreachable": "errors",
+    "JobFailed": "errors", "JobTimeout": "errors", "PlanError": "errors",
+    "Federation": "federation", "connect": "federation",
+    "Job": "job",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'flip_lab' has no attribute {name!r}")
 
 
 def local_federation(n_sites: int = 3, **kwargs: Any) -> Any:
@@ -34,19 +47,11 @@ def attach(workdir: str | Path) -> Any:
     return LocalFederation.attach(workdir)
 
 
-__all__ = [
-    "BuiltPlan",
-    "ConfigError",
-    "Federation",
-    "FederationError",
-    "FlipError",
-    "HubUnreachable",
-    "Job",
-    "JobFailed",
-    "JobTimeout",
-    "Plan",
-    "PlanError",
-    "attach",
-    "connect",
-    "local_federation",
-]
+def load_ipython_extension(ipython: Any) -> None:
+    """``%load_ext flip_lab``: the ``%%flip_plan`` cell magic."""
+    from .magic import load_ipython_extension as load
+
+    load(ipython)
+
+
+__all__ = [*sorted(_EXPORTS), "attach", "local_federation"]

@@ -57,7 +57,8 @@ class Reply(TypedDict):
     site: str
     metrics: dict[str, float]
     num_examples: int
-    compute_s: float
+    compute_s: float  # wall seconds inside the plan's train()/evaluate() at the site
+    started_at: NotRequired[float]  # the site's clock when the plan function started
     audit_head: NotRequired[str]
     approval: NotRequired[str]
     t: float

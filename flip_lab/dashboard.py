@@ -35,8 +35,6 @@ from .plots import dashboard_figure
 log = logging.getLogger("flip_lab")
 
 _CURVE_EVENTS = ("reply", "aggregate")
-_STATE_COLUMNS = ["site", "state", "round", "metric", "detail"]
-_GOVERNANCE_COLUMNS = ["site", "approval", "policy", "audit head"]
 
 
 def _in_ipython() -> bool:
@@ -108,16 +106,18 @@ class Dashboard:
     def _refresh_text(self) -> None:
         view = self.view
         rows = _display.site_rows(view)
+        governance = _display.GOVERNANCE_COLUMNS
+        states = [k for k in (rows[0] if rows else {}) if k == "site" or k not in governance]
         with self._lock:
             self.headline.value = f"<b>{html.escape(_display.headline(view))}</b>"
             self.progress.max = max(1, view.rounds, view.released)
             self.progress.value = view.released
             self.progress.description = f"{view.released}/{view.rounds or '?'}"
-            self.states.value = _display.html_table(rows, columns=_STATE_COLUMNS)
+            self.states.value = _display.html_table(rows, columns=states)
             self.governance.value = (
                 f"<details open><summary>governance: plan <code title='{html.escape(view.plan_hash)}'>"
                 f"{html.escape(view.plan_hash[:16] or 'unknown')}</code></summary>"
-                + (_display.html_table(rows, columns=_GOVERNANCE_COLUMNS) if rows else "") + "</details>"
+                + (_display.html_table(rows, columns=governance) if rows else "") + "</details>"
             )
             lines = _display.error_lines(view)
             self.problems.value = ("<ul style='color:#c62828'>" + "".join(

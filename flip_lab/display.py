@@ -75,6 +75,7 @@ class JobView:
     sites: dict[str, SiteView] = field(default_factory=dict)
     errors: list[dict[str, Any]] = field(default_factory=list)
     history: History = field(default_factory=History)
+    metric_names: dict[str, set[str]] = field(default_factory=dict)  # phase -> names, for the primary metric
     events: int = 0
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
@@ -125,9 +126,11 @@ class JobView:
                     site.metrics = {str(k): float(v) for k, v in (event.get("metrics") or {}).items()
                                     if v is not None}
                 self.history.add_reply(event)
+                self._note_metrics(event)
             elif kind == "aggregate":
                 self.released = max(self.released, int(event["round"]))
                 self.history.add_aggregate(event)
+                self._note_metrics(event)
             elif kind in ("site_error", "update_rejected", "round_discarded"):
                 self.errors.append(dict(event))
             elif kind == "job_finished":
@@ -135,8 +138,16 @@ class JobView:
                 self.message = str(event.get("message", ""))
                 self.released = max(self.released, int(event.get("rounds_completed") or 0))
 
+    def _note_metrics(self, event: dict[str, Any]) -> None:
+        self.metric_names.setdefault(str(event.get("phase")), set()).update(map(str, event.get("metrics") or {}))
+
     def frame(self) -> pd.DataFrame:
         return self.history.frame()
+
+    def primary_metric(self, phase: str = "evaluate") -> str | None:
+        """``primary_metric`` without building the history table: cheap enough to call on every event."""
+        with self.lock:
+            return _pick_primary(self.metric_names.get(phase, set()))
 
     def governance(self) -> dict[str, Any]:
         """The facts a reviewer checks: plan hash, and per site its approval, policy label and audit head."""
@@ -153,10 +164,13 @@ class JobView:
 
 def primary_metric(frame: pd.DataFrame, phase: str = "evaluate") -> str | None:
     """The metric a person looks at first: Dice when there is one, else the first non-loss metric, else loss."""
-    names = sorted(set(frame.loc[frame["phase"] == phase, "metric"]) - {"num_examples"})
-    for preferred in ("dice",):
-        if preferred in names:
-            return preferred
+    return _pick_primary(set(frame.loc[frame["phase"] == phase, "metric"]))
+
+
+def _pick_primary(found: set[str]) -> str | None:
+    names = sorted(found - {"num_examples"})
+    if "dice" in names:
+        return "dice"
     others = [n for n in names if n != "loss"]
     return others[0] if others else (names[0] if names else None)
 
@@ -165,13 +179,13 @@ def _short(text: str, n: int = 12) -> str:
     return text[:n] + "…" if len(text) > n else text
 
 
-_FIXED = ("site", "state", "round", "detail", "approval", "policy", "audit head")
+GOVERNANCE_COLUMNS = ["site", "approval", "policy", "audit head"]
 
 
 def site_rows(view: JobView) -> list[dict[str, str]]:
     """One row per site: what the state table and the static summary show, as text."""
     with view.lock:
-        metric = primary_metric(view.frame())
+        metric = view.primary_metric()
         rows = []
         for name, s in sorted(view.sites.items()):
             value = s.metrics.get(metric) if metric else None
@@ -194,8 +208,7 @@ def html_table(rows: list[dict[str, str]], *, columns: list[str] | None = None,
     if not rows:
         return "<p><em>no site has reported yet</em></p>"
     if columns is not None:
-        rows = [{k: v for k, v in row.items() if k in columns or (k not in _FIXED and "metric" in columns)}
-                for row in rows]
+        rows = [{k: v for k, v in row.items() if k in columns} for row in rows]
     head = "".join(f"<th style='text-align:left'>{html.escape(k)}</th>" for k in rows[0])
     body = []
     for row in rows:
@@ -230,10 +243,21 @@ def error_lines(view: JobView) -> list[str]:
                 for e in view.errors]
 
 
+def aggregate_line(view: JobView) -> str:
+    """The released model's last aggregated evaluation, e.g. ``aggregate at round 5: dice 0.8123, loss 0.2012``."""
+    metrics = final_metrics(view).get(AGGREGATE)
+    if not metrics:
+        return "no aggregated evaluation was released"
+    rounds = view.frame()
+    last = int(rounds.loc[(rounds["site"] == AGGREGATE) & (rounds["phase"] == "evaluate"), "round"].max())
+    return f"aggregate at round {last}: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items()))
+
+
 def summary_html(view: JobView) -> str:
     errors = error_lines(view)
     parts = [f"<h4>{html.escape(headline(view))}</h4>",
-             f"<p>plan hash <code>{html.escape(view.plan_hash or 'unknown')}</code></p>",
+             f"<p>{html.escape(aggregate_line(view))}; plan hash <code>{html.escape(view.plan_hash or 'unknown')}"
+             "</code></p>",
              html_table(site_rows(view))]
     if errors:
         parts.append("<ul>" + "".join(f"<li>{html.escape(e)}</li>" for e in errors) + "</ul>")
@@ -242,7 +266,7 @@ def summary_html(view: JobView) -> str:
 
 def summary_markdown(view: JobView) -> str:
     rows = site_rows(view)
-    lines = [f"**{headline(view)}**", "", f"plan hash `{view.plan_hash or 'unknown'}`", ""]
+    lines = [f"**{headline(view)}**", "", f"{aggregate_line(view)}; plan hash `{view.plan_hash or 'unknown'}`", ""]
     if rows:
         keys = list(rows[0])
         lines.append("| " + " | ".join(keys) + " |")

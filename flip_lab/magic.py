@@ -51,9 +51,9 @@ def _top_level(source: str) -> tuple[list[str], bool]:
     except SyntaxError:  # the cell already ran, so this is IPython-only syntax that survived transformation
         return [], False
     roles = [n.name for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in ENTRIES]
-    contract = any(isinstance(n, (ast.Assign, ast.AnnAssign)) and any(
-        isinstance(t, ast.Name) and t.id == "CONTRACT" for t in (n.targets if isinstance(n, ast.Assign) else [n.target]))
-        for n in tree.body)
+    targets = [t for n in tree.body if isinstance(n, (ast.Assign, ast.AnnAssign))
+               for t in (n.targets if isinstance(n, ast.Assign) else [n.target])]
+    contract = any(isinstance(t, ast.Name) and t.id == "CONTRACT" for t in targets)
     return roles, contract
 
 
@@ -114,12 +114,15 @@ class FlipMagics(Magics):
         args = parse_argstring(self.flip_plan, line)
         if not args.plan_var.isidentifier():
             raise PlanRefused(f"{args.plan_var!r} is not a variable name; use e.g. `%%flip_plan plan`")
-        result = self.shell.run_cell(cell, store_history=False)
+        shell = self.shell
+        if shell is None:  # pragma: no cover - a cell magic always runs inside a shell
+            raise PlanRefused("%%flip_plan runs only inside IPython")
+        result = shell.run_cell(cell, store_history=False)
         if not result.success:  # IPython has already shown the cell's own error in full
             error = result.error_in_exec or result.error_before_exec
             raise PlanRefused(f"the cell raised {type(error).__name__}; nothing was registered on {args.plan_var}")
         try:
-            plan = register_cell(self.shell.user_ns, args.plan_var, self.shell.transform_cell(cell),
+            plan = register_cell(shell.user_ns, args.plan_var, shell.transform_cell(cell),
                                  name=args.name)
             print(describe(plan, args.plan_var))
             if args.show and all(r in plan.functions for r in ENTRIES):

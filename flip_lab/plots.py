@@ -75,9 +75,7 @@ def learning_curves(history: pd.DataFrame, metric: str = "dice", phase: str = "e
     (no rounds yet) gives an empty, labelled plot rather than an error, so a live dashboard can draw from round 0.
     """
     if ax is None:
-        fig, (ax,) = new_figure()
-    else:
-        fig = ax.get_figure()  # type: ignore[assignment]
+        _, (ax,) = new_figure()
     rows = _select(history, metric, phase)
     for site, part in sorted(rows.groupby("site"), key=lambda kv: (kv[0] == AGGREGATE, str(kv[0]))):
         part = part.groupby("round")["value"].mean().sort_index()
@@ -90,7 +88,9 @@ def learning_curves(history: pd.DataFrame, metric: str = "dice", phase: str = "e
         ax.xaxis.get_major_locator().set_params(integer=True)  # type: ignore[call-arg]
         ax.legend(loc="best", fontsize="small")
     ax.grid(alpha=0.3)
-    return fig  # type: ignore[return-value]
+    fig = ax.get_figure(root=True)
+    assert isinstance(fig, Figure)
+    return fig
 
 
 def site_comparison(history: pd.DataFrame, metric: str = "dice", phase: str = "evaluate", *,

@@ -194,6 +194,9 @@ def record(job: JobLike, record_dir: str | Path | None = None) -> Path | None:
     if not target:
         log.info("no run record: %s is not set (this is not a study run)", RECORD_ENV)
         return None
+    if not getattr(job, "done", True):
+        log.warning("job %s is still %s: recording what it holds now; call job.wait() before record(job)",
+                    job.id, getattr(job, "status", "running"))
     root = Path(target)
     folder = root / "jobs" / str(job.id)
     if folder.exists():
@@ -343,6 +346,8 @@ def run_study(notebook: str | Path, parameters: dict[str, Any] | None = None,
         finally:
             status["finished"] = time.time()
             _write_json(root / "status.json", status)
+            if not (root / "environment.json").exists():  # the notebook recorded no job (or stopped first)
+                _write_json(root / "environment.json", environment())
             seal(root)
     if failure is not None:
         raise failure

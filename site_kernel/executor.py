@@ -31,7 +31,7 @@ from .egress import check_reply
 from .errors import PolicyError, SiteKernelError
 from .jobs import JobWorker, WorkerFailure
 from .policy import SitePolicy, load_policy
-from .settings import SiteSettings
+from .settings import SiteSettings, load_settings
 
 log = logging.getLogger("flip.site")
 
@@ -82,6 +82,7 @@ class Executor:
                     stop.wait(0.5)
                     continue
                 if token is None:
+                    self._stop_idle_workers()
                     stop.wait(poll_s)
                     continue
                 try:
@@ -99,6 +100,14 @@ class Executor:
         finally:
             conn.close()
             self.close()
+
+    def _stop_idle_workers(self) -> None:
+        """A finished study sends no goodbye: free a worker's memory once it has been idle for a while."""
+        now = time.monotonic()
+        with self._lock:
+            for run_id, worker in list(self.workers.items()):
+                if now - worker.last_used > self.settings.worker_idle_s:
+                    self.workers.pop(run_id).stop()
 
     def close(self) -> None:
         with self._lock:
@@ -174,6 +183,7 @@ class Executor:
                 self.workers.pop(old_run).stop()
             worker = self.workers.get(run_id)
             if worker is None or not worker.alive:
+                self.settings = load_settings(self.site_dir)  # the data owner may have changed them between jobs
                 worker = JobWorker(self.site_dir, self.settings, run_id, source, spec, digest, policy, self.audit)
                 self.workers[run_id] = worker
                 worker.start()
@@ -212,7 +222,8 @@ class Executor:
         content = {"metrics": MetricRecord(metrics)}
         if op == "train":
             content["arrays"] = pack(ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in result.arrays.items()}))
-        return self._reply(message, config={"approval": "approved", "compute_s": result.compute_s}, **content)
+        return self._reply(message, config={"approval": "approved", "compute_s": result.compute_s,
+                                            "started_at": result.started_at}, **content)
 
     # -- replies -----------------------------------------------------------------------------------
     def _reply(self, message: Message, *, config: dict[str, Any], **records: Any) -> Message:

@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,7 @@ class StepResult:
     arrays: dict[str, np.ndarray]
     metrics: dict[str, Any]
     compute_s: float
+    started_at: float
 
 
 def _describe(site: str, reply: dict[str, Any], source: str) -> WorkerFailure:
@@ -85,6 +87,7 @@ class JobWorker:
         self._failure: WorkerFailure | None = None
         self.num_train = self.num_test = 0
         self._lock = threading.Lock()
+        self.last_used = time.monotonic()
 
     @property
     def uid(self) -> int:
@@ -111,22 +114,10 @@ class JobWorker:
             self._ready.set()
 
     def _prepare_and_load(self) -> None:
-        from safetensors.numpy import save_file
-
-        from .data import prepare
-
-        data_dir, scratch = self.job_dir / "data", self.job_dir / "scratch"
-        for d in (data_dir, scratch, self.site_dir / "logs"):
+        scratch = self.job_dir / "scratch"
+        for d in (scratch, self.site_dir / "logs"):
             d.mkdir(parents=True, exist_ok=True)
-        contract = {**self.spec["contract"], "dataset": self.spec["contract"].get("dataset", self.settings.dataset)}
-        prepared = prepare(self.site_dir, contract, site_steps=self.settings.site_steps)
-        self.num_train, self.num_test = int(prepared.num_train), int(prepared.num_test)
-        data_file = data_dir / "data.safetensors"
-        save_file({"train_x": np.ascontiguousarray(prepared.train_x, np.float32),
-                   "train_y": np.ascontiguousarray(prepared.train_y, np.int64),
-                   "test_x": np.ascontiguousarray(prepared.test_x, np.float32),
-                   "test_y": np.ascontiguousarray(prepared.test_y, np.int64)}, str(data_file))
-        self._grant(data_dir, scratch, data_file)
+        self._grant(scratch)
         to_r, to_w = os.pipe()
         from_r, from_w = os.pipe()
         output = open(self.site_dir / "logs" / f"researcher-{self.run_id}.log", "ab")  # stays at the site
@@ -140,16 +131,24 @@ class JobWorker:
         os.close(from_w)
         self._to_worker, self._from_worker = to_w, from_r
         limits = self.policy.limits
+        contract = {**self.spec["contract"], "dataset": self.spec["contract"].get("dataset", self.settings.dataset)}
         header = {
-            "op": "load", "source": self.source, "data": str(data_file), "scratch": str(scratch),
-            "readable": [str(data_dir)], "threads": self.settings.threads,
-            "seed": int(self.spec["config"].get("seed", 0)),
+            "op": "load", "source": self.source, "site_dir": str(self.site_dir), "contract": contract,
+            "site_steps": self.settings.site_steps, "scratch": str(scratch), "readable": [],
+            "threads": self.settings.threads, "seed": int(self.spec["config"].get("seed", 0)),
             "limits": {k: getattr(limits, k) for k in limits.__dataclass_fields__},
-            "confine": True, "accept_weaker": self.policy.accept_weaker_isolation, "uid": self.uid,
+            "confine": self.settings.sandbox or not self.policy.demo,
+            "accept_weaker": self.policy.accept_weaker_isolation, "uid": self.uid,
             "protected": [str(self.site_dir / p) for p in ("policy.toml", "approvals", "audit.jsonl", "audit.head",
                                                            "site.toml", "keys")],
         }
-        reply, _ = self._exchange(header, b"", timeout=120.0, what="model()")
+        # First frame: the data report, sent by trusted code before the sandbox and the plan exist.
+        prepared, _ = self._exchange(header, b"", timeout=1800.0, what="data preparation")
+        if not prepared.get("ok"):
+            raise WorkerFailure("site_error", f"site {self.settings.name} could not prepare its data for this "
+                                              "plan's contract; its data owner has the details")
+        self.num_train, self.num_test = int(prepared["num_train"]), int(prepared["num_test"])
+        reply = self._receive(timeout=120.0, what="model()")
         if not reply.get("ok"):
             raise _describe(self.settings.name, reply, self.source)
         if reply.get("model_shapes") != self.spec["model_shapes"]:
@@ -158,13 +157,12 @@ class JobWorker:
         self.audit.append("job_started", run_id=self.run_id, plan=self.digest,
                           confinement=reply.get("confinement", {}))
 
-    def _grant(self, data_dir: Path, scratch: Path, data_file: Path) -> None:
-        """The worker drops to an unprivileged user: give it its data (read) and scratch (write), nothing else."""
+    def _grant(self, scratch: Path) -> None:
+        """The worker drops to an unprivileged user of this site's own: give it its scratch folder, nothing else."""
         if os.geteuid() != 0:
             return
-        for path in (self.job_dir.parent, self.job_dir, data_dir):
+        for path in (self.job_dir.parent, self.job_dir):
             os.chmod(path, 0o755)
-        os.chmod(data_file, 0o644)
         os.chown(scratch, self.uid, self.uid)
         os.chmod(scratch, 0o700)
 
@@ -172,6 +170,13 @@ class JobWorker:
                   ) -> tuple[dict[str, Any], bytes]:
         assert self.proc is not None
         _pipe.send(self._to_worker, header, payload)
+        return self._receive_frame(timeout=timeout, what=what)
+
+    def _receive(self, *, timeout: float, what: str) -> dict[str, Any]:
+        return self._receive_frame(timeout=timeout, what=what)[0]
+
+    def _receive_frame(self, *, timeout: float, what: str) -> tuple[dict[str, Any], bytes]:
+        assert self.proc is not None
         ready, _, _ = select.select([self._from_worker], [], [], timeout)
         if not ready:
             self.stop()
@@ -200,7 +205,9 @@ class JobWorker:
         if not reply.get("ok"):
             raise _describe(self.settings.name, reply, self.source)
         out = dict(load(payload)) if payload else {}
-        return StepResult(out, dict(reply.get("metrics", {})), float(reply.get("compute_s", 0.0)))
+        self.last_used = time.monotonic()
+        return StepResult(out, dict(reply.get("metrics", {})), _number(reply.get("compute_s")),
+                          _number(reply.get("started_at")))
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -217,6 +224,15 @@ class JobWorker:
             self._failure = WorkerFailure("resource_limit", f"the plan's process at site {self.settings.name} "
                                                             "was stopped")
         shutil.rmtree(self.job_dir / "scratch", ignore_errors=True)
+
+
+def _number(value: Any) -> float:
+    """A timing the worker reported (untrusted): a finite float, or 0."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return 0.0
+    return number if np.isfinite(number) else 0.0
 
 
 def _jsonable(value: Any) -> bool:

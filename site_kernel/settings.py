@@ -26,7 +26,9 @@ class SiteSettings:
     """``name``: shown to researchers. ``hub``: the SuperLink's address. ``dataset``: the registered dataset plans
     train on. ``threads``: torch threads for a job. ``poll_interval``: seconds between the SuperNode's polls of the
     hub while idle. ``root_certificates``: CA file for a TLS hub (none on loopback). ``site_steps``: site-specific
-    harmonisation applied before the contract's own (e.g. a CT window)."""
+    harmonisation applied before the contract's own (e.g. a CT window). ``worker_idle_s``: a job's sandboxed worker
+    is stopped after this many idle seconds. ``sandbox``: false turns the sandbox off, honoured only under a demo
+    policy (used to measure what the sandbox costs); every job's audit entry says which."""
 
     name: str
     hub: str = "127.0.0.1:9093"
@@ -36,6 +38,8 @@ class SiteSettings:
     root_certificates: str = ""
     auth_key: str = ""
     site_steps: list[dict[str, Any]] = field(default_factory=list)
+    worker_idle_s: float = 120.0
+    sandbox: bool = True
 
 
 def load_settings(site_dir: Path) -> SiteSettings:

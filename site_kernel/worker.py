@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from . import _pipe
 
 
@@ -58,12 +60,26 @@ class Worker:
         self.model: Any = None
         self.data: SiteData | None = None
 
+    def prepare(self, header: dict[str, Any]) -> dict[str, Any]:
+        """Harmonise the site's data onto the plan's contract (cached by the site). Trusted code: it runs before
+        the sandbox exists and before any researcher code has been loaded, so its report may be believed."""
+        import torch
+
+        from .data import prepare
+
+        torch.set_num_threads(1)
+        prepared = prepare(Path(header["site_dir"]), header["contract"], site_steps=header.get("site_steps") or [])
+        self.data = SiteData(
+            torch.from_numpy(np.ascontiguousarray(prepared.train_x, np.float32)),
+            torch.from_numpy(np.ascontiguousarray(prepared.train_y, np.int64)),
+            torch.from_numpy(np.ascontiguousarray(prepared.test_x, np.float32)),
+            torch.from_numpy(np.ascontiguousarray(prepared.test_y, np.int64)),
+        )
+        return {"ok": True, "prepared": True, "num_train": self.data.num_train, "num_test": self.data.num_test}
+
     def load(self, header: dict[str, Any]) -> dict[str, Any]:
         import torch
-        from safetensors.torch import load_file
 
-        arrays = load_file(header["data"])
-        self.data = SiteData(arrays["train_x"], arrays["train_y"], arrays["test_x"], arrays["test_y"])
         report = self._confine(header)
         if report.get("refused"):
             return {"ok": False, "kind": "sandbox_unavailable", "missing": report.get("missing", [])}
@@ -119,12 +135,13 @@ class Worker:
             config["global_params"] = [p.detach().clone() for p in self.model.parameters()]
         seed = int(config.get("seed", 0)) * 100_003 + int(config.get("server-round", 0))
         torch.manual_seed(seed)
-        started = time.process_time()
+        started_at = time.time()
+        started = time.perf_counter()
         try:
             metrics = self.ns[function](self.model, self.data, config)
         except Exception as exc:
             return _failure(function, exc), b""
-        compute_s = time.process_time() - started
+        compute_s = time.perf_counter() - started
         if not isinstance(metrics, dict):
             return {"ok": False, "kind": "plan_error", "role": function, "not_a_dict": True}, b""
         clean: dict[str, Any] = {}
@@ -133,7 +150,7 @@ class Worker:
                 clean[str(key)[:100]] = float(value)
             except (TypeError, ValueError):
                 clean[str(key)[:100]] = None  # the executor's egress check names and refuses it
-        reply = {"ok": True, "metrics": clean, "compute_s": compute_s}
+        reply = {"ok": True, "metrics": clean, "compute_s": compute_s, "started_at": started_at}
         if op == "train":
             state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
             return reply, save(state)
@@ -141,6 +158,14 @@ class Worker:
 
     def serve(self) -> None:
         header, _ = _pipe.recv(self.fd_in)
+        try:
+            _pipe.send(self.fd_out, self.prepare(header))
+        except Exception:  # the site's own data trouble: details in the site log, a plain refusal on the pipe
+            import traceback
+
+            traceback.print_exc(file=sys.stderr)
+            _pipe.send(self.fd_out, {"ok": False, "kind": "data_error"})
+            return
         result = self.load(header)
         _pipe.send(self.fd_out, result)
         if not result["ok"]:
@@ -161,11 +186,10 @@ def main(argv: list[str] | None = None) -> None:
     fd_in, fd_out = int(args[0]), int(args[1])
     # Import heavy, trusted libraries before any researcher code exists, so the sandbox can forbid reading them
     # again later and so the job's first round does not pay for the import.
-    import numpy  # noqa: F401
     import safetensors.torch  # noqa: F401
     import torch  # noqa: F401
 
-    from . import egress, sandbox  # noqa: F401  (the sandbox forbids reading the site kernel's files later)
+    from . import data, egress, sandbox  # noqa: F401  (the sandbox forbids reading the site kernel's files later)
 
     Worker(fd_in, fd_out).serve()
 

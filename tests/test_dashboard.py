@@ -190,6 +190,17 @@ def test_finalize_fills_the_outputs_reserved_under_the_widget(tmp_path: Path, sh
     assert dash.finalized
 
 
+def test_show_as_a_cells_last_expression_displays_once(tmp_path: Path, shell: InteractiveShell) -> None:
+    shell.user_ns.update(job=empty_job(tmp_path), show=show)
+    with capture_output() as first:
+        shell.run_cell("dash = show(job); dash", store_history=True)
+    with capture_output() as again:  # asking for it in a later cell shows it there too
+        shell.run_cell("dash", store_history=True)
+    views = [o for o in first.outputs if "application/vnd.jupyter.widget-view+json" in o.data]
+    assert len(views) == 1
+    assert sum("application/vnd.jupyter.widget-view+json" in o.data for o in again.outputs) == 1
+
+
 def test_finalize_without_show_displays_here(tmp_path: Path, shell: InteractiveShell) -> None:
     dash = Dashboard(replayed_job(tmp_path))
     with capture_output() as out:

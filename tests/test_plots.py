@@ -51,7 +51,7 @@ def test_learning_curves_of_a_job_with_no_rounds_yet() -> None:
 
 
 def test_a_table_that_is_not_a_history_is_refused() -> None:
-    with pytest.raises(PlotError, match="job.history"):
+    with pytest.raises(PlotError, match=r"job\.history"):
         learning_curves(pd.DataFrame({"dice": [0.5]}))
 
 
@@ -103,7 +103,7 @@ def test_harmonisation_distributions_before_and_after(key: str) -> None:
 
 def test_harmonisation_distributions_name_the_broken_site() -> None:
     report = {"north": {"before": {"edges": [0, 1, 2], "counts": [1]}, "after": {"edges": [0, 1], "counts": [1]}}}
-    with pytest.raises(PlotError, match="north.*before"):
+    with pytest.raises(PlotError, match=r"north.*before"):
         harmonisation_distributions(report)
 
 

@@ -123,6 +123,7 @@ def test_a_failing_cell_leaves_a_partial_record_naming_it(tmp_path: Path) -> Non
     status = json.loads((root / "status.json").read_text())
     assert status["status"] == "failed" and status["cell_index"] == 3 and status["ename"] == "RuntimeError"
     assert (root / "notebook.ipynb").is_file() and not (root / "jobs").exists()  # it stopped before record(job)
+    assert (root / "environment.json").is_file()
     assert verify_record(root) == []
 
 

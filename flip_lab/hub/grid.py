@@ -155,7 +155,8 @@ class StreamingGrid:
         num_examples = int(metrics.pop("num-examples", 0))
         self.sink.emit(
             "reply", round=round_, phase=phase, site=site, metrics=metrics, num_examples=num_examples,
-            compute_s=float(info.get("compute_s", 0.0)), audit_head=str(info.get("audit_head", "")),
+            compute_s=float(info.get("compute_s", 0.0)), started_at=float(info.get("started_at", 0.0)),
+            audit_head=str(info.get("audit_head", "")),
             approval=str(info.get("approval", "")),
         )
         self.sink.emit("site_state", round=round_, site=site, state="done")

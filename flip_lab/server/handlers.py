@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 from jupyter_core.utils import ensure_async
 from jupyter_server.auth.decorator import authorized, ws_authenticated
 from jupyter_server.base.handlers import APIHandler, JupyterHandler
+from jupyter_server.base.websocket import WebSocketMixin
 from tornado import web, websocket
 
 from ..errors import ConfigError, FederationError, FlipError, HubUnreachable
@@ -149,8 +150,11 @@ class CancelHandler(ManagerHandler):
         self.reply(await self.call(self.manager.cancel, job_id))
 
 
-class EventsHandler(JupyterHandler, websocket.WebSocketHandler):
-    """The panel's event stream: a snapshot, then every change (``messages.StreamMessage``) as JSON text."""
+class EventsHandler(WebSocketMixin, websocket.WebSocketHandler, JupyterHandler):  # type: ignore[misc]
+    """The panel's event stream: a snapshot, then every change (``messages.StreamMessage``) as JSON text.
+
+    ``WebSocketMixin`` brings Jupyter's origin check (no cross-site sockets) and keep-alive pings.
+    """
 
     auth_resource = AUTH_RESOURCE
 
