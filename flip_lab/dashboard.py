@@ -176,15 +176,22 @@ class Dashboard:
                 self._timer.cancel()
             self._timer = None
             self._render_pending = False
-        self.render()
         if self._handles is not None:
-            self.finalize()
+            self.finalize()  # draws the final curves into the widget and the static outputs
+        else:
+            self.render()
 
     # -- notebook display -----------------------------------------------------------------------------
     def display(self) -> Dashboard:
-        """Show the widget here, with two reserved outputs below it for the final static image and table."""
+        """Show the widget here, with two reserved outputs below it for the final static image and table.
+
+        Outside IPython (a plain script) there is nowhere to show it: this does nothing; ``finalize()`` prints the
+        summary table, and ``flip_lab.cli.progress_bar(job)`` gives a running account in a terminal.
+        """
         from IPython.display import display
 
+        if not _in_ipython():
+            return self
         try:
             # The widget's own view, with a text fallback that reads well where widgets do not render.
             bundle = dict(self.widget._repr_mimebundle_())
@@ -234,6 +241,14 @@ class Dashboard:
         return self
 
 
-def show(job: JobLike, **options: Any) -> Dashboard:
-    """Create a ``Dashboard`` for ``job`` and display it in the current cell; returns the dashboard."""
-    return Dashboard(job, **options).display()
+def show(job: JobLike, **options: Any) -> Dashboard | None:
+    """Create a ``Dashboard`` for ``job`` and display it in the current cell; returns the dashboard.
+
+    Never raises: if the dashboard cannot be built, the failure is logged and ``None`` returned, so a caller such
+    as ``Federation.submit(..., display=True)`` still hands the researcher the job.
+    """
+    try:
+        return Dashboard(job, **options).display()
+    except Exception:
+        log.exception("the dashboard could not be shown; the job runs on (job.history, job.status)")
+        return None

@@ -48,11 +48,12 @@ import time
 from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from . import plots
-from .display import JobLike, JobView, final_metrics, primary_metric
 from .errors import FlipError
+
+if TYPE_CHECKING:
+    from .display import JobLike
 
 log = logging.getLogger("flip_lab")
 RECORD_ENV = "FLIP_STUDY_RECORD"
@@ -190,6 +191,8 @@ def record(job: JobLike, record_dir: str | Path | None = None) -> Path | None:
     Returns the job's folder in the record, or ``None`` outside a study. Call it once the job has ended; calling it
     again rewrites the job's folder with what the job holds then.
     """
+    from .display import JobView, final_metrics  # pandas and matplotlib load only when a record is written
+
     target = record_dir if record_dir is not None else os.environ.get(RECORD_ENV)
     if not target:
         log.info("no run record: %s is not set (this is not a study run)", RECORD_ENV)
@@ -229,6 +232,9 @@ def record(job: JobLike, record_dir: str | Path | None = None) -> Path | None:
 
 
 def _write_plots(frame: Any, folder: Path) -> None:
+    from . import plots
+    from .display import primary_metric
+
     metric = primary_metric(frame)
     figures = {"learning_curves.png": lambda: plots.learning_curves(frame, metric or "loss", "evaluate"),
                "train_loss.png": lambda: plots.learning_curves(frame, "loss", "train")}

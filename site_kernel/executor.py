@@ -68,6 +68,7 @@ class Executor:
         self.approvals = ApprovalStore(site_dir, audit=self.audit)
         self.workers: dict[int, JobWorker] = {}
         self._lock = threading.Lock()
+        self._settings_mtime = 0.0
 
     # -- the loop ----------------------------------------------------------------------------------
     def serve(self, stop: threading.Event, poll_s: float = 0.02) -> None:
@@ -92,6 +93,7 @@ class Executor:
                         reply = self.handle(task.message, task.context.run_config, task.fab.content,
                                             task.run.run_id)
                         t2 = time.perf_counter()
+                        self._capture(reply)
                         task.reply(reply)
                     log.debug("task %s: pull %.3f s, handle %.3f s, reply %.3f s", task.message.metadata.message_type,
                              t1 - t0, t2 - t1, time.perf_counter() - t2)
@@ -100,6 +102,23 @@ class Executor:
         finally:
             conn.close()
             self.close()
+
+    def _capture(self, reply: Message) -> None:
+        """Append what leaves the site, byte for byte, to the site's egress capture file (when one is set)."""
+        if not self.settings.egress_capture:
+            return
+        record: dict[str, Any] = {"ts": time.time()}
+        if reply.has_error():
+            record["error"] = reply.error.reason
+        else:
+            record["configs"] = {k: dict(v) for k, v in reply.content.config_records.items()}
+            record["metrics"] = {k: dict(v) for k, v in reply.content.metric_records.items()}
+            record["arrays"] = {
+                k: {n: a.numpy().tobytes().hex() for n, a in rec.items()}
+                for k, rec in reply.content.array_records.items()
+            }
+        with open(self.settings.egress_capture, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record, default=str) + "\n")
 
     def _stop_idle_workers(self) -> None:
         """A finished study sends no goodbye: free a worker's memory once it has been idle for a while."""
@@ -116,8 +135,16 @@ class Executor:
             self.workers.clear()
 
     # -- one message -------------------------------------------------------------------------------
+    def _refresh_settings(self) -> None:
+        """Pick up the data owner's edits to ``site.toml`` without a restart."""
+        mtime = (self.site_dir / "site.toml").stat().st_mtime
+        if mtime != self._settings_mtime:
+            self.settings = load_settings(self.site_dir)
+            self._settings_mtime = mtime
+
     def handle(self, message: Message, run_config: dict[str, Any], fab_content: bytes, run_id: int) -> Message:
         op = message.metadata.message_type
+        self._refresh_settings()
         try:
             policy = self._policy()
             source, spec, digest = self._read_plan(run_config, fab_content, run_id)
@@ -183,7 +210,6 @@ class Executor:
                 self.workers.pop(old_run).stop()
             worker = self.workers.get(run_id)
             if worker is None or not worker.alive:
-                self.settings = load_settings(self.site_dir)  # the data owner may have changed them between jobs
                 worker = JobWorker(self.site_dir, self.settings, run_id, source, spec, digest, policy, self.audit)
                 self.workers[run_id] = worker
                 worker.start()

@@ -12,6 +12,7 @@ import logging
 import os
 import select
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -124,7 +125,7 @@ class JobWorker:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "site_kernel.worker", str(to_r), str(from_w)],
             pass_fds=(to_r, from_w), stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            cwd=scratch, env=_worker_env(scratch),
+            cwd=scratch, env=_worker_env(scratch), start_new_session=True,  # stop() ends every process it made
         )
         output.close()
         os.close(to_r)
@@ -203,16 +204,27 @@ class JobWorker:
             reply, payload = self._exchange(header, save(arrays), timeout=float(self.policy.limits.wall_seconds),
                                             what=f"{op}()")
         if not reply.get("ok"):
-            raise _describe(self.settings.name, reply, self.source)
+            failure = _describe(self.settings.name, reply, self.source)
+            self.stop()  # whatever the plan left behind (threads, forks, half-trained state) goes with the process
+            self._failure = failure
+            raise failure
         out = dict(load(payload)) if payload else {}
         self.last_used = time.monotonic()
         return StepResult(out, dict(reply.get("metrics", {})), _number(reply.get("compute_s")),
                           _number(reply.get("started_at")))
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
+        if self.proc is not None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)  # the worker and anything it forked
+            except (ProcessLookupError, PermissionError):
+                pass
+            if self.uid and os.geteuid() == 0:
+                _kill_uid(self.uid)  # a fork bomb's children may have left the group: they keep the job's uid
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                log.error("worker %s did not exit after SIGKILL", self.proc.pid)
         for fd in (self._to_worker, self._from_worker):
             if fd >= 0:
                 try:
@@ -224,6 +236,23 @@ class JobWorker:
             self._failure = WorkerFailure("resource_limit", f"the plan's process at site {self.settings.name} "
                                                             "was stopped")
         shutil.rmtree(self.job_dir / "scratch", ignore_errors=True)
+
+
+def _kill_uid(uid: int) -> None:
+    """SIGKILL every process running as ``uid`` (a uid only this site's workers use)."""
+    import psutil
+
+    for _ in range(5):  # forks can race the first sweep
+        found = False
+        for proc in psutil.process_iter(["uids"]):
+            try:
+                if proc.info["uids"] and proc.info["uids"].real == uid:
+                    proc.kill()
+                    found = True
+            except psutil.Error:
+                pass
+        if not found:
+            return
 
 
 def _number(value: Any) -> float:

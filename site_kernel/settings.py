@@ -28,7 +28,8 @@ class SiteSettings:
     hub while idle. ``root_certificates``: CA file for a TLS hub (none on loopback). ``site_steps``: site-specific
     harmonisation applied before the contract's own (e.g. a CT window). ``worker_idle_s``: a job's sandboxed worker
     is stopped after this many idle seconds. ``sandbox``: false turns the sandbox off, honoured only under a demo
-    policy (used to measure what the sandbox costs); every job's audit entry says which."""
+    policy (used to measure what the sandbox costs); every job's audit entry says which. ``egress_capture``: a file
+    to which the site appends every reply it sends (for audits and tests of what leaves the site)."""
 
     name: str
     hub: str = "127.0.0.1:9093"
@@ -40,6 +41,7 @@ class SiteSettings:
     site_steps: list[dict[str, Any]] = field(default_factory=list)
     worker_idle_s: float = 120.0
     sandbox: bool = True
+    egress_capture: str = ""
 
 
 def load_settings(site_dir: Path) -> SiteSettings:

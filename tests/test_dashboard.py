@@ -166,6 +166,12 @@ def test_a_misbehaving_event_never_raises(tmp_path: Path, caplog: pytest.LogCapt
     assert dash.progress.value == 2
 
 
+def test_show_never_raises_into_the_cell(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.ERROR, logger="flip_lab"):
+        assert show(object()) is None  # type: ignore[arg-type]  # not a job at all
+    assert "the dashboard could not be shown" in caplog.text
+
+
 @pytest.fixture
 def shell() -> InteractiveShell:
     return InteractiveShell.instance()
@@ -175,6 +181,7 @@ def test_finalize_fills_the_outputs_reserved_under_the_widget(tmp_path: Path, sh
     job = empty_job(tmp_path)
     with capture_output() as shown:
         dash = show(job)
+    assert dash is not None
     widget_view, figure_slot, table_slot = shown.outputs
     assert "application/vnd.jupyter.widget-view+json" in widget_view.data
     with capture_output() as later:  # the job ends while another cell runs

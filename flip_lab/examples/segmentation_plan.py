@@ -38,9 +38,18 @@ def model():
 
 
 def dice_ce_loss():
-    # batch=True pools Dice over the whole batch, so batches where lesions are rare still pull towards them
-    # instead of settling on an all-background prediction.
-    return DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
+    # Dice of the lesion class only, pooled over the whole batch (batch=True): batches where lesions are rare
+    # still pull towards them instead of settling on an all-background prediction.
+    return DiceCELoss(to_onehot_y=True, softmax=True, batch=True, include_background=False)
+
+
+def augment(x, y, generator):
+    # Mirror each batch at random along both axes: lesions look the same either way round, and a few hundred
+    # patients are not enough to learn that from the data alone.
+    for axis in (-2, -1):
+        if torch.rand(1, generator=generator).item() < 0.5:
+            x, y = x.flip(axis), y.flip(axis)
+    return x, y
 
 
 def train(model, data, config):
@@ -59,7 +68,8 @@ def train(model, data, config):
             index = order[start:start + batch_size]
             if len(index) < 2:  # BatchNorm needs two samples
                 continue
-            loss = loss_fn(model(data.train_x[index]), data.train_y[index].unsqueeze(1))
+            x, y = augment(data.train_x[index], data.train_y[index], generator)
+            loss = loss_fn(model(x), y.unsqueeze(1))
             if anchors:  # FedProx: stay close to the round's global model
                 loss = loss + mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchors))
             optimizer.zero_grad()

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .. import __version__
+
 
 def _jupyter_server_extension_points() -> list[dict[str, Any]]:
     from .app import FlipLabApp
@@ -14,4 +16,4 @@ def _jupyter_server_extension_points() -> list[dict[str, Any]]:
     return [{"module": "flip_lab.server", "app": FlipLabApp}]
 
 
-__all__ = ["_jupyter_server_extension_points"]
+__all__ = ["__version__", "_jupyter_server_extension_points"]

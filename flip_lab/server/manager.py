@@ -439,5 +439,6 @@ def _info(state: ConnectionState, conn: _Connection | None = None, message: str 
 
 def _connected_text(conn: _Connection) -> str:
     if conn.local is not None:
-        return f"Local federation: a hub and {len(conn.local.site_dirs)} simulated hospitals on this machine."
-    return f"Connected to the hub at {conn.address}."
+        n = len(conn.local.site_dirs)
+        return f"A hub and {n} simulated hospital{'s' if n != 1 else ''} on this machine."
+    return f"Federation hub at {conn.address}."

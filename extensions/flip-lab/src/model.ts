@@ -92,9 +92,10 @@ export class PanelModel {
     this._changed.emit();
   }
 
+  /** Poll the hub now. Keeps the current notice: a refresh is not an answer to anything. */
   refresh(): Promise<boolean> {
     this._stream.refresh();
-    return this._act('Refreshing', () => api.refresh());
+    return this._act('Refreshing', () => api.refresh(), false);
   }
 
   startLocal(sites: number): Promise<boolean> {
@@ -127,9 +128,11 @@ export class PanelModel {
     Signal.clearData(this);
   }
 
-  private async _act(what: string, call: () => Promise<unknown>): Promise<boolean> {
+  private async _act(what: string, call: () => Promise<unknown>, clearNotice = true): Promise<boolean> {
     this._busy = what;
-    this._notice = null;
+    if (clearNotice) {
+      this._notice = null;
+    }
     this._changed.emit();
     try {
       await call();

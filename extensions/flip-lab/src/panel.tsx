@@ -98,8 +98,13 @@ function PanelView(props: { model: PanelModel; actions: IPanelActions }): JSX.El
       {notice && (
         <div className={`jp-FlipLab-notice jp-FlipLab-notice-${notice.tone}`} role="alert">
           <span>{notice.text}</span>
-          <button className="jp-FlipLab-linkButton" onClick={() => model.dismissNotice()}>
-            Dismiss
+          <button
+            className="jp-FlipLab-iconButton jp-FlipLab-dismiss"
+            title="Dismiss"
+            aria-label="Dismiss"
+            onClick={() => model.dismissNotice()}
+          >
+            ×
           </button>
         </div>
       )}
@@ -128,7 +133,6 @@ function FederationSection(props: { model: PanelModel }): JSX.Element {
       {connection.address && (
         <div className="jp-FlipLab-facts">
           Hub <code>{connection.address}</code>
-          {connection.kind === 'local' && ' · simulated hospitals on this machine'}
         </div>
       )}
       {model.busy && <div className="jp-FlipLab-muted">{model.busy} ...</div>}

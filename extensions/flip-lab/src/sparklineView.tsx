@@ -7,8 +7,8 @@ import { formatMetric } from './format';
 import { pickMetric, sparkline } from './sparkline';
 import { IJobSummary } from './types';
 
-const WIDTH = 120;
-const HEIGHT = 28;
+const WIDTH = 96;
+const HEIGHT = 24;
 
 export function MetricSparkline(props: { job: IJobSummary; preferred: string }): JSX.Element {
   const name = pickMetric(props.job.metrics, props.preferred);
@@ -27,6 +27,12 @@ export function MetricSparkline(props: { job: IJobSummary; preferred: string }):
   return (
     <div className="jp-FlipLab-metric">
       {line && (
+        <span className="jp-FlipLab-metricValue">
+          {name} <strong>{formatMetric(line.last.value)}</strong>
+          <span className="jp-FlipLab-muted"> · round {line.last.round}</span>
+        </span>
+      )}
+      {line && (
         <svg
           className="jp-FlipLab-sparkline"
           width={WIDTH}
@@ -39,12 +45,6 @@ export function MetricSparkline(props: { job: IJobSummary; preferred: string }):
           {points.length > 1 && <path d={line.path} fill="none" strokeWidth={1.5} />}
           <circle cx={line.last.x} cy={line.last.y} r={2.5} />
         </svg>
-      )}
-      {line && (
-        <span className="jp-FlipLab-metricValue">
-          {name} {formatMetric(line.last.value)}
-          <span className="jp-FlipLab-muted"> after round {line.last.round}</span>
-        </span>
       )}
     </div>
   );

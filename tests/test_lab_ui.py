@@ -1,0 +1,128 @@
+"""The FLIP Lab panel in a real JupyterLab, driven in headless Chromium (Debian's, never a downloaded build).
+
+One researcher's path: open Lab, open the panel, start a local federation of two sites from it, see them come
+online, run a notebook that defines a plan, dispatch it with the notebook toolbar's command, watch the job reach
+its last round in the panel, open its dashboard, reload Lab (the panel comes back where it was, with the job), and
+stop the federation. Screenshots go to test-artifacts/; the panel's picture also to docs/images/panel.png.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from _jupyter import Jupyter, start_jupyter
+
+REPO = Path(__file__).resolve().parent.parent
+ARTIFACTS = REPO / "test-artifacts" / "lab-ui"
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--disable-quic", "--disable-gpu"]
+PANEL = "#flip-lab-panel"
+
+pytestmark = [pytest.mark.browser, pytest.mark.e2e]
+
+
+@pytest.fixture
+def lab(tmp_path):
+    """JupyterLab serving a folder with the dispatch notebook and its plan; quiet about news and updates."""
+    if not CHROMIUM.exists():
+        pytest.skip("Debian's chromium is not installed; run scripts/setup-browser")
+    root = tmp_path / "lab"
+    root.mkdir()
+    shutil.copy(REPO / "tests" / "notebooks" / "dispatch_demo.ipynb", root)
+    shutil.copy(REPO / "tests" / "plans" / "tiny_plan.py", root)
+    settings = tmp_path / "lab-settings"
+    (settings / "@jupyterlab" / "apputils-extension").mkdir(parents=True)
+    (settings / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings").write_text(
+        json.dumps({"fetchNews": "false", "checkForUpdates": False}))
+    server = start_jupyter(root, app="lab", extra=["--LabApp.news_url=None"],
+                           env={"JUPYTERLAB_SETTINGS_DIR": str(settings),
+                                "JUPYTERLAB_WORKSPACES_DIR": str(tmp_path / "workspaces")})
+    yield server
+    server.stop()
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    shutil.copy(server.log, ARTIFACTS / "jupyter-lab.log")
+
+
+def test_researcher_starts_a_federation_dispatches_a_plan_and_watches_it_finish(lab: Jupyter):
+    from playwright.sync_api import expect, sync_playwright
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    console_errors: list[str] = []
+    page_errors: list[str] = []
+    t0 = time.monotonic()
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1360, "height": 860})
+        page.on("console", lambda m: console_errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: page_errors.append(str(e)))
+        try:
+            page.goto(f"{lab.url}/lab/tree/dispatch_demo.ipynb?token={lab.token}")
+            expect(page.locator(".jp-NotebookPanel")).to_be_visible(timeout=90_000)
+            expect(page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']")).to_have_count(
+                1, timeout=60_000)
+
+            # The panel: open it from its tab in the left sidebar, start two simulated hospitals.
+            page.locator("li[data-id='flip-lab-panel']").click()
+            panel = page.locator(PANEL)
+            expect(panel.get_by_text("Not connected")).to_be_visible()
+            expect(panel.get_by_label("Number of simulated sites")).to_have_value("2")
+            panel.get_by_role("button", name="Start local federation").click()
+            expect(panel.get_by_text("Starting the local federation")).to_be_visible(timeout=15_000)
+            expect(panel.get_by_text("Local federation running")).to_be_visible(timeout=180_000)
+            expect(panel.get_by_text("Sites · 2 of 2 online")).to_be_visible(timeout=30_000)
+            expect(panel.locator(".jp-FlipLab-site-online")).to_have_count(2)
+            expect(panel.locator(".jp-FlipLab-siteData").first).to_contain_text("cases (")
+            page.screenshot(path=str(ARTIFACTS / "1-sites-online.png"))
+
+            # The notebook: run the cell that defines the plan, then dispatch from the notebook toolbar.
+            page.locator(".jp-Notebook .jp-CodeCell").first.click()
+            page.keyboard.press("Control+Enter")
+            expect(page.locator(".jp-OutputArea-output").first).to_contain_text(
+                "plan tiny_plan is ready to dispatch", timeout=60_000)
+            page.locator(".jp-NotebookPanel-toolbar [data-command='flip-lab:dispatch']").click()
+            expect(panel.get_by_text("Dispatched plan 'tiny_plan' as job")).to_be_visible(timeout=90_000)
+            job = panel.locator(".jp-FlipLab-job").first
+            expect(job).to_be_visible(timeout=30_000)
+            expect(job.get_by_text("Running · ")).to_be_visible(timeout=60_000)
+            page.screenshot(path=str(ARTIFACTS / "2-job-running.png"))
+            expect(job.get_by_text("Completed · 3 of 3 rounds")).to_be_visible(timeout=300_000)
+            expect(job.locator("svg.jp-FlipLab-sparkline path")).to_have_count(1)
+            expect(job.locator(".jp-FlipLab-metricValue")).to_contain_text("round 3")
+            expect(job.get_by_role("progressbar")).to_have_attribute("aria-valuenow", "100")
+            page.screenshot(path=str(ARTIFACTS / "3-job-completed.png"))
+            panel.screenshot(path=str(ARTIFACTS / "panel.png"))
+
+            # "Open dashboard" puts the re-attach code into the notebook.
+            job.get_by_role("button", name="Open dashboard").click()
+            expect(page.locator(".jp-Notebook .jp-CodeCell")).to_have_count(2, timeout=15_000)
+            expect(page.locator(".jp-Notebook .jp-CodeCell").nth(1)).to_contain_text("flip_lab.attach(")
+
+            # A reload restores the layout: the panel is open again and shows the finished job.
+            page.reload()
+            panel = page.locator(PANEL)
+            expect(panel).to_be_visible(timeout=90_000)
+            expect(panel.get_by_text("Completed · 3 of 3 rounds")).to_be_visible(timeout=30_000)
+
+            panel.get_by_role("button", name="Stop local federation").click()
+            expect(panel.get_by_text("The local federation was stopped.")).to_be_visible(timeout=60_000)
+            expect(panel.get_by_text("Not connected")).to_be_visible()
+            page.screenshot(path=str(ARTIFACTS / "4-stopped.png"))
+        except Exception:
+            page.screenshot(path=str(ARTIFACTS / "failure.png"))
+            raise
+        finally:
+            (ARTIFACTS / "console-errors.txt").write_text("\n".join(console_errors + page_errors))
+            browser.close()
+    ours = [e for e in console_errors if "flip" in e.lower()]
+    assert not page_errors, f"unhandled errors in the page: {page_errors}"
+    assert not ours, f"the panel logged errors: {ours}"
+    docs = REPO / "docs" / "images"
+    docs.mkdir(parents=True, exist_ok=True)
+    shutil.copy(ARTIFACTS / "panel.png", docs / "panel.png")
+    print(f"UI path took {time.monotonic() - t0:.0f} s")

@@ -1,0 +1,105 @@
+"""Local federations leave nothing behind: `flip-lab up/status/down`, and a kernel that dies mid-study."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+FLIP_LAB = [sys.executable, "-m", "flip_lab.cli"]
+
+
+def _gone(pids, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+        if not alive:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def _port_free(port):
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def _family(pids):
+    out = set(pids)
+    for pid in pids:
+        try:
+            out |= {c.pid for c in psutil.Process(pid).children(recursive=True)}
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def test_up_status_down_leaves_no_process_or_port(tmp_path):
+    workdir = tmp_path / "fed"
+    up = subprocess.run([*FLIP_LAB, "up", "--sites", "2", "--workdir", str(workdir)], capture_output=True,
+                        text=True, timeout=300)
+    assert up.returncode == 0, up.stderr
+    state = json.loads((workdir / "federation.json").read_text())
+    family = _family(state["pids"])
+    status = subprocess.run([*FLIP_LAB, "status", "--workdir", str(workdir)], capture_output=True, text=True,
+                            timeout=60)
+    assert status.returncode == 0 and status.stdout.count("online") == 2, status.stdout
+    again = subprocess.run([*FLIP_LAB, "up", "--sites", "2", "--workdir", str(workdir)], capture_output=True,
+                           text=True, timeout=120)
+    assert again.returncode == 2 and "already running" in again.stderr
+    down = subprocess.run([*FLIP_LAB, "down", "--workdir", str(workdir)], capture_output=True, text=True,
+                          timeout=120)
+    assert down.returncode == 0, down.stderr
+    assert _gone(family)
+    assert _port_free(state["hub_port"])
+    gone = subprocess.run([*FLIP_LAB, "status", "--workdir", str(workdir)], capture_output=True, text=True)
+    assert gone.returncode == 3 and "no local federation" in gone.stdout
+
+
+def test_a_killed_notebook_kernel_takes_its_federation_with_it(tmp_path):
+    workdir = tmp_path / "fed"
+    script = (
+        "import flip_lab, time\n"
+        f"fed = flip_lab.local_federation(1, workdir={str(workdir)!r}, scale=0.3)\n"
+        "print('UP', flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    kernel = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert kernel.stdout.readline().strip() == "UP"
+        state = json.loads((workdir / "federation.json").read_text())
+        family = _family(state["pids"])
+        os.kill(kernel.pid, signal.SIGKILL)  # no atexit, no finally: only the reaper can clean up
+        kernel.wait()
+        assert _gone(family, timeout=60), "processes outlived the kernel that started them"
+        assert _port_free(state["hub_port"])
+        deadline = time.monotonic() + 30
+        while (workdir / "federation.json").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not (workdir / "federation.json").exists(), "the reaper must also clear the state file"
+    finally:
+        if kernel.poll() is None:
+            kernel.kill()
+
+
+def test_history_table_columns_and_aggregate_rows():
+    from flip_lab.history import History
+
+    history = History()
+    history.add_reply({"round": 1, "phase": "train", "site": "a", "metrics": {"loss": 0.5}, "num_examples": 10})
+    history.add_aggregate({"round": 1, "phase": "train", "metrics": {"loss": 0.4}})
+    frame = history.frame()
+    assert list(frame.columns) == ["round", "site", "phase", "metric", "value"]
+    assert set(frame.site) == {"a", "aggregate"}
+    assert history.metric("loss", phase="train").tolist() == [0.4]
+    assert Path(__file__).exists()

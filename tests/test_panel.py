@@ -1,0 +1,73 @@
+"""``flip_lab.panel``: what the dispatch command runs in a notebook's kernel, tested on plain namespaces."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+import flip_lab
+from flip_lab.errors import FederationError, PlanError
+from flip_lab.local import LocalFederation
+from flip_lab.panel import dispatch, find_config, find_plan
+
+PLANS = Path(__file__).parent / "plans"
+
+
+@pytest.fixture(scope="module")
+def plan():
+    return flip_lab.Plan.from_file(PLANS / "tiny_plan.py")
+
+
+def test_the_plan_named_plan_wins_over_other_plans(plan):
+    other = flip_lab.Plan("other")
+    assert find_plan({"other": other, "plan": plan}) is plan
+
+
+def test_the_only_plan_is_found_whatever_its_name(plan):
+    assert find_plan({"lesions": plan, "also_lesions": plan, "x": 1}) is plan
+
+
+@pytest.mark.parametrize("namespace, words", [
+    ({}, "defines no flip_lab.Plan yet"),
+    ({"plan": "not a plan", "_hidden": flip_lab.Plan("h")}, "defines no flip_lab.Plan yet"),
+    ({"a": flip_lab.Plan("a"), "b": flip_lab.Plan("b")}, r"several plans \(a, b\); name the one to dispatch `plan`"),
+])
+def test_no_plan_or_an_ambiguous_one_says_what_to_do(namespace, words):
+    with pytest.raises(PlanError, match=words):
+        find_plan(namespace)
+
+
+def test_study_settings_come_from_study_config_or_the_defaults():
+    assert find_config({}) == {}
+    assert find_config({"study_config": {"rounds": 4}}) == {"rounds": 4}
+    with pytest.raises(PlanError, match="must be a dict of study settings"):
+        find_config({"study_config": [("rounds", 4)]})
+
+
+def test_dispatch_without_a_federation_says_to_connect_first(plan):
+    with pytest.raises(PlanError, match="not connected to a federation"):
+        dispatch(namespace={"plan": plan})
+
+
+def test_dispatch_to_a_folder_without_a_federation_names_the_folder(plan, tmp_path):
+    with pytest.raises(FederationError, match=f"no running federation in {tmp_path}"):
+        dispatch(workdir=str(tmp_path), namespace={"plan": plan})
+
+
+def test_dispatch_submits_the_plan_with_study_config_and_prints_the_job_id(plan, tmp_path, monkeypatch, capsys):
+    """The real submission is exercised end to end by tests/test_lab_ui.py; here, only what dispatch hands over."""
+    submitted = []
+
+    class Recording:
+        address = "127.0.0.1:9"
+
+        def submit(self, plan, config):
+            submitted.append((plan, config))
+            return SimpleNamespace(id=42, rounds=4)
+
+    monkeypatch.setattr(LocalFederation, "attach", classmethod(lambda cls, workdir: Recording()))
+    job = dispatch(workdir=str(tmp_path), namespace={"plan": plan, "study_config": {"rounds": 4}})
+    assert submitted == [(plan, {"rounds": 4})] and job.id == 42
+    assert "as job 42 (4 rounds) to the hub at 127.0.0.1:9" in capsys.readouterr().out
