@@ -192,7 +192,9 @@ def test_edited_audit_log_is_detected(site, tmp_path):
     copy = tmp_path / "site"
     shutil.copytree(site["dir"], copy, ignore=shutil.ignore_patterns("cache", "jobs", "data", "_raw"))
     lines = (copy / "audit.jsonl").read_text().splitlines()
-    lines[1] = lines[1].replace('"event":', '"event": ', 1)
+    entry = json.loads(lines[1])
+    entry["event"] = "plan_rejected" if entry["event"] != "plan_rejected" else "plan_approved"
+    lines[1] = json.dumps(entry)
     (copy / "audit.jsonl").write_text("\n".join(lines) + "\n")
     verify = subprocess.run([sys.executable, "-m", "site_kernel.cli", "audit", "verify", "--site", str(copy)],
                             capture_output=True, text=True)

@@ -27,42 +27,57 @@ PANEL = "#flip-lab-panel"
 pytestmark = [pytest.mark.browser, pytest.mark.e2e]
 
 
-@pytest.fixture
-def lab(tmp_path):
-    """JupyterLab serving a folder with the dispatch notebook and its plan; quiet about news and updates."""
-    if not CHROMIUM.exists():
-        pytest.skip("Debian's chromium is not installed; run scripts/setup-browser")
+def start_lab(tmp_path: Path, port: int | None = None) -> Jupyter:
+    """JupyterLab serving a folder with the dispatch notebook and its plan; quiet about news and updates, and with
+    the panel's sparkline set to the loss (the tiny test model's Dice stays at 0 on the small demo data)."""
     root = tmp_path / "lab"
-    root.mkdir()
+    root.mkdir(exist_ok=True)
     shutil.copy(REPO / "tests" / "notebooks" / "dispatch_demo.ipynb", root)
     shutil.copy(REPO / "tests" / "plans" / "tiny_plan.py", root)
     settings = tmp_path / "lab-settings"
-    (settings / "@jupyterlab" / "apputils-extension").mkdir(parents=True)
-    (settings / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings").write_text(
-        json.dumps({"fetchNews": "false", "checkForUpdates": False}))
-    server = start_jupyter(root, app="lab", extra=["--LabApp.news_url=None"],
-                           env={"JUPYTERLAB_SETTINGS_DIR": str(settings),
-                                "JUPYTERLAB_WORKSPACES_DIR": str(tmp_path / "workspaces")})
-    yield server
-    server.stop()
+    for plugin, values in [("@jupyterlab/apputils-extension/notification", {"fetchNews": "false",
+                                                                           "checkForUpdates": False}),
+                           ("flip-lab/plugin", {"metric": "loss"})]:
+        path = settings / f"{plugin}.jupyterlab-settings"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(values))
+    return start_jupyter(root, app="lab", extra=["--LabApp.news_url=None"], port=port,
+                         env={"JUPYTERLAB_SETTINGS_DIR": str(settings),
+                              "JUPYTERLAB_WORKSPACES_DIR": str(tmp_path / "workspaces")})
+
+
+@pytest.fixture
+def lab(tmp_path):
+    if not CHROMIUM.exists():
+        pytest.skip("Debian's chromium is not installed; run scripts/setup-browser")
+    servers = [start_lab(tmp_path)]
+    yield servers
+    for server in servers:
+        server.stop()
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    shutil.copy(server.log, ARTIFACTS / "jupyter-lab.log")
+    shutil.copy(servers[-1].log, ARTIFACTS / "jupyter-lab.log")
 
 
-def test_researcher_starts_a_federation_dispatches_a_plan_and_watches_it_finish(lab: Jupyter):
+def launch(pw, console_errors: list[str], page_errors: list[str]):
+    browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+    page = browser.new_page(viewport={"width": 1360, "height": 860})
+    page.on("console", lambda m: console_errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: page_errors.append(str(e)))
+    return browser, page
+
+
+def test_researcher_starts_a_federation_dispatches_a_plan_and_watches_it_finish(lab: list[Jupyter]):
     from playwright.sync_api import expect, sync_playwright
 
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     console_errors: list[str] = []
     page_errors: list[str] = []
     t0 = time.monotonic()
+    server = lab[0]
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1360, "height": 860})
-        page.on("console", lambda m: console_errors.append(m.text) if m.type == "error" else None)
-        page.on("pageerror", lambda e: page_errors.append(str(e)))
+        browser, page = launch(pw, console_errors, page_errors)
         try:
-            page.goto(f"{lab.url}/lab/tree/dispatch_demo.ipynb?token={lab.token}")
+            page.goto(f"{server.url}/lab/tree/dispatch_demo.ipynb?token={server.token}")
             expect(page.locator(".jp-NotebookPanel")).to_be_visible(timeout=90_000)
             expect(page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']")).to_have_count(
                 1, timeout=60_000)
@@ -93,6 +108,7 @@ def test_researcher_starts_a_federation_dispatches_a_plan_and_watches_it_finish(
             page.screenshot(path=str(ARTIFACTS / "2-job-running.png"))
             expect(job.get_by_text("Completed · 3 of 3 rounds")).to_be_visible(timeout=300_000)
             expect(job.locator("svg.jp-FlipLab-sparkline path")).to_have_count(1)
+            expect(job.locator(".jp-FlipLab-metricValue")).to_contain_text("loss")
             expect(job.locator(".jp-FlipLab-metricValue")).to_contain_text("round 3")
             expect(job.get_by_role("progressbar")).to_have_attribute("aria-valuenow", "100")
             page.screenshot(path=str(ARTIFACTS / "3-job-completed.png"))
@@ -126,3 +142,37 @@ def test_researcher_starts_a_federation_dispatches_a_plan_and_watches_it_finish(
     docs.mkdir(parents=True, exist_ok=True)
     shutil.copy(ARTIFACTS / "panel.png", docs / "panel.png")
     print(f"UI path took {time.monotonic() - t0:.0f} s")
+
+
+def test_panel_says_when_the_server_is_gone_and_recovers_by_itself(lab: list[Jupyter], tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    console_errors: list[str] = []
+    page_errors: list[str] = []
+    with sync_playwright() as pw:
+        browser, page = launch(pw, console_errors, page_errors)
+        try:
+            page.goto(f"{lab[0].url}/lab?token={lab[0].token}")
+            page.locator("li[data-id='flip-lab-panel']").click(timeout=90_000)
+            panel = page.locator(PANEL)
+            expect(panel.get_by_text("Not connected")).to_be_visible(timeout=30_000)
+            lab[0].stop()
+            expect(panel.get_by_text("Lost contact with the Jupyter server")).to_be_visible(timeout=30_000)
+            expect(panel).to_contain_text("the panel recovers on its own")
+            page.screenshot(path=str(ARTIFACTS / "5-server-gone.png"))
+            lab.append(start_lab(tmp_path, port=lab[0].port))
+            expect(panel.get_by_text("Lost contact with the Jupyter server")).to_have_count(0, timeout=60_000)
+            expect(panel.get_by_text("Not connected")).to_be_visible()
+            expect(panel.get_by_role("button", name="Start local federation")).to_be_enabled()
+        except Exception:
+            page.screenshot(path=str(ARTIFACTS / "failure-restart.png"))
+            raise
+        finally:
+            (ARTIFACTS / "console-errors-restart.txt").write_text("\n".join(console_errors + page_errors))
+            browser.close()
+    assert not page_errors, f"unhandled errors in the page: {page_errors}"
+    # While the server is away the browser itself logs each refused connection; those are not the panel's errors.
+    network = ("WebSocket connection to", "Failed to load resource")
+    ours = [e for e in console_errors if "flip" in e.lower() and not e.startswith(network)]
+    assert not ours, f"the panel logged errors: {ours}"
