@@ -21,10 +21,11 @@ AIR, FAT, MUSCLE, LIVER, SPLEEN, BOWEL, AORTA, CORTEX, MARROW, VESSEL, CYST, COR
 
 #: Half the height of the slab every scanner images, centred on z = 0; lesions are placed within it.
 SLAB_HALF_MM = 12.0
-#: Mean tissue values: CT in HU (portal venous phase), MR as T1-weighted post-contrast signal in [0, 1].
+#: Mean tissue values in the portal venous phase: CT in HU, MR as fat-suppressed T1-weighted gradient echo signal
+#: in [0, 1] (the usual liver MR protocol; fat and marrow are dark, cortical bone gives no signal).
 CT_HU = np.array([-1000, -100, 45, 105, 95, 20, 170, 700, 220, 160, 5, 40, 140], dtype=np.float32)
 MR_SIGNAL = np.array(
-    [0.02, 0.90, 0.30, 0.55, 0.45, 0.35, 0.85, 0.05, 0.70, 0.80, 0.10, 0.28, 0.70], dtype=np.float32
+    [0.02, 0.12, 0.30, 0.55, 0.50, 0.35, 0.85, 0.05, 0.22, 0.80, 0.08, 0.28, 0.70], dtype=np.float32
 )
 #: Texture amplitude as a fraction of the liver-to-muscle contrast: mottled lesion cores and bowel.
 TEXTURE = np.array([0, 0.05, 0.1, 0.08, 0.08, 0.9, 0, 0, 0.2, 0, 0.02, 0.25, 0.1], dtype=np.float32)
