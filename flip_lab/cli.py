@@ -111,8 +111,15 @@ def progress_bar(job: Any, stream: Any = sys.stdout) -> None:
     job.subscribe(on_event)
 
 
+def demo_plan() -> Any:
+    """The default study: lesion segmentation with a small BatchNorm UNet (``flip_lab/examples``)."""
+    from . import examples
+    from .plan import Plan
+
+    return Plan.from_file(Path(examples.__file__).parent / "segmentation_plan.py", name="lesion-segmentation")
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .examples import demo_plan
     from .local import LocalFederation
 
     t0 = time.monotonic()
@@ -128,7 +135,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         progress_bar(job)
         job.wait(timeout=args.timeout)
         table = job.history
-        final = table[(table["round"] == table["round"].max()) & (table["phase"] == "evaluate")]
+        final = table[(table["round"] == table["round"].max()) & (table["phase"] == "evaluate")
+                      & (table["metric"] != "num_examples")]
         print("\nfinal round, evaluation on each site's held-out test set:")
         print(final.pivot_table(index="site", columns="metric", values="value").round(4).to_string())
         print(f"\ndone in {time.monotonic() - t0:.1f} s; history and final model in {job.store}")
@@ -136,13 +144,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _catalogue_line(cat: dict[str, Any]) -> str:
-    datasets = cat.get("datasets", cat)
     parts = []
-    if isinstance(datasets, dict):
-        for name, info in datasets.items():
-            if isinstance(info, dict):
-                parts.append(f"{name}: {info.get('modality', '?')} {info.get('count', info.get('counts', ''))}")
-    return "; ".join(parts) or "catalogue available"
+    for name, info in cat.get("datasets", {}).items():
+        modality = "/".join(info.get("modality", [])) or "?"
+        vendors = ", ".join(info.get("vendors", [])) or "vendor not shown"
+        parts.append(f"{name}: {modality}, {info.get('cases', '?')} cases ({info.get('train_cases', '?')} train / "
+                     f"{info.get('test_cases', '?')} test), {vendors}")
+    return "; ".join(parts) or "no datasets registered"
 
 
 def build_parser() -> argparse.ArgumentParser:

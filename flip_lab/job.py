@@ -60,6 +60,13 @@ class Job:
         elif self.status in FINAL:
             self._finished.set()
 
+    def _ipython_display_(self) -> None:
+        """In a notebook, a job shows itself as its live dashboard (a static summary once it is over)."""
+        from .dashboard import show
+
+        if show(self) is None:
+            print(repr(self))
+
     def __repr__(self) -> str:
         rounds = f"{self.round}/{self.rounds}" if self.rounds else str(self.round)
         return f"<Job {self.id} {self.status} round {rounds}>"
