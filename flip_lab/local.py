@@ -242,6 +242,20 @@ class LocalFederation(Federation):
 
         return {name: public_catalogue(site_dir) for name, site_dir in self.site_dirs.items()}
 
+    def harmonisation_report(self, plan_or_contract: Any) -> dict[str, Any]:
+        """Each site's published, aggregate view of what harmonisation did to its intensities (histograms before
+        and after, numbers only) for a plan's contract: the input of ``flip_lab.plots.harmonisation_distributions``.
+
+        On a local federation the sites' reports are read directly; the numbers are the same aggregates a site's
+        data owner publishes, never images or per-patient values.
+        """
+        from site_kernel.data import harmonisation_report
+        from site_kernel.settings import load_settings
+
+        contract = getattr(plan_or_contract, "contract", plan_or_contract)
+        return {name: harmonisation_report(site_dir, contract, site_steps=load_settings(site_dir).site_steps)
+                for name, site_dir in self.site_dirs.items()}
+
     def kill_site(self, name: str) -> None:
         """Stop one site kernel abruptly (SIGKILL), as a crash would: for fault drills and tests."""
         import psutil

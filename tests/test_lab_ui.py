@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from _jupyter import Jupyter, start_jupyter
 
 REPO = Path(__file__).resolve().parent.parent
@@ -112,6 +111,8 @@ def test_researcher_starts_a_federation_dispatches_a_plan_and_watches_it_finish(
             expect(job.locator(".jp-FlipLab-metricValue")).to_contain_text("round 3")
             expect(job.get_by_role("progressbar")).to_have_attribute("aria-valuenow", "100")
             page.screenshot(path=str(ARTIFACTS / "3-job-completed.png"))
+            panel.get_by_role("button", name="Dismiss").click()
+            expect(panel.get_by_text("Dispatched plan")).to_have_count(0)
             panel.screenshot(path=str(ARTIFACTS / "panel.png"))
 
             # "Open dashboard" puts the re-attach code into the notebook.

@@ -14,11 +14,10 @@ import httpx
 import pytest
 import torch
 import websocket  # websocket-client, a dependency of jupyter_server
+from _jupyter import Jupyter, start_jupyter
 
 import flip_lab
 from flip_lab.local import free_port
-
-from _jupyter import Jupyter, start_jupyter
 
 PLANS = Path(__file__).parent / "plans"
 API = "/flip-lab/api"
@@ -67,7 +66,7 @@ class Stream:
                 text = self.socket.recv()
             except websocket.WebSocketTimeoutException:
                 continue
-            except Exception:
+            except (websocket.WebSocketException, OSError):  # closed by either side: the test is done reading
                 return
             if not text:
                 return

@@ -16,7 +16,7 @@ import flip_lab
 from flip_lab.errors import HubUnreachable
 from flip_lab.local import free_port, read_state, running_state, stop_pids
 from flip_lab.server.manager import Busy, FederationManager, NotConnected, PanelError
-from flip_lab.server.views import SiteBoard, dataset_summary, fold_event, new_job_summary
+from flip_lab.server.views import JobBoard, SiteBoard, dataset_summary, fold_event, new_job_summary
 
 PLANS = Path(__file__).parent / "plans"
 torch.set_num_threads(1)
@@ -86,6 +86,25 @@ def test_fold_event_builds_the_summary_the_panel_shows():
     assert (job["status"], job["round"], job["rounds"]) == ("failed", 1, 2)
     assert job["metrics"] == {"dice": [(1, 0.5)]}, "per-site replies are not the aggregated series"
     assert job["errors"] == [{"site": "a", "round": 2, "kind": "plan_error", "message": "ValueError"}]
+
+
+def test_job_board_takes_flowers_status_only_until_the_hub_events_speak():
+    board = JobBoard()
+    board.add("7", status="pending", submitted="2026-01-01")
+    assert board.update_from_hub("7", "starting")["status"] == "starting"
+    assert board.update_from_hub("7", "starting") is None, "no change, no message"
+    assert board.apply("7", {"type": "job_started", "rounds": 3})
+    assert board.update_from_hub("7", "pending") is None, "the hub's own events are more precise"
+    assert not board.apply("7", {"type": "reply", "round": 1}), "per-site replies stay server side"
+    assert not board.apply("8", {"type": "job_started"}), "unknown jobs are ignored"
+    board.add("9", status="running", submitted="2026-01-02")
+    assert [j["id"] for j in board.rows()] == ["9", "7"]
+
+
+def test_a_run_that_failed_before_any_event_carries_flowers_reason():
+    board = JobBoard()
+    board.add("7", status="pending", submitted="")
+    assert board.update_from_hub("7", "failed", "the ServerApp crashed")["message"] == "the ServerApp crashed"
 
 
 # -- refusals without a federation --------------------------------------------------------------------------

@@ -42,10 +42,6 @@ class ManagerHandler(APIHandler):
     def manager(self) -> FederationManager:
         return self.settings["flip_lab_manager"]  # type: ignore[no-any-return]
 
-    @property
-    def stream(self) -> EventStream:
-        return self.settings["flip_lab_stream"]  # type: ignore[no-any-return]
-
     async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a manager method in a worker thread; its errors become JSON answers a person can read."""
         try:
@@ -159,7 +155,7 @@ class EventsHandler(WebSocketMixin, websocket.WebSocketHandler, JupyterHandler):
     auth_resource = AUTH_RESOURCE
 
     @property
-    def stream(self) -> EventStream:
+    def event_stream(self) -> EventStream:
         return self.settings["flip_lab_stream"]  # type: ignore[no-any-return]
 
     @ws_authenticated
@@ -170,22 +166,22 @@ class EventsHandler(WebSocketMixin, websocket.WebSocketHandler, JupyterHandler):
         await super().get(*args, **kwargs)
 
     def open(self, *args: Any, **kwargs: Any) -> None:
-        interval = clamp_interval(self.get_query_argument("interval", ""), self.stream.poll_interval)
-        self.stream.add(self, interval)
+        interval = clamp_interval(self.get_query_argument("interval", ""), self.event_stream.poll_interval)
+        self.event_stream.add(self, interval)
 
     def on_message(self, message: str | bytes) -> None:
         # The only thing a panel says on this socket is "refresh"; anything else is ignored.
         if message == "refresh":
-            self.stream.refresh_soon()
+            self.event_stream.refresh_soon()
 
     def on_close(self) -> None:
-        self.stream.remove(self)
+        self.event_stream.remove(self)
 
     def send(self, text: str) -> None:
         try:
             self.write_message(text)
         except websocket.WebSocketClosedError:
-            self.stream.remove(self)
+            self.event_stream.remove(self)
 
 
 def routes() -> list[tuple[str, type]]:

@@ -18,30 +18,34 @@ wait on the hub for seconds: call them off the server's event loop.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 from .._flower import RunInfo
 from ..errors import FederationError, FlipError, HubUnreachable
-from ..federation import Federation
-from ..job import Job
 from ..local import LocalFederation, running_state
-from .messages import ConnectionInfo, ConnectionKind, ConnectionState, JobSummary, SiteRow, SnapshotMessage, StreamMessage
-from .views import FINAL, PANEL_EVENTS, SiteBoard, dataset_summary, fold_event, new_job_summary
+from . import connection as connections
+from .connection import Connection
+from .messages import (
+    ConnectionInfo,
+    ConnectionState,
+    JobSummary,
+    SiteRow,
+    SnapshotMessage,
+    StreamMessage,
+)
+from .views import JobBoard, SiteBoard, dataset_summary
 
 log = logging.getLogger("flip_lab.server")
 Listener = Callable[[StreamMessage], None]
 MAX_LOCAL_SITES = 16
-SAVED = "connection.json"
 
 
 class PanelError(FlipError):
@@ -62,22 +66,6 @@ class Busy(PanelError):
     reason = "busy"
 
 
-@dataclass
-class _Connection:
-    kind: ConnectionKind
-    address: str
-    hub: Federation  # follows jobs with the manager's own job store
-    local: LocalFederation | None = None
-    ca_file: str = ""
-    jobs: list[Job] = field(default_factory=list)
-
-    def release(self) -> None:
-        # A follower thread still streaming through a closed client would die noisily; an open one settles by
-        # itself once the hub is gone, so only close when every followed job has ended.
-        if all(job.done for job in self.jobs):
-            self.hub.close()
-
-
 class FederationManager:
     """One federation connection and what the panel shows of it.
 
@@ -95,12 +83,12 @@ class FederationManager:
         self._clock = clock
         self._lock = threading.RLock()  # guards the state below; never held while waiting on the hub
         self._op = threading.Lock()  # one connect/start/stop at a time
-        self._conn: _Connection | None = None
+        self._conn: Connection | None = None
         self._generation = 0  # bumped on every connection change; late callbacks of older ones are dropped
-        self._info: ConnectionInfo = _info("disconnected")
+        self._info: ConnectionInfo = connections.info("disconnected")
         self._sites = SiteBoard()
         self._datasets: dict[str, str] = {}
-        self._jobs: dict[str, JobSummary] = {}
+        self._jobs = JobBoard()
         self._listeners: list[Listener] = []
 
     # -- what the panel reads ---------------------------------------------------------------------------
@@ -115,15 +103,11 @@ class FederationManager:
             if listener in self._listeners:
                 self._listeners.remove(listener)
 
-    @property
-    def watched(self) -> bool:
-        """Whether any panel is listening (the server polls only then)."""
-        return bool(self._listeners)
-
     def snapshot(self) -> SnapshotMessage:
         with self._lock:
-            return copy.deepcopy({"type": "snapshot", "connection": self._info, "sites": self._sites.rows(),
-                                  "jobs": self._sorted_jobs()})
+            snapshot: SnapshotMessage = {"type": "snapshot", "connection": self._info, "sites": self._sites.rows(),
+                                         "jobs": self._jobs.rows()}
+            return copy.deepcopy(snapshot)
 
     def connection(self) -> ConnectionInfo:
         with self._lock:
@@ -135,7 +119,7 @@ class FederationManager:
 
     def jobs(self) -> list[JobSummary]:
         with self._lock:
-            return copy.deepcopy(self._sorted_jobs())
+            return copy.deepcopy(self._jobs.rows())
 
     def catalogue(self) -> dict[str, Any]:
         """Each site's public catalogue (counts, modalities, ranges; no identifiers). Remote hubs publish none."""
@@ -151,9 +135,11 @@ class FederationManager:
         if bool(address) == bool(workdir):
             raise PanelError("give either a hub address (host:port) or the folder of a local federation")
         with self._exclusive("connecting"):
-            conn = self._open_local(LocalFederation.attach(workdir)) if workdir else self._open_remote(address,
-                                                                                                       ca_file)
-            self._replace(conn, "connected", _connected_text(conn))
+            if workdir:
+                conn = self._open_local(LocalFederation.attach(workdir))
+            else:
+                conn = connections.open_remote(self.store, address, ca_file)
+            self._replace(conn, "connected", conn.describe())
         self.poll()
         return self.connection()
 
@@ -199,7 +185,7 @@ class FederationManager:
                 local = LocalFederation.start(n_sites, workdir=self.local_workdir, watch_parent=False,
                                               **self.local_options)
             conn = self._open_local(local)
-            self._replace(conn, "connected", _connected_text(conn))
+            self._replace(conn, "connected", conn.describe())
         except Exception as err:
             detail = str(err) if isinstance(err, FlipError) else f"{type(err).__name__}; see the Jupyter server log"
             if not isinstance(err, FlipError):
@@ -228,23 +214,22 @@ class FederationManager:
 
     def restore(self) -> ConnectionInfo:
         """Pick up the connection saved by an earlier Jupyter server (called once when the server starts)."""
-        path = self.store / SAVED
-        try:
-            saved = json.loads(path.read_text())
-        except (OSError, ValueError):
+        saved = connections.load(self.store)
+        if saved is None:
             return self.connection()
         with self._exclusive("restoring"):
             if saved.get("kind") == "local":
                 workdir = Path(saved["workdir"])
                 if running_state(workdir) is None or saved.get("stopped"):
-                    path.unlink(missing_ok=True)
+                    connections.forget(self.store)
                     self._replace(None, "stopped", "The local federation stopped with the previous Jupyter server; "
                                                    "start it again when you need it.")
                     return self.connection()
                 conn = self._open_local(LocalFederation.attach(workdir))
             else:
-                conn = self._open_remote(saved["address"], saved.get("ca_file", ""), must_answer=False)
-            self._replace(conn, "connected", _connected_text(conn))
+                conn = connections.open_remote(self.store, saved["address"], saved.get("ca_file", ""),
+                                               must_answer=False)
+            self._replace(conn, "connected", conn.describe())
         self.poll()
         return self.connection()
 
@@ -257,7 +242,7 @@ class FederationManager:
             return
         if conn.local is not None and self.stop_local_on_exit and conn.local.workdir == self.local_workdir:
             conn.local.shutdown()
-            self._save(conn, stopped=True)
+            connections.save(self.store, conn, stopped=True)
         conn.release()
 
     # -- jobs ------------------------------------------------------------------------------------------------
@@ -273,7 +258,10 @@ class FederationManager:
             raise UnknownJob(f"the hub at {conn.address} no longer knows job {job_id}") from err
         job.cancel()
         with self._lock:
-            return copy.deepcopy(self._jobs[job_id])
+            summary = self._jobs.get(job_id)
+            if summary is None:  # the connection changed meanwhile
+                raise UnknownJob(f"job {job_id} is no longer listed; refresh the job list")
+            return copy.deepcopy(summary)
 
     # -- polling -------------------------------------------------------------------------------------------
     def poll(self) -> None:
@@ -292,16 +280,18 @@ class FederationManager:
             if generation != self._generation:
                 return
             if self._info["state"] != "connected":
-                self._set_state("connected", "The hub answers again. " + _connected_text(conn))
+                self._set_state("connected", "The hub answers again. " + conn.describe())
             if self._sites.update(rows, self._datasets, self._clock()):
                 self._emit({"type": "sites", "sites": self._sites.rows()})
             fresh = [run for run in runs if str(run.run_id) not in self._jobs]
             for run in runs:
-                self._update_from_hub(run)
+                changed = self._jobs.update_from_hub(str(run.run_id), run.job_status, run.details)
+                if changed is not None:
+                    self._emit({"type": "job", "job": changed})
         for run in fresh:
             self._follow(conn, generation, run)
 
-    def _lost_contact(self, conn: _Connection, generation: int, err: HubUnreachable) -> None:
+    def _lost_contact(self, conn: Connection, generation: int, err: HubUnreachable) -> None:
         with self._lock:
             if generation != self._generation:
                 return
@@ -316,43 +306,27 @@ class FederationManager:
             if self._sites.mark_unknown():
                 self._emit({"type": "sites", "sites": self._sites.rows()})
 
-    def _update_from_hub(self, run: RunInfo) -> None:
-        """Before the hub's own events arrive (or if they never do), show Flower's view of the run."""
-        summary = self._jobs.get(str(run.run_id))
-        if summary is None or summary["status"] in FINAL:
-            return
-        if summary["status"] in ("pending", "starting") and run.job_status != summary["status"]:
-            summary["status"] = run.job_status
-            if run.status == "finished" and not summary["message"]:
-                summary["message"] = run.details
-            self._emit({"type": "job", "job": summary})
-
-    def _follow(self, conn: _Connection, generation: int, run: RunInfo) -> None:
+    def _follow(self, conn: Connection, generation: int, run: RunInfo) -> None:
         job_id = str(run.run_id)
         with self._lock:
             if generation != self._generation or job_id in self._jobs:
                 return
-            self._jobs[job_id] = new_job_summary(job_id, status=run.job_status, submitted=run.pending_at)
-            self._emit({"type": "job", "job": self._jobs[job_id]})
+            self._emit({"type": "job", "job": self._jobs.add(job_id, status=run.job_status,
+                                                             submitted=run.pending_at)})
         try:
             job = conn.hub.job(run.run_id)
         except (KeyError, HubUnreachable) as err:
             log.info("cannot follow job %s yet: %s", job_id, err)
             with self._lock:
-                self._jobs.pop(job_id, None)  # the next poll tries again
+                self._jobs.discard(job_id)  # the next poll tries again
             return
         conn.jobs.append(job)
         job.subscribe(partial(self._on_job_event, generation, job_id), replay=True)
 
     def _on_job_event(self, generation: int, job_id: str, event: dict[str, Any]) -> None:
-        if event.get("type") not in PANEL_EVENTS:
-            return
         with self._lock:
-            summary = self._jobs.get(job_id)
-            if generation != self._generation or summary is None:
-                return
-            fold_event(summary, event)
-            self._emit({"type": "job_event", "job_id": job_id, "event": event})
+            if generation == self._generation and self._jobs.apply(job_id, event):
+                self._emit({"type": "job_event", "job_id": job_id, "event": event})
 
     # -- internals -----------------------------------------------------------------------------------------
     @contextmanager
@@ -364,31 +338,18 @@ class FederationManager:
         finally:
             self._op.release()
 
-    def _require(self) -> _Connection:
+    def _require(self) -> Connection:
         with self._lock:
             if self._conn is None:
                 raise NotConnected("not connected to a federation: start the local one or connect to a hub first")
             return self._conn
 
-    def _open_remote(self, address: str, ca_file: str, *, must_answer: bool = True) -> _Connection:
-        hub = Federation(address, root_certificates=ca_file or None, workdir=self._hub_store(address))
-        try:
-            hub.nodes()
-        except HubUnreachable:
-            if must_answer:
-                hub.close()
-                raise
-        return _Connection("remote", address, hub, ca_file=ca_file)
-
-    def _open_local(self, local: LocalFederation) -> _Connection:
-        hub = Federation(local.address, workdir=self._hub_store(local.address))
+    def _open_local(self, local: LocalFederation) -> Connection:
+        conn = connections.open_local(self.store, local)
         self._datasets = {name: dataset_summary(entry) for name, entry in local.catalogue().items()}
-        return _Connection("local", local.address, hub, local=local)
+        return conn
 
-    def _hub_store(self, address: str) -> Path:
-        return self.store / "hubs" / address.replace(":", "_").replace("/", "_")
-
-    def _replace(self, conn: _Connection | None, state: ConnectionState, message: str) -> None:
+    def _replace(self, conn: Connection | None, state: ConnectionState, message: str) -> None:
         """Switch to another connection (or none): jobs and sites start afresh and every panel gets a snapshot."""
         with self._lock:
             old, self._conn = self._conn, conn
@@ -397,25 +358,19 @@ class FederationManager:
             self._sites.clear()
             if conn is None:
                 self._datasets = {}
-            self._info = _info(state, conn, message)
+            self._info = connections.info(state, conn, message)
             self._emit(self.snapshot())
         if old is not None and old is not conn:
             old.release()
         if conn is not None:
-            self._save(conn)
+            connections.save(self.store, conn)
         elif state in ("disconnected", "failed"):
-            (self.store / SAVED).unlink(missing_ok=True)
+            connections.forget(self.store)
 
     def _set_state(self, state: ConnectionState, message: str) -> None:
         with self._lock:
-            self._info = _info(state, self._conn, message)
+            self._info = connections.info(state, self._conn, message)
             self._emit({"type": "connection", "connection": self._info})
-
-    def _save(self, conn: _Connection, *, stopped: bool = False) -> None:
-        saved = {"kind": conn.kind, "address": conn.address, "ca_file": conn.ca_file,
-                 "workdir": str(conn.local.workdir) if conn.local is not None else "", "stopped": stopped}
-        self.store.mkdir(parents=True, exist_ok=True)
-        (self.store / SAVED).write_text(json.dumps(saved))
 
     def _emit(self, message: Any) -> None:
         message = copy.deepcopy(message)
@@ -424,21 +379,3 @@ class FederationManager:
                 listener(message)
             except Exception:  # one broken panel connection must not stop the others, or the poller
                 log.exception("a panel listener failed on a %s message", message.get("type"))
-
-    def _sorted_jobs(self) -> list[JobSummary]:
-        return sorted(self._jobs.values(), key=lambda j: j["submitted"], reverse=True)
-
-
-def _info(state: ConnectionState, conn: _Connection | None = None, message: str = "") -> ConnectionInfo:
-    if conn is None:
-        return {"state": state, "kind": None, "address": "", "workdir": "", "ca_file": "", "message": message}
-    workdir = str(conn.local.workdir) if conn.local is not None else ""
-    return {"state": state, "kind": conn.kind, "address": conn.address, "workdir": workdir,
-            "ca_file": conn.ca_file, "message": message}
-
-
-def _connected_text(conn: _Connection) -> str:
-    if conn.local is not None:
-        n = len(conn.local.site_dirs)
-        return f"A hub and {n} simulated hospital{'s' if n != 1 else ''} on this machine."
-    return f"Federation hub at {conn.address}."

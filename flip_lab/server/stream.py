@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 from typing import Protocol
 
 from .manager import FederationManager, Listener
@@ -31,7 +32,7 @@ def clamp_interval(value: object, default: float) -> float:
         seconds = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         return default
-    if seconds != seconds:  # NaN
+    if not math.isfinite(seconds):
         return default
     return min(MAX_INTERVAL_S, max(MIN_INTERVAL_S, seconds))
 

@@ -131,3 +131,48 @@ def _epoch(iso: Any) -> float | None:
 def _visible(row: SiteRow) -> tuple[Any, ...]:
     # last_seen of an online site moves every poll; the panel only needs to hear when something else changes.
     return row["state"], row["drops"], row["datasets"], row["last_seen"] if row["state"] != "online" else None
+
+
+class JobBoard:
+    """The jobs the panel lists: folded from the hub's events and, until those arrive, from Flower's run status."""
+
+    def __init__(self) -> None:
+        self._jobs: dict[str, JobSummary] = {}
+
+    def __contains__(self, job_id: object) -> bool:
+        return job_id in self._jobs
+
+    def get(self, job_id: str) -> JobSummary | None:
+        return self._jobs.get(job_id)
+
+    def rows(self) -> list[JobSummary]:
+        """Newest first."""
+        return sorted(self._jobs.values(), key=lambda j: j["submitted"], reverse=True)
+
+    def clear(self) -> None:
+        self._jobs.clear()
+
+    def add(self, job_id: str, *, status: str, submitted: str) -> JobSummary:
+        self._jobs[job_id] = new_job_summary(job_id, status=status, submitted=submitted)
+        return self._jobs[job_id]
+
+    def discard(self, job_id: str) -> None:
+        self._jobs.pop(job_id, None)
+
+    def apply(self, job_id: str, event: dict[str, Any]) -> bool:
+        """Fold a hub event into its job; False for jobs not listed and events the panel does not use."""
+        job = self._jobs.get(job_id)
+        if job is None or event.get("type") not in PANEL_EVENTS:
+            return False
+        fold_event(job, event)
+        return True
+
+    def update_from_hub(self, job_id: str, status: str, details: str = "") -> JobSummary | None:
+        """Take Flower's status for a job whose own events have not said more; the job if it changed."""
+        job = self._jobs.get(job_id)
+        if job is None or job["status"] not in ("pending", "starting") or status == job["status"]:
+            return None
+        job["status"] = status
+        if status in FINAL and not job["message"]:
+            job["message"] = details
+        return job

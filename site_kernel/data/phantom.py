@@ -20,7 +20,7 @@ import numpy as np
 AIR, FAT, MUSCLE, LIVER, SPLEEN, BOWEL, AORTA, CORTEX, MARROW, VESSEL, CYST, CORE, RIM = range(13)
 
 #: Half the height of the slab every scanner images, centred on z = 0; lesions are placed within it.
-SLAB_HALF_MM = 12.0
+SLAB_HALF_MM = 8.0
 #: Mean tissue values in the portal venous phase: CT in HU, MR as fat-suppressed T1-weighted gradient echo signal
 #: in [0, 1] (the usual liver MR protocol; fat and marrow are dark, cortical bone gives no signal).
 CT_HU = np.array([-1000, -100, 45, 105, 95, 20, 170, 700, 220, 160, 5, 40, 140], dtype=np.float32)

@@ -125,24 +125,24 @@ def _smooth_in_plane(volume: np.ndarray, sigma_mm: float, spacing: tuple[float, 
 #: The default federation: two CT and two MR hospitals that differ in everything a real federation does.
 PROFILES: tuple[ScannerProfile, ...] = (
     ScannerProfile(
-        "st-aldhelm", "CT", "dicom", "SIEMENS", 110, (72, 72), (2.8, 2.8, 5.0), 6, "LPS",
+        "st-aldhelm", "CT", "dicom", "SIEMENS", 110, (72, 72), (2.8, 2.8, 5.0), 4, "LPS",
         psf_mm=1.0, noise=10.0, lesion_radius=(10.0, 20.0), prevalence=0.7,
         site_steps=({"kind": "ct_window", "center": 50, "width": 400},),
     ),
     ScannerProfile(
-        "northgate", "MR", "nifti", "Philips", 60, (58, 58), (3.4, 3.4, 6.0), 5, "RAS",
+        "northgate", "MR", "nifti", "Philips", 60, (58, 58), (3.4, 3.4, 6.0), 3, "RAS",
         psf_mm=2.0, noise=0.03, lesion_radius=(12.0, 24.0), prevalence=0.55,
         gain=1800.0, gamma=0.8, bias=(0.05, 0.12),
         site_steps=({"kind": "bias_field_correction"},),
     ),
     ScannerProfile(
-        "riverside", "CT", "nifti", "GE MEDICAL SYSTEMS", 80, (64, 64), (3.1, 3.1, 4.0), 7, "LAS",
+        "riverside", "CT", "nifti", "GE MEDICAL SYSTEMS", 80, (64, 64), (3.1, 3.1, 4.0), 5, "LAS",
         psf_mm=2.0, noise=15.0, lesion_radius=(9.0, 16.0), prevalence=0.8,
         hu_offset=-25.0, enhancement=0.8, rescale=(1.0, 0.0),
         site_steps=({"kind": "ct_window", "center": 40, "width": 350},),
     ),
     ScannerProfile(
-        "westmoor", "MR", "dicom", "CANON_MEC", 35, (64, 64), (3.0, 3.0, 5.0), 6, "PLI",
+        "westmoor", "MR", "dicom", "CANON_MEC", 35, (64, 64), (3.0, 3.0, 5.0), 4, "PLI",
         psf_mm=1.5, noise=0.05, lesion_radius=(11.0, 22.0), prevalence=0.45,
         gain=600.0, gamma=1.35, bias=(0.1, 0.2), reverse_files=True,
         site_steps=({"kind": "bias_field_correction"},),
