@@ -34,7 +34,7 @@ SCHEMA: dict[str, Key] = {
     "connect_timeout": Key(float, 30.0, "seconds to wait for sites to connect to the hub", 0.0),
     "expected_sites": Key(int, 0, "sites to wait for before starting (0: min_sites)", 0),
     "strategy_options": Key(dict, {}, "extra keyword arguments for the strategy class"),
-    "robust": Key(dict, {}, "update screening: norm_factor (default 10), weight_cap_factor (default 3)"),
+    "robust": Key(dict, {}, "update screening: norm_factor (default 5), weight_cap_factor (default 3)"),
     "extra": Key(dict, {}, "any further plain values handed to train()/evaluate() in their config"),
 }
 

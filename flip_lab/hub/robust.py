@@ -21,7 +21,7 @@ class RobustConfig:
     median distance of the other sites' updates (``None`` disables). ``weight_cap_factor``: a site's example count
     counts at most this multiple of the median reported count (``None`` disables)."""
 
-    norm_factor: float | None = 10.0
+    norm_factor: float | None = 5.0
     weight_cap_factor: float | None = 3.0
 
     @classmethod
@@ -30,7 +30,7 @@ class RobustConfig:
             v = values.get(key, default)
             return None if v is None else float(v)  # type: ignore[arg-type]
 
-        return cls(norm_factor=opt("norm_factor", 10.0), weight_cap_factor=opt("weight_cap_factor", 3.0))
+        return cls(norm_factor=opt("norm_factor", 5.0), weight_cap_factor=opt("weight_cap_factor", 3.0))
 
 
 @dataclass
