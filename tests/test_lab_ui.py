@@ -3,16 +3,19 @@
 One researcher's path: open Lab, open the panel, start a local federation of two sites from it, see them come
 online, run a notebook that defines a plan, dispatch it with the notebook toolbar's command, watch the job reach
 its last round in the panel, open its dashboard, reload Lab (the panel comes back where it was, with the job), and
-stop the federation. Screenshots go to test-artifacts/; the panel's picture also to docs/images/panel.png.
+stop the federation. Screenshots go to test-artifacts/lab-ui/; the panel's picture becomes docs/images/panel.png
+(the README's) when there is none yet or FLIP_LAB_UPDATE_SCREENSHOTS=1.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 from _jupyter import Jupyter, start_jupyter
 
@@ -50,6 +53,11 @@ def lab(tmp_path):
     if not CHROMIUM.exists():
         pytest.skip("Debian's chromium is not installed; run scripts/setup-browser")
     servers = [start_lab(tmp_path)]
+    known = httpx.get(f"{servers[0].url}/lab/api/settings/flip-lab:plugin", headers=servers[0].headers(), timeout=30)
+    if known.status_code != 200:
+        servers[0].stop()
+        pytest.fail("JupyterLab does not know the flip-lab extension: install the package (pip install .) or link "
+                    "flip_lab/labextension into share/jupyter/labextensions/flip-lab, as ./run setup does")
     yield servers
     for server in servers:
         server.stop()
@@ -61,7 +69,7 @@ def launch(pw, console_errors: list[str], page_errors: list[str]):
     browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
     page = browser.new_page(viewport={"width": 1360, "height": 860})
     page.on("console", lambda m: console_errors.append(m.text) if m.type == "error" else None)
-    page.on("pageerror", lambda e: page_errors.append(str(e)))
+    page.on("pageerror", lambda e: page_errors.append(f"{e}\n{e.stack or ''}"))
     return browser, page
 
 
@@ -93,6 +101,15 @@ def test_researcher_starts_a_federation_dispatches_a_plan_and_watches_it_finish(
             expect(panel.locator(".jp-FlipLab-site-online")).to_have_count(2)
             expect(panel.locator(".jp-FlipLab-siteData").first).to_contain_text("cases (")
             page.screenshot(path=str(ARTIFACTS / "1-sites-online.png"))
+
+            # The dispatch command is offered in the palette and the notebook's context menu too.
+            page.locator(".jp-Notebook .jp-CodeCell").first.click(button="right")
+            expect(page.locator(".lm-Menu-itemLabel", has_text="Dispatch Plan to Federation")).to_be_visible()
+            page.keyboard.press("Escape")
+            page.keyboard.press("Control+Shift+C")
+            page.keyboard.type("Dispatch Plan")
+            expect(page.locator(".lm-CommandPalette-itemLabel", has_text="Dispatch Plan to Federation")).to_be_visible()
+            page.keyboard.press("Escape")
 
             # The notebook: run the cell that defines the plan, then dispatch from the notebook toolbar.
             page.locator(".jp-Notebook .jp-CodeCell").first.click()
@@ -139,9 +156,10 @@ def test_researcher_starts_a_federation_dispatches_a_plan_and_watches_it_finish(
     ours = [e for e in console_errors if "flip" in e.lower()]
     assert not page_errors, f"unhandled errors in the page: {page_errors}"
     assert not ours, f"the panel logged errors: {ours}"
-    docs = REPO / "docs" / "images"
-    docs.mkdir(parents=True, exist_ok=True)
-    shutil.copy(ARTIFACTS / "panel.png", docs / "panel.png")
+    readme_image = REPO / "docs" / "images" / "panel.png"
+    if not readme_image.exists() or os.environ.get("FLIP_LAB_UPDATE_SCREENSHOTS") == "1":
+        readme_image.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ARTIFACTS / "panel.png", readme_image)
     print(f"UI path took {time.monotonic() - t0:.0f} s")
 
 
@@ -172,8 +190,10 @@ def test_panel_says_when_the_server_is_gone_and_recovers_by_itself(lab: list[Jup
         finally:
             (ARTIFACTS / "console-errors-restart.txt").write_text("\n".join(console_errors + page_errors))
             browser.close()
-    assert not page_errors, f"unhandled errors in the page: {page_errors}"
-    # While the server is away the browser itself logs each refused connection; those are not the panel's errors.
+    # While the server is away, the browser logs each refused connection and JupyterLab's own status poll
+    # rejects unhandled (its stack lies wholly in jlab_core); neither comes from the panel, whose code is served
+    # from /lab/extensions/flip-lab/.
+    assert not [e for e in page_errors if "flip" in e.lower()], f"the panel raised unhandled: {page_errors}"
     network = ("WebSocket connection to", "Failed to load resource")
     ours = [e for e in console_errors if "flip" in e.lower() and not e.startswith(network)]
     assert not ours, f"the panel logged errors: {ours}"

@@ -125,8 +125,8 @@ class BiasFieldCorrection(SiteStep):
 
     No N4 implementation ships with the project's dependencies (SimpleITK/ANTs are heavy), so this is the
     segmentation-based method of Wells et al. (1996) in its simplest form: alternate between grouping foreground
-    voxels into ``classes`` tissue classes by log intensity and fitting a polynomial of ``degree`` in-plane (linear
-    through-plane) to what the classes do not explain. A field fitted to raw log intensities would absorb anatomy.
+    voxels into ``classes`` tissue classes by log intensity and fitting a smooth polynomial of ``degree`` to what the
+    classes do not explain. A field fitted to raw log intensities would absorb anatomy.
     """
 
     kind = "bias_field_correction"
@@ -146,11 +146,12 @@ class BiasFieldCorrection(SiteStep):
         basis = _polynomial_basis(array.shape, int(self.values["degree"]))
         # A few thousand voxels pin down a low-order polynomial; fitting all of them only costs time.
         chosen = np.flatnonzero(foreground.ravel())
-        chosen = chosen[:: max(1, chosen.size // 8_000)]
+        if chosen.size > 8_000:  # a fixed random subset: a stride could alias with the slice axis
+            chosen = np.sort(np.random.default_rng(0).choice(chosen, 8_000, replace=False))
         rows = basis[chosen]
         # The same small least-squares problem every iteration: factor its normal equations once. einsum keeps
         # this single-threaded; multi-threaded BLAS on a busy site machine made it ten times slower.
-        gram = np.einsum("ij,ik->jk", rows, rows) + 1e-6 * np.eye(rows.shape[1], dtype=np.float32)
+        gram = np.einsum("ij,ik->jk", rows, rows)
         y = log.ravel()[chosen]
         field = np.zeros_like(y)
         k = int(self.values["classes"])
@@ -162,7 +163,7 @@ class BiasFieldCorrection(SiteStep):
                 centres = np.array([corrected[nearest == c].mean() if np.any(nearest == c) else centres[c]
                                     for c in range(k)])
             residual = y - centres[nearest]
-            coef = np.linalg.solve(gram, np.einsum("ij,i->j", rows, residual))
+            coef = np.linalg.lstsq(gram, np.einsum("ij,i->j", rows, residual), rcond=None)[0]
             field = np.einsum("ij,j->i", rows, coef)
         full = np.einsum("ij,j->i", basis, coef).reshape(array.shape)
         full -= full[foreground].mean()
@@ -170,15 +171,16 @@ class BiasFieldCorrection(SiteStep):
 
 
 def _polynomial_basis(shape: tuple[int, ...], degree: int) -> np.ndarray:
-    """Legendre products up to ``degree`` in-plane times (1, z) through-plane, one row per voxel."""
-    x, y, z = (np.linspace(-1, 1, n) if n > 1 else np.zeros(1) for n in shape)
-    gx, gy, gz = (g.ravel() for g in np.meshgrid(x, y, z, indexing="ij"))
+    """Products of Legendre polynomials of total degree <= ``degree`` (as MONAI's bias fields), one row per voxel.
+
+    Axes with a single voxel get no terms of their own.
+    """
+    axes = [np.linspace(-1, 1, n) if n > 1 else np.zeros(1) for n in shape]
+    grids = [g.ravel() for g in np.meshgrid(*axes, indexing="ij")]
     columns = []
     for i in range(degree + 1):
         for j in range(degree + 1 - i):
-            px = np.polynomial.legendre.legval(gx, [0] * i + [1])
-            py = np.polynomial.legendre.legval(gy, [0] * j + [1])
-            columns.append(px * py)
-            if shape[2] > 1:
-                columns.append(px * py * gz)
+            for k in range(degree + 1 - i - j if shape[2] > 1 else 1):
+                terms = [np.polynomial.legendre.legval(g, [0] * d + [1]) for g, d in zip(grids, (i, j, k), strict=True)]
+                columns.append(terms[0] * terms[1] * terms[2])
     return np.stack(columns, axis=1).astype(np.float32)
