@@ -130,7 +130,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
               f"work folder {fed.workdir})", flush=True)
         for name, cat in fed.catalogue().items():
             print(f"  {name}: {_catalogue_line(cat)}")
-        job = fed.submit(demo_plan(), rounds=args.rounds, strategy=args.strategy, seed=args.seed,
+        job = fed.submit(demo_plan(), rounds=args.rounds, strategy=args.strategy, seed=args.seed, lr=args.lr,
                          min_sites=min(2, args.sites), expected_sites=args.sites)
         progress_bar(job)
         job.wait(timeout=args.timeout)
@@ -162,8 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="local federation + demo study, end to end")
     p.add_argument("--sites", type=int, default=4)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--strategy", default="fedavg")
+    p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=900)
     p.add_argument("--workdir")
