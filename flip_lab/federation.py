@@ -16,6 +16,9 @@ from .job import Job
 from .plan import BuiltPlan, Plan
 
 
+_OPEN_JOBS: dict[Path, Job] = {}  # job folder -> its one follower in this process
+
+
 def _default_home() -> Path:
     return Path(os.environ.get("FLIP_LAB_HOME", Path.home() / ".flip-lab"))
 
@@ -59,6 +62,7 @@ class Federation:
         (job.store / "plan.py").write_text(built.source)
         (job.store / "spec.json").write_text(__import__("json").dumps(built.spec, indent=1))
         self._jobs[run_id] = job
+        _OPEN_JOBS[job.store.resolve()] = job
         return job
 
     def _job_dir(self, job_id: int) -> Path:
@@ -72,10 +76,16 @@ class Federation:
         store = self._job_dir(job_id)
         if info is None and not (store / "events.jsonl").exists():
             raise KeyError(f"the hub at {self.address} has no job {job_id}; `fed.jobs()` lists the known ones")
-        job = Job(self._client, job_id, store, follow=info is not None and info.status != "finished")
-        if info is not None and info.status == "finished" and not job.done:
-            job._settle(info.job_status, info.details or "finished")
+        existing = _OPEN_JOBS.get(store.resolve())
+        if existing is not None:  # one follower per job folder in a process: events are written once
+            self._jobs[job_id] = existing
+            return existing
+        # A run that finished while nobody watched still has its log at the hub: read the rest of it, then settle.
+        job = Job(self._client, job_id, store, follow=info is not None)
+        if info is None and not job.done:
+            job._settle("failed", "the hub no longer knows this job; its history is what was recorded here")
         self._jobs[job_id] = job
+        _OPEN_JOBS[store.resolve()] = job
         return job
 
     def jobs(self) -> list[RunInfo]:

@@ -67,7 +67,7 @@ def lab(tmp_path):
 
 def launch(pw, console_errors: list[str], page_errors: list[str]):
     browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-    page = browser.new_page(viewport={"width": 1360, "height": 860})
+    page = browser.new_page(viewport={"width": 1360, "height": 860}, device_scale_factor=2)
     page.on("console", lambda m: console_errors.append(m.text) if m.type == "error" else None)
     page.on("pageerror", lambda e: page_errors.append(f"{e}\n{e.stack or ''}"))
     return browser, page
@@ -130,7 +130,7 @@ def test_researcher_starts_a_federation_dispatches_a_plan_and_watches_it_finish(
             page.screenshot(path=str(ARTIFACTS / "3-job-completed.png"))
             panel.get_by_role("button", name="Dismiss").click()
             expect(panel.get_by_text("Dispatched plan")).to_have_count(0)
-            panel.screenshot(path=str(ARTIFACTS / "panel.png"))
+            panel.locator(".jp-FlipLab-body").screenshot(path=str(ARTIFACTS / "panel.png"))
 
             # "Open dashboard" puts the re-attach code into the notebook.
             job.get_by_role("button", name="Open dashboard").click()
