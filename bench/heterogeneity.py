@@ -27,6 +27,7 @@ import copy
 import json
 import math
 import os
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -103,8 +104,15 @@ def weighted_average(states: list[dict[str, torch.Tensor]], weights: list[int]) 
     return out
 
 
-def fedavg(sites: list[SimpleNamespace], args: dict[str, Any], seed: int, *, mu: float = 0.0) -> tuple[torch.nn.Module, list[float]]:
-    """In-process FedAvg (FedProx when ``mu`` > 0): local training at every site, weighted averaging."""
+def fedavg(
+    sites: list[SimpleNamespace], args: dict[str, Any], seed: int, *, mu: float = 0.0,
+    evaluate_on: list[SimpleNamespace] | None = None,
+) -> tuple[torch.nn.Module, list[float]]:
+    """In-process FedAvg (FedProx when ``mu`` > 0): local training at every site, weighted averaging.
+
+    Returns the final global model and its mean test Dice after every round (on ``evaluate_on``, default
+    ``sites``).
+    """
     torch.manual_seed(seed)
     global_model = plan.model()
     curve = []
@@ -118,7 +126,7 @@ def fedavg(sites: list[SimpleNamespace], args: dict[str, Any], seed: int, *, mu:
             states.append({k: v.detach().clone() for k, v in local.state_dict().items()})
             weights.append(site.num_train)
         global_model.load_state_dict(weighted_average(states, weights))
-        curve.append(float(np.mean(mean_dice(global_model, sites))))
+        curve.append(float(np.mean(mean_dice(global_model, evaluate_on or sites))))
     return global_model, curve
 
 
@@ -261,23 +269,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="1 seed, fewer rounds and patients (< 2 min)")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=14)
     parser.add_argument("--local-epochs", type=int, default=2)
     parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--proximal-mu", type=float, default=0.01)
     parser.add_argument("--scale", type=float, default=1.0, help="patients per hospital, relative to the demo")
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--data", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "flip-heterogeneity")
+    parser.add_argument("--data", type=Path, default=None, help="where to write the hospitals (default: a temp dir)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     ns = parser.parse_args(argv)
     if ns.quick:
-        ns.seeds, ns.rounds, ns.scale = 1, 4, min(ns.scale, 0.5)
+        ns.seeds, ns.rounds, ns.scale = 1, 6, min(ns.scale, 0.5)
     args = {"rounds": ns.rounds, "local_epochs": ns.local_epochs, "lr": ns.lr, "batch_size": ns.batch_size,
             "proximal_mu": ns.proximal_mu, "scale": ns.scale, "seeds": ns.seeds, "quick": ns.quick}
     torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory(prefix="flip-heterogeneity-") as scratch:
+        return _run(ns, args, ns.data or Path(scratch))
+
+
+def _run(ns: argparse.Namespace, args: dict[str, Any], data: Path) -> dict[str, Any]:
     started = time.perf_counter()
-    federations = {seed: build_federation(ns.data, seed, ns.scale) for seed in range(ns.seeds)}
+    federations = {seed: build_federation(data, seed, ns.scale) for seed in range(ns.seeds)}
     prepared_s = time.perf_counter() - started
     jobs = [{"kind": kind, "seed": seed, "args": args, "federation": federations[seed]}
             for seed in range(ns.seeds) for kind in (QUICK_JOBS if ns.quick else FULL_JOBS)]

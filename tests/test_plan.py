@@ -37,7 +37,9 @@ import torch.nn.functional as F
 from flip_lab import Plan
 
 HIDDEN = 4
-plan = Plan("cells", contract={"dims": 2})
+CONTRACT = {"modality": "MR", "dims": 2, "size": [32, 32], "spacing": [2.0, 2.0],
+            "intensity": {"kind": "zscore"}, "labels": {"background": 0, "lesion": 1}}
+plan = Plan("cells", contract=CONTRACT)
 
 def helper(x):
     return x * 2
@@ -82,7 +84,7 @@ def test_build_declares_shapes_and_a_hash_that_changes_with_one_character():
     ns = notebook(CELLS)
     built = ns["plan"].build({"rounds": 1})
     assert built.spec["model_shapes"] == {"conv.weight": [4, 1, 3, 3], "conv.bias": [4]}
-    other = Plan.from_source(built.source.replace("x * 2", "x * 3"), contract={"dims": 2}).build({"rounds": 1})
+    other = Plan.from_source(built.source.replace("x * 2", "x * 3"), contract=ns["CONTRACT"]).build({"rounds": 1})
     assert other.hash != built.hash
     assert json.loads(json.dumps(built.spec)) == built.spec
 

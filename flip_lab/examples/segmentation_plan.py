@@ -32,7 +32,7 @@ def model():
         out_channels=2,
         channels=(8, 16, 32, 64),
         strides=(2, 2, 2),
-        num_res_units=1,
+        num_res_units=0,
         norm="batch",
     )
 

@@ -18,6 +18,7 @@ that nothing identifying leaves a site.
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -32,6 +33,9 @@ from .dicom import write_series
 from .ingest import DatasetSummary, register_dataset
 from .nifti import write_nifti
 from .scanners import PROFILES, ScannerProfile, acquire
+
+
+_MARKER = ".flip-demo"
 
 
 @dataclass(frozen=True)
@@ -111,6 +115,14 @@ def _one_torch_thread() -> Iterator[None]:
 
 
 def _write_site(site_dir: Path, profile: ScannerProfile, *, seed: int, index: int) -> DemoSite:
+    raw = site_dir / "raw"
+    if raw.exists():
+        # Regenerating over an earlier demo must not leave its extra slices behind; anything else is not ours.
+        if not (raw / _MARKER).is_file():
+            raise FileExistsError(f"{raw} exists and was not written by the demo generator; choose an empty root")
+        shutil.rmtree(raw)
+    raw.mkdir(parents=True)
+    (raw / _MARKER).write_text("written by site_kernel.data.generate_demo_hospitals\n")
     images = site_dir / "raw" / "images"
     labels = site_dir / "raw" / "labels" if profile.file_format == "dicom" else None
     for case in range(profile.num_cases):

@@ -137,9 +137,9 @@ PROFILES: tuple[ScannerProfile, ...] = (
     ),
     ScannerProfile(
         "riverside", "CT", "nifti", "GE MEDICAL SYSTEMS", 80, (64, 64), (3.1, 3.1, 4.0), 5, "LAS",
-        psf_mm=2.0, noise=15.0, lesion_radius=(9.0, 16.0), prevalence=0.8,
-        hu_offset=-25.0, enhancement=0.8, rescale=(1.0, 0.0),
-        site_steps=({"kind": "ct_window", "center": 40, "width": 350},),
+        psf_mm=1.6, noise=12.0, lesion_radius=(10.0, 18.0), prevalence=0.8,
+        hu_offset=-25.0, enhancement=0.9, rescale=(1.0, 0.0),
+        site_steps=({"kind": "intensity_scale", "offset": 25.0}, {"kind": "ct_window", "center": 40, "width": 350}),
     ),
     ScannerProfile(
         "westmoor", "MR", "dicom", "CANON_MEC", 35, (64, 64), (3.0, 3.0, 5.0), 4, "PLI",
