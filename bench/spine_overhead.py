@@ -89,12 +89,12 @@ def main(argv: list[str] | None = None) -> int:
                 "runs": runs,
             }
         set_sandbox(fed, True)
-        for site_dir in fed.site_dirs.values():  # let the workers go, then measure an idle site
-            from site_kernel.settings import load_settings, write_settings
+        from site_kernel.settings import load_settings, write_settings
 
+        for site_dir in fed.site_dirs.values():  # let the workers go, then measure an idle site
             s = load_settings(site_dir)
             write_settings(site_dir, type(s)(**{**s.__dict__, "worker_idle_s": 1.0}))
-        time.sleep(15)
+        time.sleep(10)
         results["idle_site_memory_mb"] = site_memory_mb(fed)
     on, off = results["sandbox_on"], results["sandbox_off"]
     results["sandbox_cost_per_round_s"] = on["per_round_overhead_s"] - off["per_round_overhead_s"]

@@ -69,6 +69,7 @@ class Executor:
         self.workers: dict[int, JobWorker] = {}
         self._lock = threading.Lock()
         self._settings_mtime = 0.0
+        self._last_refresh = 0.0
 
     # -- the loop ----------------------------------------------------------------------------------
     def serve(self, stop: threading.Event, poll_s: float = 0.02) -> None:
@@ -123,6 +124,9 @@ class Executor:
     def _stop_idle_workers(self) -> None:
         """A finished study sends no goodbye: free a worker's memory once it has been idle for a while."""
         now = time.monotonic()
+        if now - self._last_refresh > 1.0:
+            self._last_refresh = now
+            self._refresh_settings()
         with self._lock:
             for run_id, worker in list(self.workers.items()):
                 if now - worker.last_used > self.settings.worker_idle_s:
