@@ -288,17 +288,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return _run(ns, args, ns.data or Path(scratch))
 
 
+def _build(task: tuple[Path, int, float]) -> list[dict[str, Any]]:
+    torch.set_num_threads(1)
+    return build_federation(*task)
+
+
 def _run(ns: argparse.Namespace, args: dict[str, Any], data: Path) -> dict[str, Any]:
     started = time.perf_counter()
-    federations = {seed: build_federation(data, seed, ns.scale) for seed in range(ns.seeds)}
-    prepared_s = time.perf_counter() - started
-    jobs = [{"kind": kind, "seed": seed, "args": args, "federation": federations[seed]}
-            for seed in range(ns.seeds) for kind in (QUICK_JOBS if ns.quick else FULL_JOBS)]
-    if ns.workers > 1:
-        with ProcessPoolExecutor(ns.workers) as pool:
-            results = list(pool.map(run_job, jobs))
-    else:
-        results = [run_job(job) for job in jobs]
+    seeds = list(range(ns.seeds))
+    with ProcessPoolExecutor(max(1, ns.workers)) as pool:
+        federations = dict(zip(seeds, pool.map(_build, [(data, seed, ns.scale) for seed in seeds]), strict=True))
+        prepared_s = time.perf_counter() - started
+        jobs = [{"kind": kind, "seed": seed, "args": args, "federation": federations[seed]}
+                for seed in seeds for kind in (QUICK_JOBS if ns.quick else FULL_JOBS)]
+        results = list(pool.map(run_job, jobs))
     summary = summarise(results, args)
     summary["wall_seconds"] = {"data": round(prepared_s, 1), "total": round(time.perf_counter() - started, 1)}
     write_outputs(summary, results, ns.out, [s["name"] for s in federations[0]])

@@ -42,6 +42,9 @@ def test_registers_real_ct_and_mr_slices(tmp_path: Path) -> None:
     assert cases["CT"]["shape"] == [128, 128, 1] and cases["CT"]["vendor"] == "GE MEDICAL SYSTEMS"
     assert cases["CT"]["spacing"] == pytest.approx([0.6615, 0.6615, 5.0], abs=1e-3)
     assert cases["MR"]["shape"] == [64, 64, 1] and cases["MR"]["vendor"] == "TOSHIBA_MEC"
+    unlabelled = {**CONTRACT, "dataset": "scans", "labels": {"background": 0}}
+    data = prepare(tmp_path / "site", unlabelled)
+    assert data.num_train + data.num_test == 2 and not np.any(data.train_y)
 
 
 def test_ct_rescale_slope_and_intercept_give_hounsfield_units() -> None:
