@@ -141,7 +141,10 @@ class Executor:
     # -- one message -------------------------------------------------------------------------------
     def _refresh_settings(self) -> None:
         """Pick up the data owner's edits to ``site.toml`` without a restart."""
-        mtime = (self.site_dir / "site.toml").stat().st_mtime
+        try:
+            mtime = (self.site_dir / "site.toml").stat().st_mtime
+        except OSError:  # being rewritten, or removed by hand: keep serving with what was loaded
+            return
         if mtime != self._settings_mtime:
             self.settings = load_settings(self.site_dir)
             self._settings_mtime = mtime
