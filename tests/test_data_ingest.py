@@ -183,6 +183,22 @@ def test_split_is_seeded_and_keeps_each_patient_on_one_side(tmp_path: Path) -> N
     assert splits[0] == splits[1]
 
 
+def test_the_split_does_not_depend_on_where_the_files_live(tmp_path: Path) -> None:
+    first = tmp_path / "here" / "export"
+    first.mkdir(parents=True)
+    image = nib.load(NIBABEL_DATA / "anatomical.nii")
+    for n in range(8):
+        nib.save(nib.Nifti1Image(np.asarray(image.dataobj), image.affine), first / f"case{n}.nii.gz")
+    second = tmp_path / "moved" / "elsewhere" / "export"
+    shutil.copytree(first, second)
+
+    splits = []
+    for source in (first, second):
+        register_dataset(source.parent / "site", "d", source, modality="MR", seed=4)
+        splits.append([c["split"] for c in read_manifest(source.parent / "site", "d")["cases"]])
+    assert splits[0] == splits[1] and "test" in splits[0]
+
+
 @pytest.mark.parametrize(
     ("name", "kwargs", "message"),
     [

@@ -34,7 +34,6 @@ from .ingest import DatasetSummary, register_dataset
 from .nifti import write_nifti
 from .scanners import PROFILES, ScannerProfile, acquire
 
-
 _MARKER = ".flip-demo"
 
 

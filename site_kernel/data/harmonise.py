@@ -22,8 +22,8 @@ from monai.data import MetaTensor
 from monai.transforms import (
     NormalizeIntensity,
     Orientationd,
-    ResizeWithPadOrCrop,
     Resized,
+    ResizeWithPadOrCrop,
     ScaleIntensityRange,
     ScaleIntensityRangePercentiles,
     Spacingd,

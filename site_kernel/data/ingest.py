@@ -166,7 +166,9 @@ def _discover(source: Path, labels: Path | None, reject: _Reject) -> list[_Candi
         if is_nifti(path):
             if not _is_label_name(path):
                 stem = nifti_stem(path)
-                candidates.append(_Candidate("nifti", [path], [stem], group=f"{path.parent}/{stem}"))
+                # The patient key must not depend on where the folder lives, or the split would move with it.
+                group = str(path.relative_to(source).with_name(stem))
+                candidates.append(_Candidate("nifti", [path], [stem], group=group))
             continue
         try:
             header = dicom.read_header(path)

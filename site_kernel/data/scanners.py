@@ -132,7 +132,7 @@ PROFILES: tuple[ScannerProfile, ...] = (
     ScannerProfile(
         "northgate", "MR", "nifti", "Philips", 60, (58, 58), (3.4, 3.4, 6.0), 3, "RAS",
         psf_mm=2.0, noise=0.03, lesion_radius=(12.0, 24.0), prevalence=0.55,
-        gain=1800.0, gamma=0.8, bias=(0.05, 0.12),
+        gain=1800.0, gamma=0.85, bias=(0.05, 0.12),
         site_steps=({"kind": "bias_field_correction"},),
     ),
     ScannerProfile(
@@ -144,7 +144,7 @@ PROFILES: tuple[ScannerProfile, ...] = (
     ScannerProfile(
         "westmoor", "MR", "dicom", "CANON_MEC", 35, (64, 64), (3.0, 3.0, 5.0), 4, "PLI",
         psf_mm=1.5, noise=0.05, lesion_radius=(11.0, 22.0), prevalence=0.45,
-        gain=600.0, gamma=1.35, bias=(0.1, 0.2), reverse_files=True,
+        gain=600.0, gamma=1.2, bias=(0.1, 0.2), reverse_files=True,
         site_steps=({"kind": "bias_field_correction"},),
     ),
 )

@@ -80,7 +80,7 @@ class CTWindow(SiteStep):
     """Clip to the site's reading window (HU): air, metal and bone stop dominating the intensity scaling."""
 
     kind = "ct_window"
-    params = {"center": None, "width": None}
+    params: ClassVar[dict[str, float | None]] = {"center": None, "width": None}
 
     def check(self) -> None:
         if self.values["width"] <= 0:
@@ -96,7 +96,7 @@ class IntensityScale(SiteStep):
     """``value * scale + offset``: correct a known calibration offset or a vendor's scaling."""
 
     kind = "intensity_scale"
-    params = {"scale": 1.0, "offset": 0.0}
+    params: ClassVar[dict[str, float | None]] = {"scale": 1.0, "offset": 0.0}
 
     def __call__(self, volume: Volume) -> np.ndarray:
         return volume.array * self.values["scale"] + self.values["offset"]
@@ -107,7 +107,7 @@ class Denoise(SiteStep):
     """In-plane Gaussian smoothing of ``sigma_mm`` for a site whose scanner is noisier than the rest."""
 
     kind = "denoise"
-    params = {"sigma_mm": 1.0}
+    params: ClassVar[dict[str, float | None]] = {"sigma_mm": 1.0}
 
     def check(self) -> None:
         if not 0 < self.values["sigma_mm"] <= 20:
@@ -130,7 +130,7 @@ class BiasFieldCorrection(SiteStep):
     """
 
     kind = "bias_field_correction"
-    params = {"degree": 2.0, "classes": 4.0, "iterations": 4.0}
+    params: ClassVar[dict[str, float | None]] = {"degree": 2.0, "classes": 4.0, "iterations": 4.0}
 
     def check(self) -> None:
         if not (1 <= self.values["degree"] <= 4 and 2 <= self.values["classes"] <= 8):
