@@ -63,6 +63,9 @@ def validate(values: dict[str, Any]) -> dict[str, Any]:
 
 
 def train_config(config: dict[str, Any]) -> dict[str, Any]:
-    """The part of the config that reaches the plan's train()/evaluate() at the sites."""
-    keys = ("local_epochs", "lr", "batch_size", "seed", "proximal_mu")
+    """The part of the config that reaches the plan's train()/evaluate() at the sites.
+
+    Flower adds ``server-round`` (1-based) to it each round; with ``rounds`` a plan can schedule by progress.
+    """
+    keys = ("rounds", "local_epochs", "lr", "batch_size", "seed", "proximal_mu")
     return {**{k: config[k] for k in keys}, **config["extra"]}

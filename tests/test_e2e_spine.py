@@ -38,6 +38,25 @@ def test_fedavg_study_improves_and_streams_per_site_rows_while_running(federatio
     assert set(weights) == set(tiny_plan.build({}).spec["model_shapes"])
 
 
+def test_the_same_study_with_the_same_seed_repeats_its_metrics_and_weights(federation, tiny_plan):
+    import torch
+
+    runs = []
+    for _ in range(2):
+        job = federation.submit(tiny_plan, rounds=2, seed=7, lr=0.02, batch_size=16, expected_sites=3,
+                                round_timeout=240)
+        job.wait(timeout=600)
+        history = job.history
+        plan_metrics = history[history.metric.isin(["loss", "dice", "num_examples"])]
+        runs.append((plan_metrics.sort_values(["round", "site", "phase", "metric"]).reset_index(drop=True),
+                     job.final_weights()))
+    (first, first_weights), (second, second_weights) = runs
+    assert len(first) > 0
+    assert first[["round", "site", "phase", "metric"]].equals(second[["round", "site", "phase", "metric"]])
+    assert first.value.tolist() == second.value.tolist()
+    assert all(torch.equal(first_weights[k], second_weights[k]) for k in first_weights)
+
+
 def test_plan_that_raises_is_reported_by_site_round_and_kind_without_its_text(federation):
     plan = flip_lab.Plan.from_file(PLANS / "raising_plan.py")
     job = federation.submit(plan, rounds=1, expected_sites=3, round_timeout=240)

@@ -4,9 +4,13 @@ The plan the default demo study runs. Each site harmonises its scans onto ``CONT
 at 3 mm, RAS, intensities scaled by their 1st/99th percentiles), so ``data`` holds ``train_x``/``test_x`` float32
 [N, 1, 64, 64] and ``train_y``/``test_y`` int64 [N, 64, 64] tensors.
 
-Config keys: ``local_epochs`` (2), ``lr`` (1e-3), ``batch_size`` (16), ``seed`` (0), and for FedProx
-``proximal_mu`` > 0 with ``global_params`` (the round's global weights, in ``model.parameters()`` order).
+Config keys: ``local_epochs`` (2), ``lr`` (1e-3), ``batch_size`` (16), ``seed`` (0), ``lr_schedule`` ("constant",
+or "cosine": the learning rate decays over the study's ``rounds`` by ``server-round``, never below 2% of ``lr``),
+and for FedProx ``proximal_mu`` > 0 with ``global_params`` (the round's global weights, in ``model.parameters()``
+order).
 """
+
+import math
 
 import torch
 from monai.losses import DiceCELoss
@@ -52,12 +56,20 @@ def augment(x, y, generator):
     return x, y
 
 
+def learning_rate(config):
+    lr = float(config.get("lr", 1e-3))
+    if config.get("lr_schedule", "constant") != "cosine":
+        return lr
+    progress = (int(config.get("server-round", 1)) - 1) / max(int(config.get("rounds", 1)), 1)
+    return max(lr * 0.5 * (1 + math.cos(math.pi * progress)), lr * 0.02)
+
+
 def train(model, data, config):
     epochs = int(config.get("local_epochs", 2))
     batch_size = int(config.get("batch_size", 16))
     mu = float(config.get("proximal_mu", 0.0))
     anchors = [p.detach().clone() for p in config["global_params"]] if mu > 0 else []
-    optimizer = torch.optim.Adam(model.parameters(), lr=float(config.get("lr", 1e-3)))
+    optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate(config))
     loss_fn = dice_ce_loss()
     generator = torch.Generator().manual_seed(int(config.get("seed", 0)))
     model.train()

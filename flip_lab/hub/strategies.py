@@ -73,7 +73,9 @@ class FlipChecks:
         verdict = screen_updates(updates, self.released, self.robust)
         for site, reason in verdict.rejected.items():
             self.sink.emit("update_rejected", round=server_round, site=site, reason=reason)
-        accepted = [m for m in replies if self._site(m) in verdict.accepted]
+        # Replies arrive in whatever order the network delivers them; floating-point sums depend on order, so
+        # aggregate in site-name order and the same study with the same seed gives the same weights bit for bit.
+        accepted = sorted((m for m in replies if self._site(m) in verdict.accepted), key=self._site)
         for msg in accepted:
             record = next(iter(msg.content.array_records.values()))
             for key, value in updates[self._site(msg)][0].items():
@@ -93,7 +95,7 @@ class FlipChecks:
         return ArrayRecord({k: Array(v) for k, v in cast.items()}), metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        replies = [m for m in replies if not m.has_error()]
+        replies = sorted((m for m in replies if not m.has_error()), key=self._site)
         self._require_minimum(server_round, "evaluate", replies)
         metrics = super().aggregate_evaluate(server_round, replies)  # type: ignore[misc]
         self._emit_aggregate(server_round, "evaluate", metrics, replies)
