@@ -145,6 +145,16 @@ class ControlClient:
             for n in response.nodes_info
         ]
 
+    def register_node(self, public_key_pem: bytes, name: str) -> int:
+        """Admit a SuperNode by its public key (what ``flwr supernode register`` does); returns its node id.
+
+        Raises ``httpx.HTTPStatusError`` carrying Flower's error (e.g. the key is already registered).
+        """
+        from flwr.proto.control_pb2 import RegisterNodeRequest
+
+        response = self._call("RegisterNode", RegisterNodeRequest(public_key=public_key_pem, name=name))
+        return int(response.node_id)
+
 
 def build_fab(files: dict[str, bytes]) -> bytes:
     """Build a Flower bundle from in-memory text files (``pyproject.toml`` included)."""

@@ -2,6 +2,8 @@
 
     flip-lab demo [--sites 4 --rounds 3]      start a local federation, run the demo study, print the metrics
     flip-lab up [--sites 3] [--workdir DIR]   start a local federation in the background
+    flip-lab up --sites 0 --listen HOST:PORT --certs DIR/hub   a hub alone, for sites on other machines (TLS)
+    flip-lab provision DIR --hub-address HOST:PORT --site NAME ...   CA, hub certificate, site key pairs
     flip-lab status [--workdir DIR]           hub, sites and jobs of a local federation
     flip-lab down [--workdir DIR]             stop it by PID; nothing is left running
     flip-lab jobs / cancel JOB                list or stop studies on the local federation
@@ -32,11 +34,29 @@ def _cmd_up(args: argparse.Namespace) -> int:
     workdir = _workdir(args)
     print(f"starting a hub and {args.sites} simulated hospitals in {workdir} ...", flush=True)
     fed = LocalFederation.start(args.sites, workdir=workdir, seed=args.seed, watch_parent=False,
-                                approval="manual" if args.manual else "automatic")
-    print(f"hub:   127.0.0.1:{fed.state['hub_port']}")
+                                approval="manual" if args.manual else "automatic", listen=args.listen,
+                                certs=args.certs)
+    transport = "TLS, node authentication" if fed.state.get("ca") else "plain HTTP, loopback only"
+    print(f"hub:   {fed.address} listening on {fed.state['hub_host']}:{fed.state['hub_port']} ({transport})")
+    for name, node_id in sorted(fed.state.get("registered", {}).items()):
+        print(f"registered site: {name}" + (f" (node {node_id})" if node_id else ""))
     for site in fed.sites():
         print(f"site:  {site['site']:<12} {'online' if site['online'] else 'offline'}  pid {site['pid']}")
     print(f"stop it with: flip-lab down --workdir {workdir}")
+    return 0
+
+
+def _cmd_provision(args: argparse.Namespace) -> int:
+    from .provision import provision
+
+    result = provision(args.dir, hub_address=args.hub_address, sites=args.site, force=args.force)
+    print(f"federation CA:     {result.root / 'ca'}  (keep ca.key offline)")
+    print(f"hub:               {result.hub}  -> the hub machine: flip-lab up --sites 0 --listen HOST:PORT "
+          f"--certs {result.hub.name}")
+    print(f"researcher:        {result.researcher_ca}  -> flip_lab.connect('{result.hub_address}', "
+          f"root_certificates='ca.pem')")
+    for name, folder in result.sites.items():
+        print(f"site {name + ':':<12} {folder}  -> that hospital: flip-site init SITE --certs {folder.name}")
     return 0
 
 
@@ -48,7 +68,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
         print(f"no local federation is running in {workdir}" + (" (stale state file)" if read_state(workdir) else ""))
         return 3
     fed = LocalFederation.attach(workdir)
-    print(f"hub:   127.0.0.1:{fed.state['hub_port']}  (pid {fed.state['hub_pid']})")
+    print(f"hub:   {fed.address}  (pid {fed.state['hub_pid']})")
     for site in fed.sites():
         print(f"site:  {site['site']:<12} {'online' if site['online'] else 'OFFLINE'}  last seen {site['last_seen']}")
     for run in fed.jobs():
@@ -174,8 +194,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sites", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--manual", action="store_true", help="sites require manual approval (flip-site plans approve)")
+    p.add_argument("--listen", default="127.0.0.1:0", metavar="HOST:PORT",
+                   help="the hub's address (default: a free port on 127.0.0.1); beyond loopback --certs is required")
+    p.add_argument("--certs", metavar="DIR",
+                   help="a folder from `flip-lab provision` (or its hub/ subfolder): TLS, node authentication, and "
+                        "registration of the provisioned sites")
     workdir(p)
     p.set_defaults(func=_cmd_up)
+
+    p = sub.add_parser("provision", help="create a federation's CA, hub certificate and site key pairs")
+    p.add_argument("dir", help="where to write them (ca/, hub/, sites/NAME/, researcher/)")
+    p.add_argument("--hub-address", required=True, metavar="HOST:PORT",
+                   help="the address sites and researchers dial (named in the hub's certificate)")
+    p.add_argument("--site", action="append", default=[], metavar="NAME", help="a site to provision (repeat)")
+    p.add_argument("--force", action="store_true",
+                   help="start over: a new CA, hub certificate and site keys (every bundle handed out is void)")
+    p.set_defaults(func=_cmd_provision)
     for name, func, help_ in (("status", _cmd_status, "show the local federation"),
                               ("down", _cmd_down, "stop the local federation"),
                               ("jobs", _cmd_jobs, "list jobs")):

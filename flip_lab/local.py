@@ -23,15 +23,16 @@ from typing import Any
 
 from .errors import FederationError
 from .federation import Federation, _default_home
+from .provision import HubCerts, is_loopback
 
 STATE = "federation.json"
 HUB_START_TIMEOUT = 30.0
 SITE_START_TIMEOUT = 60.0
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
         return int(s.getsockname()[1])
 
 
@@ -49,10 +50,46 @@ def _alive(pid: int) -> bool:
         return True
 
 
-def _listening(port: int) -> bool:
-    with socket.socket() as s:
+def _listening(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         s.settimeout(0.2)
-        return s.connect_ex(("127.0.0.1", port)) == 0
+        return s.connect_ex((host, port)) == 0
+
+
+def _parse_listen(listen: str) -> tuple[str, int]:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise FederationError(f"listen address {listen!r} must be HOST:PORT (port 0: any free port), "
+                              f"e.g. 127.0.0.1:0 or 10.0.0.5:9093")
+    return host.strip("[]"), int(port)
+
+
+def _dial_host(listen_host: str) -> str:
+    """Where this machine reaches a hub listening on ``listen_host``: a wildcard address is reached on loopback."""
+    return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(listen_host, listen_host)
+
+
+def _join(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def hub_command(host: str, port: int, certs: HubCerts | None) -> list[str]:
+    """``flower-superlink`` for a hub on ``host:port``: TLS and node authentication with ``certs``, plain HTTP only
+    on loopback.
+
+    Beyond loopback the hub carries model updates between hospitals, so it refuses to listen there without TLS.
+    """
+    if certs is None and not is_loopback(host):
+        raise FederationError(
+            f"refusing to listen on {host} without TLS: beyond loopback a hub needs the federation's certificates "
+            f"and node authentication. Create them with `flip-lab provision DIR --hub-address {_join(host, port)} "
+            f"--site NAME ...` and start the hub with `--certs DIR/hub`")
+    cmd = [str(Path(sys.executable).with_name("flower-superlink")), "--host", host, "--port", str(port),
+           "--isolation", "subprocess", "--disable-runtime-dependency-installation"]
+    if certs is None:
+        return [*cmd, "--insecure"]
+    return [*cmd, "--ssl-certfile", str(certs.cert), "--ssl-keyfile", str(certs.key), "--ssl-ca-certfile",
+            str(certs.ca), "--enable-supernode-auth"]
 
 
 def _flower_env(hub_dir: Path | None = None) -> dict[str, str]:
@@ -135,7 +172,9 @@ class LocalFederation(Federation):
     """A hub and N site kernels on this machine. Use as a context manager or call ``shutdown()``."""
 
     def __init__(self, workdir: Path, state: dict[str, Any], *, owner: bool) -> None:
-        super().__init__(f"127.0.0.1:{state['hub_port']}", workdir=workdir)
+        ca = state.get("ca")
+        super().__init__(state.get("hub_address") or f"127.0.0.1:{state['hub_port']}", workdir=workdir,
+                         root_certificates=Path(ca).read_bytes() if ca else None)
         self.state = state
         self.site_dirs = {name: Path(p) for name, p in state["sites"].items()}
         self._owner = owner
@@ -144,49 +183,71 @@ class LocalFederation(Federation):
 
     @classmethod
     def start(cls, n_sites: int = 3, *, workdir: str | Path | None = None, seed: int = 0,
-              approval: str = "automatic", watch_parent: bool = True, scale: float = 1.0) -> LocalFederation:
+              approval: str = "automatic", watch_parent: bool = True, scale: float = 1.0,
+              listen: str = "127.0.0.1:0", certs: str | Path | None = None) -> LocalFederation:
         """Start the hub and ``n_sites`` simulated hospitals (``scale`` < 1 makes each hospital smaller).
 
         ``approval="manual"`` gives every site the secure default policy: each plan waits for its data owner
         (``flip-site plans approve HASH --site SITE``). ``watch_parent`` stops the federation when this process
         exits, however it exits.
+
+        ``listen`` is the hub's ``HOST:PORT`` (port 0: any free port). ``certs``, a folder from ``flip-lab
+        provision`` (or its ``hub`` subfolder), turns on TLS and node authentication and registers the provisioned
+        sites; without it the hub listens only on loopback. ``n_sites=0`` starts a hub alone, for sites that connect
+        from other machines; simulated sites of a provisioned hub take the provisioned sites' bundles in name order.
         """
         from site_kernel.provision import create_demo_sites
 
-        if n_sites < 1:
-            raise FederationError("a federation needs at least one site")
+        from .provision import ProvisionError
+
+        if n_sites < 0:
+            raise FederationError("n_sites must be 0 (a hub alone) or more")
+        listen_host, listen_port = _parse_listen(listen)
+        try:
+            hub_certs = HubCerts.load(certs) if certs is not None else None
+        except ProvisionError as err:
+            raise FederationError(str(err)) from err
+        hub_command(listen_host, listen_port, hub_certs)  # refuses plain HTTP beyond loopback before anything starts
+        bundles = _site_bundles(Path(certs), n_sites) if certs is not None and n_sites else []
         workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="flip-federation-"))
         workdir.mkdir(parents=True, exist_ok=True)
         workdir.chmod(0o755)  # site workers run as unprivileged users and must reach their job folders
         if (existing := running_state(workdir)) is not None:
             raise FederationError(
-                f"a federation is already running in {workdir} (hub at 127.0.0.1:{existing['hub_port']}); "
+                f"a federation is already running in {workdir} (hub at "
+                f"{existing.get('hub_address') or _join('127.0.0.1', existing['hub_port'])}); "
                 f"use it with `flip_lab.attach('{workdir}')`, or stop it with `flip-lab down --workdir {workdir}`"
             )
         pids: list[int] = []
         state: dict[str, Any] = {"workdir": str(workdir), "pids": pids, "sites": {}, "site_pids": {},
                                  "started": time.time(), "owner_pid": os.getpid()}
         try:
-            hub_port = free_port()
-            state["hub_port"] = hub_port
+            hub_port = listen_port or free_port(listen_host)
+            dial = _dial_host(listen_host)
+            address = _join(dial, hub_port)
+            state.update(hub_port=hub_port, hub_host=listen_host, hub_address=address,
+                         ca=str(hub_certs.ca.resolve()) if hub_certs else None)
             hub_dir = workdir / "hub"
             hub_dir.mkdir(exist_ok=True)
             with open(hub_dir / "superlink.log", "ab") as out:
                 hub = subprocess.Popen(
-                    [str(Path(sys.executable).with_name("flower-superlink")), "--insecure", "--host", "127.0.0.1",
-                     "--port", str(hub_port), "--isolation", "subprocess",
-                     "--disable-runtime-dependency-installation"],
+                    hub_command(listen_host, hub_port, hub_certs),
                     stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
                     env=_flower_env(hub_dir), cwd=hub_dir,
                 )
             pids.append(hub.pid)
             state["hub_pid"] = hub.pid
             _write_state(workdir, state)
-            _wait_for(lambda: _listening(hub_port), HUB_START_TIMEOUT, hub,
-                      f"the hub did not start listening on 127.0.0.1:{hub_port}", hub_dir / "superlink.log")
+            _wait_for(lambda: _listening(hub_port, dial), HUB_START_TIMEOUT, hub,
+                      f"the hub did not start listening on {_join(listen_host, hub_port)}", hub_dir / "superlink.log")
+            if hub_certs is not None:
+                state["registered"] = _register(address, hub_certs, hub, hub_dir)
+                _write_state(workdir, state)
             site_dirs = create_demo_sites(workdir / "sites", n_sites=n_sites, seed=seed, approval=approval,
-                                          hub=f"127.0.0.1:{hub_port}", scale=scale)
-            for site_dir in site_dirs:
+                                          hub=address, scale=scale) if n_sites else []
+            for i, site_dir in enumerate(site_dirs):
+                if bundles:
+                    _adopt_bundle(site_dir, bundles[i])
                 cmd = [sys.executable, "-m", "site_kernel.cli", "run", str(site_dir)]
                 if watch_parent:
                     cmd += ["--parent-pid", str(os.getpid())]
@@ -277,6 +338,51 @@ class LocalFederation(Federation):
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
+
+
+def _site_bundles(certs: Path, n_sites: int) -> list[Path]:
+    """The first ``n_sites`` site bundles of a provision folder, for simulated sites of a provisioned hub."""
+    root = certs.parent if (certs / "hub.pem").exists() else certs
+    bundles = sorted(p for p in (root / "sites").glob("*") if (p / "bundle.toml").is_file())
+    if len(bundles) < n_sites:
+        raise FederationError(
+            f"{n_sites} simulated sites need {n_sites} provisioned site bundles, {root / 'sites'} holds "
+            f"{len(bundles)}: provision more sites (`flip-lab provision {root} --hub-address ... --site NAME`), or "
+            f"start the hub alone (n_sites=0) and run each site with `flip-site run`")
+    return bundles[:n_sites]
+
+
+def _adopt_bundle(site_dir: Path, bundle: Path) -> None:
+    """Give a simulated site a provisioned identity: its CA certificate and key pair, as `flip-site init --certs`."""
+    import dataclasses
+
+    from site_kernel.settings import install_certs, load_settings, write_settings
+
+    identity = install_certs(site_dir, bundle)
+    write_settings(site_dir, dataclasses.replace(load_settings(site_dir), auth_key=identity["auth_key"],
+                                                 root_certificates=identity["root_certificates"]))
+
+
+def _register(address: str, certs: HubCerts, hub: subprocess.Popen[bytes], hub_dir: Path) -> dict[str, int]:
+    """Register the provisioned sites once the hub's Control API answers over TLS."""
+    from ._flower import ControlClient
+    from .provision import ProvisionError, register_sites
+
+    client = ControlClient(address, root_certificates=certs.ca.read_bytes())
+    registered: dict[str, int] = {}
+    try:
+        def attempt() -> bool:
+            try:
+                registered.update(register_sites(client, certs))
+            except ProvisionError as err:  # a refusal is an answer: waiting longer will not change it
+                raise FederationError(f"{err}; see {hub_dir / 'superlink.log'}. Nothing was left running.") from err
+            return True
+
+        _wait_for(attempt, HUB_START_TIMEOUT, hub, f"the hub at {address} did not accept the sites' keys",
+                  hub_dir / "superlink.log")
+    finally:
+        client.close()
+    return registered
 
 
 def _node_id(site_dir: Path) -> int | None:

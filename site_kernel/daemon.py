@@ -7,6 +7,7 @@ and serves its tasks with ``site_kernel.executor``. It writes ``SITE/run/state.j
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import os
@@ -18,7 +19,7 @@ import threading
 import time
 from pathlib import Path
 
-from .settings import load_settings
+from .settings import SettingsError, check_identity, load_settings, site_path
 
 log = logging.getLogger("flip.site")
 
@@ -39,18 +40,48 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an IP address, without port) is this machine's loopback."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _is_loopback(hub: str) -> bool:
+    return is_loopback(hub.rpartition(":")[0].strip("[]") or hub)
+
+
 def supernode_command(site_dir: Path, hub: str, runtime_port: int, poll_s: float, name: str,
                       root_certificates: str = "", auth_key: str = "") -> list[str]:
+    """The SuperNode's command line. With a CA certificate it dials the hub over TLS, with a key it authenticates
+    as the site; without them only a hub on loopback is allowed (the local demo). The SuperNode only ever connects
+    out to the hub: a site opens no port beyond its own loopback."""
+    if not root_certificates and not _is_loopback(hub):
+        raise SettingsError(f"the hub {hub} is not on this machine, and the site has no CA certificate: traffic "
+                            f"would travel unencrypted. Provision the federation (`flip-lab provision`) and run "
+                            f"`flip-site init {site_dir} --certs BUNDLE`")
+    if not auth_key and not _is_loopback(hub):
+        raise SettingsError(f"the hub {hub} is not on this machine, and the site has no key to authenticate with; "
+                            f"run `flip-site init {site_dir} --certs BUNDLE` with the site's bundle")
     cmd = [sys.executable, "-m", "site_kernel._supernode", str(poll_s), "--superlink", hub,
            "--isolation", "process", "--host", "127.0.0.1", "--port", str(runtime_port),
            "--node-config", f'site-name="{name}"', "--max-wait-time", "60"]
     if root_certificates:
-        cmd += ["--root-certificates", root_certificates]
+        cmd += ["--root-certificates", str(site_path(site_dir, root_certificates))]
     else:
         cmd += ["--insecure"]
     if auth_key:
-        cmd += ["--auth-supernode-private-key", auth_key]
+        cmd += ["--auth-supernode-private-key", str(site_path(site_dir, auth_key))]
     return cmd
+
+
+def supernode_env() -> dict[str, str]:
+    """The SuperNode's environment: a site never reports telemetry or checks for Flower updates (it may have no
+    route to the internet, and must not phone home where it has one)."""
+    return {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
 
 
 def run_site(site_dir: Path, *, hub: str | None = None, parent_pid: int | None = None) -> int:
@@ -60,20 +91,22 @@ def run_site(site_dir: Path, *, hub: str | None = None, parent_pid: int | None =
     site_dir = site_dir.resolve()
     settings = load_settings(site_dir)
     hub = hub or settings.hub
+    check_identity(site_dir, settings)
+    runtime_port = free_port()
+    command = supernode_command(site_dir, hub, runtime_port, settings.poll_interval, settings.name,
+                                settings.root_certificates, settings.auth_key)  # refuses before anything starts
     (site_dir / "logs").mkdir(parents=True, exist_ok=True)
     (site_dir / "run").mkdir(parents=True, exist_ok=True)
     logging.basicConfig(filename=site_dir / "logs" / "site.log", level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll would drown the site's own log
-    runtime_port = free_port()
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     with open(site_dir / "logs" / "supernode.log", "ab") as out:
         supernode = subprocess.Popen(
-            supernode_command(site_dir, hub, runtime_port, settings.poll_interval, settings.name,
-                              settings.root_certificates, settings.auth_key),
-            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,  # same process group: dies with us
+            command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,  # same group: dies with us
+            env=supernode_env(),
         )
     state = {"pid": os.getpid(), "supernode_pid": supernode.pid, "runtime_port": runtime_port, "hub": hub,
              "name": settings.name, "started": time.time()}

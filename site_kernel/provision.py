@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from .policy import write_default_policy
-from .settings import SiteSettings, write_settings
+from .settings import SiteSettings, load_settings, write_settings
 
 
 def init_site(site_dir: Path, *, name: str, hub: str, demo: bool = False) -> Path:
-    """Lay out ``site_dir`` with its settings and the documented default policy (manual approval)."""
+    """Lay out ``site_dir`` with its settings and the documented default policy (manual approval).
+
+    Running it again on an existing site changes only its name and hub: its own harmonisation steps, certificates
+    and other settings stay as the data owner left them.
+    """
     for sub in ("data", "approvals", "logs", "cache"):
         (site_dir / sub).mkdir(parents=True, exist_ok=True)
-    write_settings(site_dir, SiteSettings(name=name, hub=hub))
+    settings = SiteSettings(name=name, hub=hub)
+    if (site_dir / "site.toml").exists():
+        settings = dataclasses.replace(load_settings(site_dir), name=name, hub=hub)
+    write_settings(site_dir, settings)
     if not (site_dir / "policy.toml").exists():
         write_default_policy(site_dir, demo=demo)
     return site_dir

@@ -5,6 +5,9 @@ Data paths live here and only here: a plan never names a path, the site resolves
 
 from __future__ import annotations
 
+import os
+import shutil
+import stat
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,9 +28,11 @@ class SettingsError(SiteKernelError):
 class SiteSettings:
     """``name``: shown to researchers. ``hub``: the SuperLink's address. ``dataset``: the registered dataset plans
     train on. ``threads``: torch threads for a job. ``poll_interval``: seconds between the SuperNode's polls of the
-    hub while idle. ``root_certificates``: CA file for a TLS hub (none on loopback). ``site_steps``: site-specific
-    harmonisation applied before the contract's own (e.g. a CT window). ``worker_idle_s``: a job's sandboxed worker
-    is stopped after this many idle seconds. ``sandbox``: false turns the sandbox off, honoured only under a demo
+    hub while idle. ``root_certificates``: the federation's CA certificate, which verifies a TLS hub (none on
+    loopback). ``auth_key``: the site's private key (OpenSSH, ECDSA P-384) that authenticates it to a hub with node
+    authentication. Both are made by ``flip-lab provision``, and a relative path is relative to the site folder.
+    ``site_steps``: site-specific harmonisation applied before the contract's own (e.g. a CT window).
+    ``worker_idle_s``: a job's sandboxed worker is stopped after this many idle seconds. ``sandbox``: false turns the sandbox off, honoured only under a demo
     policy (used to measure what the sandbox costs); every job's audit entry says which. ``egress_capture``: a file
     to which the site appends every reply it sends (for audits and tests of what leaves the site)."""
 
@@ -67,3 +72,58 @@ def write_settings(site_dir: Path, settings: SiteSettings) -> Path:
     path = site_dir / FILE
     path.write_text(tomli_w.dumps(values))
     return path
+
+
+CERTS_DIR = "certs"
+
+
+def site_path(site_dir: Path, value: str) -> Path:
+    """A path from ``site.toml``: absolute as written, or relative to the site folder."""
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else site_dir / path
+
+
+def check_identity(site_dir: Path, settings: SiteSettings) -> None:
+    """Refuse to start with a CA or key file that is missing, or a private key that others can read (as ssh does):
+    a key readable by other accounts on the site's machine lets them pose as the site."""
+    for key, value in (("root_certificates", settings.root_certificates), ("auth_key", settings.auth_key)):
+        if value and not site_path(site_dir, value).is_file():
+            raise SettingsError(f"{site_dir / FILE}: {key} = {value!r} is not a file; copy the site's bundle from "
+                                f"`flip-lab provision` and run `flip-site init {site_dir} --certs BUNDLE`")
+    if settings.auth_key:
+        mode = site_path(site_dir, settings.auth_key).stat().st_mode
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise SettingsError(f"the site's private key {settings.auth_key} can be read by other accounts; "
+                                f"run `chmod 600 {site_path(site_dir, settings.auth_key)}`")
+
+
+def install_certs(site_dir: Path, bundle: Path) -> dict[str, str]:
+    """Copy a site bundle from ``flip-lab provision`` (CA certificate, the site's key pair) into ``SITE/certs``.
+
+    Returns what the bundle says about the site (``name``, ``hub``) and the ``site.toml`` keys pointing at the copies
+    (``root_certificates``, ``auth_key``, relative to the site folder). The private key keeps mode 0600.
+    """
+    meta_path = bundle / "bundle.toml"
+    if not meta_path.is_file():
+        raise SettingsError(f"{bundle} is not a site bundle (no bundle.toml): pass the folder `flip-lab provision` "
+                            f"wrote for this site, DIR/sites/NAME")
+    meta = tomllib.loads(meta_path.read_text())
+    target = site_dir / CERTS_DIR
+    target.mkdir(parents=True, exist_ok=True)
+    target.chmod(0o700)
+    names = {"root_certificates": meta["root_certificates"], "auth_key": meta["auth_key"]}
+    for value in names.values():
+        if not (bundle / value).is_file():
+            raise SettingsError(f"the bundle {bundle} lacks {value}; provision the site again")
+    shutil.copyfile(bundle / names["root_certificates"], target / names["root_certificates"])
+    key_target = target / names["auth_key"]
+    key_target.unlink(missing_ok=True)
+    fd = os.open(key_target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # never readable by others, not even briefly
+    with os.fdopen(fd, "wb") as fh:
+        fh.write((bundle / names["auth_key"]).read_bytes())
+    public = Path(names["auth_key"]).with_suffix(".pub").name
+    if (bundle / public).is_file():
+        shutil.copyfile(bundle / public, target / public)
+    return {"name": str(meta["name"]), "hub": str(meta["hub"]),
+            "root_certificates": f"{CERTS_DIR}/{names['root_certificates']}",
+            "auth_key": f"{CERTS_DIR}/{names['auth_key']}"}
