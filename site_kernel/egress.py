@@ -2,7 +2,10 @@
 
 :func:`check_reply` lets a reply out only when its arrays are exactly the model that was sent (same
 keys, shapes and dtypes, finite values), its metrics are finite numbers named in the site's
-allowlist, and it was computed on at least the policy's minimum cohort. :func:`safe_error` turns an
+allowlist, and it was computed on at least the policy's minimum cohort. Metrics the site composes
+itself (:data:`SITE_METRICS`, such as the epsilon its differential privacy has spent) travel beside
+the plan's: the plan's allowlist and count limit do not apply to them, and a plan may not use their
+names. :func:`safe_error` turns an
 exception from plan code into a kind and a message that carry no exception text. :func:`cap_output`
 decides how much researcher output leaves.
 
@@ -38,6 +41,10 @@ Outcome = Literal["released", "withheld", "refused"]
 # Libraries a failure message may name as an exception's origin: a fixed list, hence safe to print.
 _LIBRARIES = ("torch", "numpy", "monai", "safetensors", "scipy", "sklearn", "pandas", "PIL")
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# Metric names the site itself reports. They are computed by site code, not by the plan, so the
+# policy's [metrics] rules (written to limit what the plan can say) do not count them; a plan metric
+# of the same name is refused so that a plan can never pose as the site.
+SITE_METRICS = frozenset({"dp_epsilon", "dp_clip_norm"})
 
 
 @dataclass(frozen=True)
@@ -63,8 +70,13 @@ def check_reply(
     metrics: Mapping[str, Any],
     num_examples: Any,
     policy: SitePolicy,
+    site_metrics: Mapping[str, float] | None = None,
 ) -> EgressDecision:
-    """Decide whether one reply may leave the site; ``reply_arrays=None``: no weights in it."""
+    """Decide whether one reply may leave the site; ``reply_arrays=None``: no weights in it.
+
+    ``metrics`` are the plan's; ``site_metrics`` (names from :data:`SITE_METRICS`) are the site's
+    own and are added to the released metrics without counting against the plan's allowlist.
+    """
     if isinstance(num_examples, bool) or not isinstance(num_examples, Integral) or num_examples < 0:
         return _refused("the example count is not a non-negative integer")
     if reply_arrays is not None:
@@ -74,6 +86,11 @@ def check_reply(
     cleaned, problem = _check_metrics(metrics, policy)
     if problem:
         return _refused(problem)
+    for name, value in (site_metrics or {}).items():
+        if name not in SITE_METRICS or not math.isfinite(float(value)):
+            # The site's own code is at fault: refuse rather than send something unvetted.
+            return _refused(f"the site's own metric `{name}` is unknown or not finite")
+        cleaned[name] = float(value)
     if int(num_examples) < policy.min_cohort:
         return EgressDecision(
             False,
@@ -116,6 +133,9 @@ def _check_metrics(
     rules = policy.metrics
     if not isinstance(metrics, Mapping):
         return {}, "metrics are not a name-to-number mapping"
+    posing = sorted(SITE_METRICS & set(metrics))
+    if posing:  # fixed names, hence safe to echo
+        return {}, f"metric `{posing[0]}` is reserved for the site's own reporting"
     if len(metrics) > rules.max_count:
         return (
             {},

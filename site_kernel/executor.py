@@ -31,6 +31,7 @@ from .egress import check_reply
 from .errors import PolicyError, SiteKernelError
 from .jobs import JobWorker, WorkerFailure
 from .policy import SitePolicy, load_policy
+from .privacy import PrivacyLedger, PrivacyLedgerError, privatize
 from .settings import SiteSettings, load_settings
 
 log = logging.getLogger("flip.site")
@@ -158,6 +159,10 @@ class Executor:
             state = self._approval_state(digest, source, spec, policy, run_id)
             if op == "query":
                 if state == "approved":
+                    refused = self._dp_refusal_at_hello(policy, spec, run_id)
+                    if refused is not None:
+                        return self._reply(message, config={"approval": "refused", "detail": refused,
+                                                            "policy": policy.label})
                     self._worker(run_id, source, spec, digest, policy, prewarm=True)
                 return self._reply(message, config={"approval": state, "policy": policy.label})
             if state != "approved":
@@ -233,6 +238,7 @@ class Executor:
                 array = array.reshape(())  # Flower's wire format carries 0-d arrays as shape (1,)
             arrays[key] = array
         worker = self._worker(run_id, source, spec, digest, policy)
+        ledger = self._dp_before_train(policy, spec, run_id, round_) if op == "train" else None
         try:
             result = worker.step(op, arrays, {**spec.get("train_config", {}), **config})
         except WorkerFailure as failure:
@@ -240,16 +246,23 @@ class Executor:
                               plan=digest)
             raise Refusal(failure.kind, failure.message) from None
         num_examples = worker.num_train if op == "train" else worker.num_test
+        site_metrics: dict[str, float] = {}
+        clipped = False
+        if ledger is not None:  # the site's [dp], never the plan's: clip, noise, and say what was spent
+            result.arrays, clipped = privatize(arrays, result.arrays, ledger.rules)
+            site_metrics = {"dp_epsilon": ledger.epsilon_after(1), "dp_clip_norm": ledger.rules.clip_norm}
         decision = check_reply(
             sent_shapes={k: tuple(v.shape) for k, v in arrays.items()},
             sent_dtypes={k: str(v.dtype) for k, v in arrays.items()},
             reply_arrays=result.arrays if op == "train" else None,
-            metrics=result.metrics, num_examples=num_examples, policy=policy,
+            metrics=result.metrics, num_examples=num_examples, policy=policy, site_metrics=site_metrics,
         )
         self.audit.append("egress", run_id=run_id, round=round_, op=op, plan=digest,
                           allowed=decision.allowed, reason=decision.reason or "")
         if not decision.allowed:
             raise Refusal("withheld", f"site {self.settings.name} withheld its {op} reply: {decision.reason}")
+        if ledger is not None:
+            self._dp_record(ledger, run_id, round_, digest, clipped=clipped)
         metrics = dict(decision.metrics)
         metrics["num-examples"] = num_examples
         content = {"metrics": MetricRecord(metrics)}
@@ -257,6 +270,62 @@ class Executor:
             content["arrays"] = pack(ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in result.arrays.items()}))
         return self._reply(message, config={"approval": "approved", "compute_s": result.compute_s,
                                             "started_at": result.started_at}, **content)
+
+    # -- differential privacy (the policy's [dp]; the plan has no say) -------------------------------
+    def _dp_ledger(self, policy: SitePolicy) -> PrivacyLedger | None:
+        """The site's epsilon ledger when its policy has ``[dp]``; a Refusal when the ledger is unreadable."""
+        if policy.dp is None:
+            return None
+        try:
+            return PrivacyLedger(self.site_dir, policy.dp)
+        except PrivacyLedgerError as err:
+            log.error("%s", err)  # the repair instructions are for the data owner, not the hub
+            raise Refusal("dp_ledger", f"site {self.settings.name} cannot account for differential privacy "
+                                       "until its data owner repairs the site's privacy ledger",
+                          audit="dp_refused") from err
+
+    def _dp_budget_message(self, ledger: PrivacyLedger, rounds: int) -> str:
+        return (f"site {self.settings.name}: this study's {rounds} round(s) would take its privacy spend to epsilon "
+                f"{ledger.epsilon_after(rounds):.3g} (budget {ledger.rules.epsilon_budget:g}, already spent "
+                f"{ledger.spent():.3g}; {ledger.rounds_that_fit(rounds)} round(s) would fit); ask the data owner "
+                "or run fewer rounds")
+
+    def _dp_refusal_at_hello(self, policy: SitePolicy, spec: dict, run_id: int) -> str | None:
+        """Why this job cannot run under the site's privacy budget, or ``None`` when it can (or there is no [dp])."""
+        try:
+            ledger = self._dp_ledger(policy)
+            if ledger is None:
+                return None
+            rounds = max(0, int(spec["config"].get("rounds", 0)) - ledger.rounds_of(run_id))
+            if not ledger.would_exceed(rounds):
+                return None
+            reason = self._dp_budget_message(ledger, rounds)
+        except Refusal as refusal:
+            reason = refusal.message
+        self.audit.append("dp_refused", run_id=run_id, op="query", reason=reason)
+        return reason
+
+    def _dp_before_train(self, policy: SitePolicy, spec: dict, run_id: int, round_: int) -> PrivacyLedger | None:
+        """Refuse a round the budget cannot pay for, or one already released (fresh noise would spend again)."""
+        ledger = self._dp_ledger(policy)
+        if ledger is None:
+            return None
+        if ledger.has(run_id, round_):
+            raise Refusal("dp_repeat", f"site {self.settings.name} already sent its update for round {round_} of "
+                                       "this job; it sends each round once, since a second noisy update would "
+                                       "spend privacy budget", audit="dp_refused")
+        if ledger.would_exceed(1):
+            left = max(1, int(spec["config"].get("rounds", 1)) - ledger.rounds_of(run_id))
+            raise Refusal("dp_budget", self._dp_budget_message(ledger, left), audit="dp_refused")
+        return ledger
+
+    def _dp_record(self, ledger: PrivacyLedger, run_id: int, round_: int, digest: str, *, clipped: bool) -> None:
+        """Record the spend before the reply leaves: a crash in between can only over-count."""
+        ledger.record(run_id, round_, plan=digest)
+        rules = ledger.rules
+        self.audit.append("dp_spend", run_id=run_id, round=round_, plan=digest, epsilon=ledger.spent(),
+                          budget=rules.epsilon_budget, noise_multiplier=rules.noise_multiplier,
+                          clip_norm=rules.clip_norm, clipped=clipped)
 
     # -- replies -----------------------------------------------------------------------------------
     def _reply(self, message: Message, *, config: dict[str, Any], **records: Any) -> Message:

@@ -9,6 +9,7 @@
                                                         check the hash chain (exit 1: tampered)
     flip-site policy show --site DIR                    the policy in force, every key
     flip-site policy init [--demo] [--force] --site DIR write the documented default policy
+    flip-site privacy --site DIR                        epsilon budget, spent, remaining, per job
 
 Every command returns an exit code: 0 done, 1 a check failed (tampered log), 2 an error explained
 on stderr.
@@ -29,12 +30,13 @@ from .approvals import ApprovalStore
 from .audit import AuditLog
 from .errors import PolicyMissing, SiteKernelError
 from .policy import load_policy, write_default_policy
+from .privacy import PrivacyLedger
 
 Command = Callable[[argparse.Namespace], int]
 
 
 def add_governance_commands(subparsers: Any) -> None:
-    """Add the ``plans``, ``audit`` and ``policy`` command groups to an argparse subparsers object.
+    """Add the ``plans``, ``audit``, ``policy`` and ``privacy`` commands to argparse subparsers.
 
     Each leaf command sets ``func``: call ``args.func(args)`` and exit with what it returns.
     """
@@ -75,6 +77,10 @@ def add_governance_commands(subparsers: Any) -> None:
         "--demo", action="store_true", help="demo site: automatic approval, labelled as such"
     )
     p.add_argument("--force", action="store_true", help="replace an existing policy.toml")
+
+    p = subparsers.add_parser("privacy", help="the differential privacy budget and what was spent")
+    p.add_argument("--site", required=True, type=Path, help="the site folder")
+    p.set_defaults(func=_guarded(_privacy_show))
 
 
 def _leaf(group: Any, name: str, help: str, func: Command) -> argparse.ArgumentParser:
@@ -196,4 +202,29 @@ def _policy_init(args: argparse.Namespace) -> int:
         f"wrote {path} ({'automatic approval (demo only)' if args.demo else 'manual approval'}); "
         "every key is described in the file"
     )
+    return 0
+
+
+def _privacy_show(args: argparse.Namespace) -> int:
+    dp = load_policy(args.site).dp
+    if dp is None:
+        print("this site's policy has no [dp] section: updates leave without differential privacy")
+        return 0
+    ledger = PrivacyLedger(args.site, dp)
+    spent, jobs = ledger.spent(), ledger.per_job()
+    print(
+        f"differential privacy: clip_norm {dp.clip_norm:g}, noise_multiplier "
+        f"{dp.noise_multiplier:g} (noise std {dp.noise_std:g}), delta {dp.delta:g}; "
+        f"ledger {ledger.path}"
+    )
+    print(f"budget     {dp.epsilon_budget:g}")
+    print(f"spent      {spent:.4g} ({sum(j.rounds for j in jobs)} updates released)")
+    fit = ledger.rounds_that_fit(10_000)
+    print(f"remaining  {ledger.remaining():.4g} (the next job may train {fit} round(s))")
+    if jobs:
+        print(
+            f"{'JOB':>20}  {'ROUNDS':>6}  EPSILON (this job alone; jobs compose to the total above)"
+        )
+        for job in jobs:
+            print(f"{job.run_id:>20}  {job.rounds:>6}  {job.epsilon:.4g}")
     return 0

@@ -1,10 +1,11 @@
 """The site's governance policy: one TOML file per site, every key documented.
 
 ``SITE/policy.toml`` says who approves plans, which strategies the site joins, how many examples
-must stand behind a reply, which metrics may leave, the sandbox's resource limits and what happens
-to researcher output. The shipped ``policy_default.toml`` documents every key and supplies the value
-of any key a site leaves out. A site without a policy runs nothing
-(:class:`~site_kernel.errors.PolicyMissing`).
+must stand behind a reply, which metrics may leave, the sandbox's resource limits, what happens
+to researcher output and, optionally, the differential privacy the site applies to its updates
+(``[dp]``, see :mod:`site_kernel.privacy`). The shipped ``policy_default.toml`` documents every
+key and supplies the value of any key a site leaves out (``[dp]`` excepted: it has no defaults).
+A site without a policy runs nothing (:class:`~site_kernel.errors.PolicyMissing`).
 
 Example::
 
@@ -15,6 +16,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -53,6 +55,29 @@ class MetricRules:
 
 
 @dataclass(frozen=True)
+class DpRules:
+    """Differential privacy the site applies to every update it sends (``[dp]``).
+
+    ``clip_norm`` bounds the L2 norm of the update (trained minus received weights, over every
+    floating tensor); Gaussian noise of standard deviation ``noise_multiplier * clip_norm`` is added
+    to each coordinate; ``epsilon_budget`` caps the site's cumulative epsilon over all jobs at
+    ``delta``. See :mod:`site_kernel.privacy` for what the epsilon means.
+    """
+
+    clip_norm: float
+    noise_multiplier: float
+    epsilon_budget: float
+    delta: float
+
+    @property
+    def noise_std(self) -> float:
+        return self.noise_multiplier * self.clip_norm
+
+
+DP_KEYS = ("clip_norm", "noise_multiplier", "epsilon_budget", "delta")
+
+
+@dataclass(frozen=True)
 class SitePolicy:
     """A validated site policy. Build it with :func:`load_policy`, not by hand."""
 
@@ -66,6 +91,7 @@ class SitePolicy:
     limits: Limits
     accept_weaker_isolation: bool
     source: Path | None = None
+    dp: DpRules | None = None
 
     @property
     def label(self) -> str:
@@ -121,14 +147,12 @@ def load_policy(site_dir: Path) -> SitePolicy:
         given = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as err:
         raise PolicyError(f"{path} is not valid TOML ({err}); fix the file and try again") from err
-    if "dp" in given:
-        raise PolicyError(
-            "differential privacy ([dp]) is not implemented in this version; remove the [dp] "
-            "section so that nobody believes it is enforced",
-            key="dp",
-        )
+    # [dp] has no defaults to merge with (there is no safe default for a privacy budget): it is
+    # validated on its own, and the rest of the file as before.
+    given = dict(given)
+    dp = _dp_rules(given.pop("dp")) if "dp" in given else None
     defaults = tomllib.loads(default_policy_text())
-    return _build(_merge(defaults, given, prefix=""), source=path)
+    return _build(_merge(defaults, given, prefix=""), source=path, dp=dp)
 
 
 def _merge(defaults: Mapping[str, Any], given: Mapping[str, Any], *, prefix: str) -> dict[str, Any]:
@@ -152,7 +176,7 @@ def _merge(defaults: Mapping[str, Any], given: Mapping[str, Any], *, prefix: str
     return merged
 
 
-def _build(t: dict[str, Any], *, source: Path | None) -> SitePolicy:
+def _build(t: dict[str, Any], *, source: Path | None, dp: DpRules | None = None) -> SitePolicy:
     demo = _bool(t, "demo")
     approval = _choice(t, "approval", ("manual", "automatic"))
     if approval == "automatic" and not demo:
@@ -178,7 +202,31 @@ def _build(t: dict[str, Any], *, source: Path | None) -> SitePolicy:
         ),
         accept_weaker_isolation=_bool(sandbox, "accept_weaker_isolation", prefix="sandbox."),
         source=source,
+        dp=dp,
     )
+
+
+def _dp_rules(section: Any) -> DpRules:
+    """Validate ``[dp]``: every key required, each a positive finite number (``delta`` below 1)."""
+    if not isinstance(section, dict):
+        raise PolicyError("policy.toml: `dp` must be a table ([dp])", key="dp")
+    unknown = sorted(set(section) - set(DP_KEYS))
+    if unknown:
+        raise PolicyError(
+            f"policy.toml: unknown key `dp.{unknown[0]}` (known here: {', '.join(DP_KEYS)})",
+            key=f"dp.{unknown[0]}",
+        )
+    missing = [k for k in DP_KEYS if k not in section]
+    if missing:
+        raise PolicyError(
+            f"policy.toml: [dp] needs `dp.{missing[0]}` too; a [dp] section sets all of "
+            f"{', '.join(DP_KEYS)} (each is described in policy_default.toml)",
+            key=f"dp.{missing[0]}",
+        )
+    values = {k: _positive(section, k, prefix="dp.") for k in DP_KEYS}
+    if values["delta"] >= 1.0:
+        raise _wrong("dp.delta", "a number strictly between 0 and 1", section["delta"])
+    return DpRules(**values)
 
 
 # Hand-written checks rather than a schema library: TOML already yields native types, and these few
@@ -196,6 +244,18 @@ def _int(t: Mapping[str, Any], key: str, *, minimum: int, prefix: str = "") -> i
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise _wrong(prefix + key, f"an integer >= {minimum}", value)
     return value
+
+
+def _positive(t: Mapping[str, Any], key: str, *, prefix: str = "") -> float:
+    value = t[key]
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise _wrong(prefix + key, "a positive finite number", value)
+    return float(value)
 
 
 def _choice(t: Mapping[str, Any], key: str, options: tuple[str, ...], *, prefix: str = "") -> str:

@@ -99,10 +99,13 @@ def test_bad_values_name_the_key_and_what_was_expected(tmp_path, text, key, expe
     assert info.value.key == key and f"`{key}`" in str(info.value)
 
 
-def test_dp_section_is_refused_until_implemented(tmp_path):
-    write(tmp_path, "[dp]\nclip = 1.0\n")
-    with pytest.raises(PolicyError, match="not implemented"):
+def test_dp_is_off_by_default_and_a_dp_section_is_validated(tmp_path):
+    write_default_policy(tmp_path, demo=False)
+    assert load_policy(tmp_path).dp is None
+    write(tmp_path, "[dp]\nclip = 1.0\n")  # the name planned before [dp] existed: refused, never ignored
+    with pytest.raises(PolicyError, match="unknown key `dp.clip`") as info:
         load_policy(tmp_path)
+    assert info.value.key == "dp.clip"
 
 
 def test_invalid_toml_is_a_policy_error(tmp_path):

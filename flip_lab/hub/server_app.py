@@ -79,6 +79,7 @@ class HubRun:
         names: dict[int, str] = {}
         approved: dict[int, str] = {}
         announced: set[int] = set()
+        refusals: list[str] = []  # sites' own reasons for turning this job away, in their words
         deadline = time.monotonic() + float(self.config["approval_timeout"])
         pending = list(nodes)
         while pending:
@@ -104,6 +105,10 @@ class HubRun:
                 elif state == "rejected":
                     self.sink.emit("site_state", round=0, site=name, state="failed",
                                    detail="the data owner rejected this plan")
+                elif state == "refused":  # approved, but the site's policy (e.g. its privacy budget) says no
+                    detail = str(info.get("detail", ""))[:300] or f"site {name} refused this job"
+                    refusals.append(detail)
+                    self.sink.emit("site_state", round=0, site=name, state="failed", detail=detail)
                 else:
                     if node not in announced:
                         announced.add(node)
@@ -121,6 +126,7 @@ class HubRun:
         if len(approved) < self.min_sites:
             raise NotEnoughSites(
                 f"{len(approved)} site(s) approved this plan; the study needs at least {self.min_sites}"
+                + (f" ({'; '.join(refusals)})" if refusals else "")
             )
         return approved
 
@@ -137,8 +143,10 @@ class HubRun:
             strategy.setup_flip(sink=self.sink, min_sites=self.min_sites, reference=self.weights,
                                 robust=RobustConfig.from_dict(cfg.get("robust", {})))
             initial = ArrayRecord(OrderedDict((k, Array(v)) for k, v in self.weights.items()))
-            train_cfg = ConfigRecord({"op": "train", **_scalars(cfg.get("train", {}))})
-            eval_cfg = ConfigRecord({"op": "evaluate", **_scalars(cfg.get("train", {}))})
+            # The plan's own config travels in its spec (``train_config``), checked against the hash at each site;
+            # the messages carry only the operation and Flower's ``server-round``.
+            train_cfg = ConfigRecord({"op": "train"})
+            eval_cfg = ConfigRecord({"op": "evaluate"})
             strategy.start(grid=grid, initial_arrays=initial, num_rounds=int(cfg["rounds"]),
                            timeout=float(cfg["round_timeout"]), train_config=train_cfg, evaluate_config=eval_cfg)
         except (NotEnoughSites, RoundBelowMinimum) as err:
@@ -154,11 +162,6 @@ class HubRun:
         if strategy is not None and released:
             self.sink.emit_weights(strategy.released, released)
         self.sink.emit("job_finished", status=status, message=message, rounds_completed=released)
-
-
-def _scalars(values: dict[str, Any]) -> dict[str, Any]:
-    """ConfigRecord holds scalars and lists of scalars; drop anything else."""
-    return {k: v for k, v in values.items() if isinstance(v, (int, float, str, bool, bytes, list))}
 
 
 @app.main()

@@ -17,6 +17,8 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from flwr.serverapp import strategy as fl
 
+from site_kernel.egress import SITE_METRICS
+
 from .events import EventSink
 from .grid import site_info
 from .robust import RobustConfig, screen_updates
@@ -113,7 +115,9 @@ class FlipChecks:
     def _emit_aggregate(
         self, server_round: int, phase: str, metrics: MetricRecord | None, replies: list[Message]
     ) -> None:
-        values = {k: float(v) for k, v in (metrics or {}).items() if isinstance(v, (int, float))}
+        # A site's own accounting (e.g. its cumulative privacy spend) is per site; an average of it means nothing.
+        values = {k: float(v) for k, v in (metrics or {}).items()
+                  if isinstance(v, (int, float)) and k not in SITE_METRICS}
         self.sink.emit(
             "aggregate", round=server_round, phase=phase, metrics=values,
             contributors=sorted(self._site(m) for m in replies), wall_s=0.0,
