@@ -1,13 +1,16 @@
 """``flip-site``: what a hospital's data owner runs.
 
     flip-site init SITE --name NAME --hub HOST:PORT    lay out a site folder (manual approval by default)
+    flip-site init SITE --certs BUNDLE                 ... for a provisioned hub: TLS + the site's own key
     flip-site data add NAME PATH --site SITE           register a folder of DICOM series or NIfTI images
+        [--labels DIR|CSV] [--modality M] [--test-fraction F] [--seed N]
     flip-site data catalogue --site SITE               what researchers may see of the site's data
     flip-site run SITE                                 serve the hub: SuperNode + the site's executor
     flip-site status SITE                              is the site running, and under which policy
     flip-site plans list|show|approve|reject ...       decide which plans may run
     flip-site audit show|verify ...                    read and check the hash-chained audit log
     flip-site policy show|init ...                     the site's governance policy
+    flip-site privacy --site SITE                      differential privacy budget, spent and per job
 """
 
 from __future__ import annotations
@@ -22,10 +25,26 @@ from .errors import SiteKernelError
 
 
 def _cmd_init(args: argparse.Namespace) -> int:
-    from .provision import init_site
+    import dataclasses
 
-    site = init_site(Path(args.site), name=args.name, hub=args.hub, demo=args.demo)
-    print(f"site {args.name} created in {site}")
+    from .provision import init_site
+    from .settings import SettingsError, install_certs, load_settings, write_settings
+
+    site_dir = Path(args.site)
+    identity: dict[str, str] = {}
+    if args.certs:
+        identity = install_certs(site_dir, Path(args.certs))
+    name = args.name or identity.get("name")
+    hub = args.hub or identity.get("hub") or "127.0.0.1:9093"
+    if not name:
+        raise SettingsError("give the site a name (--name NAME), or pass its bundle (--certs BUNDLE), which names it")
+    site = init_site(site_dir, name=name, hub=hub, demo=args.demo)
+    if identity:
+        settings = dataclasses.replace(load_settings(site), root_certificates=identity["root_certificates"],
+                                       auth_key=identity["auth_key"])
+        write_settings(site, settings)
+        print(f"identity: TLS with {site / settings.root_certificates}, key {site / settings.auth_key} (mode 0600)")
+    print(f"site {name} created in {site}, hub {hub}")
     print(f"policy: {site / 'policy.toml'} ({'automatic approval (demo only)' if args.demo else 'manual approval'})")
     print(f"next: flip-site data add default /path/to/images --site {site}")
     return 0
@@ -65,9 +84,19 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 def _cmd_data_add(args: argparse.Namespace) -> int:
     from .data import register_dataset
+    from .data.errors import REASON_TEXT
 
-    summary = register_dataset(Path(args.site), args.name, Path(args.path), seed=args.seed)
-    print(json.dumps(_jsonable(summary), indent=1, default=str))
+    summary = register_dataset(
+        Path(args.site), args.name, Path(args.path), labels=Path(args.labels) if args.labels else None,
+        seed=args.seed, test_fraction=args.test_fraction, modality=args.modality,
+    )
+    print(f"dataset {summary.name}: {summary.num_cases} cases ({summary.num_train} train, {summary.num_test} test), "
+          f"{'/'.join(summary.modalities)}, {summary.task}{'' if summary.labelled else ', unlabelled'}")
+    if summary.label_classes:
+        print("label classes (cases): " + ", ".join(f"{c} ({n})" for c, n in summary.label_classes.items()))
+    for reason, count in summary.skipped.items():
+        print(f"skipped: {count} file{'s' if count != 1 else ''}, {REASON_TEXT.get(reason, reason)} ({reason})")
+    print(f"manifest: {summary.manifest_path}; reasons per file in {Path(args.site) / 'logs' / 'data.log'}")
     return 0
 
 
@@ -78,20 +107,17 @@ def _cmd_data_catalogue(args: argparse.Namespace) -> int:
     return 0
 
 
-def _jsonable(obj: object) -> object:
-    if hasattr(obj, "__dataclass_fields__"):
-        return {k: getattr(obj, k) for k in obj.__dataclass_fields__}  # type: ignore[attr-defined]
-    return obj
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flip-site", description="Run and govern a FLIP Lab site.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("init", help="create a site folder")
     p.add_argument("site")
-    p.add_argument("--name", required=True)
-    p.add_argument("--hub", default="127.0.0.1:9093")
+    p.add_argument("--name", help="shown to researchers (default: the name in --certs' bundle)")
+    p.add_argument("--hub", help="the hub's HOST:PORT (default: the bundle's hub, else 127.0.0.1:9093)")
+    p.add_argument("--certs", metavar="BUNDLE",
+                   help="this site's folder from `flip-lab provision` (CA certificate and key pair): copied into "
+                        "SITE/certs and used for TLS and node authentication")
     p.add_argument("--demo", action="store_true", help="demo policy: automatic approval, labelled as such")
     p.set_defaults(func=_cmd_init)
 
@@ -107,9 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="register and describe datasets").add_subparsers(dest="data", required=True)
     p = data.add_parser("add", help="register a folder of DICOM series or NIfTI images")
-    p.add_argument("name")
-    p.add_argument("path")
+    p.add_argument("name", help="the dataset's name, which plans ask for (e.g. default, liver_ct)")
+    p.add_argument("path", help="folder of DICOM series and/or NIfTI images (and DICOM SEG files)")
     p.add_argument("--site", required=True)
+    p.add_argument("--labels", metavar="PATH",
+                   help="folder of NIfTI label maps / DICOM SEG files, or a CSV 'case,label' of per-case classes "
+                        "(a classification dataset)")
+    p.add_argument("--modality", help="modality of images whose files do not say (NIfTI without sidecar): CT, MR, ...")
+    p.add_argument("--test-fraction", type=float, default=0.25, help="share of cases held out for testing")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/test split")
     p.set_defaults(func=_cmd_data_add)
     p = data.add_parser("catalogue", help="what researchers may see")

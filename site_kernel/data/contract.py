@@ -17,7 +17,12 @@ Keys (unknown keys are refused, so a typo cannot silently change a study):
   ``{"kind": "zscore"}`` (per volume, over all its voxels), or
   ``{"kind": "window", "center": 40, "width": 400}`` (fixed window to [0, 1], clipped).
 - ``labels``: class name -> integer value, e.g. ``{"background": 0, "lesion": 1}``; must include 0. Label values
-  of the site's data that the contract does not name become background.
+  of the site's data that the contract does not name become background. Segments of a DICOM SEG whose segment
+  label the contract names (case-insensitively) take that name's value.
+- ``task``: ``"segmentation"`` (default: ``train_y`` holds label maps [N, H, W]) or ``"classification"``
+  (``train_y`` holds class indices [N]; with ``dims=2`` every slice of a case carries the case's class). For
+  classification ``labels`` names every class of the dataset and numbers them 0 .. C-1, e.g.
+  ``{"normal": 0, "pneumonia": 1}``; a class of the data that it does not name is an error at prepare time.
 - ``dataset``: which registered dataset to use (default ``"default"``).
 """
 
@@ -32,7 +37,8 @@ from .errors import ContractError
 
 DEFAULTS: dict[str, Any] = {"orientation": "RAS", "dataset": "default"}
 REQUIRED = ("modality", "dims", "size", "spacing", "intensity", "labels")
-KNOWN = frozenset(REQUIRED) | frozenset(DEFAULTS)
+TASKS = ("segmentation", "classification")
+KNOWN = frozenset(REQUIRED) | frozenset(DEFAULTS) | {"task"}
 _AXES = ({"R", "L"}, {"A", "P"}, {"S", "I"})
 
 
@@ -64,7 +70,16 @@ def validate_contract(contract: Mapping[str, Any]) -> dict[str, Any]:
     out["spacing"] = [_number(v, "spacing", float, 0.01, 50.0) for v in _pair(out["spacing"], "spacing")]
     out["orientation"] = _orientation(out["orientation"])
     out["intensity"] = _intensity(out["intensity"])
-    out["labels"] = _labels(out["labels"])
+    # The default task is left out of the normalised form, so contracts written before ``task`` existed keep
+    # their hash (plan approvals and harmonised caches are keyed by it).
+    task = out.pop("task", "segmentation")
+    if task not in TASKS:
+        raise ContractError(f"task must be one of {list(TASKS)}, got {task!r}", key="task", expected=" | ".join(TASKS))
+    if task == "classification":
+        out["task"] = task
+        out["labels"] = _class_labels(out["labels"])
+    else:
+        out["labels"] = _labels(out["labels"])
     if not isinstance(out["dataset"], str) or not out["dataset"]:
         raise ContractError("dataset must be a non-empty name such as 'default'", key="dataset", expected="str")
     return out
@@ -155,4 +170,22 @@ def _labels(value: Any) -> dict[str, int]:
         raise ContractError("labels must give background the value 0", key="labels", expected="a class = 0")
     if len(set(out.values())) != len(out):
         raise ContractError("labels must give each class its own value", key="labels", expected="unique values")
+    return out
+
+
+def _class_labels(value: Any) -> dict[str, int]:
+    """Classification labels: at least two classes, numbered 0 .. C-1 as a classifier's outputs are."""
+    if not isinstance(value, Mapping) or len(value) < 2:
+        raise ContractError("a classification contract's labels name at least two classes, e.g. "
+                            "{'normal': 0, 'pneumonia': 1}", key="labels", expected="dict[str, int], 2+ classes")
+    out = {}
+    for name, index in value.items():
+        if not isinstance(name, str) or not name:
+            raise ContractError(f"class names must be non-empty strings, got {name!r}", key="labels", expected="str")
+        out[name] = _number(index, f"labels.{name}", int, 0, 255)
+    if sorted(out.values()) != list(range(len(out))):
+        raise ContractError(
+            f"a classification contract numbers its classes 0 .. {len(out) - 1}, one each, got {sorted(out.values())}",
+            key="labels", expected=f"values 0 .. {len(out) - 1}",
+        )
     return out

@@ -32,24 +32,29 @@ _GAP_TOLERANCE = 0.05
 
 
 def read_header(path: Path) -> Dataset:
-    """Read one file's tags without pixel data; raise :class:`InputRejected` for anything unusable."""
-    return _read(path, stop_before_pixels=True)
+    """Read one image file's tags without pixel data; raise :class:`InputRejected` for anything unusable."""
+    return check_image_header(read_dataset(path))
 
 
-def _read(path: Path, *, stop_before_pixels: bool) -> Dataset:
+def read_dataset(path: Path, *, stop_before_pixels: bool = True) -> Dataset:
+    """Read one DICOM file of any kind (image, SEG, report); only unreadable files are refused here."""
     if path.stat().st_size == 0:
         raise InputRejected("empty_file")
     try:
         # pydicom warns about every odd value in real-world files; the site log records what matters.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ds = _dcmread(path, stop_before_pixels)
+            return _dcmread(path, stop_before_pixels)
     except InvalidDicomError as e:
         raise InputRejected("unreadable") from e
     except (EOFError, struct.error) as e:
         raise InputRejected("truncated") from e
     except Exception as e:  # pydicom raises many types on damaged files; all mean the same to a site
         raise InputRejected("corrupt", type(e).__name__) from e
+
+
+def check_image_header(ds: Dataset) -> Dataset:
+    """Refuse what is not one greyscale slice with usable size and geometry tags; return ``ds`` otherwise."""
     if "Rows" not in ds or "Columns" not in ds:
         raise InputRejected("not_an_image")
     if int(ds.get("NumberOfFrames", 1) or 1) > 1:
@@ -81,7 +86,7 @@ def _dcmread(path: Path, stop_before_pixels: bool) -> Dataset:
 
 def read_pixels(path: Path) -> tuple[Dataset, np.ndarray]:
     """Read one slice with its pixels in modality units (RescaleSlope/Intercept or LUT applied), as [rows, cols]."""
-    ds = _read(path, stop_before_pixels=False)
+    ds = check_image_header(read_dataset(path, stop_before_pixels=False))
     if "PixelData" not in ds:
         raise InputRejected("not_an_image")
     if not ds.file_meta.get("TransferSyntaxUID", ExplicitVRLittleEndian).is_compressed:
@@ -170,6 +175,7 @@ def assemble(headers: Sequence[Dataset], pixels: Sequence[np.ndarray]) -> Volume
         affine=series_affine(first, step),
         modality=str(first.get("Modality", "unknown")) or "unknown",
         vendor=str(first.get("Manufacturer", "unknown")) or "unknown",
+        extra={"frame_of_reference": str(first.get("FrameOfReferenceUID", ""))},
     )
 
 

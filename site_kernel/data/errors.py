@@ -25,6 +25,8 @@ QuarantineReason = Literal[
     "mixed_series",
     "missing_label",
     "label_mismatch",
+    "unmatched_label",
+    "duplicate_label",
 ]
 
 #: What the catalogue says about each reason ("3 files skipped: unreadable").
@@ -40,8 +42,10 @@ REASON_TEXT: dict[str, str] = {
     "header_size_mismatch": "header promises more data than the file holds",
     "inconsistent_spacing": "series with inconsistent slice spacing",
     "mixed_series": "series mixing incompatible slices",
-    "missing_label": "image without a label map",
+    "missing_label": "image without a label (label map, SEG or CSV row)",
     "label_mismatch": "label map does not match its image",
+    "unmatched_label": "segmentation of an image that is not there",
+    "duplicate_label": "second label for an image that already has one",
 }
 
 

@@ -8,10 +8,10 @@ Registration reads and checks every case once, then writes ``SITE/data/<name>/ma
 where they are; the manifest records their paths. Every input that cannot be used is quarantined with its reason
 in the manifest and in the site log ``SITE/logs/data.log``, and the rest stays usable.
 
-Pairing images with labels: a NIfTI image ``case01.nii.gz`` takes ``case01_seg.nii.gz`` (or ``_label``,
-``_labels``, ``_mask``) from the same folder, or ``case01.nii.gz`` / ``case01_seg.nii.gz`` from ``labels``. A DICOM
-series takes the NIfTI in ``labels`` named after the series' folder or its SeriesInstanceUID (with or without
-``_seg``). If any case has a label map, cases without one are quarantined (``missing_label``).
+Labels (see :mod:`site_kernel.data.pairing`): ``labels`` is a folder of NIfTI label maps and/or DICOM SEG files
+(SEG files may also sit in ``source``), or a CSV of per-case classes, which makes the dataset a classification
+dataset. Label maps beside NIfTI images are always looked for. If any case has a label, cases without one are
+quarantined (``missing_label``); so is a series whose SEG could not be used (the SEG itself under its own reason).
 
 Train/test split: patients (DICOM PatientID, else the case itself) are shuffled with ``seed`` and assigned to the
 test split until it holds ``test_fraction`` of the cases, so one patient's series never sit in both.
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter, defaultdict
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,6 +29,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from . import dicom
+from .classes import class_counts, is_class_table
 from .errors import InputRejected, RegistrationError
 from .manifest import (
     FORMAT_VERSION,
@@ -42,16 +42,26 @@ from .manifest import (
     write_manifest,
 )
 from .nifti import is_nifti, nifti_stem, read_nifti
+from .pairing import (
+    Candidate,
+    LabelFormat,
+    LabelSources,
+    Reject,
+    find_class,
+    find_label,
+    is_label_name,
+    open_labels,
+    pair_segmentations,
+)
+from .seg import SegReference, is_segmentation, read_label_map, read_reference
 from .sitelog import site_log
 from .volume import Volume, axcodes
-
-LABEL_SUFFIXES = ("_seg", "_label", "_labels", "_mask")
-_Reject = Callable[[list[Path], InputRejected], None]
 
 
 @dataclass(frozen=True)
 class DatasetSummary:
-    """What registration found. ``skipped`` counts quarantined files by reason."""
+    """What registration found. ``skipped`` counts quarantined files by reason; ``label_classes`` counts cases
+    per class: label values (``"1"``, ``"1 (liver)"`` with a SEG's segment label) or CSV classes."""
 
     name: str
     num_cases: int
@@ -61,17 +71,8 @@ class DatasetSummary:
     labelled: bool
     skipped: dict[str, int] = field(default_factory=dict)
     manifest_path: Path | None = None
-
-
-@dataclass
-class _Candidate:
-    """An image input before checking: one NIfTI file or the files of one DICOM series."""
-
-    format: str
-    paths: list[Path]
-    keys: list[str]  # names a label file may carry
-    group: str  # patient key for the split
-    headers: list[Dataset] = field(default_factory=list)
+    task: str = "segmentation"
+    label_classes: dict[str, int] = field(default_factory=dict)
 
 
 def register_dataset(
@@ -93,8 +94,12 @@ def register_dataset(
     site_dir, source = Path(site_dir), Path(source)
     if not source.is_dir():
         raise RegistrationError(f"source folder for dataset {name!r} does not exist; pass a folder of DICOM or NIfTI")
-    if labels is not None and not Path(labels).is_dir():
-        raise RegistrationError(f"labels folder for dataset {name!r} does not exist; pass a folder or None")
+    labels = Path(labels) if labels is not None else None
+    if labels is not None and not (labels.is_dir() or is_class_table(labels)):
+        raise RegistrationError(
+            f"labels folder or CSV for dataset {name!r} does not exist; pass a folder of label maps or SEG files, "
+            "a .csv file of classes, or None"
+        )
     if not 0.0 <= test_fraction < 1.0:
         raise RegistrationError(f"test_fraction must be in [0, 1), got {test_fraction}")
     quarantine: list[QuarantineEntry] = []
@@ -106,23 +111,18 @@ def register_dataset(
         if fresh:
             quarantine.append({"paths": fresh, "reason": error.reason, "detail": error.detail})
 
-    label_index = _index_labels(Path(labels)) if labels is not None else {}
-    candidates = _discover(source, Path(labels) if labels else None, reject)
-    cases: list[CaseEntry] = []
-    for candidate in candidates:
-        label_path = _find_label(candidate, label_index)
-        try:
-            volume, used = _check_image(candidate, reject)
-            values: list[int] = []
-            if label_path is not None:
-                values = sorted(int(v) for v in np.unique(align_label(read_nifti(label_path), volume)))
-        except InputRejected as error:
-            reject(candidate.paths, error)
-            continue
-        cases.append(_case_entry(candidate, used, volume, label_path, values, modality))
-    labelled = any(case["label"] for case in cases)
+    sources = open_labels(labels, reject)
+    candidates, segs = _discover(source, labels, reject)
+    if sources.classes is None:
+        pair_segmentations(candidates, segs + sources.segs, reject)
+    cases = [case for c in candidates if (case := _check_case(c, sources, modality, reject)) is not None]
+    if sources.classes is not None:
+        named = {key for c in candidates for key in c.keys}
+        site_log(site_dir, f"dataset={name} labels CSV rows={len(sources.classes)} "
+                           f"naming no image={sum(key not in named for key in sources.classes)}")
+    labelled = any(case["label"] or case.get("class_name") for case in cases)
     if labelled:
-        for case in [c for c in cases if not c["label"]]:
+        for case in [c for c in cases if not (c["label"] or c.get("class_name"))]:
             reject([Path(p) for p in case["files"]], InputRejected("missing_label"))
             cases.remove(case)
     skipped = dict(sorted(Counter(q["reason"] for q in quarantine for _ in q["paths"]).items()))
@@ -142,36 +142,45 @@ def register_dataset(
         "labelled": labelled, "cases": cases, "quarantine": quarantine, "skipped": skipped,
         "registered_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
+    if sources.classes is not None:
+        manifest["task"] = "classification"
     path = write_manifest(site_dir, manifest)
     num_test = sum(c["split"] == "test" for c in cases)
     site_log(site_dir, f"dataset={name} registered cases={len(cases)} test={num_test} skipped={skipped}")
     return DatasetSummary(
         name=name, num_cases=len(cases), num_train=len(cases) - num_test, num_test=num_test,
         modalities=sorted({c["modality"] for c in cases}), labelled=labelled, skipped=skipped, manifest_path=path,
+        task=manifest.get("task", "segmentation"), label_classes=class_counts(cases),
     )
 
 
-def _discover(source: Path, labels: Path | None, reject: _Reject) -> list[_Candidate]:
-    """Walk ``source`` in sorted order: NIfTI images one by one, DICOM files grouped by SeriesInstanceUID."""
-    candidates: list[_Candidate] = []
+def _discover(source: Path, labels: Path | None, reject: Reject) -> tuple[list[Candidate], list[SegReference]]:
+    """Walk ``source`` in sorted order: NIfTI images one by one, DICOM files grouped by SeriesInstanceUID, and
+    DICOM SEG objects set aside as labels (a SEG is never an image series of its own)."""
+    candidates: list[Candidate] = []
+    segs: list[SegReference] = []
     series: dict[str, list[tuple[Path, Dataset]]] = defaultdict(list)
     labels_root = labels.resolve() if labels else None
     for path in sorted(p for p in source.rglob("*") if p.is_file()):
         if any(part.startswith(".") for part in path.relative_to(source).parts):
             continue
-        if labels_root is not None and labels_root in path.resolve().parents:
+        if labels_root is not None and (path.resolve() == labels_root or labels_root in path.resolve().parents):
             continue
         if path.suffix.lower() == ".json" and any(path.with_name(path.stem + s).exists() for s in (".nii.gz", ".nii")):
             continue  # a NIfTI's sidecar, read with its image
         if is_nifti(path):
-            if not _is_label_name(path):
+            if not is_label_name(path):
                 stem = nifti_stem(path)
                 # The patient key must not depend on where the folder lives, or the split would move with it.
                 group = str(path.relative_to(source).with_name(stem))
-                candidates.append(_Candidate("nifti", [path], [stem], group=group))
+                candidates.append(Candidate("nifti", [path], [stem], group=group))
             continue
         try:
-            header = dicom.read_header(path)
+            ds = dicom.read_dataset(path)
+            if is_segmentation(ds):
+                segs.append(read_reference(path, ds))
+                continue
+            header = dicom.check_image_header(ds)
         except InputRejected as error:
             reject([path], error)
             continue
@@ -182,11 +191,44 @@ def _discover(source: Path, labels: Path | None, reject: _Reject) -> list[_Candi
         folders = {p.parent for p in paths}
         keys = [uid] + ([folders.pop().name] if len(folders) == 1 else [])
         patient = str(members[0][1].get("PatientID", "")) or uid
-        candidates.append(_Candidate("dicom", paths, keys, group=patient, headers=[h for _, h in members]))
-    return candidates
+        candidates.append(Candidate("dicom", paths, keys, group=patient, headers=[h for _, h in members]))
+    return candidates, segs
 
 
-def _check_image(candidate: _Candidate, reject: _Reject) -> tuple[Volume, list[Path]]:
+def _check_case(candidate: Candidate, sources: LabelSources, modality: str | None, reject: Reject) -> CaseEntry | None:
+    """Read one candidate and its label; quarantine what cannot be used and return the manifest entry otherwise."""
+    class_name = find_class(candidate, sources.classes) if sources.classes is not None else None
+    if sources.classes is not None and class_name is None:  # refused before any pixel is read
+        reject(candidate.paths, InputRejected("missing_label", "no row in the labels CSV"))
+        return None
+    label = None if sources.classes is not None else find_label(candidate, sources.nifti, reject)
+    names: dict[int, str] = {}
+    values: list[int] = []
+    try:
+        volume, used = _check_image(candidate, reject)
+        if label is not None and label[1] == "nifti":
+            values = _values(align_label(read_nifti(label[0]), volume))
+    except InputRejected as error:
+        reject(candidate.paths, error)
+        return None
+    if label is not None and label[1] == "dicom-seg":
+        try:
+            array, names = read_label_map(label[0], volume)
+        except InputRejected as error:
+            reject([label[0]], error)
+            reject(candidate.paths, InputRejected("missing_label", "its segmentation was quarantined"))
+            return None
+        values = _values(array)
+    entry = _case_entry(candidate, used, volume, label, values, modality)
+    if label is not None and label[1] == "dicom-seg":
+        entry["label_format"] = "dicom-seg"
+        entry["label_names"] = {str(number): text for number, text in sorted(names.items())}
+    if class_name is not None:
+        entry["class_name"] = class_name
+    return entry
+
+
+def _check_image(candidate: Candidate, reject: Reject) -> tuple[Volume, list[Path]]:
     """Read a candidate fully. Bad DICOM slices are quarantined one by one; the rest must still form a series."""
     if candidate.format == "nifti":
         return read_nifti(candidate.paths[0]), candidate.paths
@@ -205,47 +247,24 @@ def _check_image(candidate: _Candidate, reject: _Reject) -> tuple[Volume, list[P
     return volume, [p for p, _, _ in good]
 
 
-def _is_label_name(path: Path) -> bool:
-    return nifti_stem(path).lower().endswith(LABEL_SUFFIXES)
-
-
-def _base_key(stem: str) -> str:
-    for suffix in LABEL_SUFFIXES:
-        if stem.lower().endswith(suffix):
-            return stem[: -len(suffix)]
-    return stem
-
-
-def _index_labels(labels: Path) -> dict[str, Path]:
-    return {_base_key(nifti_stem(p)): p for p in sorted(labels.rglob("*")) if p.is_file() and is_nifti(p)}
-
-
-def _find_label(candidate: _Candidate, label_index: dict[str, Path]) -> Path | None:
-    if candidate.format == "nifti":
-        image = candidate.paths[0]
-        for suffix in LABEL_SUFFIXES:
-            for ext in (".nii.gz", ".nii"):
-                beside = image.with_name(nifti_stem(image) + suffix + ext)
-                if beside.is_file():
-                    return beside
-    for key in candidate.keys:
-        if key in label_index:
-            return label_index[key]
-    return None
+def _values(label_map: np.ndarray) -> list[int]:
+    return sorted(int(v) for v in np.unique(label_map))
 
 
 def _case_entry(
-    candidate: _Candidate, used: list[Path], volume: Volume, label: Path | None, values: list[int], modality: str | None
+    candidate: Candidate, used: list[Path], volume: Volume, label: tuple[Path, LabelFormat] | None,
+    values: list[int], modality: str | None,
 ) -> CaseEntry:
     found = volume.modality if volume.modality != "unknown" else (modality or "unknown")
+    label_path = label[0] if label else None
     return {
         "id": "", "split": "train", "format": "dicom" if candidate.format == "dicom" else "nifti",
-        "files": [str(p) for p in used], "label": str(label) if label else None,
+        "files": [str(p) for p in used], "label": str(label_path) if label_path else None,
         "modality": found.upper(), "vendor": volume.vendor,
         "shape": list(volume.shape), "spacing": [round(s, 4) for s in volume.spacing],
         "axcodes": axcodes(volume.affine), "label_values": values,
         "group": hashlib.sha256(candidate.group.encode()).hexdigest()[:16],
-        "fingerprint": fingerprint(used + ([label] if label else [])),
+        "fingerprint": fingerprint(used + ([label_path] if label_path else [])),
     }
 
 

@@ -1,8 +1,8 @@
 """A registered dataset's manifest: ``SITE/data/<name>/manifest.json``, the site's private record of its cases.
 
-The manifest lists every usable case (internal id, train/test split, file paths, geometry, vendor, label values)
-and every quarantined input with its reason. It never leaves the site: the public catalogue is derived from it
-with counts suppressed and identifiers dropped (:mod:`site_kernel.data.catalogue`).
+The manifest lists every usable case (internal id, train/test split, file paths, geometry, vendor, label values,
+segment names or class) and every quarantined input with its reason. It never leaves the site: the public
+catalogue is derived from it with counts suppressed and identifiers dropped (:mod:`site_kernel.data.catalogue`).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal, TypedDict
+from typing import Any, Literal, NotRequired, TypedDict
 
 import nibabel as nib
 import numpy as np
@@ -20,6 +20,7 @@ import numpy as np
 from .dicom import read_series
 from .errors import DatasetNotFound, InputRejected, RegistrationError
 from .nifti import read_nifti
+from .seg import read_label_map
 from .volume import Volume
 
 FORMAT_VERSION = 1
@@ -40,6 +41,12 @@ class CaseEntry(TypedDict):
     label_values: list[int]
     group: str
     fingerprint: str
+    #: How ``label`` is stored; absent in manifests written before DICOM SEG was read (then "nifti").
+    label_format: NotRequired[Literal["nifti", "dicom-seg"]]
+    #: Segment number (as a string) -> segment label, for label maps read from a DICOM SEG.
+    label_names: NotRequired[dict[str, str]]
+    #: The case's class in a classification dataset (a name or an integer, as the CSV gives it).
+    class_name: NotRequired[str | None]
 
 
 class QuarantineEntry(TypedDict):
@@ -60,6 +67,8 @@ class Manifest(TypedDict):
     quarantine: list[QuarantineEntry]
     skipped: dict[str, int]
     registered_at: str
+    #: "classification" when registered with a CSV of classes; absent (segmentation) otherwise.
+    task: NotRequired[Literal["segmentation", "classification"]]
 
 
 def check_name(name: str) -> str:
@@ -125,8 +134,11 @@ def load_case(case: CaseEntry) -> tuple[Volume, np.ndarray | None]:
     volume = read_series(paths) if case["format"] == "dicom" else read_nifti(paths[0])
     if case["modality"] != "unknown":
         volume.modality = case["modality"]
-    label = align_label(read_nifti(Path(case["label"])), volume) if case["label"] else None
-    return volume, label
+    if not case["label"]:
+        return volume, None
+    if case.get("label_format") == "dicom-seg":
+        return volume, read_label_map(Path(case["label"]), volume)[0]
+    return volume, align_label(read_nifti(Path(case["label"])), volume)
 
 
 def align_label(label: Volume, image: Volume) -> np.ndarray:

@@ -4,6 +4,9 @@
 >>> data.train_x.shape, data.train_y.dtype
 ((492, 1, 64, 64), dtype('int64'))
 
+With ``"task": "classification"`` in the contract, ``train_y``/``test_y`` are class indices int64 [N] from the
+contract's ``labels``: each slice carries its case's class (:mod:`site_kernel.data.classes`).
+
 The first call reads every case, applies the site's steps then the contract (:mod:`site_kernel.data.harmonise`)
 and caches the result (:mod:`site_kernel.data.cache`); later calls with the same contract, data and site steps
 load it. ``stats`` holds aggregate intensity histograms before and after harmonisation: numbers over all of the
@@ -20,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from . import cache
+from .classes import class_indices, segment_lookup
 from .contract import contract_hash, validate_contract
 from .errors import ContractError, InputRejected
 from .harmonise import MODES, Mode, harmonise_case
@@ -33,7 +37,8 @@ _SAMPLE = 4096  # voxels per case kept for the aggregate histograms
 
 @dataclass
 class PreparedData:
-    """Harmonised slices: images float32 ``[N, 1, H, W]``, label maps int64 ``[N, H, W]``."""
+    """Harmonised slices: images float32 ``[N, 1, H, W]``; label maps int64 ``[N, H, W]``, or class indices int64
+    ``[N]`` for a classification contract."""
 
     train_x: np.ndarray
     train_y: np.ndarray
@@ -70,6 +75,10 @@ def prepare(
         raise ContractError(f"harmonise must be one of {list(MODES)}, got {harmonise!r}", key="harmonise")
     manifest = read_manifest(site_dir, spec["dataset"])
     _check_dataset(manifest, spec)
+    classify = spec.get("task") == "classification"
+    # Every class is checked against the contract before any case is read, so a mismatch costs nothing.
+    classes = class_indices([str(c.get("class_name")) for c in manifest["cases"]], spec["labels"],
+                            manifest["name"]) if classify else {}
     steps = build_steps(site_steps)
     key = cache.cache_key(spec, manifest_hash(manifest), [s.spec() for s in steps], harmonise)
     hit = cache.load(site_dir, key)
@@ -87,14 +96,19 @@ def prepare(
             skipped += 1
             continue
         before.append(_sample(volume.array))
-        slices, maps = harmonise_case(volume, label, spec, steps=steps, mode=harmonise)
+        lookup = segment_lookup(case.get("label_names", {}), spec["labels"])
+        if label is not None and lookup is not None:
+            label = lookup[label]
+        slices, maps = harmonise_case(volume, None if classify else label, spec, steps=steps, mode=harmonise)
+        if classify:
+            maps = np.full(len(slices), classes[str(case.get("class_name"))], np.int64)
         parts[f"{case['split']}_x"].append(slices)
         parts[f"{case['split']}_y"].append(maps)
     height, width = spec["size"]
+    empty_y = (0,) if classify else (0, height, width)
     arrays = {
         name: np.concatenate(chunks) if chunks else np.zeros(
-            (0, 1, height, width) if name.endswith("x") else (0, height, width),
-            np.float32 if name.endswith("x") else np.int64,
+            (0, 1, height, width) if name.endswith("x") else empty_y, np.float32 if name.endswith("x") else np.int64,
         )
         for name, chunks in parts.items()
     }
@@ -121,6 +135,20 @@ def _check_dataset(manifest: Manifest, spec: dict[str, Any]) -> None:
         raise ContractError(
             f"dataset {manifest['name']!r} holds {refused} images but the contract asks for {spec['modality']}; "
             "widen the contract's modality or pick another dataset", key="modality", expected=str(found),
+        )
+    if spec.get("task") == "classification":
+        if manifest.get("task") != "classification":
+            raise ContractError(
+                f"dataset {manifest['name']!r} has no per-case classes, so it cannot serve a classification "
+                "contract; register it with a CSV of classes (flip-site data add NAME PATH --labels cases.csv)",
+                key="task", expected="a dataset registered with a labels CSV",
+            )
+        return
+    if manifest.get("task") == "classification":
+        raise ContractError(
+            f"dataset {manifest['name']!r} holds per-case classes, not label maps; declare "
+            "'task': 'classification' in the contract or pick a dataset with label maps",
+            key="task", expected="classification",
         )
     if len(spec["labels"]) > 1 and not manifest["labelled"]:
         raise ContractError(
