@@ -35,6 +35,11 @@ from .plots import dashboard_figure
 log = logging.getLogger("flip_lab")
 
 _CURVE_EVENTS = ("reply", "aggregate")
+_PARTS = ("headline", "progress", "states", "curves", "governance", "problems")  # the VBox's children, in order
+# The tables are plain HTML in HTML widgets, outside JupyterLab's rendered-HTML styles: without padding their
+# columns run together. Scoped to the dashboard by its class.
+_TABLE_STYLE = ("<style>.flip-lab-dashboard table th, .flip-lab-dashboard table td "
+                "{padding: 2px 14px 2px 0; vertical-align: top}</style>")
 
 
 def _in_ipython() -> bool:
@@ -56,13 +61,18 @@ class Dashboard:
     """A live view of ``job``: round progress, per-site states, curves, governance facts, errors.
 
     ``widget`` is the ipywidgets ``VBox``; its children are, in order: headline (HTML), round progress
-    (IntProgress), site states (HTML table), curves (Image, PNG), governance (HTML), errors (HTML).
+    (IntProgress), site states (HTML table), curves (Image, PNG), governance (HTML), errors (HTML). In the browser
+    the box carries the CSS class ``flip-lab-dashboard`` and each child ``flip-lab-dashboard-<part>`` (``headline``,
+    ``progress``, ``states``, ``curves``, ``governance``, ``problems``): stable hooks for styling and UI tests.
     """
 
-    def __init__(self, job: JobLike, *, min_interval: float = 0.5, dpi: int = 80) -> None:
+    def __init__(self, job: JobLike, *, min_interval: float = 0.5, dpi: int = 80, pixel_ratio: int = 2) -> None:
+        """``dpi``: screen pixels per inch of figure, so the curves show ``dpi`` × the figure's size in inches.
+        ``pixel_ratio``: PNG pixels per screen pixel; 2 keeps lines and labels sharp on HiDPI screens."""
         self.job = job
         self.min_interval = min_interval
         self.dpi = dpi
+        self.pixel_ratio = max(1, pixel_ratio)
         self.view = JobView(job_id=job.id, rounds=int(getattr(job, "rounds", 0) or 0),
                             plan_hash=str(getattr(job, "plan_hash", "") or ""))
         self.renders = 0
@@ -71,12 +81,16 @@ class Dashboard:
         self.progress = widgets.IntProgress(value=0, min=0, max=max(1, self.view.rounds), description="round",
                                             bar_style="info")
         self.states = widgets.HTML()
-        self.curves = widgets.Image(format="png", layout=widgets.Layout(max_width="900px"))
+        self.curves = widgets.Image(format="png", layout=widgets.Layout(max_width="100%"))
         self.governance = widgets.HTML()
         self.problems = widgets.HTML()
         self.widget = widgets.VBox([self.headline, self.progress, self.states, self.curves, self.governance,
                                     self.problems])
+        self.widget.add_class("flip-lab-dashboard")
+        for part, child in zip(_PARTS, self.widget.children, strict=True):
+            child.add_class(f"flip-lab-dashboard-{part}")
         self._handles: tuple[Any, Any] | None = None
+        self._curve_width: int | None = None  # screen pixels the curves are shown at, once drawn
         self._shown_in: int | None = None
         self._lock = threading.RLock()  # one writer of widget traits at a time
         self._draw_lock = threading.Lock()  # one matplotlib render at a time
@@ -113,7 +127,7 @@ class Dashboard:
             self.progress.max = max(1, view.rounds, view.released)
             self.progress.value = view.released
             self.progress.description = f"{view.released}/{view.rounds or '?'}"
-            self.states.value = _display.html_table(rows, columns=states)
+            self.states.value = _TABLE_STYLE + _display.html_table(rows, columns=states)
             self.governance.value = (
                 f"<details open><summary>governance: plan <code title='{html.escape(view.plan_hash)}'>"
                 f"{html.escape(view.plan_hash[:16] or 'unknown')}</code></summary>"
@@ -161,9 +175,13 @@ class Dashboard:
         try:
             with self._draw_lock:
                 frame = self.view.frame()
-                png = dashboard_figure(frame, _display.primary_metric(frame)).to_png(dpi=self.dpi)
+                figure = dashboard_figure(frame, _display.primary_metric(frame))
+                png = figure.to_png(dpi=self.dpi * self.pixel_ratio)
+                width = round(figure.get_figwidth() * self.dpi)
             with self._lock:
                 self.curves.value = png
+                self.curves.layout.width = f"{width}px"  # the PNG has pixel_ratio × as many pixels
+                self._curve_width = width
                 self.renders += 1
             return png
         except Exception:
@@ -228,7 +246,7 @@ class Dashboard:
             else:
                 from IPython.display import Image, display
 
-                figure = Image(data=png, format="png") if png else None
+                figure = Image(data=png, format="png", width=self._curve_width) if png else None
                 if self._handles is None:
                     display(*(o for o in (figure, summary) if o is not None))
                 else:

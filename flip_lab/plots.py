@@ -87,6 +87,11 @@ def learning_curves(history: pd.DataFrame, metric: str = "dice", phase: str = "e
     if not rows.empty:
         ax.xaxis.get_major_locator().set_params(integer=True)  # type: ignore[call-arg]
         ax.legend(loc="best", fontsize="small")
+        low, high = float(rows["value"].min()), float(rows["value"].max())
+        if low == high and low >= 0:
+            # matplotlib centres a constant on a ±0.04 range; a Dice of 0 would sit amid negative ticks.
+            top = max(1.0, 2 * high)
+            ax.set_ylim(-0.03 * top, 1.03 * top)
     ax.grid(alpha=0.3)
     fig = ax.get_figure(root=True)
     assert isinstance(fig, Figure)

@@ -17,6 +17,7 @@ from IPython.utils.capture import capture_output
 from flip_lab import Job
 from flip_lab.dashboard import Dashboard, show
 from flip_lab.display import JobView, site_rows
+from flip_lab.plots import dashboard_figure
 
 NOTEBOOKS = Path(__file__).parent / "notebooks"
 RECORDED = NOTEBOOKS / "recorded_job"  # a 3-site, 2-round job recorded on the local federation
@@ -231,3 +232,29 @@ def test_headless_notebook_keeps_the_final_state(tmp_path: Path) -> None:
     table = next(d["text/html"] for d in data if "text/html" in d)
     assert "completed, round 2/2" in table and "site1" in table
     assert "completed True" in nb.cells[3].outputs[0]["text"]
+
+
+def test_curves_are_drawn_at_twice_the_pixels_they_are_shown_at(tmp_path: Path, shell: InteractiveShell) -> None:
+    dash = Dashboard(replayed_job(tmp_path), dpi=80, pixel_ratio=2)
+    png = bytes(dash.curves.value)
+    width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")  # the PNG's IHDR
+    shown = int(dash.curves.layout.width.removesuffix("px"))
+    assert shown == 768  # the dashboard figure is 9.6 inches wide, at 80 screen pixels per inch
+    assert (width, height) == (2 * shown, 2 * round(3.4 * 80))
+    with capture_output() as out:
+        dash.finalize()
+    static = next(o for o in out.outputs if "image/png" in o.data)
+    assert static.metadata["image/png"]["width"] == shown  # the saved notebook's picture is shown as large
+
+
+@pytest.mark.parametrize(("value", "top"), [(0.0, 1.0), (0.9, 1.8)])
+def test_a_metric_that_stays_flat_is_drawn_from_zero(tmp_path: Path, value: float, top: float) -> None:
+    """A model that has learnt only the background keeps a Dice of 0: its curve must not float amid negative ticks."""
+    job = empty_job(tmp_path, rounds=3)
+    for r in (1, 2, 3):
+        for site in ("north", "east"):
+            job._apply({"type": "reply", "round": r, "phase": "evaluate", "site": site,
+                        "metrics": {"dice": value, "loss": 1 / r}, "num_examples": 4, "compute_s": 0.1, "t": T0 + r})
+    dice_axes, _loss = dashboard_figure(job.history, "dice").axes
+    low, high = dice_axes.get_ylim()
+    assert -0.05 * top < low <= 0 and high >= top

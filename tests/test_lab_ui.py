@@ -1,10 +1,12 @@
 """The FLIP Lab panel in a real JupyterLab, driven in headless Chromium (Debian's, never a downloaded build).
 
 One researcher's path: open Lab, open the panel, start a local federation of two sites from it, see them come
-online, run a notebook that defines a plan, dispatch it with the notebook toolbar's command, watch the job reach
-its last round in the panel, open its dashboard, reload Lab (the panel comes back where it was, with the job), and
-stop the federation. Screenshots go to test-artifacts/lab-ui/; the panel's picture becomes docs/images/panel.png
-(the README's) when there is none yet or FLIP_LAB_UPDATE_SCREENSHOTS=1.
+online, run a notebook that defines a plan, dispatch it with the notebook toolbar's command, open the job's live
+dashboard from the panel while it runs and watch its per-site curves grow round by round in the notebook while the
+panel follows the job to its last round, reload Lab (the panel comes back where it was, with the job), and stop the
+federation. Screenshots go to test-artifacts/lab-ui/; the pictures of the panel and of the dashboard become
+docs/images/panel.png and docs/images/dashboard.png (the README's) when there are none yet or
+FLIP_LAB_UPDATE_SCREENSHOTS=1.
 """
 
 from __future__ import annotations
@@ -14,10 +16,14 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import pytest
 from _jupyter import Jupyter, start_jupyter
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Locator
 
 REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = REPO / "test-artifacts" / "lab-ui"
@@ -30,12 +36,11 @@ pytestmark = [pytest.mark.browser, pytest.mark.e2e]
 
 
 def start_lab(tmp_path: Path, port: int | None = None) -> Jupyter:
-    """JupyterLab serving a folder with the dispatch notebook and its plan; quiet about news and updates, and with
-    the panel's sparkline set to the loss (the tiny test model's Dice stays at 0 on the small demo data)."""
+    """JupyterLab serving a folder with the dispatch notebook (which defines its plan); quiet about news and
+    updates, and with the panel's sparkline set to the loss (the setting overrides the Dice it picks by default)."""
     root = tmp_path / "lab"
     root.mkdir(exist_ok=True)
     shutil.copy(REPO / "tests" / "notebooks" / "dispatch_demo.ipynb", root)
-    shutil.copy(REPO / "tests" / "plans" / "tiny_plan.py", root)
     settings = tmp_path / "lab-settings"
     for plugin, values in [("@jupyterlab/apputils-extension/notification", {"fetchNews": "false",
                                                                            "checkForUpdates": False}),
@@ -115,13 +120,24 @@ def test_researcher_starts_a_federation_dispatches_a_plan_and_watches_it_finish(
             page.locator(".jp-Notebook .jp-CodeCell").first.click()
             page.keyboard.press("Control+Enter")
             expect(page.locator(".jp-OutputArea-output").first).to_contain_text(
-                "plan tiny_plan is ready to dispatch", timeout=60_000)
+                "plan lesions is ready to dispatch", timeout=60_000)
             page.locator(".jp-NotebookPanel-toolbar [data-command='flip-lab:dispatch']").click()
-            expect(panel.get_by_text("Dispatched plan 'tiny_plan' as job")).to_be_visible(timeout=90_000)
+            expect(panel.get_by_text("Dispatched plan 'lesions' as job")).to_be_visible(timeout=90_000)
             job = panel.locator(".jp-FlipLab-job").first
             expect(job).to_be_visible(timeout=30_000)
             expect(job.get_by_text("Running · ")).to_be_visible(timeout=60_000)
             page.screenshot(path=str(ARTIFACTS / "2-job-running.png"))
+
+            # "Open dashboard" while the job runs: the cell it inserts (and runs) ends with the job, which shows
+            # itself as the live dashboard widget; its per-site curves redraw as each round's replies land.
+            sites = panel.locator(".jp-FlipLab-siteName").all_inner_texts()
+            assert len(sites) == 2, sites
+            job.get_by_role("button", name="Open dashboard").click()
+            cells = page.locator(".jp-Notebook .jp-CodeCell")
+            expect(cells).to_have_count(2, timeout=15_000)
+            expect(cells.nth(1)).to_contain_text("flip_lab.attach(")
+            watch_dashboard(cells.nth(1), sites)
+
             expect(job.get_by_text("Completed · 3 of 3 rounds")).to_be_visible(timeout=300_000)
             expect(job.locator("svg.jp-FlipLab-sparkline path")).to_have_count(1)
             expect(job.locator(".jp-FlipLab-metricValue")).to_contain_text("loss")
@@ -131,11 +147,6 @@ def test_researcher_starts_a_federation_dispatches_a_plan_and_watches_it_finish(
             panel.get_by_role("button", name="Dismiss").click()
             expect(panel.get_by_text("Dispatched plan")).to_have_count(0)
             panel.locator(".jp-FlipLab-body").screenshot(path=str(ARTIFACTS / "panel.png"))
-
-            # "Open dashboard" puts the re-attach code into the notebook.
-            job.get_by_role("button", name="Open dashboard").click()
-            expect(page.locator(".jp-Notebook .jp-CodeCell")).to_have_count(2, timeout=15_000)
-            expect(page.locator(".jp-Notebook .jp-CodeCell").nth(1)).to_contain_text("flip_lab.attach(")
 
             # A reload restores the layout: the panel is open again and shows the finished job.
             page.reload()
@@ -156,11 +167,47 @@ def test_researcher_starts_a_federation_dispatches_a_plan_and_watches_it_finish(
     ours = [e for e in console_errors if "flip" in e.lower()]
     assert not page_errors, f"unhandled errors in the page: {page_errors}"
     assert not ours, f"the panel logged errors: {ours}"
-    readme_image = REPO / "docs" / "images" / "panel.png"
-    if not readme_image.exists() or os.environ.get("FLIP_LAB_UPDATE_SCREENSHOTS") == "1":
-        readme_image.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(ARTIFACTS / "panel.png", readme_image)
+    for picture in ("panel.png", "dashboard.png"):
+        readme_image = REPO / "docs" / "images" / picture
+        if not readme_image.exists() or os.environ.get("FLIP_LAB_UPDATE_SCREENSHOTS") == "1":
+            readme_image.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(ARTIFACTS / picture, readme_image)
     print(f"UI path took {time.monotonic() - t0:.0f} s")
+
+
+def watch_dashboard(cell: Locator, sites: list[str]) -> None:
+    """The live dashboard in ``cell``'s output, followed to the job's end: its site rows name every site, its round
+    counter climbs, and its curve image is redrawn between round 2 and round 3. Its picture is saved as
+    dashboard.png."""
+    from playwright.sync_api import expect
+
+    dashboard = cell.locator(".jp-OutputArea-output .flip-lab-dashboard")
+    expect(dashboard).to_be_visible(timeout=60_000)
+    headline = dashboard.locator(".flip-lab-dashboard-headline")
+    states = dashboard.locator(".flip-lab-dashboard-states tbody tr")
+    curves = dashboard.locator("img.flip-lab-dashboard-curves")
+    expect(headline).to_contain_text("round 2/3", timeout=240_000)  # two rounds released while it runs
+    expect(headline).to_contain_text("running")
+    expect(states).to_have_count(len(sites))
+    for name in sites:
+        expect(states.filter(has_text=name)).to_have_count(1)
+    expect(curves).to_be_visible()
+    # The image's src is a blob URL made from the PNG the kernel sent: a new src is a redrawn figure.
+    drawn_at_round_2 = curves.get_attribute("src")
+    assert drawn_at_round_2
+    expect(headline).to_contain_text("completed, round 3/3", timeout=120_000)
+    expect(dashboard.locator(".flip-lab-dashboard-progress")).to_contain_text("3/3")
+    # When the job ends the kernel draws the curves once more, then writes the static summary under the widget
+    # (what a saved notebook keeps): once that summary is here, the widget holds the final curves.
+    expect(cell.locator(".jp-OutputArea-output").filter(has_text="aggregate at round 3")).to_have_count(
+        1, timeout=30_000)
+    expect(curves).not_to_have_attribute("src", drawn_at_round_2)
+    expect(states.filter(has_text="done")).to_have_count(len(sites))
+    cell.page.wait_for_function("img => img.complete", arg=curves.element_handle(), timeout=10_000)
+    size = curves.evaluate("img => [img.naturalWidth, img.naturalHeight, img.clientWidth, img.clientHeight]")
+    assert min(size) > 100, f"the curve image did not render: natural and shown size {size}"
+    dashboard.scroll_into_view_if_needed()
+    dashboard.screenshot(path=str(ARTIFACTS / "dashboard.png"))
 
 
 def test_panel_says_when_the_server_is_gone_and_recovers_by_itself(lab: list[Jupyter], tmp_path):
