@@ -43,6 +43,9 @@ class Job:
         self.status = "pending"
         self.message = ""
         self.events: list[dict[str, Any]] = []
+        # Each event once: a job folder may be followed by two processes at a time (a notebook's kernel and the
+        # Jupyter server's panel), so its events.jsonl, and the stream position, can repeat events.
+        self._seen: set[str] = set()
         self._history = History()
         self.site_states: dict[str, dict[str, Any]] = {}
         self.errors: list[dict[str, Any]] = []
@@ -88,6 +91,10 @@ class Job:
 
     def _apply(self, event: dict[str, Any], *, persist: bool = True) -> None:
         with self._lock:
+            identity = json.dumps(event, sort_keys=True)
+            if identity in self._seen:
+                return
+            self._seen.add(identity)
             kind = event.get("type")
             self.events.append(event)
             if kind == "job_started":
