@@ -21,7 +21,8 @@ SERVER_APP = "flip_lab.hub.server_app:app"
 CLIENT_APP = "flip_lab.hub.client_app:app"
 
 
-def bundle(plan: BuiltPlan) -> bytes:
+def bundle(plan: BuiltPlan, *, resume_from: int = 0) -> bytes:
+    """The Flower bundle (FAB) of a plan; ``resume_from`` names a job whose last released round it continues."""
     slug = re.sub(r"[^a-z0-9-]+", "-", plan.name.lower()).strip("-") or "plan"
     pyproject = {
         "build-system": {"requires": ["hatchling"], "build-backend": "hatchling.build"},
@@ -41,6 +42,7 @@ def bundle(plan: BuiltPlan) -> bytes:
                         "flip-plan-source": plan.source,
                         "flip-plan-spec": json.dumps(plan.spec, sort_keys=True),
                         "flip-init-weights": base64.b64encode(plan.weights).decode(),
+                        "flip-resume-from": str(resume_from),
                     },
                 }
             }

@@ -102,6 +102,27 @@ class UpdateRejected(TypedDict):
     t: float
 
 
+class SecureAggregation(TypedDict):
+    """One securely aggregated round: who took part, who dropped out and whose masks were recovered."""
+
+    type: Literal["secure_aggregation"]
+    round: int
+    participants: list[str]
+    dropped: list[str]
+    recovered: list[str]
+    threshold: int
+    t: float
+
+
+class JobResumed(TypedDict):
+    """A job continuing an interrupted one (``Federation.resume``) from the round that job last released."""
+
+    type: Literal["job_resumed"]
+    round: int
+    from_job: int
+    t: float
+
+
 class JobFinished(TypedDict):
     type: Literal["job_finished"]
     status: Literal["completed", "failed", "cancelled"]
@@ -118,5 +139,7 @@ Event = (
     | RoundDiscarded
     | SiteError
     | UpdateRejected
+    | SecureAggregation
+    | JobResumed
     | JobFinished
 )

@@ -20,6 +20,12 @@ def main() -> None:
         if not (workdir / STATE).exists():
             return
         time.sleep(0.5)
+    try:  # the state file has the current PIDs (a restarted hub has a new one)
+        import json
+
+        pids = sorted(set(pids) | set(json.loads((workdir / STATE).read_text()).get("pids", [])))
+    except (OSError, ValueError):
+        pass
     stop_pids(pids)
     (workdir / STATE).unlink(missing_ok=True)
 

@@ -35,8 +35,13 @@ SCHEMA: dict[str, Key] = {
     "expected_sites": Key(int, 0, "sites to wait for before starting (0: min_sites)", 0),
     "strategy_options": Key(dict, {}, "extra keyword arguments for the strategy class"),
     "robust": Key(dict, {}, "update screening: norm_factor (default 5), weight_cap_factor (default 3)"),
+    "secure_aggregation": Key(
+        bool, False, "the hub sees only the sum of the sites' masked updates (fedavg and fedprox only; the sites "
+        "bound their own updates, the hub screens none)"),
     "extra": Key(dict, {}, "any further plain values handed to train()/evaluate() in their config"),
 }
+
+SUM_STRATEGIES = ("fedavg", "fedprox")  # strategies that need only the weighted sum of the updates
 
 
 def validate(values: dict[str, Any]) -> dict[str, Any]:
@@ -55,6 +60,14 @@ def validate(values: dict[str, Any]) -> dict[str, Any]:
         if spec.min is not None and value < spec.min:
             raise ConfigError(key, f">= {spec.min:g}", value)
         config[key] = value
+    if config["secure_aggregation"] and config["strategy"].strip().lower() not in SUM_STRATEGIES:
+        raise ConfigError(
+            "secure_aggregation",
+            f"false with strategy {config['strategy']!r}: secure aggregation gives the hub only the sum of the "
+            f"updates, enough for {' and '.join(SUM_STRATEGIES)}; median, trimmed mean, Krum and FedAdam need each "
+            "update (choose one of those strategies, or turn secure_aggregation off)",
+            True,
+        )
     if config["expected_sites"] == 0:
         config["expected_sites"] = config["min_sites"]
     if config["strategy"] == "fedprox":

@@ -88,6 +88,51 @@ class Federation:
         _OPEN_JOBS[store.resolve()] = job
         return job
 
+    def resume(self, job_id: int) -> Job:
+        """Continue a job that stopped with its hub (a crash, a restart) from its last released round.
+
+        The hub keeps the model it released after every round; the new job starts from it with the same plan and
+        settings (so the same approvals hold at the sites) and runs the remaining rounds, numbered as in the
+        original study, so the sites' seeds and privacy ledgers see the same rounds. Its history starts with the
+        original job's released rounds. FedAdam jobs cannot resume (their optimiser state lived in the hub).
+        """
+        import json
+
+        from .errors import FlipError
+
+        old = self.job(job_id)
+        store = self._job_dir(job_id)
+        try:
+            source, spec = (store / "plan.py").read_text(), json.loads((store / "spec.json").read_text())
+        except FileNotFoundError as err:
+            raise FlipError(f"job {job_id} was not submitted from here ({store} has no plan): resume it where it "
+                            "was submitted") from err
+        built = Plan.from_source(source, name=spec["name"], contract=spec["contract"]).build(spec["config"])
+        if built.hash != spec["plan_hash"]:
+            raise FlipError(f"job {job_id}'s plan no longer builds to its hash here; submit the study again")
+        released = max((int(e["round"]) for e in old.events if e["type"] == "aggregate" and e["phase"] == "train"),
+                       default=0)
+        if not old.done:
+            import httpx
+
+            try:  # the restarted hub may still list the interrupted run as running
+                self._client.stop_run(job_id)
+            except httpx.HTTPError:
+                pass
+            old._settle("failed", "interrupted: the hub stopped; resumed as a new job")
+        run_id = self._client.start_run(bundle(built, resume_from=job_id))
+        new_store = self._job_dir(run_id)
+        new_store.mkdir(parents=True, exist_ok=True)
+        kept = [e for e in old.events if e["type"] not in ("job_started", "job_finished")
+                and int(e.get("round", 0)) <= released and e["type"] != "site_state"]
+        (new_store / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in kept))
+        (new_store / "plan.py").write_text(built.source)
+        (new_store / "spec.json").write_text(json.dumps(built.spec, indent=1))
+        job = Job(self._client, run_id, new_store, rounds=int(built.spec["config"]["rounds"]), plan_hash=built.hash)
+        self._jobs[run_id] = job
+        _OPEN_JOBS[new_store.resolve()] = job
+        return job
+
     def jobs(self) -> list[RunInfo]:
         return self._client.list_runs()
 

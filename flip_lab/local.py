@@ -27,6 +27,7 @@ from .provision import HubCerts, is_loopback
 
 STATE = "federation.json"
 HUB_START_TIMEOUT = 30.0
+HUB_DATABASE = "superlink.db"  # the hub's state (sites, runs), so that a restarted hub knows its sites
 SITE_START_TIMEOUT = 60.0
 
 
@@ -73,7 +74,7 @@ def _join(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def hub_command(host: str, port: int, certs: HubCerts | None) -> list[str]:
+def hub_command(host: str, port: int, certs: HubCerts | None, database: Path | None = None) -> list[str]:
     """``flower-superlink`` for a hub on ``host:port``: TLS and node authentication with ``certs``, plain HTTP only
     on loopback.
 
@@ -86,6 +87,10 @@ def hub_command(host: str, port: int, certs: HubCerts | None) -> list[str]:
             f"--site NAME ...` and start the hub with `--certs DIR/hub`")
     cmd = [str(Path(sys.executable).with_name("flower-superlink")), "--host", host, "--port", str(port),
            "--isolation", "subprocess", "--disable-runtime-dependency-installation"]
+    if database is not None:
+        # Sites keep their node ids across a hub restart only if the SuperLink's state outlives its process: with
+        # Flower's default in-memory state, a restarted hub no longer knows its sites and they never come back.
+        cmd += ["--database", str(database)]
     if certs is None:
         return [*cmd, "--insecure"]
     return [*cmd, "--ssl-certfile", str(certs.cert), "--ssl-keyfile", str(certs.key), "--ssl-ca-certfile",
@@ -231,7 +236,7 @@ class LocalFederation(Federation):
             hub_dir.mkdir(exist_ok=True)
             with open(hub_dir / "superlink.log", "ab") as out:
                 hub = subprocess.Popen(
-                    hub_command(listen_host, hub_port, hub_certs),
+                    hub_command(listen_host, hub_port, hub_certs, hub_dir / HUB_DATABASE),
                     stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
                     env=_flower_env(hub_dir), cwd=hub_dir,
                 )
@@ -329,6 +334,48 @@ class LocalFederation(Federation):
             except psutil.NoSuchProcess:
                 pass
         _reap()
+
+    def kill_hub(self) -> None:
+        """Stop the hub abruptly (SIGKILL, its ServerApps included), as a crash would: for fault drills and tests."""
+        import psutil
+
+        pid = self.state["hub_pid"]
+        try:
+            family = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            family = []
+        for proc in family:
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(family, timeout=10)  # reaps the hub when this process started it
+        _reap()
+
+    def restart_hub(self, timeout: float = 120.0) -> None:
+        """Start the hub again on its port and state (after a crash or ``kill_hub``); waits until every site is
+        back online. Jobs that were running are not restarted by themselves: ``fed.resume(job_id)`` continues one from its
+        last released round."""
+        if _alive(self.state["hub_pid"]):
+            raise FederationError(f"the hub of {self.workdir} is still running (pid {self.state['hub_pid']})")
+        if self.state.get("ca"):
+            raise FederationError("restarting a hub with certificates: use `flip-lab up --certs` on its folder")
+        hub_dir = self.workdir / "hub"
+        port = int(self.state["hub_port"])
+        with open(hub_dir / "superlink.log", "ab") as out:
+            hub = subprocess.Popen(
+                hub_command(self.state.get("hub_host", "127.0.0.1"), port, None, hub_dir / HUB_DATABASE),
+                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                env=_flower_env(hub_dir), cwd=hub_dir,
+            )
+        pids = [p for p in self.state["pids"] if p != self.state["hub_pid"]] + [hub.pid]
+        self.state.update(hub_pid=hub.pid, pids=pids)
+        _write_state(self.workdir, self.state)
+        dial = _dial_host(self.state.get("hub_host", "127.0.0.1"))
+        _wait_for(lambda: _listening(port, dial), HUB_START_TIMEOUT, hub, "the hub did not start listening again",
+                  hub_dir / "superlink.log")
+        _wait_for(lambda: all(site["online"] for site in self.sites()), timeout, hub,
+                  "the sites did not all reconnect to the restarted hub", self.workdir / "sites")
 
     def shutdown(self) -> None:
         """Stop the hub and every site by PID; nothing is left listening."""

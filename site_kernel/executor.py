@@ -25,6 +25,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRec
 from flip_lab._packing import pack, unpack_arrays
 
 from . import _flower_runtime as rt
+from . import secagg
 from .approvals import ApprovalStore, plan_hash
 from .audit import AuditLog
 from .egress import check_reply
@@ -71,6 +72,7 @@ class Executor:
         self._lock = threading.Lock()
         self._settings_mtime = 0.0
         self._last_refresh = 0.0
+        self._secagg: dict[int, secagg.SecAggClient] = {}  # the current job's secure-aggregation state
 
     # -- the loop ----------------------------------------------------------------------------------
     def serve(self, stop: threading.Event, poll_s: float = 0.02) -> None:
@@ -158,8 +160,11 @@ class Executor:
             source, spec, digest = self._read_plan(run_config, fab_content, run_id)
             state = self._approval_state(digest, source, spec, policy, run_id)
             if op == "query":
+                if state == "approved" and _query_op(message).startswith("secagg_"):
+                    return self._secagg_step(message, policy, spec, run_id)
                 if state == "approved":
-                    refused = self._dp_refusal_at_hello(policy, spec, run_id)
+                    refused = (self._dp_refusal_at_hello(policy, spec, run_id)
+                               or self._secagg_refusal_at_hello(policy, spec, run_id))
                     if refused is not None:
                         return self._reply(message, config={"approval": "refused", "detail": refused,
                                                             "policy": policy.label})
@@ -251,6 +256,9 @@ class Executor:
         if ledger is not None:  # the site's [dp], never the plan's: clip, noise, and say what was spent
             result.arrays, clipped = privatize(arrays, result.arrays, ledger.rules)
             site_metrics = {"dp_epsilon": ledger.epsilon_after(1), "dp_clip_norm": ledger.rules.clip_norm}
+        secure = op == "train" and _secure(spec)
+        if secure:  # the hub cannot screen a masked update: bound it here, before the egress check sees it
+            result.arrays, update = self._secagg_bound(policy, spec, arrays, result.arrays, run_id, round_)
         decision = check_reply(
             sent_shapes={k: tuple(v.shape) for k, v in arrays.items()},
             sent_dtypes={k: str(v.dtype) for k, v in arrays.items()},
@@ -266,7 +274,10 @@ class Executor:
         metrics = dict(decision.metrics)
         metrics["num-examples"] = num_examples
         content = {"metrics": MetricRecord(metrics)}
-        if op == "train":
+        if secure:  # only the masked vector leaves; the egress check above saw the bounded update in the clear
+            masked = self._secagg_mask(message, spec, arrays, update, num_examples, run_id, round_)
+            content["arrays"] = pack(ArrayRecord({secagg.MASKED: Array(masked)}))
+        elif op == "train":
             content["arrays"] = pack(ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in result.arrays.items()}))
         return self._reply(message, config={"approval": "approved", "compute_s": result.compute_s,
                                             "started_at": result.started_at}, **content)
@@ -327,6 +338,71 @@ class Executor:
                           budget=rules.epsilon_budget, noise_multiplier=rules.noise_multiplier,
                           clip_norm=rules.clip_norm, clipped=clipped)
 
+    # -- secure aggregation (site_kernel.secagg; the study's setting, the site's bound) ---------------
+    def _secagg_limit(self, policy: SitePolicy, spec: dict) -> float | None:
+        dims = sum(int(np.prod(shape, dtype=np.int64)) for shape in spec["model_shapes"].values())
+        return secagg.update_bound(policy.secagg_max_update_norm, policy.dp, dims)
+
+    def _secagg_refusal_at_hello(self, policy: SitePolicy, spec: dict, run_id: int) -> str | None:
+        """Why this site cannot join a secure-aggregation job (it has no update bound), else ``None``."""
+        if not _secure(spec) or self._secagg_limit(policy, spec) is not None:
+            return None
+        reason = (f"site {self.settings.name} has no update bound for secure aggregation (under it the hub "
+                  "cannot screen updates); its data owner can set [secure_aggregation] max_update_norm or [dp]")
+        self.audit.append("secagg_refused", run_id=run_id, op="query", reason=reason)
+        return reason
+
+    def _secagg_client(self, policy: SitePolicy, spec: dict, run_id: int, node_id: int) -> secagg.SecAggClient:
+        client = self._secagg.get(run_id)
+        if client is None:
+            bound = self._secagg_limit(policy, spec)
+            if bound is None:
+                raise Refusal("secure_aggregation", self._secagg_refusal_at_hello(policy, spec, run_id) or "")
+            client = secagg.SecAggClient(node_id, bound)
+            self._secagg = {run_id: client}  # one job at a time: older jobs' secrets go
+        return client
+
+    def _secagg_step(self, message: Message, policy: SitePolicy, spec: dict, run_id: int) -> Message:
+        """One of the hub's key-setup or unmasking queries; see :mod:`site_kernel.secagg`."""
+        op = _query_op(message)
+        round_ = int(message.content.config_records["config"].get("server-round", 0))
+        if not _secure(spec):
+            raise Refusal("secure_aggregation", f"site {self.settings.name}: this job does not use secure "
+                                                "aggregation", audit="secagg_refused")
+        client = self._secagg_client(policy, spec, run_id, message.metadata.dst_node_id)
+        record = dict(message.content.config_records.get("secagg", {}))
+        try:
+            answer = secagg.answer(client, op, round_, record)
+        except secagg.SecAggError as err:
+            raise Refusal("secure_aggregation", f"site {self.settings.name}: {err}", audit="secagg_refused") from None
+        if op == "secagg_unmask":  # what the hub may now rebuild, for the data owner's record
+            self.audit.append("secagg_reveal", run_id=run_id, round=round_,
+                              seeds=sum(k.startswith("seed.") for k in answer),
+                              keys=sum(k.startswith("key.") for k in answer))
+        return self._reply(message, config={"approval": "approved"}, secagg=ConfigRecord(answer))
+
+    def _secagg_bound(self, policy: SitePolicy, spec: dict, sent: dict, trained: dict, run_id: int,
+                      round_: int) -> tuple[dict, dict]:
+        bound = self._secagg_limit(policy, spec)
+        if bound is None:
+            raise Refusal("secure_aggregation", self._secagg_refusal_at_hello(policy, spec, run_id) or "")
+        arrays, update, clipped = secagg.bound_update(sent, trained, bound)
+        self.audit.append("secagg_bound", run_id=run_id, round=round_, bound=bound, clipped=clipped)
+        return arrays, update
+
+    def _secagg_mask(self, message: Message, spec: dict, sent: dict, update: dict, weight: int, run_id: int,
+                     round_: int) -> np.ndarray:
+        client = self._secagg.get(run_id)
+        record = dict(message.content.config_records.get("secagg", {}))
+        if client is None or not record:
+            raise Refusal("secure_aggregation", f"site {self.settings.name}: no secure-aggregation key setup "
+                                                f"for round {round_}; nothing was sent", audit="secagg_refused")
+        try:
+            return client.mask(round_, secagg.parse_nodes(record.get("participants", "")), secagg.unkeyed("ct", record),
+                               secagg.flatten(update, secagg.float_keys(sent)), weight)
+        except secagg.SecAggError as err:
+            raise Refusal("secure_aggregation", f"site {self.settings.name}: {err}", audit="secagg_refused") from None
+
     # -- replies -----------------------------------------------------------------------------------
     def _reply(self, message: Message, *, config: dict[str, Any], **records: Any) -> Message:
         info = {"site": self.settings.name, "audit_head": self.audit.head(), **config}
@@ -335,6 +411,15 @@ class Executor:
     def _error(self, message: Message, kind: str, text: str) -> Message:
         kind = kind if _SAFE_NAME.match(kind) else "site_error"
         return Message(Error(code=ERROR_CODE, reason=f"{kind}: {text}"[:500]), reply_to=message)
+
+
+def _query_op(message: Message) -> str:
+    config = message.content.config_records.get("config")
+    return str(config.get("op", "hello")) if config is not None else "hello"
+
+
+def _secure(spec: dict) -> bool:
+    return bool(spec.get("config", {}).get("secure_aggregation", False))
 
 
 def serve_forever(site_dir: Path, settings: SiteSettings, runtime_address: str, stop: threading.Event) -> None:

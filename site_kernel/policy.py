@@ -3,8 +3,10 @@
 ``SITE/policy.toml`` says who approves plans, which strategies the site joins, how many examples
 must stand behind a reply, which metrics may leave, the sandbox's resource limits, what happens
 to researcher output and, optionally, the differential privacy the site applies to its updates
-(``[dp]``, see :mod:`site_kernel.privacy`). The shipped ``policy_default.toml`` documents every
-key and supplies the value of any key a site leaves out (``[dp]`` excepted: it has no defaults).
+(``[dp]``, see :mod:`site_kernel.privacy`) and the norm bound it enforces under secure aggregation
+(``[secure_aggregation]``, see :mod:`site_kernel.secagg`). The shipped ``policy_default.toml`` documents every
+key and supplies the value of any key a site leaves out (``[dp]`` and ``[secure_aggregation]`` excepted: they have no
+defaults).
 A site without a policy runs nothing (:class:`~site_kernel.errors.PolicyMissing`).
 
 Example::
@@ -19,7 +21,7 @@ from __future__ import annotations
 import math
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -92,6 +94,9 @@ class SitePolicy:
     accept_weaker_isolation: bool
     source: Path | None = None
     dp: DpRules | None = None
+    # [secure_aggregation] max_update_norm: the bound this site enforces on its own update under secure
+    # aggregation (where the hub cannot screen updates); None: [dp]'s clip sets it, or the site refuses such jobs.
+    secagg_max_update_norm: float | None = None
 
     @property
     def label(self) -> str:
@@ -151,8 +156,11 @@ def load_policy(site_dir: Path) -> SitePolicy:
     # validated on its own, and the rest of the file as before.
     given = dict(given)
     dp = _dp_rules(given.pop("dp")) if "dp" in given else None
+    # [secure_aggregation] likewise: its one key has no safe default (a bound suits one model, not all).
+    secagg = _secagg_bound(given.pop("secure_aggregation")) if "secure_aggregation" in given else None
     defaults = tomllib.loads(default_policy_text())
-    return _build(_merge(defaults, given, prefix=""), source=path, dp=dp)
+    policy = _build(_merge(defaults, given, prefix=""), source=path, dp=dp)
+    return replace(policy, secagg_max_update_norm=secagg) if secagg is not None else policy
 
 
 def _merge(defaults: Mapping[str, Any], given: Mapping[str, Any], *, prefix: str) -> dict[str, Any]:
@@ -227,6 +235,22 @@ def _dp_rules(section: Any) -> DpRules:
     if values["delta"] >= 1.0:
         raise _wrong("dp.delta", "a number strictly between 0 and 1", section["delta"])
     return DpRules(**values)
+
+
+def _secagg_bound(section: Any) -> float | None:
+    """Validate ``[secure_aggregation]``: only ``max_update_norm``, a positive finite number, optional."""
+    if not isinstance(section, dict):
+        raise PolicyError("policy.toml: `secure_aggregation` must be a table ([secure_aggregation])",
+                          key="secure_aggregation")
+    unknown = sorted(set(section) - {"max_update_norm"})
+    if unknown:
+        raise PolicyError(
+            f"policy.toml: unknown key `secure_aggregation.{unknown[0]}` (known here: max_update_norm)",
+            key=f"secure_aggregation.{unknown[0]}",
+        )
+    if "max_update_norm" not in section:
+        return None
+    return _positive(section, "max_update_norm", prefix="secure_aggregation.")
 
 
 # Hand-written checks rather than a schema library: TOML already yields native types, and these few

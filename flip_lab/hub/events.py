@@ -45,6 +45,18 @@ class EventSink:
                 fh.write(line + "\n")
         return event
 
+    def checkpoint(self, arrays: dict[str, np.ndarray], round_: int) -> None:
+        """Keep the model released at ``round_`` in the run's folder, replacing the previous one atomically, so a
+        job interrupted by a hub crash can resume from it (``load_checkpoint``)."""
+        if self.record_dir is None:
+            return
+        from safetensors.numpy import save_file
+
+        tmp = self.record_dir / "checkpoint.safetensors.tmp"
+        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp),
+                  metadata={"round": str(round_)})
+        tmp.replace(self.record_dir / "checkpoint.safetensors")
+
     def emit_weights(self, arrays: dict[str, np.ndarray], round_: int) -> None:
         """Stream the released global model as base64 safetensors in numbered chunks."""
         from safetensors.numpy import save
@@ -56,3 +68,13 @@ class EventSink:
         if self.record_dir is not None:
             (self.record_dir / "final_weights.b64").write_text(blob)
         sys.stdout.flush()
+
+
+def load_checkpoint(record_dir: Path) -> tuple[dict[str, np.ndarray], int]:
+    """The last released model of a run and its round; ``FileNotFoundError`` if no round was released."""
+    from safetensors import safe_open
+
+    path = record_dir / "checkpoint.safetensors"
+    with safe_open(str(path), framework="np") as fh:
+        round_ = int((fh.metadata() or {}).get("round", 0))
+        return {k: fh.get_tensor(k) for k in fh.keys()}, round_  # noqa: SIM118 (safe_open is not a dict)

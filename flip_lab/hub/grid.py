@@ -3,15 +3,19 @@
 Flower's ``send_and_receive`` polls the SuperLink every 3 s and returns only when every reply is in; FLIP Lab wraps
 the run's Grid so that Flower's own strategies keep working unchanged while (a) replies are polled every 50 ms,
 (b) each reply is turned into an event for the researcher as it lands, (c) a site that goes offline or fails stops
-being waited for, and (d) only the sites that approved this plan are ever sampled.
+being waited for, and (d) only the sites that approved this plan are ever sampled; with secure aggregation, (e) each train round starts
+with the key setup of ``flip_lab.hub.secagg``.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 from flwr.app import Message
 from flwr.serverapp import Grid
 
@@ -19,6 +23,9 @@ from .._packing import is_packed, pack, unpack
 from .events import EventSink
 
 POLL_S = 0.05
+# Tests set this for the hub's process: every array the hub receives from a site is written under it, so a test can
+# assert on exactly what the hub saw (e.g. that secure aggregation showed it no individual update).
+RECORD_ENV = "FLIP_HUB_RECORD_RECEIVED"
 
 
 class NotEnoughSites(RuntimeError):
@@ -59,6 +66,7 @@ class StreamingGrid:
         site_names: dict[int, str],
         min_sites: int,
         on_reply: Callable[[Message, str], None] | None = None,
+        secagg: Any = None,
     ) -> None:
         self._grid = grid
         self.sink = sink
@@ -67,6 +75,7 @@ class StreamingGrid:
         self.on_reply = on_reply
         self.current_round = 0
         self.dropped: set[int] = set()
+        self.secagg = secagg  # a flip_lab.hub.secagg.SecureAggregator when the study uses secure aggregation
 
     def __getattr__(self, name: str) -> Any:  # everything not overridden goes to Flower's grid
         return getattr(self._grid, name)
@@ -101,6 +110,8 @@ class StreamingGrid:
             if record is not None and not is_packed(record):  # strategies share one RecordDict among messages
                 msg.content["arrays"] = pack(record)
             self.sink.emit("site_state", round=round_, site=self.name(msg.metadata.dst_node_id), state=state)
+        if self.secagg is not None and phase == "train":  # key setup first; sites that miss it sit the round out
+            messages = self.secagg.prepare(round_, messages)
         waiting = dict(zip(self._grid.push_messages(messages), (m.metadata.dst_node_id for m in messages)))
         deadline = time.monotonic() + (timeout if timeout is not None else 3600.0)
         replies: list[Message] = []
@@ -114,6 +125,7 @@ class StreamingGrid:
                     for key, record in list(reply.content.array_records.items()):
                         if is_packed(record):
                             reply.content[key] = unpack(record)
+                    self._record_received(reply, node, phase, round_)
                 replies.append(reply)
                 self._report(reply, node, phase, round_)
             if waiting and time.monotonic() >= next_liveness_check:
@@ -121,13 +133,25 @@ class StreamingGrid:
                 next_liveness_check = time.monotonic() + 2.0
             if waiting:
                 time.sleep(POLL_S)
+        # A site that missed the deadline sits this round out but is asked again next round: a slow site is not a
+        # dead one (a dead one is dropped when it goes offline), and its late reply to this round is never read.
         for node in waiting.values():
-            self.dropped.add(node)
             self.sink.emit(
                 "site_error", round=round_, phase=phase, site=self.name(node), kind="timeout",
                 message=f"no reply within {timeout:g} s; the round goes on without this site",
             )
         return replies
+
+    def _record_received(self, reply: Message, node: int, phase: str, round_: int) -> None:
+        folder = os.environ.get(RECORD_ENV)
+        if not folder:
+            return
+        from safetensors.numpy import save_file
+
+        out = Path(folder) / str(self._grid.run.run_id) / f"round-{round_}" / phase / self.name(node)
+        out.mkdir(parents=True, exist_ok=True)
+        for key, record in reply.content.array_records.items():
+            save_file({k: np.ascontiguousarray(v.numpy()) for k, v in record.items()}, str(out / f"{key}.safetensors"))
 
     def _drop_offline(self, waiting: dict[str, int], phase: str, round_: int) -> None:
         online = set(self._grid.get_node_ids())

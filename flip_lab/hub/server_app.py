@@ -18,9 +18,11 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from .events import EventSink
+from ..config import SUM_STRATEGIES
+from .events import EventSink, load_checkpoint
 from .grid import POLL_S, NotEnoughSites, StreamingGrid, parse_site_error, site_info
 from .robust import RobustConfig
+from .secagg import SecureAggregator
 from .strategies import RoundBelowMinimum, make_strategy
 
 app = ServerApp()
@@ -35,12 +37,14 @@ def load_weights(blob: str) -> dict[str, np.ndarray]:
 class HubRun:
     """One study on the hub. ``spec`` is the plan's JSON spec; see ``flip_lab.plan.Plan.spec``."""
 
-    def __init__(self, grid: Grid, spec: dict[str, Any], weights: dict[str, np.ndarray], sink: EventSink):
+    def __init__(self, grid: Grid, spec: dict[str, Any], weights: dict[str, np.ndarray], sink: EventSink, *,
+                 resume: tuple[dict[str, np.ndarray], int] | None = None, resume_from: int = 0):
         self.grid = grid
         self.spec = spec
         self.config = spec["config"]
         self.weights = weights
         self.sink = sink
+        self.resume, self.resume_from = resume, resume_from
         self.min_sites = int(self.config["min_sites"])
 
     # -- discovery and approval ------------------------------------------------------------------
@@ -138,16 +142,21 @@ class HubRun:
         strategy = None
         try:
             sites = self.approvals()
-            grid = StreamingGrid(self.grid, self.sink, site_names=sites, min_sites=self.min_sites)
+            secure = self._secure_aggregator(sites)
+            grid = StreamingGrid(self.grid, self.sink, site_names=sites, min_sites=self.min_sites, secagg=secure)
             strategy = make_strategy(cfg["strategy"], n_sites=len(sites), options=dict(cfg.get("strategy_options", {})))
             strategy.setup_flip(sink=self.sink, min_sites=self.min_sites, reference=self.weights,
-                                robust=RobustConfig.from_dict(cfg.get("robust", {})))
-            initial = ArrayRecord(OrderedDict((k, Array(v)) for k, v in self.weights.items()))
+                                robust=RobustConfig.from_dict(cfg.get("robust", {})), secagg=secure)
+            start, weights = self._resume_point(strategy)
+            initial = ArrayRecord(OrderedDict((k, Array(v)) for k, v in weights.items()))
             # The plan's own config travels in its spec (``train_config``), checked against the hash at each site;
             # the messages carry only the operation and Flower's ``server-round``.
             train_cfg = ConfigRecord({"op": "train"})
             eval_cfg = ConfigRecord({"op": "evaluate"})
-            strategy.start(grid=grid, initial_arrays=initial, num_rounds=int(cfg["rounds"]),
+            if start >= int(cfg["rounds"]):
+                self._finish(strategy, "completed", "all rounds were released before the hub stopped")
+                return
+            strategy.start(grid=grid, initial_arrays=initial, num_rounds=int(cfg["rounds"]) - start,
                            timeout=float(cfg["round_timeout"]), train_config=train_cfg, evaluate_config=eval_cfg)
         except (NotEnoughSites, RoundBelowMinimum) as err:
             self._finish(strategy, "failed", str(err))
@@ -156,6 +165,32 @@ class HubRun:
             self._finish(strategy, "failed", f"the hub failed: {type(err).__name__}: {err}")
             return
         self._finish(strategy, "completed", "all rounds released")
+
+    def _resume_point(self, strategy: Any) -> tuple[int, dict[str, np.ndarray]]:
+        """Where this run starts: round 0 with the plan's weights, or, resuming a job, its last released round."""
+        if self.resume is None:
+            return 0, self.weights
+        weights, released = self.resume
+        if str(self.config["strategy"]).strip().lower() == "fedadam":
+            raise RuntimeError("a fedadam job cannot resume: its optimiser state lived only in the stopped hub")
+        if set(weights) != set(self.weights) or any(weights[k].size != v.size for k, v in self.weights.items()):
+            raise RuntimeError("the checkpoint does not match this plan's model; submit the study again")
+        # Aggregation hands scalars (BatchNorm's counter) back as shape (1,): restore the declared shapes.
+        weights = {k: np.asarray(weights[k]).reshape(v.shape) for k, v in self.weights.items()}
+        strategy.round_offset = released
+        strategy.released, strategy.released_round = dict(weights), released
+        self.sink.emit("job_resumed", round=released, from_job=self.resume_from)
+        return released, weights
+
+    def _secure_aggregator(self, sites: dict[int, str]) -> SecureAggregator | None:
+        """With ``secure_aggregation`` on, the driver of its key setup and unmasking (``flip_lab.hub.secagg``)."""
+        if not self.config.get("secure_aggregation", False):
+            return None
+        if str(self.config["strategy"]).strip().lower() not in SUM_STRATEGIES:  # submit refuses it too
+            raise RuntimeError(f"secure aggregation works with {', '.join(SUM_STRATEGIES)} only, not "
+                               f"{self.config['strategy']!r}")
+        return SecureAggregator(self.grid, self.sink, site_names=sites, min_sites=self.min_sites,
+                                reference=self.weights, timeout=float(self.config["round_timeout"]))
 
     def _finish(self, strategy: Any, status: str, message: str) -> None:
         released = getattr(strategy, "released_round", 0) if strategy is not None else 0
@@ -173,4 +208,16 @@ def main(grid: Grid, context: Context) -> None:
     weights = load_weights(str(context.run_config["flip-init-weights"]))
     hub_dir = os.environ.get("FLIP_HUB_DIR")
     record_dir = Path(hub_dir) / "runs" / str(grid.run.run_id) if hub_dir else None
-    HubRun(grid, spec, weights, EventSink(record_dir)).run()
+    sink = EventSink(record_dir)
+    resume_from = int(str(context.run_config.get("flip-resume-from", "0")) or 0)
+    resume = None
+    if resume_from:
+        if hub_dir is None:
+            sink.emit("job_finished", status="failed", rounds_completed=0,
+                      message="this hub keeps no checkpoints (no FLIP_HUB_DIR): the job cannot resume")
+            return
+        try:
+            resume = load_checkpoint(Path(hub_dir) / "runs" / str(resume_from))
+        except FileNotFoundError:  # the job stopped before releasing any round: start it from the beginning
+            resume = (weights, 0)
+    HubRun(grid, spec, weights, sink, resume=resume, resume_from=resume_from).run()

@@ -48,8 +48,10 @@ class FlipChecks:
     robust: RobustConfig
 
     def setup_flip(
-        self, *, sink: EventSink, min_sites: int, reference: dict[str, np.ndarray], robust: RobustConfig
+        self, *, sink: EventSink, min_sites: int, reference: dict[str, np.ndarray], robust: RobustConfig,
+        secagg: Any = None,
     ) -> None:
+        self.secagg = secagg  # a flip_lab.hub.secagg.SecureAggregator: the hub sees sums, never updates
         self.sink = sink
         self.min_sites = min_sites
         self.reference = reference
@@ -60,10 +62,23 @@ class FlipChecks:
     def _site(self, msg: Message) -> str:
         return str(site_info(msg).get("site", f"node-{msg.metadata.src_node_id}"))
 
+    # A resumed job continues at round ``round_offset + 1``: Flower's loop counts from 1, the sites, the events
+    # and the checkpoints see the study's own round numbers.
+    round_offset = 0
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: Any, grid: Any) -> Any:
+        return super().configure_train(server_round + self.round_offset, arrays, config, grid)  # type: ignore[misc]
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: Any, grid: Any) -> Any:
+        return super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)  # type: ignore[misc]
+
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round += self.round_offset
         replies = [m for m in replies if not m.has_error()]
+        if getattr(self, "secagg", None) is not None:
+            return self._aggregate_secure(server_round, replies)
         updates = {}
         for msg in replies:
             record = next(iter(msg.content.array_records.values()), None)
@@ -93,10 +108,29 @@ class FlipChecks:
         cast = {k: np.asarray(v.numpy()).astype(self.reference[k].dtype) for k, v in arrays.items()}
         self.released = cast
         self.released_round = server_round
+        self.sink.checkpoint(self.released, server_round)
         self._emit_aggregate(server_round, "train", metrics, accepted)
         return ArrayRecord({k: Array(v) for k, v in cast.items()}), metrics
 
+    def _aggregate_secure(
+        self, server_round: int, replies: list[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Secure aggregation: no update to screen (each site bounded its own), only the unmasked weighted mean
+        update of the survivors; released = previous model + mean update, integer buffers as they were."""
+        replies = sorted(replies, key=self._site)
+        mean = self.secagg.aggregate(server_round, replies)  # SecAggDiscarded (a RoundBelowMinimum) if it cannot
+        self._require_minimum(server_round, "train", replies)
+        metrics = self.train_metrics_aggr_fn([m.content for m in replies], self.weighted_by_key)  # type: ignore[attr-defined]
+        released = {k: (v.astype(np.float64) + mean[k]).astype(v.dtype) if k in mean else v
+                    for k, v in self.released.items()}
+        self.released = released
+        self.released_round = server_round
+        self.sink.checkpoint(self.released, server_round)
+        self._emit_aggregate(server_round, "train", metrics, replies)
+        return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in released.items()}), metrics
+
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        server_round += self.round_offset
         replies = sorted((m for m in replies if not m.has_error()), key=self._site)
         self._require_minimum(server_round, "evaluate", replies)
         metrics = super().aggregate_evaluate(server_round, replies)  # type: ignore[misc]
