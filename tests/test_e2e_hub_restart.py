@@ -1,4 +1,4 @@
-"""Faults with real processes: a straggler's late reply, and the hub killed mid-study and started again (sites come
+"""Faults with real processes: a straggler's late reply, a poisoned update, and the hub killed mid-study and started again (sites come
 back, the job resumes from its last released round)."""
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def test_a_stragglers_late_reply_is_ignored_and_it_rejoins_the_next_round(fed, t
     sizes = dict(zip(train.site, train.value.astype(int)))
     assert len(set(sizes.values())) == len(sizes) == 3, "the slow site is picked by its size"
     slow = max(sizes, key=sizes.get)
-    plan = flip_lab.Plan.from_file(PLANS / "straggler_plan.py")
+    plan = flip_lab.Plan.from_file(PLANS / "fault_plan.py")
 
     job = fed.submit(plan, rounds=2, min_sites=2, expected_sites=3, round_timeout=30,
                      extra={"straggler_examples": sizes[slow], "straggler_delay_s": 45}).wait(timeout=600)
@@ -46,6 +46,23 @@ def test_a_stragglers_late_reply_is_ignored_and_it_rejoins_the_next_round(fed, t
     aggregates = {e["round"]: e for e in job.events if e["type"] == "aggregate" and e["phase"] == "train"}
     assert sorted(aggregates[1]["contributors"]) == sorted(set(sizes) - {slow})
     assert sorted(aggregates[2]["contributors"]) == sorted(sizes), "the straggler is back for round 2"
+
+
+def test_a_poisoned_update_from_a_real_site_is_rejected_and_the_attacker_named(fed, tiny_plan):
+    plan = flip_lab.Plan.from_file(PLANS / "fault_plan.py")
+    sizing = fed.submit(plan, rounds=1, expected_sites=3, round_timeout=240).wait(timeout=600)
+    train = sizing.history[(sizing.history.phase == "train") & (sizing.history.metric == "num_examples")]
+    sizes = dict(zip(train.site, train.value.astype(int)))
+    attacker = min(sizes, key=sizes.get)
+
+    job = fed.submit(plan, rounds=2, min_sites=2, expected_sites=3, round_timeout=240,
+                     extra={"poison_examples": sizes[attacker]}).wait(timeout=600)
+
+    rejected = [e for e in job.events if e["type"] == "update_rejected"]
+    assert {(e["site"], e["round"]) for e in rejected} == {(attacker, 1), (attacker, 2)}
+    assert all("norm" in e["reason"] for e in rejected)
+    weights = job.final_weights()
+    assert all(torch.isfinite(w.float()).all() and w.float().abs().max() < 1e3 for w in weights.values())
 
 
 def test_a_study_interrupted_by_a_hub_crash_resumes_with_identical_weights(fed, tiny_plan):

@@ -1,4 +1,5 @@
-"""The tiny plan, except that the site holding ``straggler_examples`` training examples is slow in round 1."""
+"""The tiny plan with two faults for drills, each at the site holding a given number of training examples: it is slow
+in round 1 (``straggler_examples``, ``straggler_delay_s``), or it sends a model scaled by 1e6 (``poison_examples``)."""
 
 import time
 
@@ -27,6 +28,10 @@ def train(model, data, config):
     opt.zero_grad()
     loss.backward()
     opt.step()
+    if data.num_train == config.get("poison_examples"):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(1e6)
     return {"loss": float(loss)}
 
 
