@@ -22,6 +22,25 @@ from flwr.serverapp import Grid
 from .._packing import is_packed, pack, unpack
 from .events import EventSink
 
+TRANSIENT_S = 30.0  # how long the hub keeps asking its SuperLink after a server-side error before giving up
+
+
+def pull_replies(grid: Grid, message_ids: list[str]) -> Iterable[Message]:
+    """``grid.pull_messages``, riding out the SuperLink's transient server errors (e.g. its state database busy
+    under load) for up to ``TRANSIENT_S`` seconds: asking again is harmless, and a study should not fail on one."""
+    import httpx
+
+    deadline = time.monotonic() + TRANSIENT_S
+    delay = 0.2
+    while True:
+        try:
+            return grid.pull_messages(message_ids)
+        except httpx.HTTPStatusError as err:
+            if err.response.status_code < 500 or time.monotonic() > deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 2.0)
+
 POLL_S = 0.05
 # Tests set this for the hub's process: every array the hub receives from a site is written under it, so a test can
 # assert on exactly what the hub saw (e.g. that secure aggregation showed it no individual update).
@@ -117,7 +136,7 @@ class StreamingGrid:
         replies: list[Message] = []
         next_liveness_check = time.monotonic() + 2.0
         while waiting and time.monotonic() < deadline:
-            for reply in self._grid.pull_messages(list(waiting)):
+            for reply in pull_replies(self._grid, list(waiting)):
                 node = waiting.pop(reply.metadata.reply_to_message_id, None)
                 if node is None:  # a straggler's reply to an older message: ignore it
                     continue

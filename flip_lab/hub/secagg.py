@@ -29,7 +29,7 @@ from flwr.serverapp import Grid
 from site_kernel import secagg as sa
 
 from .events import EventSink
-from .grid import POLL_S, parse_site_error
+from .grid import POLL_S, parse_site_error, pull_replies
 from .strategies import RoundBelowMinimum
 
 
@@ -181,7 +181,7 @@ class SecureAggregator:
         answers: dict[int, dict[str, Any]] = {}
         deadline = time.monotonic() + self.timeout
         while waiting and time.monotonic() < deadline:
-            for reply in self.grid.pull_messages(list(waiting)):
+            for reply in pull_replies(self.grid, list(waiting)):
                 node = waiting.pop(reply.metadata.reply_to_message_id, None)
                 if node is None:
                     continue

@@ -20,7 +20,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from ..config import SUM_STRATEGIES
 from .events import EventSink, load_checkpoint
-from .grid import POLL_S, NotEnoughSites, StreamingGrid, parse_site_error, site_info
+from .grid import POLL_S, NotEnoughSites, StreamingGrid, parse_site_error, pull_replies, site_info
 from .robust import RobustConfig
 from .secagg import SecureAggregator
 from .strategies import RoundBelowMinimum, make_strategy
@@ -55,7 +55,7 @@ class HubRun:
         replies: dict[int, Message] = {}
         deadline = time.monotonic() + float(self.config["round_timeout"])
         while waiting and time.monotonic() < deadline:
-            for reply in self.grid.pull_messages(list(waiting)):
+            for reply in pull_replies(self.grid, list(waiting)):
                 node = waiting.pop(reply.metadata.reply_to_message_id, None)
                 if node is not None:
                     replies[node] = reply
