@@ -20,6 +20,7 @@ benchmark is about time, not learning. Results: ``bench/results/privacy_cost.{js
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -52,7 +53,7 @@ SETTINGS = {  # name -> (dp at the sites, secure aggregation)
 def round_times(events: list[dict[str, Any]]) -> list[float]:
     """Wall time of each round after the first: evaluation aggregate to evaluation aggregate, at the hub."""
     done = sorted(e["t"] for e in events if e["type"] == "aggregate" and e["phase"] == "evaluate")
-    return [b - a for a, b in zip(done, done[1:])]
+    return [b - a for a, b in itertools.pairwise(done)]
 
 
 def set_policies(fed: LocalFederation, *, dp: bool) -> None:

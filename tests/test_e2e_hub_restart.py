@@ -34,18 +34,20 @@ def test_a_stragglers_late_reply_is_ignored_and_it_rejoins_the_next_round(fed, t
     slow = max(sizes, key=sizes.get)
     plan = flip_lab.Plan.from_file(PLANS / "fault_plan.py")
 
-    job = fed.submit(plan, rounds=2, min_sites=2, expected_sites=3, round_timeout=30,
-                     extra={"straggler_examples": sizes[slow], "straggler_delay_s": 45}).wait(timeout=600)
+    # Slow in round 2, once every site's worker is warm, so that only the straggler can miss the deadline.
+    job = fed.submit(plan, rounds=3, min_sites=2, expected_sites=3, round_timeout=60,
+                     extra={"straggler_examples": sizes[slow], "straggler_round": 2,
+                            "straggler_delay_s": 75}).wait(timeout=900)
 
     assert job.status == "completed"
     timeouts = [e for e in job.errors if e["type"] == "site_error" and e["kind"] == "timeout"]
-    assert (slow, 1, "train") in {(e["site"], e["round"], e["phase"]) for e in timeouts}
-    assert all(e["site"] == slow and e["round"] == 1 for e in timeouts)
+    assert (slow, 2, "train") in {(e["site"], e["round"], e["phase"]) for e in timeouts}
+    assert all(e["site"] == slow and e["round"] == 2 for e in timeouts)
     replies = {(e["round"], e["phase"], e["site"]) for e in job.events if e["type"] == "reply"}
-    assert (1, "train", slow) not in replies, "the late reply to round 1 is never read"
+    assert (2, "train", slow) not in replies, "the late reply to round 2 is never read"
     aggregates = {e["round"]: e for e in job.events if e["type"] == "aggregate" and e["phase"] == "train"}
-    assert sorted(aggregates[1]["contributors"]) == sorted(set(sizes) - {slow})
-    assert sorted(aggregates[2]["contributors"]) == sorted(sizes), "the straggler is back for round 2"
+    assert sorted(aggregates[2]["contributors"]) == sorted(set(sizes) - {slow})
+    assert sorted(aggregates[3]["contributors"]) == sorted(sizes), "the straggler is back for round 3"
 
 
 def test_a_poisoned_update_from_a_real_site_is_rejected_and_the_attacker_named(fed, tiny_plan):

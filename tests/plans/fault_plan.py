@@ -1,5 +1,6 @@
 """The tiny plan with two faults for drills, each at the site holding a given number of training examples: it is slow
-in round 1 (``straggler_examples``, ``straggler_delay_s``), or it sends a model scaled by 1e6 (``poison_examples``)."""
+in round ``straggler_round`` (``straggler_examples``, ``straggler_delay_s``), or it sends a model scaled by 1e6
+(``poison_examples``)."""
 
 import time
 
@@ -20,7 +21,7 @@ def model():
 
 
 def train(model, data, config):
-    if config.get("server-round") == 1 and data.num_train == config.get("straggler_examples"):
+    if config.get("server-round") == config.get("straggler_round") and data.num_train == config.get("straggler_examples"):
         time.sleep(float(config["straggler_delay_s"]))
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
     model.train()
