@@ -56,13 +56,23 @@ class Federation:
         source, its imports and names, and that ``model()`` builds.
         """
         built = plan if isinstance(plan, BuiltPlan) else plan.build({**(config or {}), **settings})
-        run_id = self._client.start_run(bundle(built))
-        job = Job(self._client, run_id, self._job_dir(run_id), rounds=int(built.spec["config"]["rounds"]),
-                  plan_hash=built.hash)
-        (job.store / "plan.py").write_text(built.source)
-        (job.store / "spec.json").write_text(__import__("json").dumps(built.spec, indent=1))
+        return self._start(built)
+
+    def _start(self, built: BuiltPlan, *, resume_from: int = 0, history: list[dict[str, Any]] | None = None) -> Job:
+        """Start a run of ``built`` at the hub and follow it from a job folder holding its plan (and ``history``,
+        the events it carries over from an interrupted job)."""
+        import json
+
+        run_id = self._client.start_run(bundle(built, resume_from=resume_from))
+        store = self._job_dir(run_id)
+        store.mkdir(parents=True, exist_ok=True)
+        if history:
+            (store / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in history))
+        (store / "plan.py").write_text(built.source)
+        (store / "spec.json").write_text(json.dumps(built.spec, indent=1))
+        job = Job(self._client, run_id, store, rounds=int(built.spec["config"]["rounds"]), plan_hash=built.hash)
         self._jobs[run_id] = job
-        _OPEN_JOBS[job.store.resolve()] = job
+        _OPEN_JOBS[store.resolve()] = job
         return job
 
     def _job_dir(self, job_id: int) -> Path:
@@ -93,8 +103,8 @@ class Federation:
 
         The hub keeps the model it released after every round; the new job starts from it with the same plan and
         settings (so the same approvals hold at the sites) and runs the remaining rounds, numbered as in the
-        original study, so the sites' seeds and privacy ledgers see the same rounds. Its history starts with the
-        original job's released rounds. FedAdam jobs cannot resume (their optimiser state lived in the hub).
+        original study, so the sites' per-round seeds are the same. Released rounds are not trained (nor charged to
+        a site's privacy budget) again. Its history starts with the original job's released rounds. FedAdam jobs cannot resume (their optimiser state lived in the hub).
         """
         import json
 
@@ -120,18 +130,9 @@ class Federation:
             except httpx.HTTPError:
                 pass
             old._settle("failed", "interrupted: the hub stopped; resumed as a new job")
-        run_id = self._client.start_run(bundle(built, resume_from=job_id))
-        new_store = self._job_dir(run_id)
-        new_store.mkdir(parents=True, exist_ok=True)
-        kept = [e for e in old.events if e["type"] not in ("job_started", "job_finished")
-                and int(e.get("round", 0)) <= released and e["type"] != "site_state"]
-        (new_store / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in kept))
-        (new_store / "plan.py").write_text(built.source)
-        (new_store / "spec.json").write_text(json.dumps(built.spec, indent=1))
-        job = Job(self._client, run_id, new_store, rounds=int(built.spec["config"]["rounds"]), plan_hash=built.hash)
-        self._jobs[run_id] = job
-        _OPEN_JOBS[new_store.resolve()] = job
-        return job
+        kept = [e for e in old.events if e["type"] not in ("job_started", "job_finished", "site_state")
+                and int(e.get("round", 0)) <= released]
+        return self._start(built, resume_from=job_id, history=kept)
 
     def jobs(self) -> list[RunInfo]:
         return self._client.list_runs()

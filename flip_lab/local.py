@@ -97,6 +97,16 @@ def hub_command(host: str, port: int, certs: HubCerts | None, database: Path | N
             str(certs.ca), "--enable-supernode-auth"]
 
 
+def _launch_hub(hub_dir: Path, host: str, port: int, certs: HubCerts | None) -> subprocess.Popen[bytes]:
+    """Start ``flower-superlink`` in a session of its own, its state in ``hub_dir``, its output in superlink.log."""
+    with open(hub_dir / "superlink.log", "ab") as out:
+        return subprocess.Popen(
+            hub_command(host, port, certs, hub_dir / HUB_DATABASE),
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            env=_flower_env(hub_dir), cwd=hub_dir,
+        )
+
+
 def _flower_env(hub_dir: Path | None = None) -> dict[str, str]:
     env = dict(os.environ)
     # The SuperLink starts Flower's own helpers (flower-superexec, flwr-serverapp) by name: use this environment's.
@@ -234,12 +244,7 @@ class LocalFederation(Federation):
                          ca=str(hub_certs.ca.resolve()) if hub_certs else None)
             hub_dir = workdir / "hub"
             hub_dir.mkdir(exist_ok=True)
-            with open(hub_dir / "superlink.log", "ab") as out:
-                hub = subprocess.Popen(
-                    hub_command(listen_host, hub_port, hub_certs, hub_dir / HUB_DATABASE),
-                    stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-                    env=_flower_env(hub_dir), cwd=hub_dir,
-                )
+            hub = _launch_hub(hub_dir, listen_host, hub_port, hub_certs)
             pids.append(hub.pid)
             state["hub_pid"] = hub.pid
             _write_state(workdir, state)
@@ -362,12 +367,7 @@ class LocalFederation(Federation):
             raise FederationError("restarting a hub with certificates: use `flip-lab up --certs` on its folder")
         hub_dir = self.workdir / "hub"
         port = int(self.state["hub_port"])
-        with open(hub_dir / "superlink.log", "ab") as out:
-            hub = subprocess.Popen(
-                hub_command(self.state.get("hub_host", "127.0.0.1"), port, None, hub_dir / HUB_DATABASE),
-                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-                env=_flower_env(hub_dir), cwd=hub_dir,
-            )
+        hub = _launch_hub(hub_dir, self.state.get("hub_host", "127.0.0.1"), port, None)
         pids = [p for p in self.state["pids"] if p != self.state["hub_pid"]] + [hub.pid]
         self.state.update(hub_pid=hub.pid, pids=pids)
         _write_state(self.workdir, self.state)
@@ -401,13 +401,9 @@ def _site_bundles(certs: Path, n_sites: int) -> list[Path]:
 
 def _adopt_bundle(site_dir: Path, bundle: Path) -> None:
     """Give a simulated site a provisioned identity: its CA certificate and key pair, as `flip-site init --certs`."""
-    import dataclasses
+    from site_kernel.settings import install_certs, record_identity
 
-    from site_kernel.settings import install_certs, load_settings, write_settings
-
-    identity = install_certs(site_dir, bundle)
-    write_settings(site_dir, dataclasses.replace(load_settings(site_dir), auth_key=identity["auth_key"],
-                                                 root_certificates=identity["root_certificates"]))
+    record_identity(site_dir, install_certs(site_dir, bundle))
 
 
 def _register(address: str, certs: HubCerts, hub: subprocess.Popen[bytes], hub_dir: Path) -> dict[str, int]:

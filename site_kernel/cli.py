@@ -25,10 +25,8 @@ from .errors import SiteKernelError
 
 
 def _cmd_init(args: argparse.Namespace) -> int:
-    import dataclasses
-
     from .provision import init_site
-    from .settings import SettingsError, install_certs, load_settings, write_settings
+    from .settings import SettingsError, install_certs, record_identity
 
     site_dir = Path(args.site)
     identity: dict[str, str] = {}
@@ -40,9 +38,7 @@ def _cmd_init(args: argparse.Namespace) -> int:
         raise SettingsError("give the site a name (--name NAME), or pass its bundle (--certs BUNDLE), which names it")
     site = init_site(site_dir, name=name, hub=hub, demo=args.demo)
     if identity:
-        settings = dataclasses.replace(load_settings(site), root_certificates=identity["root_certificates"],
-                                       auth_key=identity["auth_key"])
-        write_settings(site, settings)
+        settings = record_identity(site, identity)
         print(f"identity: TLS with {site / settings.root_certificates}, key {site / settings.auth_key} (mode 0600)")
     print(f"site {name} created in {site}, hub {hub}")
     print(f"policy: {site / 'policy.toml'} ({'automatic approval (demo only)' if args.demo else 'manual approval'})")

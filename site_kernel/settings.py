@@ -9,7 +9,7 @@ import os
 import shutil
 import stat
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -127,3 +127,12 @@ def install_certs(site_dir: Path, bundle: Path) -> dict[str, str]:
     return {"name": str(meta["name"]), "hub": str(meta["hub"]),
             "root_certificates": f"{CERTS_DIR}/{names['root_certificates']}",
             "auth_key": f"{CERTS_DIR}/{names['auth_key']}"}
+
+
+def record_identity(site_dir: Path, identity: dict[str, str]) -> SiteSettings:
+    """Point ``site.toml`` at the certificates that :func:`install_certs` copied (``identity`` is what it returned)."""
+    settings = replace(load_settings(site_dir), root_certificates=identity["root_certificates"],
+                       auth_key=identity["auth_key"])
+    write_settings(site_dir, settings)
+    return settings
+
