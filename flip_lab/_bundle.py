@@ -21,8 +21,9 @@ SERVER_APP = "flip_lab.hub.server_app:app"
 CLIENT_APP = "flip_lab.hub.client_app:app"
 
 
-def bundle(plan: BuiltPlan, *, resume_from: int = 0) -> bytes:
-    """The Flower bundle (FAB) of a plan; ``resume_from`` names a job whose last released round it continues."""
+def bundle(plan: BuiltPlan, *, resume_from: int = 0, study: int = 0) -> bytes:
+    """The Flower bundle (FAB) of a plan; ``resume_from`` names a job whose last released round it continues, and
+    ``study`` the first job of the study (sites count a study's privacy spend once, over all the jobs carrying it)."""
     slug = re.sub(r"[^a-z0-9-]+", "-", plan.name.lower()).strip("-") or "plan"
     pyproject = {
         "build-system": {"requires": ["hatchling"], "build-backend": "hatchling.build"},
@@ -43,6 +44,7 @@ def bundle(plan: BuiltPlan, *, resume_from: int = 0) -> bytes:
                         "flip-plan-spec": json.dumps(plan.spec, sort_keys=True),
                         "flip-init-weights": base64.b64encode(plan.weights).decode(),
                         "flip-resume-from": str(resume_from),
+                        "flip-study": str(study),
                     },
                 }
             }

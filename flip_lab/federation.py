@@ -58,14 +58,17 @@ class Federation:
         built = plan if isinstance(plan, BuiltPlan) else plan.build({**(config or {}), **settings})
         return self._start(built)
 
-    def _start(self, built: BuiltPlan, *, resume_from: int = 0, history: list[dict[str, Any]] | None = None) -> Job:
+    def _start(self, built: BuiltPlan, *, resume_from: int = 0, study: int = 0,
+               history: list[dict[str, Any]] | None = None) -> Job:
         """Start a run of ``built`` at the hub and follow it from a job folder holding its plan (and ``history``,
-        the events it carries over from an interrupted job)."""
+        the events it carries over from an interrupted job of ``study``)."""
         import json
 
-        run_id = self._client.start_run(bundle(built, resume_from=resume_from))
+        run_id = self._client.start_run(bundle(built, resume_from=resume_from, study=study))
         store = self._job_dir(run_id)
         store.mkdir(parents=True, exist_ok=True)
+        if study:
+            (store / "study.json").write_text(json.dumps({"study": study, "resumed_from": resume_from}))
         if history:
             (store / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in history))
         (store / "plan.py").write_text(built.source)
@@ -103,8 +106,10 @@ class Federation:
 
         The hub keeps the model it released after every round; the new job starts from it with the same plan and
         settings (so the same approvals hold at the sites) and runs the remaining rounds, numbered as in the
-        original study, so the sites' per-round seeds are the same. Released rounds are not trained (nor charged to
-        a site's privacy budget) again. Its history starts with the original job's released rounds. FedAdam jobs cannot resume (their optimiser state lived in the hub).
+        original study, so the sites' per-round seeds are the same. Released rounds are not trained again. A site
+        under differential privacy counts the study's spend once: for the round that was in flight when the hub
+        stopped, it sends the update it already released again, at no cost. Its history starts with the original
+        job's released rounds. FedAdam jobs cannot resume (their optimiser state lived in the hub).
         """
         import json
 
@@ -132,7 +137,11 @@ class Federation:
             old._settle("failed", "interrupted: the hub stopped; resumed as a new job")
         kept = [e for e in old.events if e["type"] not in ("job_started", "job_finished", "site_state")
                 and int(e.get("round", 0)) <= released]
-        return self._start(built, resume_from=job_id, history=kept)
+        try:  # the study's first job: a resumed job may be resumed again
+            study = int(json.loads((store / "study.json").read_text())["study"])
+        except FileNotFoundError:
+            study = job_id
+        return self._start(built, resume_from=job_id, study=study, history=kept)
 
     def jobs(self) -> list[RunInfo]:
         return self._client.list_runs()

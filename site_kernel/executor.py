@@ -30,9 +30,9 @@ from .approvals import ApprovalStore, plan_hash
 from .audit import AuditLog
 from .egress import check_reply
 from .errors import PolicyError, SiteKernelError
-from .jobs import JobWorker, WorkerFailure
+from .jobs import JobWorker, StepResult, WorkerFailure
 from .policy import SitePolicy, load_policy
-from .privacy import PrivacyLedger, PrivacyLedgerError, privatize
+from .privacy import PrivacyLedger, PrivacyLedgerError, Release, privatize, weights_digest
 from .settings import SiteSettings, load_settings
 
 log = logging.getLogger("flip.site")
@@ -50,6 +50,14 @@ class Refusal(Exception):
         self.kind = kind
         self.message = message
         self.audit = audit
+
+
+def _study(run_config: dict[str, Any], run_id: int) -> int:
+    """The study a job belongs to: its own id, or the first job's when it resumes an interrupted study."""
+    try:
+        return int(str(run_config.get("flip-study", "0")) or 0) or run_id
+    except ValueError:
+        return run_id
 
 
 def bundle_components(fab_content: bytes) -> dict[str, str]:
@@ -159,11 +167,12 @@ class Executor:
             policy = self._policy()
             source, spec, digest = self._read_plan(run_config, fab_content, run_id)
             state = self._approval_state(digest, source, spec, policy, run_id)
+            study = _study(run_config, run_id)
             if op == "query":
                 if state == "approved" and _query_op(message).startswith("secagg_"):
                     return self._secagg_step(message, policy, spec, run_id)
                 if state == "approved":
-                    refused = (self._dp_refusal_at_hello(policy, spec, run_id)
+                    refused = (self._dp_refusal_at_hello(policy, spec, run_id, study)
                                or self._secagg_refusal_at_hello(policy, spec, run_id))
                     if refused is not None:
                         return self._reply(message, config={"approval": "refused", "detail": refused,
@@ -176,7 +185,7 @@ class Executor:
             if not policy.allows_strategy(strategy):
                 raise Refusal("policy", f"strategy {strategy!r} is not allowed by site {self.settings.name}",
                               audit="strategy_refused")
-            return self._run_phase(message, op, source, spec, digest, policy, run_id)
+            return self._run_phase(message, op, source, spec, digest, policy, run_id, study)
         except Refusal as refusal:
             self.audit.append(refusal.audit or "refused", run_id=run_id, kind=refusal.kind, op=op,
                               reason=refusal.message)
@@ -233,7 +242,7 @@ class Executor:
             return worker
 
     def _run_phase(self, message: Message, op: str, source: str, spec: dict, digest: str,
-                   policy: SitePolicy, run_id: int) -> Message:
+                   policy: SitePolicy, run_id: int, study: int) -> Message:
         config = dict(message.content.config_records.get("config", {}))
         round_ = int(config.get("server-round", 0))
         declared = spec["model_shapes"]
@@ -243,19 +252,25 @@ class Executor:
                 array = array.reshape(())  # Flower's wire format carries 0-d arrays as shape (1,)
             arrays[key] = array
         worker = self._worker(run_id, source, spec, digest, policy)
-        ledger = self._dp_before_train(policy, spec, run_id, round_) if op == "train" else None
-        try:
-            result = worker.step(op, arrays, {**spec.get("train_config", {}), **config})
-        except WorkerFailure as failure:
-            self.audit.append("plan_failed", run_id=run_id, round=round_, op=op, kind=failure.kind,
-                              plan=digest)
-            raise Refusal(failure.kind, failure.message) from None
-        num_examples = worker.num_train if op == "train" else worker.num_test
+        ledger, again = self._dp_before_train(policy, spec, study, round_, arrays) if op == "train" else (None, None)
+        if again is not None:  # released before this study was resumed: the same update again, at no cost
+            result, num_examples = StepResult(again.arrays, again.metrics, 0.0, time.time()), again.num_examples
+            self.audit.append("dp_replay", run_id=run_id, round=round_, plan=digest, study=study)
+        else:
+            try:
+                result = worker.step(op, arrays, {**spec.get("train_config", {}), **config})
+            except WorkerFailure as failure:
+                self.audit.append("plan_failed", run_id=run_id, round=round_, op=op, kind=failure.kind,
+                                  plan=digest)
+                raise Refusal(failure.kind, failure.message) from None
+            num_examples = worker.num_train if op == "train" else worker.num_test
         site_metrics: dict[str, float] = {}
         clipped = False
         if ledger is not None:  # the site's [dp], never the plan's: clip, noise, and say what was spent
-            result.arrays, clipped = privatize(arrays, result.arrays, ledger.rules)
-            site_metrics = {"dp_epsilon": ledger.epsilon_after(1), "dp_clip_norm": ledger.rules.clip_norm}
+            if again is None:
+                result.arrays, clipped = privatize(arrays, result.arrays, ledger.rules)
+            spent = ledger.spent() if again is not None else ledger.epsilon_after(1)
+            site_metrics = {"dp_epsilon": spent, "dp_clip_norm": ledger.rules.clip_norm}
         secure = op == "train" and _secure(spec)
         if secure:  # the hub cannot screen a masked update: bound it here, before the egress check sees it
             result.arrays, update = self._secagg_bound(policy, spec, arrays, result.arrays, run_id, round_)
@@ -269,8 +284,9 @@ class Executor:
                           allowed=decision.allowed, reason=decision.reason or "")
         if not decision.allowed:
             raise Refusal("withheld", f"site {self.settings.name} withheld its {op} reply: {decision.reason}")
-        if ledger is not None:
-            self._dp_record(ledger, run_id, round_, digest, clipped=clipped)
+        if ledger is not None and again is None:
+            release = Release(result.arrays, dict(result.metrics), num_examples, weights_digest(arrays))
+            self._dp_record(ledger, study, round_, digest, clipped=clipped, release=release)
         metrics = dict(decision.metrics)
         metrics["num-examples"] = num_examples
         content = {"metrics": MetricRecord(metrics)}
@@ -301,13 +317,14 @@ class Executor:
                 f"{ledger.spent():.3g}; {ledger.rounds_that_fit(rounds)} round(s) would fit); ask the data owner "
                 "or run fewer rounds")
 
-    def _dp_refusal_at_hello(self, policy: SitePolicy, spec: dict, run_id: int) -> str | None:
-        """Why this job cannot run under the site's privacy budget, or ``None`` when it can (or there is no [dp])."""
+    def _dp_refusal_at_hello(self, policy: SitePolicy, spec: dict, run_id: int, study: int) -> str | None:
+        """Why this job cannot run under the site's privacy budget, or ``None`` when it can (or there is no [dp]).
+        A resumed job needs only the rounds its study has not released yet."""
         try:
             ledger = self._dp_ledger(policy)
             if ledger is None:
                 return None
-            rounds = max(0, int(spec["config"].get("rounds", 0)) - ledger.rounds_of(run_id))
+            rounds = max(0, int(spec["config"].get("rounds", 0)) - ledger.rounds_of(study))
             if not ledger.would_exceed(rounds):
                 return None
             reason = self._dp_budget_message(ledger, rounds)
@@ -316,25 +333,36 @@ class Executor:
         self.audit.append("dp_refused", run_id=run_id, op="query", reason=reason)
         return reason
 
-    def _dp_before_train(self, policy: SitePolicy, spec: dict, run_id: int, round_: int) -> PrivacyLedger | None:
-        """Refuse a round the budget cannot pay for, or one already released (fresh noise would spend again)."""
+    def _dp_before_train(self, policy: SitePolicy, spec: dict, study: int, round_: int,
+                         arrays: dict) -> tuple[PrivacyLedger | None, Release | None]:
+        """The ledger to charge, and the update to send again when this round of the study was released before
+        from the same weights; a refusal when the budget cannot pay for the round, or when it was released from
+        other weights (fresh noise would spend again)."""
         ledger = self._dp_ledger(policy)
         if ledger is None:
-            return None
-        if ledger.has(run_id, round_):
-            raise Refusal("dp_repeat", f"site {self.settings.name} already sent its update for round {round_} of "
-                                       "this job; it sends each round once, since a second noisy update would "
-                                       "spend privacy budget", audit="dp_refused")
+            return None, None
+        if ledger.has(study, round_):
+            again = ledger.released(study, round_, weights_digest(arrays))
+            if again is None:
+                raise Refusal("dp_repeat", self._dp_repeat_message(round_), audit="dp_refused")
+            return ledger, again
         if ledger.would_exceed(1):
-            left = max(1, int(spec["config"].get("rounds", 1)) - ledger.rounds_of(run_id))
+            left = max(1, int(spec["config"].get("rounds", 1)) - ledger.rounds_of(study))
             raise Refusal("dp_budget", self._dp_budget_message(ledger, left), audit="dp_refused")
-        return ledger
+        return ledger, None
 
-    def _dp_record(self, ledger: PrivacyLedger, run_id: int, round_: int, digest: str, *, clipped: bool) -> None:
-        """Record the spend before the reply leaves: a crash in between can only over-count."""
-        ledger.record(run_id, round_, plan=digest)
+    def _dp_repeat_message(self, round_: int) -> str:
+        return (f"site {self.settings.name} already sent its update for round {round_} of this study, from other "
+                "weights; it trains each round once, since a second noisy update would spend privacy budget")
+
+    def _dp_record(self, ledger: PrivacyLedger, study: int, round_: int, digest: str, *, clipped: bool,
+                   release: Release) -> None:
+        """Record the spend before the reply leaves: a crash in between can only over-count. Another reply to the
+        same round recorded first (a request repeated while this one trained) means this one must not leave."""
+        if not ledger.record(study, round_, plan=digest, release=release):
+            raise Refusal("dp_repeat", self._dp_repeat_message(round_), audit="dp_refused")
         rules = ledger.rules
-        self.audit.append("dp_spend", run_id=run_id, round=round_, plan=digest, epsilon=ledger.spent(),
+        self.audit.append("dp_spend", study=study, round=round_, plan=digest, epsilon=ledger.spent(),
                           budget=rules.epsilon_budget, noise_multiplier=rules.noise_multiplier,
                           clip_norm=rules.clip_norm, clipped=clipped)
 

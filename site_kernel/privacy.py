@@ -24,21 +24,30 @@ amplification: every round the site takes part in, it releases. Epsilon is repor
 **The ledger.** One entry per released update, keyed by ``(run_id, round)``, written atomically
 (temporary file, fsync, rename, fsync of the folder) before the reply leaves, so a crash can only
 over-count. A ledger that cannot be read is never reset: :class:`PrivacyLedgerError` tells the data
-owner how to repair it, and the site refuses DP jobs until then. A site sends each round's update
-once; a repeated ``(run_id, round)`` is refused rather than released again with fresh noise (which
-would spend budget the ledger did not count).
+owner how to repair it, and the site refuses DP jobs until then. ``run_id`` is the *study*: the
+first job's id, kept when a study interrupted by its hub is resumed as a new job, so that its rounds
+are counted once whatever number of jobs carried them.
+
+**Each round is released once.** With its ledger entry the site keeps the update it released
+(:class:`Release`, ``SITE/privacy/released/``, the last two rounds of each study). Asked again for
+a round of a study it already released (the hub died with the round in flight and the study was
+resumed), the site sends the very same update again when the weights it receives are the ones it
+trained from: repeating a released value costs no privacy. It never trains and noises a round twice;
+asked with other weights it refuses.
 
 Example::
 
     ledger = PrivacyLedger(site_dir, policy.dp)
     if ledger.would_exceed(rounds): refuse(...)
     arrays, clipped = privatize(sent, trained, policy.dp)
-    ledger.record(run_id, server_round, plan=digest)
+    ledger.record(run_id, server_round, plan=digest, release=Release(arrays, metrics, n, weights_digest(sent)))
+    again = ledger.released(run_id, server_round, weights_digest(sent))  # the same update, when asked again
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import math
 import os
@@ -54,6 +63,8 @@ from .errors import SiteKernelError
 from .policy import DpRules
 
 LEDGER_FILE = Path("privacy") / "ledger.json"
+RELEASED_DIR = Path("privacy") / "released"
+_KEEP_ROUNDS = 2  # a resumed study asks again at most for the round in flight when its hub died
 # Written beside the first ledger: while it exists, a missing ledger was deleted (not a fresh site).
 _MARKER = "README.txt"
 _MARKER_TEXT = (
@@ -78,6 +89,27 @@ class JobSpend:
     run_id: int
     rounds: int
     epsilon: float
+
+
+@dataclass
+class Release:
+    """One round's reply as it left the site: the noised weights, the plan's metrics, the example count, and the
+    digest of the weights it was trained from (:func:`weights_digest`)."""
+
+    arrays: dict[str, np.ndarray]
+    metrics: dict[str, Any]
+    num_examples: int
+    weights: str
+
+
+def weights_digest(arrays: Mapping[str, np.ndarray]) -> str:
+    """SHA-256 over names, dtypes, shapes and bytes: whether two requests carried the same weights."""
+    h = hashlib.sha256()
+    for key in sorted(arrays):
+        a = np.ascontiguousarray(arrays[key])
+        h.update(f"{key}\0{a.dtype.str}\0{a.shape}\0".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
 
 
 class PrivacyLedger:
@@ -122,6 +154,23 @@ class PrivacyLedger:
     def has(self, run_id: int, round_: int) -> bool:
         return any(r["run_id"] == run_id and r["round"] == round_ for r in self._releases)
 
+    def released(self, run_id: int, round_: int, weights: str) -> Release | None:
+        """The update this site released for ``round_`` of study ``run_id`` from these ``weights``, if it kept it."""
+        if not self.has(run_id, round_):
+            return None
+        path = self.path.parent.parent / RELEASED_DIR / f"{int(run_id)}-{int(round_)}.safetensors"
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="numpy") as fh:
+                meta = json.loads((fh.metadata() or {})["flip"])
+                arrays = {key: fh.get_tensor(key) for key in fh.keys()}
+        except (OSError, KeyError, ValueError):
+            return None  # not kept (an older site) or damaged: the round is refused, never noised again
+        if meta.get("weights") != weights:
+            return None
+        return Release(arrays, dict(meta["metrics"]), int(meta["num_examples"]), weights)
+
     def rounds_of(self, run_id: int) -> int:
         return sum(1 for r in self._releases if r["run_id"] == run_id)
 
@@ -136,8 +185,9 @@ class PrivacyLedger:
         ]
 
     # -- writing ------------------------------------------------------------------------------
-    def record(self, run_id: int, round_: int, *, plan: str = "") -> bool:
-        """Record one released update; ``False`` (nothing written) when it is already recorded."""
+    def record(self, run_id: int, round_: int, *, plan: str = "", release: Release | None = None) -> bool:
+        """Record one released update (and keep ``release`` to send again); ``False``, nothing written, when the
+        round is already recorded: the caller must not send a second noisy update."""
         folder = self.path.parent
         folder.mkdir(parents=True, exist_ok=True)
         lock = os.open(folder, os.O_RDONLY)
@@ -147,6 +197,8 @@ class PrivacyLedger:
             self._releases = _read(self.path)
             if self.has(run_id, round_):
                 return False
+            if release is not None:
+                _keep(folder / RELEASED_DIR.name, int(run_id), int(round_), release)
             self._releases.append(
                 {
                     "run_id": int(run_id),
@@ -300,6 +352,28 @@ def _read(path: Path) -> list[dict[str, Any]]:
             f"the privacy ledger {path} cannot be read ({err}); {repair}"
         ) from err
     return releases
+
+
+def _keep(folder: Path, run_id: int, round_: int, release: Release) -> None:
+    """Write ``release`` (before its ledger entry) and drop the study's rounds no resume can ask for again."""
+    from safetensors.numpy import save_file
+
+    folder.mkdir(exist_ok=True)
+    path = folder / f"{run_id}-{round_}.safetensors"
+    tmp = path.with_suffix(".tmp")
+    meta = {"weights": release.weights, "metrics": release.metrics, "num_examples": int(release.num_examples)}
+    try:
+        save_file({k: np.ascontiguousarray(v).reshape(np.shape(v)) for k, v in release.arrays.items()}, str(tmp),
+                  metadata={"flip": json.dumps(meta)})
+        os.replace(tmp, path)
+        for old in folder.glob(f"{run_id}-*.safetensors"):
+            if int(old.stem.split("-")[1]) <= round_ - _KEEP_ROUNDS:
+                old.unlink(missing_ok=True)
+    except OSError as err:
+        raise PrivacyLedgerError(
+            f"the released update {path} could not be written ({err}); free disk space or fix the "
+            "folder's permissions"
+        ) from err
 
 
 def _write_atomically(path: Path, data: dict[str, Any]) -> None:

@@ -1,8 +1,9 @@
 """Faults with real processes: a straggler's late reply, a poisoned update, and the hub killed mid-study and started again (sites come
-back, the job resumes from its last released round)."""
+back, the job resumes from its last released round, and sites under differential privacy count each round once)."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -10,6 +11,8 @@ import pytest
 import torch
 
 import flip_lab
+from site_kernel.policy import DpRules
+from site_kernel.privacy import PrivacyLedger
 
 PLANS = Path(__file__).parent / "plans"
 
@@ -26,11 +29,18 @@ def fed(tmp_path_factory):
         yield federation
 
 
-def test_a_stragglers_late_reply_is_ignored_and_it_rejoins_the_next_round(fed, tiny_plan):
-    sizing = fed.submit(tiny_plan, rounds=1, expected_sites=3, round_timeout=240).wait(timeout=600)
+@pytest.fixture(scope="module")
+def sizes(fed):
+    """Each site's number of training examples: the drills pick the site that misbehaves by it."""
+    sizing = fed.submit(flip_lab.Plan.from_file(PLANS / "fault_plan.py"), rounds=1, expected_sites=3,
+                        round_timeout=240).wait(timeout=600)
     train = sizing.history[(sizing.history.phase == "train") & (sizing.history.metric == "num_examples")]
     sizes = dict(zip(train.site, train.value.astype(int)))
-    assert len(set(sizes.values())) == len(sizes) == 3, "the slow site is picked by its size"
+    assert len(set(sizes.values())) == len(sizes) == 3, "each site is told apart by its size"
+    return sizes
+
+
+def test_a_stragglers_late_reply_is_ignored_and_it_rejoins_the_next_round(fed, sizes):
     slow = max(sizes, key=sizes.get)
     plan = flip_lab.Plan.from_file(PLANS / "fault_plan.py")
 
@@ -50,11 +60,8 @@ def test_a_stragglers_late_reply_is_ignored_and_it_rejoins_the_next_round(fed, t
     assert sorted(aggregates[3]["contributors"]) == sorted(sizes), "the straggler is back for round 3"
 
 
-def test_a_poisoned_update_from_a_real_site_is_rejected_and_the_attacker_named(fed, tiny_plan):
+def test_a_poisoned_update_from_a_real_site_is_rejected_and_the_attacker_named(fed, sizes):
     plan = flip_lab.Plan.from_file(PLANS / "fault_plan.py")
-    sizing = fed.submit(plan, rounds=1, expected_sites=3, round_timeout=240).wait(timeout=600)
-    train = sizing.history[(sizing.history.phase == "train") & (sizing.history.metric == "num_examples")]
-    sizes = dict(zip(train.site, train.value.astype(int)))
     attacker = min(sizes, key=sizes.get)
 
     job = fed.submit(plan, rounds=2, min_sites=2, expected_sites=3, round_timeout=240,
@@ -90,3 +97,48 @@ def test_a_study_interrupted_by_a_hub_crash_resumes_with_identical_weights(fed, 
     final, expected = resumed.final_weights(), reference.final_weights()
     assert all(torch.equal(final[k], expected[k]) for k in expected), \
         "the resumed study ends with the weights of the uninterrupted one"
+
+
+def test_a_resumed_study_charges_each_sites_privacy_budget_once_per_round(fed, sizes):
+    # Small clip and noise keep BatchNorm's running variance positive; the budget is not what this test is about.
+    rules = DpRules(clip_norm=0.01, noise_multiplier=4.0, epsilon_budget=1000.0, delta=1e-5)
+    policies = {name: (site_dir / "policy.toml").read_text() for name, site_dir in fed.site_dirs.items()}
+    slow = max(sizes, key=sizes.get)
+    punctual = sorted(set(sizes) - {slow})
+    try:
+        for name, site_dir in fed.site_dirs.items():  # the executor reads the policy afresh for every message
+            (site_dir / "policy.toml").write_text(policies[name] + "\n[dp]\n" + "".join(
+                f"{k} = {getattr(rules, k)!r}\n" for k in ("clip_norm", "noise_multiplier", "epsilon_budget", "delta")))
+        ledger = {name: (lambda d=site_dir: PrivacyLedger(d, rules)) for name, site_dir in fed.site_dirs.items()}
+        plan = flip_lab.Plan.from_file(PLANS / "fault_plan.py")
+        job = fed.submit(plan, rounds=3, min_sites=3, expected_sites=3, round_timeout=240,
+                         extra={"straggler_examples": sizes[slow], "straggler_round": 2, "straggler_delay_s": 25})
+
+        # The hub dies while round 2 is in flight: the punctual sites have released their noised update, the
+        # slow one has not.
+        deadline = time.monotonic() + 600
+        while not all(ledger[name]().has(job.id, 2) for name in punctual):
+            assert time.monotonic() < deadline and not job.done, "the punctual sites never released round 2"
+            time.sleep(0.1)
+        fed.kill_hub()
+        assert not any(e["type"] == "aggregate" and e["round"] == 2 for e in job.events), "round 2 was in flight"
+        fed.restart_hub()
+        resumed = fed.resume(job.id).wait(timeout=600)
+
+        assert resumed.status == "completed"
+        for name, site_dir in fed.site_dirs.items():
+            spent = ledger[name]()
+            assert [(j.run_id, j.rounds) for j in spent.per_job()] == [(job.id, 3)], \
+                f"{name}: rounds 1-3 of the study counted once each, under the study's first job"
+            assert all(spent.has(job.id, r) for r in (1, 2, 3))
+            history = resumed.history
+            reported = history[(history.metric == "dp_epsilon") & (history.site == name)].set_index("round").value
+            assert reported[3] == pytest.approx(spent.spent()), "the researcher sees what the ledger holds"
+        for name in punctual:
+            audit = [json.loads(line) for line in (fed.site_dirs[name] / "audit.jsonl").read_text().splitlines()]
+            assert [(e["round"], e["study"]) for e in audit if e["event"] == "dp_replay"] == [(2, job.id)], \
+                f"{name} sends its round-2 update again instead of training and noising it twice"
+            assert [e["round"] for e in audit if e["event"] == "dp_spend"] == [1, 2, 3]
+    finally:
+        for name, site_dir in fed.site_dirs.items():
+            (site_dir / "policy.toml").write_text(policies[name])

@@ -29,7 +29,14 @@ from site_kernel.policy import (
     load_policy,
     write_default_policy,
 )
-from site_kernel.privacy import PrivacyLedger, PrivacyLedgerError, clip_update, privatize
+from site_kernel.privacy import (
+    PrivacyLedger,
+    PrivacyLedgerError,
+    Release,
+    clip_update,
+    privatize,
+    weights_digest,
+)
 
 PLANS = Path(__file__).parent / "plans"
 RULES = DpRules(clip_norm=1.0, noise_multiplier=4.0, epsilon_budget=8.0, delta=1e-5)
@@ -76,6 +83,40 @@ def test_recording_a_round_twice_counts_it_once(tmp_path):
     assert PrivacyLedger(tmp_path, RULES).spent() == once and ledger.rounds_of(3) == 1
     assert ledger.record(4, 1) is True  # the same round of another job is another release
     assert ledger.spent() > once
+
+
+def test_a_released_round_is_sent_again_only_for_the_weights_it_was_trained_from(tmp_path):
+    rng = np.random.default_rng(0)
+    sent = {"w": rng.normal(size=(3, 4)).astype(np.float32), "n": np.array(7, dtype=np.int64)}
+    noised = {"w": sent["w"] + 0.5, "n": sent["n"]}
+    ledger = PrivacyLedger(tmp_path, RULES)
+    assert ledger.released(9, 2, weights_digest(sent)) is None, "nothing released yet"
+    assert ledger.record(9, 2, plan="abc", release=Release(noised, {"loss": 0.25}, 40, weights_digest(sent)))
+
+    again = PrivacyLedger(tmp_path, RULES).released(9, 2, weights_digest(sent))  # as after a site restart
+    assert again is not None and again.metrics == {"loss": 0.25} and again.num_examples == 40
+    assert set(again.arrays) == {"w", "n"} and np.array_equal(again.arrays["w"], noised["w"])
+    assert again.arrays["n"].dtype == np.int64 and again.arrays["n"].shape == ()
+    other = {"w": sent["w"].copy(), "n": sent["n"]}
+    other["w"][0, 0] += 1e-6
+    assert ledger.released(9, 2, weights_digest(other)) is None, "other weights: never the old update"
+    assert ledger.released(9, 3, weights_digest(sent)) is None and ledger.released(8, 2, weights_digest(sent)) is None
+
+    # A second reply to the same round is not recorded and does not replace what left first.
+    assert not ledger.record(9, 2, release=Release({"w": sent["w"] - 9, "n": sent["n"]}, {}, 1, weights_digest(sent)))
+    assert np.array_equal(ledger.released(9, 2, weights_digest(sent)).arrays["w"], noised["w"])
+    assert ledger.rounds_of(9) == 1
+
+
+def test_only_the_last_two_rounds_of_a_study_are_kept(tmp_path):
+    ledger = PrivacyLedger(tmp_path, RULES)
+    sent = {"w": np.zeros(2, dtype=np.float32)}
+    for study in (4, 5):
+        for r in (1, 2, 3):
+            ledger.record(study, r, release=Release(sent, {}, 1, weights_digest(sent)))
+    kept = sorted(p.name for p in (tmp_path / "privacy" / "released").iterdir())
+    assert kept == ["4-2.safetensors", "4-3.safetensors", "5-2.safetensors", "5-3.safetensors"]
+    assert ledger.released(4, 1, weights_digest(sent)) is None and ledger.has(4, 1), "counted, no longer kept"
 
 
 def test_refusal_happens_exactly_at_the_budget(tmp_path):

@@ -241,6 +241,62 @@ def test_a_secure_study_matches_fedavg_and_the_hub_never_sees_an_update(tmp_path
         fed.shutdown()
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_a_site_killed_mid_round_is_unmasked_without_and_dp_is_charged_once_per_release(tmp_path):
+    """Secure aggregation with DP at the sites: the slowest of 4 sites dies in round 2 after the key setup, before
+    sending its masked update; the 3 survivors reveal its masking key and the round is released without it."""
+    import time
+
+    import flip_lab
+    from site_kernel.policy import DpRules
+    from site_kernel.privacy import PrivacyLedger
+
+    rules = DpRules(clip_norm=0.01, noise_multiplier=4.0, epsilon_budget=1000.0, delta=1e-5)
+    fed = flip_lab.local_federation(4, workdir=tmp_path / "fed", scale=0.1)
+    try:
+        for site_dir in fed.site_dirs.values():  # the executor reads the policy afresh for every message
+            policy = (site_dir / "policy.toml").read_text().replace("min_cohort = 10", "min_cohort = 1")
+            (site_dir / "policy.toml").write_text(policy + "\n[dp]\n" + "".join(
+                f"{k} = {getattr(rules, k)!r}\n" for k in ("clip_norm", "noise_multiplier", "epsilon_budget", "delta")))
+        plan = flip_lab.Plan.from_file(PLANS / "fault_plan.py")
+        sizing = fed.submit(plan, rounds=1, min_sites=4, expected_sites=4, round_timeout=240).wait(timeout=600)
+        train = sizing.history[(sizing.history.phase == "train") & (sizing.history.metric == "num_examples")]
+        sizes = dict(zip(train.site, train.value.astype(int)))
+        slow = max(sizes, key=sizes.get)
+        assert len(sizes) == 4 and list(sizes.values()).count(sizes[slow]) == 1, "the slow site is told by its size"
+        settings = {"rounds": 3, "min_sites": 3, "expected_sites": 4, "round_timeout": 60, "seed": 3}
+        job = fed.submit(plan, secure_aggregation=True, **settings,
+                         extra={"straggler_examples": sizes[slow], "straggler_round": 2, "straggler_delay_s": 900})
+
+        punctual = sorted(set(sizes) - {slow})
+        deadline = time.monotonic() + 600
+        while not all(PrivacyLedger(fed.site_dirs[n], rules).has(job.id, 2) for n in punctual):
+            assert time.monotonic() < deadline and not job.done, "the punctual sites never trained round 2"
+            time.sleep(0.1)
+        fed.kill_site(slow)  # it took part in round 2's key setup and is asleep in training
+        job.wait(timeout=600)
+
+        assert job.status == "completed"
+        secure = {e["round"]: e for e in job.events if e["type"] == "secure_aggregation"}
+        assert sorted(secure) == [1, 2, 3]
+        assert sorted(secure[2]["participants"]) == sorted(sizes)
+        assert secure[2]["dropped"] == secure[2]["recovered"] == [slow]
+        assert sorted(secure[3]["participants"]) == punctual and secure[3]["dropped"] == []
+        # A mask left in the sum decodes to values of the order of 2**63 / scale; the released model moved by at
+        # most the sites' bound each round.
+        init = load(plan.build({**settings, "secure_aggregation": True}).weights)
+        final = {k: v.numpy().astype(np.float64) for k, v in job.final_weights().items()}
+        keys = sa.float_keys(init)
+        bound = sa.dp_bound(rules.clip_norm, rules.noise_multiplier, sum(init[k].size for k in keys))
+        moved = np.sqrt(sum(np.sum((final[k] - init[k]) ** 2) for k in keys))
+        assert 0 < moved <= 3 * bound
+        for name, site_dir in fed.site_dirs.items():  # each released update is charged once, the lost one never
+            assert PrivacyLedger(site_dir, rules).rounds_of(job.id) == (1 if name == slow else 3)
+    finally:
+        fed.shutdown()
+
+
 # -- the settings on each side -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("strategy", ["fedmedian", "fedtrimmedavg", "krum", "fedadam"])
 def test_strategies_that_need_each_update_are_refused_at_submit(strategy):
