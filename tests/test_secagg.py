@@ -183,118 +183,129 @@ def received(record_dir: Path, run_id: int) -> dict[tuple[int, str, str], dict[s
     return out
 
 
-@pytest.mark.e2e
-def test_a_secure_study_matches_fedavg_and_the_hub_never_sees_an_update(tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def secure_fed(tmp_path_factory):
+    """Three sites whose policies bound their updates, and the folder where the hub records what it receives.
+    The dropout test kills a site, so it runs last."""
     import flip_lab
 
-    record_dir = tmp_path / "hub-received"
-    monkeypatch.setenv("FLIP_HUB_RECORD_RECEIVED", str(record_dir))  # inherited by the hub's ServerApp process
-    fed = flip_lab.local_federation(3, workdir=tmp_path / "fed", scale=0.1)
+    root = tmp_path_factory.mktemp("secure")
+    record_dir = root / "hub-received"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FLIP_HUB_RECORD_RECEIVED", str(record_dir))  # inherited by the hub's ServerApp process
+        fed = flip_lab.local_federation(3, workdir=root / "fed", scale=0.1)
     try:
         for site_dir in fed.site_dirs.values():  # the executor reads the policy afresh for every message
             policy = (site_dir / "policy.toml").read_text().replace("min_cohort = 10", "min_cohort = 1")
             (site_dir / "policy.toml").write_text(policy + f"\n[secure_aggregation]\nmax_update_norm = {BOUND}\n")
-        plan = flip_lab.Plan.from_file(PLANS / "tiny_plan.py")
-        settings = {"rounds": 2, "min_sites": 3, "expected_sites": 3, "round_timeout": 240, "seed": 3}
-        plain = fed.submit(plan, **settings)
-        plain.wait(timeout=600)
-        secure = fed.submit(plan, secure_aggregation=True, **settings)
-        secure.wait(timeout=600)
-
-        init = load(plan.build(settings).weights)  # what the hub sent in round 1 of both studies
-        keys = sa.float_keys(init)
-        # Round 1 releases FedAvg's model to within the fixed-point precision: every site evaluates it to the same
-        # loss, to float32 rounding. BatchNorm's integer step counter is not aggregated (it stays as sent).
-        assert round_one_losses(secure) == pytest.approx(round_one_losses(plain), abs=1e-6)
-        # After round 2 they differ only where Adam's first steps (about lr each, whatever the gradient's size)
-        # turned on float32-rounding differences: a hundredth of the distance the model moved.
-        ours = {k: v.numpy().astype(np.float64) for k, v in secure.final_weights().items()}
-        theirs = {k: v.numpy().astype(np.float64) for k, v in plain.final_weights().items()}
-        gap = np.sqrt(sum(np.sum((ours[k] - theirs[k]) ** 2) for k in keys))
-        moved = np.sqrt(sum(np.sum((theirs[k] - init[k]) ** 2) for k in keys))
-        assert gap < 0.01 * moved
-        rounds = [e for e in secure.events if e["type"] == "secure_aggregation"]
-        assert [(e["round"], sorted(e["participants"]), e["dropped"]) for e in rounds] == \
-            [(r, sorted(fed.site_dirs), []) for r in (1, 2)]
-
-        # What the hub received: in the plain study each site's model, in the secure one only masked vectors.
-        seen_plain, seen_secure = received(record_dir, plain.id), received(record_dir, secure.id)
-        train = {k: v for k, v in seen_secure.items() if k[1] == "train"}
-        assert len(train) == 6
-        scale = sa.fixed_point_scale(3, BOUND)
-        counts = {(e["round"], e["site"]): e["num_examples"] for e in secure.events
-                  if e["type"] == "reply" and e["phase"] == "train"}
-        for (round_, _, site), arrays in train.items():
-            assert list(arrays) == [sa.MASKED] and arrays[sa.MASKED].dtype == np.uint64
-            if round_ != 1:
-                continue
-            # Round 1 starts from the same model and seed in both studies: the plain study shows the true update.
-            trained = seen_plain[(1, "train", site)]
-            assert set(trained) == set(init)  # the plain study's hub did see this site's model
-            update = sa.flatten({k: trained[k].astype(np.float64) - init[k] for k in keys}, keys)
-            plain_code = sa.encode(update, counts[(1, site)], scale)
-            masked = arrays[sa.MASKED]
-            assert masked.size == plain_code.size and np.mean(masked == plain_code) < 0.05
-            decoded, weight = sa.decode(masked, scale)
-            assert weight != counts[(1, site)] and not np.allclose(decoded, update * counts[(1, site)], atol=1.0)
+        yield fed, record_dir
     finally:
         fed.shutdown()
 
 
 @pytest.mark.e2e
+def test_a_secure_study_matches_fedavg_and_the_hub_never_sees_an_update(secure_fed):
+    import flip_lab
+
+    fed, record_dir = secure_fed
+    plan = flip_lab.Plan.from_file(PLANS / "tiny_plan.py")
+    settings = {"rounds": 2, "min_sites": 3, "expected_sites": 3, "round_timeout": 240, "seed": 3}
+    plain = fed.submit(plan, **settings)
+    plain.wait(timeout=600)
+    secure = fed.submit(plan, secure_aggregation=True, **settings)
+    secure.wait(timeout=600)
+
+    init = load(plan.build(settings).weights)  # what the hub sent in round 1 of both studies
+    keys = sa.float_keys(init)
+    # Round 1 releases FedAvg's model to within the fixed-point precision: every site evaluates it to the same
+    # loss, to float32 rounding. BatchNorm's integer step counter is not aggregated (it stays as sent).
+    assert round_one_losses(secure) == pytest.approx(round_one_losses(plain), abs=1e-6)
+    # After round 2 they differ only where Adam's first steps (about lr each, whatever the gradient's size)
+    # turned on float32-rounding differences: a hundredth of the distance the model moved.
+    ours = {k: v.numpy().astype(np.float64) for k, v in secure.final_weights().items()}
+    theirs = {k: v.numpy().astype(np.float64) for k, v in plain.final_weights().items()}
+    gap = np.sqrt(sum(np.sum((ours[k] - theirs[k]) ** 2) for k in keys))
+    moved = np.sqrt(sum(np.sum((theirs[k] - init[k]) ** 2) for k in keys))
+    assert gap < 0.01 * moved
+    rounds = [e for e in secure.events if e["type"] == "secure_aggregation"]
+    assert [(e["round"], sorted(e["participants"]), e["dropped"]) for e in rounds] == \
+        [(r, sorted(fed.site_dirs), []) for r in (1, 2)]
+
+    # What the hub received: in the plain study each site's model, in the secure one only masked vectors.
+    seen_plain, seen_secure = received(record_dir, plain.id), received(record_dir, secure.id)
+    train = {k: v for k, v in seen_secure.items() if k[1] == "train"}
+    assert len(train) == 6
+    scale = sa.fixed_point_scale(3, BOUND)
+    counts = {(e["round"], e["site"]): e["num_examples"] for e in secure.events
+              if e["type"] == "reply" and e["phase"] == "train"}
+    for (round_, _, site), arrays in train.items():
+        assert list(arrays) == [sa.MASKED] and arrays[sa.MASKED].dtype == np.uint64
+        if round_ != 1:
+            continue
+        # Round 1 starts from the same model and seed in both studies: the plain study shows the true update.
+        trained = seen_plain[(1, "train", site)]
+        assert set(trained) == set(init)  # the plain study's hub did see this site's model
+        update = sa.flatten({k: trained[k].astype(np.float64) - init[k] for k in keys}, keys)
+        plain_code = sa.encode(update, counts[(1, site)], scale)
+        masked = arrays[sa.MASKED]
+        assert masked.size == plain_code.size and np.mean(masked == plain_code) < 0.05
+        decoded, weight = sa.decode(masked, scale)
+        assert weight != counts[(1, site)] and not np.allclose(decoded, update * counts[(1, site)], atol=1.0)
+
+
+@pytest.mark.e2e
 @pytest.mark.slow
-def test_a_site_killed_mid_round_is_unmasked_without_and_dp_is_charged_once_per_release(tmp_path):
-    """Secure aggregation with DP at the sites: the slowest of 4 sites dies in round 2 after the key setup, before
-    sending its masked update; the 3 survivors reveal its masking key and the round is released without it."""
+def test_a_site_killed_mid_round_is_unmasked_without_and_dp_is_charged_once_per_release(secure_fed):
+    """Secure aggregation with the sites' bound coming from their DP: the slowest of 3 sites dies in round 2 after
+    the key setup, before sending its masked update; the 2 survivors (the threshold for 3) reveal its masking key
+    and the round is released without it."""
     import time
 
     import flip_lab
     from site_kernel.policy import DpRules
     from site_kernel.privacy import PrivacyLedger
 
+    fed, _ = secure_fed
     rules = DpRules(clip_norm=0.01, noise_multiplier=4.0, epsilon_budget=1000.0, delta=1e-5)
-    fed = flip_lab.local_federation(4, workdir=tmp_path / "fed", scale=0.1)
-    try:
-        for site_dir in fed.site_dirs.values():  # the executor reads the policy afresh for every message
-            policy = (site_dir / "policy.toml").read_text().replace("min_cohort = 10", "min_cohort = 1")
-            (site_dir / "policy.toml").write_text(policy + "\n[dp]\n" + "".join(
-                f"{k} = {getattr(rules, k)!r}\n" for k in ("clip_norm", "noise_multiplier", "epsilon_budget", "delta")))
-        plan = flip_lab.Plan.from_file(PLANS / "fault_plan.py")
-        sizing = fed.submit(plan, rounds=1, min_sites=4, expected_sites=4, round_timeout=240).wait(timeout=600)
-        train = sizing.history[(sizing.history.phase == "train") & (sizing.history.metric == "num_examples")]
-        sizes = dict(zip(train.site, train.value.astype(int)))
-        slow = max(sizes, key=sizes.get)
-        assert len(sizes) == 4 and list(sizes.values()).count(sizes[slow]) == 1, "the slow site is told by its size"
-        settings = {"rounds": 3, "min_sites": 3, "expected_sites": 4, "round_timeout": 60, "seed": 3}
-        job = fed.submit(plan, secure_aggregation=True, **settings,
-                         extra={"straggler_examples": sizes[slow], "straggler_round": 2, "straggler_delay_s": 900})
+    for site_dir in fed.site_dirs.values():  # [dp] instead of [secure_aggregation]: the bound is DP's reach
+        policy = (site_dir / "policy.toml").read_text().split("\n[secure_aggregation]")[0]
+        (site_dir / "policy.toml").write_text(policy + "\n[dp]\n" + "".join(
+            f"{k} = {getattr(rules, k)!r}\n" for k in ("clip_norm", "noise_multiplier", "epsilon_budget", "delta")))
+    plan = flip_lab.Plan.from_file(PLANS / "fault_plan.py")
+    sizing = fed.submit(plan, rounds=1, min_sites=3, expected_sites=3, round_timeout=240).wait(timeout=600)
+    train = sizing.history[(sizing.history.phase == "train") & (sizing.history.metric == "num_examples")]
+    sizes = dict(zip(train.site, train.value.astype(int)))
+    slow = max(sizes, key=sizes.get)
+    assert len(sizes) == 3 and list(sizes.values()).count(sizes[slow]) == 1, "the slow site is told by its size"
+    settings = {"rounds": 3, "min_sites": 2, "expected_sites": 3, "round_timeout": 60, "seed": 3}
+    job = fed.submit(plan, secure_aggregation=True, **settings,
+                     extra={"straggler_examples": sizes[slow], "straggler_round": 2, "straggler_delay_s": 900})
 
-        punctual = sorted(set(sizes) - {slow})
-        deadline = time.monotonic() + 600
-        while not all(PrivacyLedger(fed.site_dirs[n], rules).has(job.id, 2) for n in punctual):
-            assert time.monotonic() < deadline and not job.done, "the punctual sites never trained round 2"
-            time.sleep(0.1)
-        fed.kill_site(slow)  # it took part in round 2's key setup and is asleep in training
-        job.wait(timeout=600)
+    punctual = sorted(set(sizes) - {slow})
+    deadline = time.monotonic() + 600
+    while not all(PrivacyLedger(fed.site_dirs[n], rules).has(job.id, 2) for n in punctual):
+        assert time.monotonic() < deadline and not job.done, "the punctual sites never trained round 2"
+        time.sleep(0.1)
+    fed.kill_site(slow)  # it took part in round 2's key setup and is asleep in training
+    job.wait(timeout=600)
 
-        assert job.status == "completed"
-        secure = {e["round"]: e for e in job.events if e["type"] == "secure_aggregation"}
-        assert sorted(secure) == [1, 2, 3]
-        assert sorted(secure[2]["participants"]) == sorted(sizes)
-        assert secure[2]["dropped"] == secure[2]["recovered"] == [slow]
-        assert sorted(secure[3]["participants"]) == punctual and secure[3]["dropped"] == []
-        # A mask left in the sum decodes to values of the order of 2**63 / scale; the released model moved by at
-        # most the sites' bound each round.
-        init = load(plan.build({**settings, "secure_aggregation": True}).weights)
-        final = {k: v.numpy().astype(np.float64) for k, v in job.final_weights().items()}
-        keys = sa.float_keys(init)
-        bound = sa.dp_bound(rules.clip_norm, rules.noise_multiplier, sum(init[k].size for k in keys))
-        moved = np.sqrt(sum(np.sum((final[k] - init[k]) ** 2) for k in keys))
-        assert 0 < moved <= 3 * bound
-        for name, site_dir in fed.site_dirs.items():  # each released update is charged once, the lost one never
-            assert PrivacyLedger(site_dir, rules).rounds_of(job.id) == (1 if name == slow else 3)
-    finally:
-        fed.shutdown()
+    assert job.status == "completed"
+    secure = {e["round"]: e for e in job.events if e["type"] == "secure_aggregation"}
+    assert sorted(secure) == [1, 2, 3]
+    assert sorted(secure[2]["participants"]) == sorted(sizes)
+    assert secure[2]["dropped"] == secure[2]["recovered"] == [slow]
+    assert sorted(secure[3]["participants"]) == punctual and secure[3]["dropped"] == []
+    # A mask left in the sum decodes to values of the order of 2**63 / scale; the released model moved by at
+    # most the sites' bound each round.
+    init = load(plan.build({**settings, "secure_aggregation": True}).weights)
+    final = {k: v.numpy().astype(np.float64) for k, v in job.final_weights().items()}
+    keys = sa.float_keys(init)
+    bound = sa.dp_bound(rules.clip_norm, rules.noise_multiplier, sum(init[k].size for k in keys))
+    moved = np.sqrt(sum(np.sum((final[k] - init[k]) ** 2) for k in keys))
+    assert 0 < moved <= 3 * bound
+    for name, site_dir in fed.site_dirs.items():  # each released update is charged once, the lost one never
+        assert PrivacyLedger(site_dir, rules).rounds_of(job.id) == (1 if name == slow else 3)
+        assert PrivacyLedger(site_dir, rules).rounds_of(sizing.id) == 1
 
 
 # -- the settings on each side -----------------------------------------------------------------------------------
