@@ -35,7 +35,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
     print(f"starting a hub and {args.sites} simulated hospitals in {workdir} ...", flush=True)
     fed = LocalFederation.start(args.sites, workdir=workdir, seed=args.seed, watch_parent=False,
                                 approval="manual" if args.manual else "automatic", listen=args.listen,
-                                certs=args.certs)
+                                certs=args.certs, durable=True if args.durable else None)
     transport = "TLS, node authentication" if fed.state.get("ca") else "plain HTTP, loopback only"
     print(f"hub:   {fed.address} listening on {fed.state['hub_host']}:{fed.state['hub_port']} ({transport})")
     for name, node_id in sorted(fed.state.get("registered", {}).items()):
@@ -199,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--certs", metavar="DIR",
                    help="a folder from `flip-lab provision` (or its hub/ subfolder): TLS, node authentication, and "
                         "registration of the provisioned sites")
+    p.add_argument("--durable", action="store_true",
+                   help="keep the hub's state in WORKDIR/hub so that a restarted hub gets its sites back and its jobs "
+                        "can resume (the default with --certs; costs about 3 s per round)")
     workdir(p)
     p.set_defaults(func=_cmd_up)
 

@@ -26,6 +26,7 @@ from flip_lab._packing import pack, unpack_arrays
 
 from . import _flower_runtime as rt
 from . import secagg
+from ._pace import IdlePacer
 from .approvals import ApprovalStore, plan_hash
 from .audit import AuditLog
 from .egress import check_reply
@@ -83,9 +84,12 @@ class Executor:
         self._secagg: dict[int, secagg.SecAggClient] = {}  # the current job's secure-aggregation state
 
     # -- the loop ----------------------------------------------------------------------------------
-    def serve(self, stop: threading.Event, poll_s: float = 0.02) -> None:
+    def serve(self, stop: threading.Event, poll_s: float = 0.02, idle_cap_s: float = 0.5) -> None:
+        """Serve the SuperNode's tasks until ``stop``: polls every ``poll_s`` during a study, backing off to
+        ``idle_cap_s`` once idle (:mod:`site_kernel._pace`)."""
         rt.fast_object_pulls()
         conn = rt.RuntimeConnection(self.runtime_address)
+        pacer = IdlePacer(poll_s, idle_cap_s)
         try:
             while not stop.is_set():
                 try:
@@ -96,8 +100,9 @@ class Executor:
                     continue
                 if token is None:
                     self._stop_idle_workers()
-                    stop.wait(poll_s)
+                    stop.wait(pacer.next_wait())
                     continue
+                pacer.active()
                 try:
                     t0 = time.perf_counter()
                     with conn.task(token) as task:

@@ -24,8 +24,8 @@ SETTINGS = {"rounds": 4, "seed": 3, "lr": 0.02, "batch_size": 16, "min_sites": 3
 
 @pytest.fixture(scope="module")
 def fed(tmp_path_factory):
-    """A federation of its own: these tests kill its hub."""
-    with flip_lab.local_federation(3, workdir=tmp_path_factory.mktemp("fed"), scale=0.3) as federation:
+    """A federation of its own, its hub's state in a file: these tests kill its hub."""
+    with flip_lab.local_federation(3, workdir=tmp_path_factory.mktemp("fed"), scale=0.3, durable=True) as federation:
         yield federation
 
 

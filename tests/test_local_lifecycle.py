@@ -50,6 +50,8 @@ def test_up_status_down_leaves_no_process_or_port(tmp_path):
                         text=True, timeout=300)
     assert up.returncode == 0, up.stderr
     state = json.loads((workdir / "federation.json").read_text())
+    assert state["durable"] is False and not (workdir / "hub" / "superlink.db").exists(), \
+        "a local hub keeps its state in memory unless asked to be durable"
     family = _family(state["pids"])
     status = subprocess.run([*FLIP_LAB, "status", "--workdir", str(workdir)], capture_output=True, text=True,
                             timeout=60)
@@ -90,6 +92,20 @@ def test_a_killed_notebook_kernel_takes_its_federation_with_it(tmp_path):
     finally:
         if kernel.poll() is None:
             kernel.kill()
+
+
+def test_a_hub_that_kept_its_state_in_memory_is_not_restarted_and_the_error_says_how(tmp_path):
+    from flip_lab.errors import FederationError
+    from flip_lab.local import LocalFederation
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    state = {"workdir": str(tmp_path), "pids": [gone.pid], "sites": {}, "site_pids": {}, "hub_port": 1,
+             "hub_pid": gone.pid, "durable": False}
+    fed = LocalFederation(tmp_path, state, owner=False)
+    with pytest.raises(FederationError, match=r"kept its state in memory.*durable=True.*flip-lab up --durable"):
+        fed.restart_hub()
+    assert not (tmp_path / "hub").exists(), "nothing was started"
 
 
 def test_history_table_columns_and_aggregate_rows():
