@@ -158,7 +158,7 @@ class PrivacyLedger:
         """The update this site released for ``round_`` of study ``run_id`` from these ``weights``, if it kept it."""
         if not self.has(run_id, round_):
             return None
-        path = self.path.parent.parent / RELEASED_DIR / f"{int(run_id)}-{int(round_)}.safetensors"
+        path = _release_path(self.path.parent, run_id, round_)
         try:
             from safetensors import safe_open
 
@@ -198,7 +198,7 @@ class PrivacyLedger:
             if self.has(run_id, round_):
                 return False
             if release is not None:
-                _keep(folder / RELEASED_DIR.name, int(run_id), int(round_), release)
+                _keep(folder, int(run_id), int(round_), release)
             self._releases.append(
                 {
                     "run_id": int(run_id),
@@ -354,12 +354,17 @@ def _read(path: Path) -> list[dict[str, Any]]:
     return releases
 
 
-def _keep(folder: Path, run_id: int, round_: int, release: Release) -> None:
+def _release_path(privacy_dir: Path, run_id: int, round_: int) -> Path:
+    return privacy_dir / RELEASED_DIR.name / f"{int(run_id)}-{int(round_)}.safetensors"
+
+
+def _keep(privacy_dir: Path, run_id: int, round_: int, release: Release) -> None:
     """Write ``release`` (before its ledger entry) and drop the study's rounds no resume can ask for again."""
     from safetensors.numpy import save_file
 
+    path = _release_path(privacy_dir, run_id, round_)
+    folder = path.parent
     folder.mkdir(exist_ok=True)
-    path = folder / f"{run_id}-{round_}.safetensors"
     tmp = path.with_suffix(".tmp")
     meta = {"weights": release.weights, "metrics": release.metrics, "num_examples": int(release.num_examples)}
     try:
