@@ -10,18 +10,18 @@ never run and the process stays warm between rounds. This module is the only pla
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 from flwr.app import Context, Message
 from flwr.common.constant import SubStatus
-from flwr.proto.runtime_pb2 import AcquireTaskRequest
+from flwr.proto.runtime_pb2 import AcquireTaskRequest, SendTaskHeartbeatRequest
 from flwr.supercore.constant import TaskType
 from flwr.supercore.fab import Fab
-from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+from flwr.supercore.heartbeat import HeartbeatSender
 from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
-from flwr.supercore.retry import make_simple_http_retry_invoker
+from flwr.supercore.retry import RetryInvoker, make_simple_http_retry_invoker
 from flwr.supercore.run import Run
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
@@ -46,6 +46,55 @@ class Task:
         push_task_output(client=self.client, context=self.context, sub_status=status, details=details)
 
 
+class TaskLost(RuntimeError):
+    """The SuperNode no longer knows a task's token (the task ended or expired): that task is over, the site is not."""
+
+
+def _retry_invoker() -> RetryInvoker:
+    """Flower's HTTP retry policy, except that a refused token ends the call, not the process.
+
+    Flower's policy sends SIGINT to its own process on HTTP 401: right for a ``flwr-clientapp`` that lives for one
+    message, wrong for the site kernel, which serves every study and would go down with one stale task.
+    """
+    import httpx
+
+    invoker = make_simple_http_retry_invoker()
+    flowers = invoker.should_giveup
+
+    def should_giveup(exc: Exception) -> bool:
+        if isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code == httpx.codes.UNAUTHORIZED:
+            raise TaskLost("the SuperNode no longer knows this task (it ended or expired)") from exc
+        return flowers(exc) if flowers is not None else True
+
+    invoker.should_giveup = should_giveup
+    return invoker
+
+
+def _task_heartbeat(client: RuntimeHttpClient) -> Callable[[], bool]:
+    """Flower's task heartbeat (``make_task_heartbeat_fn_http``) without its SIGINT to the process when the SuperNode
+    says the task is gone: the task's own calls then fail with ``TaskLost``, and the heartbeat stops."""
+    import httpx
+
+    request = SendTaskHeartbeatRequest()
+
+    def beat() -> bool:
+        try:
+            return bool(client.SendTaskHeartbeat(request).success) or _stop()
+        except TaskLost:
+            return _stop()
+        except httpx.TransportError:
+            return False
+        except httpx.HTTPStatusError as err:
+            if err.response.status_code in (httpx.codes.SERVICE_UNAVAILABLE, httpx.codes.GATEWAY_TIMEOUT):
+                return False
+            raise
+
+    def _stop() -> bool:
+        raise SystemExit  # ends only the heartbeat's thread
+
+    return beat
+
+
 class RuntimeConnection:
     """Acquires the SuperNode's queued client-app tasks, one at a time."""
 
@@ -54,7 +103,7 @@ class RuntimeConnection:
         self._client = RuntimeHttpClient.from_server_address(
             server_address=address, insecure=True, root_certificates=None,
             interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")],
-            retry_invoker=make_simple_http_retry_invoker(),
+            retry_invoker=_retry_invoker(),
         )
 
     def close(self) -> None:
@@ -73,9 +122,9 @@ class RuntimeConnection:
             server_address=self.address, insecure=True, root_certificates=None,
             interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
                           RuntimeTokenHttpInterceptor(token)],
-            retry_invoker=make_simple_http_retry_invoker(),
+            retry_invoker=_retry_invoker(),
         )
-        heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
+        heartbeat = HeartbeatSender(_task_heartbeat(client))
         heartbeat.start()
         try:
             message, context, run, fab = pull_task_input(client)

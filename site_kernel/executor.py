@@ -114,6 +114,9 @@ class Executor:
                         task.reply(reply)
                     log.debug("task %s: pull %.3f s, handle %.3f s, reply %.3f s", task.message.metadata.message_type,
                              t1 - t0, t2 - t1, time.perf_counter() - t2)
+                except rt.TaskLost:  # e.g. its run stopped while the SuperNode was receiving it
+                    log.warning("a task ended before the site could finish it (its run stopped or its token "
+                                "expired); the site keeps serving")
                 except Exception:  # never let one task take the site down
                     log.exception("task failed outside the plan; the site keeps serving")
         finally:

@@ -39,7 +39,7 @@ def test_quick_benchmark_shows_what_harmonisation_buys(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_the_real_federation_row_trains_on_the_same_hospitals_as_the_in_process_rows(tmp_path: Path) -> None:
     bench = _load_benchmark()
-    args = {"rounds": 2, "local_epochs": 1, "lr": 3e-3, "batch_size": 8, "scale": 0.5}
+    args = {"rounds": 1, "local_epochs": 1, "lr": 3e-3, "batch_size": 8, "scale": 0.5}
     sites = bench.load_sites(bench.build_federation(tmp_path / "data", 0, args["scale"]), "full")
 
     result = bench.run_real_federation_row(args, 0, sites, tmp_path)

@@ -65,3 +65,100 @@ def test_the_supernode_sleeps_fast_in_a_study_and_slowly_when_long_idle(clock, m
     assert clock.slept[-1] == 0.1
     patched.sleep(0.25)  # other sleeps pass through
     assert clock.slept[-1] == 0.25
+
+
+def _hub_message(run_id: int):
+    import time
+
+    from flwr.app import ConfigRecord, Metadata, RecordDict
+    from flwr.app.message.message import make_message
+
+    md = Metadata(run_id=run_id, message_id="", src_node_id=0, dst_node_id=1, reply_to_message_id="", group_id="",
+                  created_at=time.time(), ttl=60, message_type="query")
+    msg = make_message(metadata=md, content=RecordDict({"config": ConfigRecord({"op": "hello"})}))
+    msg.metadata.__dict__["_message_id"] = msg.object_id
+    return msg
+
+
+def _node():
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.supernode.nodestate.in_memory_nodestate import InMemoryNodeState
+
+    store = ObjectStoreFactory().store()
+    return InMemoryNodeState(store), store
+
+
+def _reply_to(message, state, store):
+    from flwr.app import ConfigRecord, Message, RecordDict
+    from flwr.supernode.start_client_internal import _insert_message
+
+    reply = Message(RecordDict({"config": ConfigRecord({"approval": "approved"})}), reply_to=message)
+    _insert_message(reply, state, store)
+    return reply
+
+
+def _push(state, store) -> list[str]:
+    """Flower's own push step, sending to a list (it waits for as long as it finds no reply: 5 s here)."""
+    import threading
+
+    from flwr.supernode.start_client_internal import _push_messages
+
+    sent: list[str] = []
+
+    def send(message, tree, runtime):
+        sent.append(message.metadata.reply_to_message_id)
+        return set(), "session"
+
+    push = threading.Thread(target=_push_messages, daemon=True, kwargs=dict(
+        state=state, object_store=store, send=send, push_object=lambda *a: None))
+    push.start()
+    push.join(5)
+    return sent
+
+
+def test_a_reply_ready_with_nothing_new_pulled_is_pushed_now():
+    """Flower's loop pushes only after it pulls; one stray reply would delay every later answer by a message."""
+    from site_kernel._supernode import _pull_or_flush
+
+    state, store = _node()
+    pulled: list[int | None] = [None, 42, None]
+    step = _pull_or_flush(lambda **kw: pulled.pop(0))
+
+    assert step(state=state, object_store=store) is None, "nothing pulled and nothing to send: the loop idles"
+    assert step(state=state, object_store=store) == 42, "a pulled message is passed on as it is"
+
+    message = _hub_message(7)
+    state.store_message(message)
+    _reply_to(message, state, store)
+    assert step(state=state, object_store=store) == 7, "nothing pulled but a reply is ready: the loop pushes"
+    assert _push(state, store) == [message.metadata.message_id], "and Flower's push step still finds the reply"
+
+
+def test_a_message_half_received_when_its_run_stopped_is_dropped_with_its_task():
+    from flwr.common.constant import Status
+    from flwr.supercore.constant import TaskType
+
+    from site_kernel._supernode import _pull_or_flush
+
+    state, store = _node()
+    message = _hub_message(7)
+    created: list[int] = []
+
+    def receive_until_the_run_stops(*, state, **kw):  # what Flower's receive step does when the hub says "stopped"
+        created.append(state.create_task(task_type=TaskType.CLIENT_APP, run_id=7, fab_hash="f"))
+        state.store_message(message)
+        return None
+
+    assert _pull_or_flush(receive_until_the_run_stops)(state=state, object_store=store) is None
+    assert not state.get_messages_legacy(is_reply=False), "no message is left for the executor to answer"
+    (task,) = state.get_tasks(task_ids=created)
+    assert task.status.status == Status.FINISHED
+
+
+def test_flowers_loop_step_still_has_the_shape_the_wrapper_relies_on():
+    import inspect
+
+    from flwr.supernode import start_client_internal as sci
+
+    assert "state" in inspect.signature(sci._pull_and_store_message).parameters
+    assert "state=state," in inspect.getsource(sci.start_client_internal), "the loop passes the state by name"
