@@ -92,8 +92,7 @@ class JobWorker:
 
     @property
     def uid(self) -> int:
-        """An unprivileged uid of this site's own: workers of sites on one host never share process limits."""
-        return 100_000 + zlib.crc32(str(self.site_dir.resolve()).encode()) % 50_000
+        return worker_uid(self.site_dir, self.run_id)
 
     @property
     def alive(self) -> bool:
@@ -238,8 +237,19 @@ class JobWorker:
         shutil.rmtree(self.job_dir / "scratch", ignore_errors=True)
 
 
+def worker_uid(site_dir: Path, run_id: int) -> int:
+    """The unprivileged uid of one job's worker at one site.
+
+    Stopping a worker kills every process of its uid (a fork bomb's children leave the process group), and the
+    process limit counts every process of a uid: so no two workers share one, neither the jobs of one site (a study
+    whose idle worker was stopped used to take down another study's worker at the same site) nor the sites on one
+    host. Derived from the site's folder and the run, 50,000 uids from 100,000: two concurrent jobs collide with a
+    chance of 1 in 50,000."""
+    return 100_000 + zlib.crc32(f"{site_dir.resolve()}#{run_id}".encode()) % 50_000
+
+
 def _kill_uid(uid: int) -> None:
-    """SIGKILL every process running as ``uid`` (a uid only this site's workers use)."""
+    """SIGKILL every process running as ``uid`` (a uid only one job's worker uses)."""
     import psutil
 
     for _ in range(5):  # forks can race the first sweep

@@ -142,10 +142,10 @@ def test_fork_bomb_is_contained_and_leaves_no_process(site):
     job = run(site, plan_with_train(body))
     assert job.status == "failed"
     time.sleep(2)
-    import zlib
+    from site_kernel.jobs import worker_uid
 
-    site_uid = 100_000 + zlib.crc32(str(site["dir"].resolve()).encode()) % 50_000  # as site_kernel.jobs assigns
-    left = [p.pid for p in psutil.process_iter(["uids"]) if p.info["uids"] and p.info["uids"].real == site_uid]
+    job_uid = worker_uid(site["dir"], job.id)
+    left = [p.pid for p in psutil.process_iter(["uids"]) if p.info["uids"] and p.info["uids"].real == job_uid]
     assert not left, "forked processes outlived the job"
 
 

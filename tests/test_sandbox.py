@@ -327,3 +327,23 @@ def _free_udp_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_stopping_one_jobs_worker_leaves_another_jobs_worker_at_the_same_site_running(tmp_path):
+    """A worker is stopped with every process of its uid; two studies at one site must not share one."""
+    from site_kernel.jobs import _kill_uid, worker_uid
+
+    site_dir = tmp_path / "site"
+    site_dir.mkdir()
+    first, second = worker_uid(site_dir, 1), worker_uid(site_dir, 2)
+    assert first != second
+    assert worker_uid(tmp_path / "another-site", 1) != first, "nor do two sites on one host"
+    workers = [subprocess.Popen(["sleep", "60"], user=uid, group=uid) for uid in (first, second)]
+    try:
+        _kill_uid(first)
+        assert workers[0].wait(10) == -signal.SIGKILL
+        assert workers[1].poll() is None, "the other study's worker still runs"
+    finally:
+        for proc in workers:
+            proc.kill()
+            proc.wait(10)
