@@ -64,7 +64,7 @@ def _retry_invoker() -> RetryInvoker:
     def should_giveup(exc: Exception) -> bool:
         if isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code == httpx.codes.UNAUTHORIZED:
             raise TaskLost("the SuperNode no longer knows this task (it ended or expired)") from exc
-        return flowers(exc) if flowers is not None else True
+        return flowers(exc)  # type: ignore[misc]
 
     invoker.should_giveup = should_giveup
     return invoker
@@ -79,18 +79,18 @@ def _task_heartbeat(client: RuntimeHttpClient) -> Callable[[], bool]:
 
     def beat() -> bool:
         try:
-            return bool(client.SendTaskHeartbeat(request).success) or _stop()
+            known = client.SendTaskHeartbeat(request).success
         except TaskLost:
-            return _stop()
+            known = False
         except httpx.TransportError:
             return False
         except httpx.HTTPStatusError as err:
             if err.response.status_code in (httpx.codes.SERVICE_UNAVAILABLE, httpx.codes.GATEWAY_TIMEOUT):
                 return False
             raise
-
-    def _stop() -> bool:
-        raise SystemExit  # ends only the heartbeat's thread
+        if not known:
+            raise SystemExit  # ends only the heartbeat's thread
+        return True
 
     return beat
 
