@@ -338,8 +338,12 @@ def run_study(notebook: str | Path, parameters: dict[str, Any] | None = None,
     failure: StudyCellError | None = None
     with _record_env(root):
         try:
+            # The study's kernel shares this process's stderr; inside a notebook that is the calling cell's output,
+            # where the kernel's start-up warnings (e.g. "running over TCP without encryption", about a kernel
+            # that listens on loopback only) would land. Errors still show.
             papermill.execute_notebook(str(notebook), str(output), parameters=checked, kernel_name=kernel_name,
-                                       cwd=str(notebook.parent), progress_bar=False, execution_timeout=timeout)
+                                       cwd=str(notebook.parent), progress_bar=False, execution_timeout=timeout,
+                                       extra_arguments=["--IPKernelApp.log_level=ERROR"])
             status["status"] = "completed"
         except PapermillExecutionError as err:
             failure = _cell_failure(notebook, output, err, root)

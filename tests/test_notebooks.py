@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import papermill
@@ -46,7 +47,7 @@ CASES = {
     "workshop/02_heterogeneity_and_harmonisation.ipynb": ("vendors", "FlipFigure"),
     "workshop/03_governance_site_side.ipynb": ("plan_error", "audit log intact", "pending"),
     "workshop/04_privacy.ipynb": ("withheld", "update norm"),
-    "workshop/05_reproducible_study.ipynb": ("[[], []]",),
+    "workshop/05_reproducible_study.ipynb": ("[[], []]", "largest difference between the two runs: 0.0"),
 }
 
 
@@ -59,6 +60,11 @@ def test_notebook_runs_headless(name, federation, tmp_path):
     text, kinds = execute(name, tmp_path, **params)
     for needle in CASES[name]:
         assert needle in text, f"{name}: expected {needle!r} in its outputs"
+    # A study run from a notebook (workshop 5) must not spill its kernel's start-up warnings into the cell.
+    assert "without encryption" not in text, f"{name}: a nested kernel's warning landed in the notebook"
+    if name == "quickstart.ipynb":  # a newcomer's first study, even at the suite's small settings, visibly learns
+        dice = float(re.search(r"final aggregated Dice ([0-9.]+)", text).group(1))
+        assert dice >= 0.1, f"the quickstart ended at Dice {dice}: it should visibly learn in one round"
     if name in ("quickstart.ipynb", "workshop/01_federated_basics.ipynb",
                 "workshop/02_heterogeneity_and_harmonisation.ipynb"):
         assert "image/png" in kinds, "the dashboard's static image must be saved in the notebook"
