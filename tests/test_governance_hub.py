@@ -263,6 +263,20 @@ def test_a_site_refuses_a_bundle_whose_plan_unpacks_beyond_the_limit(size):
     assert refused.value.kind == "bundle_refused"
 
 
+def test_an_oversized_bundle_is_refused_before_anything_is_unpacked():
+    import tracemalloc
+
+    fab = _oversized_flip_plan(50 << 20)  # 50 MB twice over: in plan.py and in the pyproject
+    tracemalloc.start()
+    try:
+        with pytest.raises(BundleRefused, match="limit"):
+            read_plan_bundle(fab)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20, f"refusing a 50 MB plan took {peak >> 20} MiB"
+
+
 @pytest.mark.parametrize("entry", ["pyproject.toml", "plan.py", "README.md"])
 def test_every_entry_is_refused_beyond_its_own_cap(entry, monkeypatch):
     import flip_lab._bundle_read as reader
