@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
 import time
 import zipfile
 from pathlib import Path
@@ -248,6 +251,26 @@ def test_a_bundle_cannot_read_the_tls_hubs_private_key(tls_hub, tmp_path):
         assert not marker.exists()
     key = (prov.hub / "hub.key").read_text()
     assert key not in (workdir / "hub" / "superlink.log").read_text(errors="replace")
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(os.geteuid() != 0, reason="a study drops its uid only on a hub run as root")
+def test_a_study_process_cannot_read_the_hubs_key_or_secret(tls_hub):
+    workdir, prov, _ = tls_hub
+    hub_dir = workdir / "hub"
+    probe = (
+        "import sys\nfrom flip_lab.hub.study import _drop_privileges\n_drop_privileges()\n"
+        "for path in sys.argv[1:]:\n    try:\n        open(path).read()\n"
+        "    except PermissionError:\n        print('denied', path)\n"
+    )
+    paths = [str(prov.hub / "hub.key"), str(hub_dir / "runtime.secret")]
+    out = subprocess.run(
+        [sys.executable, "-I", "-c", probe, *paths],
+        env={**os.environ, "FLIP_HUB_DIR": str(hub_dir)},
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split("\n")[:2] == [f"denied {p}" for p in paths]
 
 
 @pytest.mark.parametrize("size", [MAX_PLAN_BYTES + 1, 50 << 20])
