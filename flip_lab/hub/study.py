@@ -132,7 +132,7 @@ def run_task(address: str, token: str, root_certificates: bytes | None) -> None:
         status, details = SubStatus.COMPLETED, ""
     except KeyboardInterrupt:  # Flower's heartbeat interrupts a study whose run was stopped
         status, details = SubStatus.STOPPED, "the run was stopped"
-    except Exception as err:
+    except Exception as err:  # the run ends failed with a reason instead of a vanished process
         log.exception("the hub's ServerApp failed")
         details = f"the hub's ServerApp failed: {type(err).__name__}"
     finally:
@@ -147,7 +147,7 @@ def run_task(address: str, token: str, root_certificates: bytes | None) -> None:
                     details=details,
                 )
             )
-        except Exception as err:
+        except Exception as err:  # the SuperLink fails the task once its heartbeat stops
             log.error("could not report the run's end to the SuperLink: %s", err)
         if uploader is not None:
             stop_log_uploader(log_queue, uploader)
