@@ -193,6 +193,31 @@ def test_run_config_overrides_are_refused(hub):
     assert run.job_status == "failed" and "run-config overrides" in run.details
 
 
+@pytest.mark.e2e
+def test_the_side_panel_shows_a_refused_run_as_failed_with_the_reason_and_no_events(hub, tmp_path):
+    from flip_lab.server.manager import FederationManager
+
+    fed, client = hub
+    run_id = str(client.start_run(_flip_lookalike(tmp_path / "shadowed")))
+    manager = FederationManager(tmp_path / "lab")
+    manager.connect(fed.address)
+    try:
+        deadline = time.monotonic() + 120
+        job = None
+        while time.monotonic() < deadline:
+            manager.poll()
+            job = next((j for j in manager.jobs() if j["id"] == run_id), None)
+            if job is not None and job["status"] == "failed":
+                break
+            time.sleep(0.3)
+        assert job is not None and job["status"] == "failed", job
+        assert job["message"].startswith("refused by the hub:")
+        assert job["round"] == 0 and job["rounds"] is None and not job["strategy"]
+        assert not job["metrics"] and not job["site_states"]
+    finally:
+        manager.close()
+
+
 @pytest.fixture(scope="module")
 def tls_hub(tmp_path_factory):
     """A hub with certificates, started as `flip-lab up --certs ... --workdir RELATIVE`."""
