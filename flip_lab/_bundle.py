@@ -14,11 +14,9 @@ import re
 
 import tomli_w
 
+from ._bundle_read import COMPONENTS, PUBLISHER
 from ._flower import build_fab
 from .plan import BuiltPlan
-
-SERVER_APP = "flip_lab.hub.server_app:app"
-CLIENT_APP = "flip_lab.hub.client_app:app"
 
 
 def bundle(plan: BuiltPlan, *, resume_from: int = 0, study: int = 0) -> bytes:
@@ -37,8 +35,8 @@ def bundle(plan: BuiltPlan, *, resume_from: int = 0, study: int = 0) -> bytes:
         "tool": {
             "flwr": {
                 "app": {
-                    "publisher": "flip-lab",
-                    "components": {"serverapp": SERVER_APP, "clientapp": CLIENT_APP},
+                    "publisher": PUBLISHER,
+                    "components": dict(COMPONENTS),
                     "config": {
                         "flip-plan-source": plan.source,
                         "flip-plan-spec": json.dumps(plan.spec, sort_keys=True),

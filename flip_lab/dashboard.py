@@ -242,7 +242,7 @@ class Dashboard:
             png = self.render()
             summary = _display.StaticSummary(self.view)
             if not _in_ipython():
-                print(_display.summary_markdown(self.view))
+                print(_display.summary_markdown(self.view, escape=False))
             else:
                 from IPython.display import Image, display
 

@@ -13,6 +13,7 @@ gave.
 from __future__ import annotations
 
 import html
+import re
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -264,16 +265,36 @@ def summary_html(view: JobView) -> str:
     return "<div class='flip-summary'>" + "".join(parts) + "</div>"
 
 
-def summary_markdown(view: JobView) -> str:
+# No maintained library escapes text for markdown (markdown-it and mistune render it, they do not escape), and
+# Jupyter's renderer passes inline HTML through: HTML is escaped first, then every markdown punctuation mark that
+# could start markup is backslash-escaped, and line breaks, which could end a table row, become spaces.
+_MD_MARKUP = re.compile(r"([\\`*_\[\]{}()#+\-!|~])")
+
+
+def md_escape(text: str) -> str:
+    """``text`` as literal markdown: what it says is shown, nothing in it becomes markup."""
+    return _MD_MARKUP.sub(r"\\\1", html.escape(" ".join(str(text).splitlines()), quote=False))
+
+
+def _md_code(text: str) -> str:
+    """``text`` as a code span, whose content markdown shows literally once it cannot close the span."""
+    return "`" + " ".join(str(text).splitlines()).replace("`", "'") + "`"
+
+
+def summary_markdown(view: JobView, *, escape: bool = True) -> str:
+    """The summary as markdown; ``escape=False`` gives the same text unescaped, for plain-text output."""
+    md = md_escape if escape else str
+    cell = md_escape if escape else (lambda text: text.replace("|", "\\|"))
     rows = site_rows(view)
-    lines = [f"**{headline(view)}**", "", f"{aggregate_line(view)}; plan hash `{view.plan_hash or 'unknown'}`", ""]
+    lines = [f"**{md(headline(view))}**", "",
+             f"{md(aggregate_line(view))}; plan hash {_md_code(view.plan_hash or 'unknown')}", ""]
     if rows:
         keys = list(rows[0])
-        lines.append("| " + " | ".join(keys) + " |")
+        lines.append("| " + " | ".join(md(k) for k in keys) + " |")
         lines.append("|" + "---|" * len(keys))
         for row in rows:
-            lines.append("| " + " | ".join(row[k].replace("|", "\\|") for k in keys) + " |")
-    lines += [f"- {e}" for e in error_lines(view)]
+            lines.append("| " + " | ".join(cell(row[k]) for k in keys) + " |")
+    lines += [f"- {md(e)}" for e in error_lines(view)]
     return "\n".join(lines) + "\n"
 
 
@@ -285,10 +306,10 @@ class StaticSummary:
 
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, str]:
         return {"text/html": summary_html(self.view), "text/markdown": summary_markdown(self.view),
-                "text/plain": summary_markdown(self.view)}
+                "text/plain": summary_markdown(self.view, escape=False)}
 
     def __repr__(self) -> str:
-        return summary_markdown(self.view)
+        return summary_markdown(self.view, escape=False)
 
 
 def final_metrics(view: JobView, phase: str = "evaluate") -> dict[str, dict[str, float]]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -74,11 +75,14 @@ def _join(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def hub_command(host: str, port: int, certs: HubCerts | None, database: Path | None = None) -> list[str]:
+def hub_command(host: str, port: int, certs: HubCerts | None, database: Path | None = None,
+                secret_file: Path | None = None) -> list[str]:
     """``flower-superlink`` for a hub on ``host:port``: TLS and node authentication with ``certs``, plain HTTP only
     on loopback.
 
     Beyond loopback the hub carries model updates between hospitals, so it refuses to listen there without TLS.
+    The SuperLink runs nothing itself (``--isolation process``): FLIP's runner (:mod:`flip_lab.hub.runner`)
+    executes its studies, and ``secret_file`` is the secret that runner proves itself with.
     """
     if certs is None and not is_loopback(host):
         raise FederationError(
@@ -86,7 +90,9 @@ def hub_command(host: str, port: int, certs: HubCerts | None, database: Path | N
             f"and node authentication. Create them with `flip-lab provision DIR --hub-address {_join(host, port)} "
             f"--site NAME ...` and start the hub with `--certs DIR/hub`")
     cmd = [str(Path(sys.executable).with_name("flower-superlink")), "--host", host, "--port", str(port),
-           "--isolation", "subprocess", "--disable-runtime-dependency-installation"]
+           "--isolation", "process"]
+    if secret_file is not None:
+        cmd += ["--superexec-auth-secret-file", str(secret_file)]
     if database is not None:
         # Sites keep their node ids across a hub restart only if the SuperLink's state outlives its process: with
         # Flower's default in-memory state, a restarted hub no longer knows its sites and they never come back.
@@ -98,24 +104,42 @@ def hub_command(host: str, port: int, certs: HubCerts | None, database: Path | N
 
 
 def _launch_hub(hub_dir: Path, host: str, port: int, certs: HubCerts | None,
-                durable: bool) -> subprocess.Popen[bytes]:
-    """Start ``flower-superlink`` in a session of its own, its output in superlink.log and, when ``durable``, its
-    state in ``hub_dir``."""
+                durable: bool) -> tuple[subprocess.Popen[bytes], subprocess.Popen[bytes]]:
+    """Start ``flower-superlink`` and FLIP's runner beside it, each in a session of its own; their output in the
+    hub's one log, superlink.log (as when Flower ran the ServerApps), and, when ``durable``, the SuperLink's state
+    in ``hub_dir``."""
+    secret = _runtime_secret(hub_dir)
     with open(hub_dir / "superlink.log", "ab") as out:
-        return subprocess.Popen(
-            hub_command(host, port, certs, hub_dir / HUB_DATABASE if durable else None),
+        hub = subprocess.Popen(
+            hub_command(host, port, certs, hub_dir / HUB_DATABASE if durable else None, secret),
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
             env=_flower_env(hub_dir), cwd=hub_dir,
         )
+    cmd = [sys.executable, "-m", "flip_lab.hub.runner", "--runtime-api-address", _join(_dial_host(host), port),
+           "--secret-file", str(secret), "--hub-dir", str(hub_dir)]
+    if certs is not None:
+        cmd += ["--root-certificates", str(certs.ca)]
+    with open(hub_dir / "superlink.log", "ab") as out:
+        runner = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                  start_new_session=True, env=_flower_env(hub_dir), cwd=hub_dir)
+    return hub, runner
+
+
+def _runtime_secret(hub_dir: Path) -> Path:
+    """The secret FLIP's runner shows the SuperLink to take its studies (0600): kept across restarts."""
+    path = hub_dir / "runtime.secret"
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(secrets.token_bytes(32))
+    return path
 
 
 def _flower_env(hub_dir: Path | None = None) -> dict[str, str]:
     env = dict(os.environ)
-    # The SuperLink starts Flower's own helpers (flower-superexec, flwr-serverapp) by name: use this environment's.
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     env.update({"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-                # Flower's SuperExec checks for new runs every second by default; a study should not wait for it.
-                "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.25", "PYTHONUNBUFFERED": "1",
+                "PYTHONUNBUFFERED": "1",
                 # A model travels as one object per array; Flower moves two at a time by default.
                 "FLWR_PRIVATE_MAX_CONCURRENT_OBJ_PULLS": "8", "FLWR_PRIVATE_MAX_CONCURRENT_OBJ_PUSHES": "8"})
     if hub_dir is not None:
@@ -228,12 +252,13 @@ class LocalFederation(Federation):
             raise FederationError("n_sites must be 0 (a hub alone) or more")
         listen_host, listen_port = _parse_listen(listen)
         try:
-            hub_certs = HubCerts.load(certs) if certs is not None else None
+            hub_certs = HubCerts.load(Path(certs).absolute()) if certs is not None else None
         except ProvisionError as err:
             raise FederationError(str(err)) from err
         hub_command(listen_host, listen_port, hub_certs)  # refuses plain HTTP beyond loopback before anything starts
         bundles = _site_bundles(Path(certs), n_sites) if certs is not None and n_sites else []
-        workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="flip-federation-"))
+        # absolute: the hub's processes run in its own folder, where a relative path would point elsewhere
+        workdir = Path(workdir).absolute() if workdir else Path(tempfile.mkdtemp(prefix="flip-federation-"))
         workdir.mkdir(parents=True, exist_ok=True)
         workdir.chmod(0o755)  # site workers run as unprivileged users and must reach their job folders
         if (existing := running_state(workdir)) is not None:
@@ -255,9 +280,9 @@ class LocalFederation(Federation):
             hub_dir.mkdir(exist_ok=True)
             durable = hub_certs is not None if durable is None else durable
             state["durable"] = durable
-            hub = _launch_hub(hub_dir, listen_host, hub_port, hub_certs, durable)
-            pids.append(hub.pid)
-            state["hub_pid"] = hub.pid
+            hub, runner = _launch_hub(hub_dir, listen_host, hub_port, hub_certs, durable)
+            pids += [hub.pid, runner.pid]
+            state.update(hub_pid=hub.pid, runner_pid=runner.pid)
             _write_state(workdir, state)
             _wait_for(lambda: _listening(hub_port, dial), HUB_START_TIMEOUT, hub,
                       f"the hub did not start listening on {_join(listen_host, hub_port)}", hub_dir / "superlink.log")
@@ -352,14 +377,16 @@ class LocalFederation(Federation):
         _reap()
 
     def kill_hub(self) -> None:
-        """Stop the hub abruptly (SIGKILL, its ServerApps included), as a crash would: for fault drills and tests."""
+        """Stop the hub abruptly (SIGKILL, its runner and studies included), as a crash would: for fault drills
+        and tests."""
         import psutil
 
-        pid = self.state["hub_pid"]
-        try:
-            family = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
-        except psutil.NoSuchProcess:
-            family = []
+        family = []
+        for pid in (self.state["hub_pid"], self.state.get("runner_pid")):
+            try:
+                family += [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+            except (psutil.NoSuchProcess, TypeError):
+                pass
         for proc in family:
             try:
                 proc.kill()
@@ -382,9 +409,11 @@ class LocalFederation(Federation):
                 "the federation with `durable=True` (`flip-lab up --durable`) to restart its hub and resume its jobs")
         hub_dir = self.workdir / "hub"
         port = int(self.state["hub_port"])
-        hub = _launch_hub(hub_dir, self.state.get("hub_host", "127.0.0.1"), port, None, durable=True)
-        pids = [p for p in self.state["pids"] if p != self.state["hub_pid"]] + [hub.pid]
-        self.state.update(hub_pid=hub.pid, pids=pids)
+        old = {self.state["hub_pid"], self.state.get("runner_pid")}
+        stop_pids([p for p in old if p is not None and _alive(p)])  # a runner left without its SuperLink
+        hub, runner = _launch_hub(hub_dir, self.state.get("hub_host", "127.0.0.1"), port, None, durable=True)
+        pids = [p for p in self.state["pids"] if p not in old] + [hub.pid, runner.pid]
+        self.state.update(hub_pid=hub.pid, runner_pid=runner.pid, pids=pids)
         _write_state(self.workdir, self.state)
         dial = _dial_host(self.state.get("hub_host", "127.0.0.1"))
         _wait_for(lambda: _listening(port, dial), HUB_START_TIMEOUT, hub, "the hub did not start listening again",

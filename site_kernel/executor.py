@@ -8,20 +8,18 @@ the executor answers with a well-formed reply or an error of a known kind with a
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import re
 import threading
 import time
-import tomllib
-import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
+from flip_lab._bundle_read import BundleRefused, PlanBundle, read_plan_bundle
 from flip_lab._packing import pack, unpack_arrays
 
 from . import _flower_runtime as rt
@@ -38,7 +36,6 @@ from .settings import SiteSettings, load_settings
 
 log = logging.getLogger("flip.site")
 
-EXPECTED_COMPONENTS = {"serverapp": "flip_lab.hub.server_app:app", "clientapp": "flip_lab.hub.client_app:app"}
 ERROR_CODE = 0  # Flower's ErrorCode.UNKNOWN: the kind travels in the reason text, "kind: message"
 _SAFE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]{0,60}$")
 
@@ -61,13 +58,6 @@ def _study(run_config: dict[str, Any], run_id: int) -> int:
         return run_id
 
 
-def bundle_components(fab_content: bytes) -> dict[str, str]:
-    """The app components a bundle declares, read from its ``pyproject.toml`` without running anything."""
-    with zipfile.ZipFile(io.BytesIO(fab_content)) as zf:
-        config = tomllib.loads(zf.read("pyproject.toml").decode())
-    return dict(config.get("tool", {}).get("flwr", {}).get("app", {}).get("components", {}))
-
-
 class Executor:
     """Serves one site: see the module docstring. ``handle`` is the unit under test; ``serve`` the loop."""
 
@@ -82,6 +72,8 @@ class Executor:
         self._settings_mtime = 0.0
         self._last_refresh = 0.0
         self._secagg: dict[int, secagg.SecAggClient] = {}  # the current job's secure-aggregation state
+        # every message of a study carries the same bundle: read it once, not once per round
+        self._bundle: tuple[bytes, PlanBundle] | None = None
 
     # -- the loop ----------------------------------------------------------------------------------
     def serve(self, stop: threading.Event, poll_s: float = 0.02, idle_cap_s: float = 0.5) -> None:
@@ -213,10 +205,14 @@ class Executor:
                                        "data owner writes one") from err
 
     def _read_plan(self, run_config: dict[str, Any], fab_content: bytes, run_id: int) -> tuple[str, dict, str]:
-        components = bundle_components(fab_content)
-        if components != EXPECTED_COMPONENTS:
-            raise Refusal("bundle_refused", "the bundle asks the site to run code other than FLIP's runner",
-                          audit="bundle_refused")
+        if self._bundle is None or self._bundle[0] != fab_content:
+            try:
+                self._bundle = (fab_content, read_plan_bundle(fab_content))
+            except BundleRefused as err:
+                raise Refusal("bundle_refused", f"site {self.settings.name} refused the bundle: {err.reason}",
+                              audit="bundle_refused") from err
+        # the plan is read from the bundle itself, as data, not from settings a submitter may override
+        run_config = self._bundle[1].run_config
         try:
             source = str(run_config["flip-plan-source"])
             spec = json.loads(str(run_config["flip-plan-spec"]))

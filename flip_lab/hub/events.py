@@ -50,11 +50,13 @@ class EventSink:
         job interrupted by a hub crash can resume from it (``load_checkpoint``)."""
         if self.record_dir is None:
             return
-        from safetensors.numpy import save_file
+        from safetensors.numpy import save
 
+        # bytes written by Python, not safetensors' save_file: that one resolves the path to an absolute one,
+        # which a study process, working in its hub folder by relative paths (flip_lab.hub.study), cannot pass
         tmp = self.record_dir / "checkpoint.safetensors.tmp"
-        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp),
-                  metadata={"round": str(round_)})
+        tmp.write_bytes(save({k: np.ascontiguousarray(v) for k, v in arrays.items()},
+                             metadata={"round": str(round_)}))
         tmp.replace(self.record_dir / "checkpoint.safetensors")
 
     def emit_weights(self, arrays: dict[str, np.ndarray], round_: int) -> None:
@@ -72,9 +74,10 @@ class EventSink:
 
 def load_checkpoint(record_dir: Path) -> tuple[dict[str, np.ndarray], int]:
     """The last released model of a run and its round; ``FileNotFoundError`` if no round was released."""
-    from safetensors import safe_open
+    from safetensors.numpy import load
 
-    path = record_dir / "checkpoint.safetensors"
-    with safe_open(str(path), framework="np") as fh:
-        round_ = int((fh.metadata() or {}).get("round", 0))
-        return {k: fh.get_tensor(k) for k in fh.keys()}, round_  # noqa: SIM118 (safe_open is not a dict)
+    # read as bytes for the reason given in ``EventSink.checkpoint``; safetensors reads metadata only from a
+    # path, so the round comes from the header as the format defines it: 8 bytes of length, then JSON
+    blob = (record_dir / "checkpoint.safetensors").read_bytes()
+    header = json.loads(blob[8 : 8 + int.from_bytes(blob[:8], "little")])
+    return dict(load(blob)), int((header.get("__metadata__") or {}).get("round", 0))

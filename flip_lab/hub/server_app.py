@@ -1,7 +1,8 @@
 """The hub's ServerApp: discover sites, wait for their approval, run the strategy, stream everything back.
 
-It runs inside Flower's ``flwr-serverapp`` process, spawned by the SuperLink for each run. The plan arrives in the
-run config (``flip-plan-spec``, ``flip-init-weights``); the plan's source is never executed here.
+It runs in the hub's study process (:mod:`flip_lab.hub.study`), one per run, started by FLIP's runner; no
+code from the bundle runs. The plan arrives in the run config (``flip-plan-spec``, ``flip-init-weights``); the
+plan's source is never executed here.
 """
 
 from __future__ import annotations

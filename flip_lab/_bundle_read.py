@@ -1,0 +1,128 @@
+"""Read a submitted bundle (FAB) as data, the same way at the hub and at every site.
+
+A bundle is a zip file, so its compressed size says nothing about what it holds: a 50 MB plan
+deflates to a few kilobytes. Every entry is therefore read through a bounded stream and refused once
+it passes its cap, whatever its header declares, before it is decoded or parsed. Only FLIP's own
+files and components are accepted; nothing in a bundle is ever imported or executed.
+"""
+
+from __future__ import annotations
+
+import io
+import tomllib
+import zipfile
+from dataclasses import dataclass
+from typing import Any
+
+SERVER_APP = "flip_lab.hub.server_app:app"
+CLIENT_APP = "flip_lab.hub.client_app:app"
+COMPONENTS = {"serverapp": SERVER_APP, "clientapp": CLIENT_APP}
+PUBLISHER = "flip-lab"
+CONFIG_KEYS = frozenset(
+    {"flip-plan-source", "flip-plan-spec", "flip-init-weights", "flip-resume-from", "flip-study"}
+)
+
+MAX_PLAN_BYTES = 1 << 20  # a plan is a module of source text; 1 MiB is some 20,000 lines
+# The pyproject carries the plan's source, its spec and the initial weights in base64: 64 MiB holds
+# a model of about 45 MiB (some 11 million float32 parameters), and parsing that much TOML costs a
+# site a few hundred MiB at most, where a 50 MB plan once took 1.4 GB.
+MAX_ENTRY_BYTES = {"pyproject.toml": 64 << 20, "plan.py": MAX_PLAN_BYTES, "README.md": 64 << 10}
+# Flower writes a manifest of the files' hashes into every bundle it builds.
+FLOWER_MANIFEST = ".info/CONTENT"
+MAX_MANIFEST_BYTES = 64 << 10
+
+
+class BundleRefused(ValueError):
+    """A bundle that is not exactly a FLIP plan's.
+
+    ``reason`` is safe to show and to log: it quotes nothing from the bundle."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class PlanBundle:
+    """What a valid bundle carries: its run config (read as TOML data) and its plan source."""
+
+    run_config: dict[str, str]
+    plan_source: str
+
+
+def _check_declared(info: zipfile.ZipInfo, cap: int) -> None:
+    if info.file_size > cap:
+        raise BundleRefused(
+            f"bundle entry {info.filename!r} unpacks to {info.file_size} bytes, more than its "
+            f"limit of {cap} bytes; shrink the plan or its initial weights"
+        )
+
+
+def _read_capped(zf: zipfile.ZipFile, info: zipfile.ZipInfo, cap: int) -> bytes:
+    with zf.open(info) as fh:
+        # the size in the zip header is the sender's word: the stream itself is cut off at the cap
+        data = fh.read(cap + 1)
+    if len(data) > cap:
+        raise BundleRefused(
+            f"bundle entry {info.filename!r} unpacks to more than its limit of {cap} bytes; "
+            "shrink the plan or its initial weights"
+        )
+    return data
+
+
+def read_entries(fab: bytes) -> dict[str, bytes]:
+    """Exactly FLIP's files (pyproject.toml, plan.py, README.md), each read within its cap."""
+    try:
+        zf = zipfile.ZipFile(io.BytesIO(fab))
+    except zipfile.BadZipFile as err:
+        raise BundleRefused("the bundle is not a readable zip file") from err
+    with zf:
+        infos = zf.infolist()
+        names = [i.filename for i in infos if i.filename != FLOWER_MANIFEST]
+        if sorted(names) != sorted(MAX_ENTRY_BYTES) or len(infos) - len(names) > 1:
+            raise BundleRefused(
+                f"the bundle's files are not exactly FLIP's ({', '.join(sorted(MAX_ENTRY_BYTES))})"
+                f": it holds {len(infos)} entries"
+            )
+        caps = {i.filename: MAX_ENTRY_BYTES.get(i.filename, MAX_MANIFEST_BYTES) for i in infos}
+        # every declared size first, so that nothing is unpacked for a bundle refused
+        for info in infos:
+            _check_declared(info, caps[info.filename])
+        try:
+            return {i.filename: _read_capped(zf, i, caps[i.filename]) for i in infos}
+        except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError) as err:
+            raise BundleRefused("the bundle is not a readable zip file") from err
+
+
+def read_plan_bundle(fab: bytes) -> PlanBundle:
+    """A FLIP plan bundle read as data, or ``BundleRefused`` saying why it is not one."""
+    entries = read_entries(fab)
+    try:
+        project = tomllib.loads(entries["pyproject.toml"].decode())
+        plan_source = entries["plan.py"].decode()
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
+        raise BundleRefused(
+            "the bundle's pyproject.toml or plan.py is not valid UTF-8 TOML/text"
+        ) from err
+    app: Any = project.get("tool", {}).get("flwr", {}).get("app", {})
+    if not isinstance(app, dict) or app.get("components") != COMPONENTS:
+        raise BundleRefused(
+            f"the bundle asks to run components other than FLIP's own ({SERVER_APP}, {CLIENT_APP})"
+        )
+    if app.get("publisher") != PUBLISHER:
+        raise BundleRefused(f"the bundle's publisher is not {PUBLISHER!r}")
+    config = app.get("config")
+    if not isinstance(config, dict) or set(config) != CONFIG_KEYS:
+        raise BundleRefused(
+            "the bundle's run config keys are not exactly FLIP's "
+            f"({', '.join(sorted(CONFIG_KEYS))})"
+        )
+    if not all(isinstance(v, str) for v in config.values()):
+        raise BundleRefused("the bundle's run config values must all be text")
+    if len(config["flip-plan-source"].encode()) > MAX_PLAN_BYTES:
+        raise BundleRefused(f"the plan is larger than its limit of {MAX_PLAN_BYTES} bytes")
+    if config["flip-plan-source"] != plan_source:
+        raise BundleRefused(
+            "the bundle's plan.py differs from the plan in its run config (flip-plan-source)"
+        )
+    return PlanBundle(run_config=dict(config), plan_source=plan_source)
