@@ -55,7 +55,13 @@ def plan_hash(source: str, contract: dict[str, Any], model_shapes: dict[str, lis
         )
     except (TypeError, ValueError) as err:
         raise ApprovalError(f"a plan's data contract must be plain, finite JSON ({err})") from err
-    return hashlib.sha256(_DOMAIN + text.encode("utf-8")).hexdigest()
+    try:
+        data = text.encode("utf-8")
+    except UnicodeEncodeError as err:  # a lone surrogate: no file can hold it as sent
+        raise ApprovalError(
+            f"a plan must be valid Unicode text; it holds an unpaired surrogate at {err.start}"
+        ) from err
+    return hashlib.sha256(_DOMAIN + data).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -113,7 +119,8 @@ class ApprovalStore:
             "submitted_at": _now(),
         }
         staging = Path(tempfile.mkdtemp(prefix=".incoming-", dir=self.root))
-        (staging / "plan.py").write_text(source, encoding="utf-8")
+        # newline="" keeps line endings as sent: the stored file is exactly what was hashed.
+        (staging / "plan.py").write_text(source, encoding="utf-8", newline="")
         (staging / "request.json").write_text(
             json.dumps(request, indent=2, sort_keys=True), encoding="utf-8"
         )
@@ -215,7 +222,7 @@ class ApprovalStore:
         return PlanRecord(
             hash=hash,
             state=decision.get("state", "pending"),
-            source=(folder / "plan.py").read_text(encoding="utf-8"),
+            source=(folder / "plan.py").read_bytes().decode("utf-8"),  # no newline translation
             contract=request["contract"],
             model_shapes=request["model_shapes"],
             meta=request.get("meta", {}),
