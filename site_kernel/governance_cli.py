@@ -211,7 +211,11 @@ def _audit_show(args: argparse.Namespace) -> int:
 
 
 def _audit_verify(args: argparse.Namespace) -> int:
-    result = AuditLog(args.site / "audit.jsonl").verify(expected_head=args.expected_head)
+    # Plans under approvals/ were each logged on arrival: they are evidence the log cannot lack.
+    plans = [r.hash for r in ApprovalStore(args.site).list()]
+    result = AuditLog(args.site / "audit.jsonl").verify(
+        expected_head=args.expected_head, known_plans=plans
+    )
     print(result)
     return 0 if result.ok else 1
 
