@@ -152,8 +152,8 @@ class JobView:
             return _pick_primary(self.metric_names.get(phase, set()))
 
     def audit_heads(self) -> dict[str, str]:
-        """Per site, the last audit head it sent: ``flip-site audit verify --expected-head HEAD`` at that
-        site fails if the log was cut back (or wiped) below it since."""
+        """Per site, the last audit head it sent: ``flip-site audit verify --expected-head HEAD``
+        at that site fails if the log was cut back (or wiped) below it since."""
         with self.lock:
             return {name: s.audit_head for name, s in sorted(self.sites.items()) if s.audit_head}
 
@@ -249,8 +249,9 @@ def headline(view: JobView) -> str:
 def error_lines(view: JobView) -> list[str]:
     with view.lock:
         return [shown(f"round {e.get('round', '?')} {e.get('site', '')} {e.get('phase', '')}: "
-                      f"{e.get('kind', e.get('type'))}: {e.get('message') or e.get('reason') or ''}")
-                .replace("  ", " ") for e in view.errors]
+                      f"{e.get('kind', e.get('type'))}: "
+                      f"{e.get('message') or e.get('reason') or ''}").replace("  ", " ")
+                for e in view.errors]
 
 
 def aggregate_line(view: JobView) -> str:

@@ -258,8 +258,8 @@ class Job:
         return load(self._weights)
 
     def audit_heads(self) -> dict[str, str]:
-        """Per site, the last audit head received from it, for ``flip-site audit verify --expected-head``
-        there: a site's log cut back or wiped after sending it fails that check."""
+        """Per site, the last audit head received from it, for ``flip-site audit verify
+        --expected-head`` there: a log cut back or wiped after sending it fails that check."""
         from .display import JobView  # pandas loads only when asked
 
         with self._lock:

@@ -400,13 +400,15 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def audit_heads(record_dir: str | Path) -> dict[str, str]:
-    """Per site, the last audit head a run record holds (its newest job that heard from the site wins)."""
+    """Per site, the last audit head a run record holds (the newest job that heard from it wins)."""
     heads: dict[str, str] = {}
     jobs = sorted((Path(record_dir) / "jobs").glob("*/governance.json"),
                   key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else -1)
     for path in jobs:
         sites = json.loads(path.read_text(encoding="utf-8")).get("sites", {})
-        heads.update({str(k): str(v["audit_head"]) for k, v in sites.items() if v.get("audit_head")})
+        heads.update(
+            {str(k): str(v["audit_head"]) for k, v in sites.items() if v.get("audit_head")}
+        )
     return heads
 
 
@@ -442,8 +444,10 @@ def add_study_commands(subparsers: Any) -> None:
     verify = sub.add_parser("verify", help="re-check every checksum of a run record")
     verify.add_argument("record")
     verify.set_defaults(func=_cmd_verify)
-    heads = sub.add_parser("heads", help="the last audit head each site sent, to check its log with "
-                           "`flip-site audit verify --expected-head`")
+    heads = sub.add_parser(
+        "heads",
+        help="the last audit head each site sent, for `flip-site audit verify --expected-head`",
+    )
     heads.add_argument("record")
     heads.set_defaults(func=_cmd_heads)
     seal_ = sub.add_parser("seal", help="rewrite a record's manifest (after adding papermill's output notebook)")

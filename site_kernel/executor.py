@@ -25,7 +25,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRec
 from flip_lab._packing import pack, unpack_arrays
 
 from . import _flower_runtime as rt
-from . import secagg
+from . import run_settings, secagg
 from ._pace import IdlePacer
 from .approvals import ApprovalStore, plan_hash
 from .audit import AuditLog
@@ -82,6 +82,7 @@ class Executor:
         self._settings_mtime = 0.0
         self._last_refresh = 0.0
         self._secagg: dict[int, secagg.SecAggClient] = {}  # the current job's secure-aggregation state
+        self._settings_cache: dict[int, dict[str, Any]] = {}
 
     # -- the loop ----------------------------------------------------------------------------------
     def serve(self, stop: threading.Event, poll_s: float = 0.02, idle_cap_s: float = 0.5) -> None:
@@ -175,12 +176,19 @@ class Executor:
             policy = self._policy()
             source, spec, digest = self._read_plan(run_config, fab_content, run_id)
             state = self._approval_state(digest, source, spec, policy, run_id)
+            settings = self._run_settings(run_id, spec, run_config)
+            self.approvals.record_run(digest, run_id, settings)
+            hold = self._settings_hold(digest, settings, policy) if state == "approved" else None
             study = _study(run_config, run_id)
             if op == "query":
+                if hold is not None:
+                    return self._reply(message, config={"approval": "pending", "detail": hold,
+                                                        "policy": policy.label})
                 if state == "approved" and _query_op(message).startswith("secagg_"):
                     return self._secagg_step(message, policy, spec, run_id)
                 if state == "approved":
-                    refused = (self._dp_refusal_at_hello(policy, spec, run_id, study)
+                    refused = (self._settings_refusal(settings, policy, run_id)
+                               or self._dp_refusal_at_hello(policy, spec, run_id, study)
                                or self._secagg_refusal_at_hello(policy, spec, run_id))
                     if refused is not None:
                         return self._reply(message, config={"approval": "refused", "detail": refused,
@@ -189,6 +197,13 @@ class Executor:
                 return self._reply(message, config={"approval": state, "policy": policy.label})
             if state != "approved":
                 raise Refusal("not_approved", f"plan {digest[:12]} is {state} at site {self.settings.name}")
+            if hold is not None:
+                raise Refusal("not_approved",
+                              f"plan {digest[:12]} at site {self.settings.name}: {hold}")
+            problem = run_settings.policy_problem(settings, policy)
+            if problem is not None:
+                raise Refusal("policy", f"site {self.settings.name}: {problem}",
+                              audit="settings_refused")
             strategy = str(spec["config"].get("strategy", ""))
             if not policy.allows_strategy(strategy):
                 raise Refusal("policy", f"strategy {strategy!r} is not allowed by site {self.settings.name}",
@@ -236,6 +251,44 @@ class Executor:
             state = store.submit(digest, source, spec["contract"], spec["model_shapes"],
                                  {"name": str(spec.get("name", ""))[:100], "run_id": run_id})
         return state
+
+    # -- run settings (site_kernel.run_settings: what an approved plan is run with) --------------
+    def _run_settings(self, run_id: int, spec: dict,
+                      run_config: dict[str, Any]) -> dict[str, Any]:
+        """This run's settings, computed once per run (hashing the initial weights is not free)."""
+        settings = self._settings_cache.get(run_id)
+        if settings is None:
+            settings = run_settings.run_settings(spec, str(run_config.get("flip-init-weights", "")))
+            recent = dict(list(self._settings_cache.items())[-7:])  # a few runs, not all ever
+            self._settings_cache = {**recent, run_id: settings}
+        return settings
+
+    def _settings_hold(self, digest: str, settings: dict[str, Any],
+                       policy: SitePolicy) -> str | None:
+        """Why an approved plan must wait for approval again with these settings, else ``None``."""
+        if policy.approval == "automatic":
+            return None
+        approved = self.approvals.approved_settings(digest)
+        if policy.reapprove_on_settings_change:
+            if run_settings.settings_hash(settings) in approved:
+                return None
+        elif policy.initial_weights != "approved" or settings["init_weights"] in {
+                s["init_weights"] for s in approved.values()}:
+            return None
+        what = "initial weights" if not policy.reapprove_on_settings_change else "settings"
+        if not approved:
+            return f"{what} not approved yet (the plan was approved before they were recorded)"
+        changed = run_settings.changes(list(approved.values())[-1], settings)
+        return f"{what} changed since approval ({'; '.join(changed)})"
+
+    def _settings_refusal(self, settings: dict[str, Any], policy: SitePolicy,
+                          run_id: int) -> str | None:
+        problem = run_settings.policy_problem(settings, policy)
+        if problem is None:
+            return None
+        reason = f"site {self.settings.name}: {problem}"
+        self.audit.append("settings_refused", run_id=run_id, op="query", reason=reason)
+        return reason
 
     def _worker(self, run_id: int, source: str, spec: dict, digest: str, policy: SitePolicy,
                 prewarm: bool = False) -> JobWorker:

@@ -113,7 +113,8 @@ def _policy_line(site: Path) -> str:
 
 
 def _plans_list(args: argparse.Namespace) -> int:
-    records = ApprovalStore(args.site).list(args.state)
+    store = ApprovalStore(args.site)
+    records = store.list(args.state)
     print(_policy_line(args.site))
     if not records:
         print("no plans" + (f" in state {args.state}" if args.state else ""))
@@ -124,7 +125,7 @@ def _plans_list(args: argparse.Namespace) -> int:
         origin = ", ".join(
             f"{k}={v}" for k, v in sorted(r.meta.items()) if isinstance(v, (str, int, float))
         )
-        flag = "! " if _hides_text(r) else ""
+        flag = "! " if _hides_text(r, store.runs(r.hash)) else ""
         hidden += bool(flag)
         print(
             f"{r.hash[:12]:14}{r.state:10}{shown(r.submitted_at):31}"
@@ -135,9 +136,10 @@ def _plans_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _hides_text(r: PlanRecord) -> bool:
+def _hides_text(r: PlanRecord, runs: list[dict[str, Any]]) -> bool:
     """Whether anything the data owner reads of this plan needed escaping to be shown truthfully."""
     texts = [*_strings(r.meta), *_strings(r.contract), *r.model_shapes, r.decided_by or "", r.note]
+    texts += _strings([run.get("settings") for run in runs])
     return any(visible(t)[1] for t in texts) or visible(r.source, multiline=True)[1]
 
 
@@ -151,8 +153,9 @@ def _strings(value: Any) -> list[str]:
 
 
 def _plans_show(args: argparse.Namespace) -> int:
-    r = ApprovalStore(args.site).show(args.hash)
-    if _hides_text(r):
+    store = ApprovalStore(args.site)
+    r = store.show(args.hash)
+    if _hides_text(r, store.runs(r.hash)):
         print(
             "WARNING: this plan holds hidden or terminal-control characters (a carriage return, an "
             "escape sequence, a bidi or zero-width character); each is shown below as \\xNN, \\r "
@@ -170,6 +173,7 @@ def _plans_show(args: argparse.Namespace) -> int:
     print(f"submitted {shown(r.submitted_at)}  {shown(meta)}")
     print(f"contract  {shown(json.dumps(r.contract, sort_keys=True, ensure_ascii=False))}")
     print("model     " + ", ".join(f"{shown(k)} {tuple(v)}" for k, v in r.model_shapes.items()))
+    _print_runs(store, r)
     # Split on "\n" alone and show any \r: str.splitlines would hide a lone \r (a line break to
     # Python, a return to column 0 on a terminal) and break at \v, \f, \x85 or U+2028, which
     # Python does not, so the numbering would not match the code.
@@ -180,6 +184,28 @@ def _plans_show(args: argparse.Namespace) -> int:
     for number, line in enumerate(lines, start=1):
         print(f"{number:4} | {visible(line, multiline=True)[0]}")
     return 0
+
+
+def _print_runs(store: ApprovalStore, r: PlanRecord, most: int = 10) -> None:
+    """The run settings of the plan's studies: what an approval of it covers (see run_settings)."""
+    runs, approved = store.runs(r.hash), store.approved_settings(r.hash)
+    more = f", the last {most} shown" if len(runs) > most else ""
+    print(f"studies   {len(runs)} on record{more}")
+    for run in runs[-most:]:
+        settings = run.get("settings") or {}
+        covered = "approved" if run.get("settings_hash") in approved else "not approved"
+        config = settings.get("config") or {}
+        print(
+            f"  run {shown(run.get('run_id'))}  "
+            f"settings {shown(run.get('settings_hash', ''))[:12]} "
+            f"({covered})  rounds {shown(config.get('rounds'))}, strategy "
+            f"{shown(config.get('strategy'))}, seed {shown(config.get('seed'))}, initial weights "
+            f"{shown(settings.get('init_weights', ''))[:12]}, name {shown(settings.get('name'))}"
+        )
+        train = json.dumps(settings.get("train_config") or {}, sort_keys=True, ensure_ascii=False)
+        rest = {k: v for k, v in config.items() if k not in ("rounds", "strategy", "seed", "extra")}
+        print(f"      train config {shown(train)}")
+        print(f"      study config {shown(json.dumps(rest, sort_keys=True, ensure_ascii=False))}")
 
 
 def _plans_approve(args: argparse.Namespace) -> int:

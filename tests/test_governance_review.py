@@ -7,13 +7,22 @@ What a person sees is asserted through a terminal emulator (pyte), not on the ra
 from __future__ import annotations
 
 import argparse
+import base64
+import hashlib
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pyte
 import pytest
 
 from site_kernel.approvals import ApprovalStore, plan_hash
 from site_kernel.governance_cli import add_governance_commands
-from site_kernel.policy import write_default_policy
+from site_kernel.audit import AuditLog
+from site_kernel.errors import PolicyError
+from site_kernel.policy import load_policy, write_default_policy
 from site_kernel.textsafe import visible
 
 CONTRACT = {"modality": "MR", "dims": 2, "size": [8, 8], "spacing": [1.0, 1.0]}
@@ -119,3 +128,199 @@ def test_a_lone_carriage_return_is_not_a_hidden_line(tmp_path, capsys):
 )
 def test_visible_escapes_exactly_the_hidden_characters(raw, multiline, expected, changed):
     assert visible(raw, multiline=multiline) == (expected, changed)
+
+
+# -- run settings: recorded, bounded, re-approved --------------------------------------------------
+def settings_for(rounds=3, lr=0.01, extra=None, weights=b"w0", name="demo"):
+    from site_kernel.run_settings import run_settings
+
+    config = {"rounds": rounds, "strategy": "fedavg", "seed": 0, "lr": lr, "round_timeout": 30.0,
+              "extra": dict(extra or {})}
+    train = {"rounds": rounds, "lr": lr, "seed": 0, **(extra or {})}
+    spec = {"name": name, "config": config, "train_config": train}
+    return run_settings(spec, base64.b64encode(weights).decode())
+
+
+def policy_with(tmp_path, text):
+    write_default_policy(tmp_path, demo=False)
+    path = tmp_path / "policy.toml"
+    lines = path.read_text().splitlines()
+    if text.startswith("["):  # a table goes at the end
+        lines.append(text)
+    else:  # a top-level key replaces the shipped line
+        key = text.split("=")[0].strip()
+        lines = [text if line.startswith(f"{key} =") else line for line in lines]
+    path.write_text("\n".join(lines) + "\n")
+    return load_policy(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("policy_text", "settings", "problem"),
+    [
+        ("max_rounds = 5", {"rounds": 6}, "asks for 6 rounds; this site's policy allows at most 5"),
+        ("max_rounds = 5", {"rounds": 5}, None),
+        ("[allowed_config]\nlr = {max = 0.1}", {"lr": 0.5}, "'lr' = 0.5 is outside"),
+        ("[allowed_config]\nlr = {max = 0.1}", {"lr": 0.05}, None),
+        ("[allowed_config]\nlr = {max = 0.1}", {"extra": {"copy": 1}}, "'copy' is not among"),
+        ("[allowed_config]\ncopy = {values = [0]}", {"extra": {"copy": 1}}, "must be one of [0]"),
+        ("[allowed_config]\ncopy = {values = [0]}", {"extra": {"copy": 0}}, None),
+    ],
+)
+def test_policy_bounds_run_settings(tmp_path, policy_text, settings, problem):
+    from site_kernel.run_settings import policy_problem
+
+    found = policy_problem(settings_for(**settings), policy_with(tmp_path, policy_text))
+    assert (found is None) if problem is None else (problem in found)
+
+
+def test_a_bad_allowed_config_bound_is_refused_with_its_key(tmp_path):
+    with pytest.raises(PolicyError, match=r"allowed_config\.lr.*\{min = A, max = B\}"):
+        policy_with(tmp_path, "[allowed_config]\nlr = [0, 1]")
+
+
+def test_settings_are_audited_shown_and_covered_by_the_approval(tmp_path, capsys):
+    from site_kernel.run_settings import changes, settings_hash
+
+    write_default_policy(tmp_path, demo=False)
+    digest = submit(tmp_path, "x = 1\n")
+    store = ApprovalStore(tmp_path)
+    first = settings_for(rounds=3, weights=b"init")
+    assert store.record_run(digest, 11, first) and not store.record_run(digest, 11, first)
+    entries = AuditLog(tmp_path / "audit.jsonl").entries()
+    logged = [e for e in entries if e["event"] == "study_settings"]
+    assert len(logged) == 1 and logged[0]["run_id"] == 11
+    assert logged[0]["settings"]["init_weights"] == hashlib.sha256(b"init").hexdigest()
+    assert logged[0]["settings"]["config"]["rounds"] == 3
+    assert cli("plans", "approve", digest[:8], "--by", "owner", "--site", str(tmp_path)) == 0
+    assert settings_hash(first) in store.approved_settings(digest)
+
+    later = settings_for(rounds=50, weights=b"init")
+    store.record_run(digest, 12, later)
+    assert settings_hash(later) not in store.approved_settings(digest)
+    assert changes(first, later) == ["rounds 3 -> 50"]
+    capsys.readouterr()
+    assert cli("plans", "show", digest[:8], "--site", str(tmp_path)) == 0
+    rows = screen_of(capsys.readouterr().out)
+    run_rows = [r for r in rows if r.startswith("  run ")]
+    assert "run 11" in run_rows[0] and "(approved)" in run_rows[0] and "rounds 3," in run_rows[0]
+    assert "run 12" in run_rows[1] and "(not approved)" in run_rows[1]
+    assert "rounds 50," in run_rows[1]
+    assert hashlib.sha256(b"init").hexdigest()[:12] in run_rows[1]
+
+
+# -- audit rollback --------------------------------------------------------------------------------
+def test_a_wiped_audit_log_at_a_site_that_ran_studies_is_tampering(tmp_path, capsys):
+    write_default_policy(tmp_path, demo=False)
+    digest = submit(tmp_path, "x = 1\n")
+    assert cli("plans", "approve", digest[:8], "--by", "owner", "--site", str(tmp_path)) == 0
+    assert cli("audit", "verify", "--site", str(tmp_path)) == 0
+    (tmp_path / "audit.jsonl").unlink()
+    (tmp_path / "audit.head").unlink()
+    capsys.readouterr()
+    assert cli("audit", "verify", "--site", str(tmp_path)) == 1
+    out = capsys.readouterr().out
+    assert "TAMPERED" in out and "is missing" in out and digest[:12] in out
+    AuditLog(tmp_path / "audit.jsonl").append("site_started")  # a fresh log in its place
+    assert cli("audit", "verify", "--site", str(tmp_path)) == 1
+    assert "holds 1 entries" in capsys.readouterr().out
+
+
+def test_an_empty_site_has_an_intact_empty_log(tmp_path, capsys):
+    write_default_policy(tmp_path, demo=False)
+    assert cli("audit", "verify", "--site", str(tmp_path)) == 0
+    assert "intact: 0 entries" in capsys.readouterr().out
+
+
+def test_audit_heads_are_exported_from_a_run_record(tmp_path, capsys):
+    from flip_lab.cli import main as flip_lab_main
+    from flip_lab.study import audit_heads
+
+    for job, heads in ((3, {"a": "1" * 64, "b": "2" * 64}), (4, {"a": "3" * 64})):
+        folder = tmp_path / "jobs" / str(job)
+        folder.mkdir(parents=True)
+        sites = {k: {"audit_head": v, "approval": "approved"} for k, v in heads.items()}
+        (folder / "governance.json").write_text(json.dumps({"sites": sites}))
+    assert audit_heads(tmp_path) == {"a": "3" * 64, "b": "2" * 64}
+    assert flip_lab_main(["study", "heads", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert f"flip-site audit verify --expected-head {'3' * 64}" in out
+
+
+# -- with a real federation ------------------------------------------------------------------------
+TINY = (Path(__file__).parent / "plans" / "tiny_plan.py").read_text()
+
+
+@pytest.fixture(scope="module")
+def strict_site(tmp_path_factory):
+    import flip_lab
+
+    fed = flip_lab.local_federation(1, workdir=tmp_path_factory.mktemp("review"), scale=0.3,
+                                    approval="manual")
+    name, site_dir = next(iter(fed.site_dirs.items()))
+    path = site_dir / "policy.toml"
+    path.write_text(path.read_text().replace("reapprove_on_settings_change = false",
+                                             "reapprove_on_settings_change = true"))
+    yield fed, name, site_dir
+    fed.shutdown()
+
+
+def flip_site(*args):
+    return subprocess.run([sys.executable, "-m", "site_kernel.cli", *args], capture_output=True,
+                          text=True, timeout=60)
+
+
+def wait_for(predicate, timeout=120):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+
+
+@pytest.mark.e2e
+def test_changed_settings_wait_for_approval_and_the_log_holds_them(strict_site):
+    import flip_lab
+
+    fed, name, site_dir = strict_site
+    plan = flip_lab.Plan.from_source(TINY, name="settings")
+    job = fed.submit(plan, rounds=1, min_sites=1, expected_sites=1, approval_timeout=300,
+                     round_timeout=120)
+    wait_for(lambda: any(e.get("state") == "waiting_approval" for e in job.events))
+    approved = flip_site("plans", "approve", job.plan_hash[:16], "--site", str(site_dir))
+    assert approved.returncode == 0, approved.stderr
+    job.wait(timeout=300)
+    assert job.status == "completed"
+
+    logged = [e for e in AuditLog(site_dir / "audit.jsonl").entries()
+              if e["event"] == "study_settings" and e["run_id"] == job.id]
+    assert len(logged) == 1
+    settings = logged[0]["settings"]
+    assert settings["config"]["rounds"] == 1 and settings["name"] == "settings"
+    built = plan.build({"rounds": 1, "min_sites": 1, "expected_sites": 1})
+    assert settings["init_weights"] == hashlib.sha256(built.weights).hexdigest()
+
+    # The same approved plan, other settings: it waits, and the researcher is told why.
+    again = fed.submit(plan, rounds=2, min_sites=1, expected_sites=1, approval_timeout=4,
+                       round_timeout=60)
+    again.wait(timeout=120, raise_on_failure=False)
+    assert again.plan_hash == job.plan_hash and again.status == "failed"
+    waiting = [e["detail"] for e in again.events if e.get("state") == "waiting_approval"]
+    assert waiting == [f"waiting for approval at site {name}: settings changed since approval "
+                       "(rounds 1 -> 2)"]
+    assert not list((site_dir / "logs").glob(f"researcher-{again.id}.log"))
+    shown_plan = flip_site("plans", "show", job.plan_hash[:16], "--site", str(site_dir))
+    assert f"run {again.id}  " in shown_plan.stdout
+    assert "(not approved)  rounds 2," in shown_plan.stdout
+
+    # The researcher's last head catches a log cut back (and its sidecar rewritten to match).
+    head = job.audit_heads()[name]
+    kept = flip_site("audit", "verify", "--expected-head", head, "--site", str(site_dir))
+    assert kept.returncode == 0, kept.stdout
+    log_path = site_dir / "audit.jsonl"
+    entries = log_path.read_bytes().splitlines(keepends=True)
+    cut = next(i for i, line in enumerate(entries) if json.loads(line)["hash"] == head)
+    log_path.write_bytes(b"".join(entries[:cut]))
+    last = json.loads(entries[cut - 1])
+    (site_dir / "audit.head").write_text(json.dumps({"seq": last["seq"], "hash": last["hash"]}))
+    assert flip_site("audit", "verify", "--site", str(site_dir)).returncode == 0
+    rolled = flip_site("audit", "verify", "--expected-head", head, "--site", str(site_dir))
+    assert rolled.returncode == 1 and "expected head" in rolled.stdout
