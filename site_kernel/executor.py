@@ -8,6 +8,7 @@ the executor answers with a well-formed reply or an error of a known kind with a
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import logging
@@ -208,7 +209,11 @@ class Executor:
             if not policy.allows_strategy(strategy):
                 raise Refusal("policy", f"strategy {strategy!r} is not allowed by site {self.settings.name}",
                               audit="strategy_refused")
-            return self._run_phase(message, op, source, spec, digest, policy, run_id, study)
+            # A resumed study starts from released weights, not from its initial ones.
+            fresh = str(run_config.get("flip-resume-from", "0") or "0") == "0"
+            init = str(run_config.get("flip-init-weights", "")) if fresh else None
+            return self._run_phase(message, op, source, spec, digest, policy, run_id, study,
+                                   init_b64=init)
         except Refusal as refusal:
             self.audit.append(refusal.audit or "refused", run_id=run_id, kind=refusal.kind, op=op,
                               reason=refusal.message)
@@ -281,6 +286,21 @@ class Executor:
         changed = run_settings.changes(list(approved.values())[-1], settings)
         return f"{what} changed since approval ({'; '.join(changed)})"
 
+    def _check_first_weights(self, arrays: dict, init_b64: str, run_id: int) -> None:
+        """Round 1 of a new study must train the initial weights whose hash was recorded (and maybe
+        approved) at hello, not other arrays the hub sends in their place."""
+        from safetensors.numpy import load
+
+        try:
+            announced = weights_digest(dict(load(base64.b64decode(init_b64))))
+        except Exception:  # e.g. a dtype numpy lacks: the recorded hash stands, unchecked here
+            self.audit.append("first_weights_unchecked", run_id=run_id)
+            return
+        if weights_digest(arrays) != announced:
+            raise Refusal("not_approved", f"site {self.settings.name}: the weights of round 1 are "
+                          "not the initial weights this study announced (and the site recorded)",
+                          audit="first_weights_refused")
+
     def _settings_refusal(self, settings: dict[str, Any], policy: SitePolicy,
                           run_id: int) -> str | None:
         problem = run_settings.policy_problem(settings, policy)
@@ -303,7 +323,8 @@ class Executor:
             return worker
 
     def _run_phase(self, message: Message, op: str, source: str, spec: dict, digest: str,
-                   policy: SitePolicy, run_id: int, study: int) -> Message:
+                   policy: SitePolicy, run_id: int, study: int, *,
+                   init_b64: str | None = None) -> Message:
         config = dict(message.content.config_records.get("config", {}))
         round_ = int(config.get("server-round", 0))
         declared = spec["model_shapes"]
@@ -312,6 +333,8 @@ class Executor:
             if key in declared and list(array.shape) == [1] and declared[key] == []:
                 array = array.reshape(())  # Flower's wire format carries 0-d arrays as shape (1,)
             arrays[key] = array
+        if op == "train" and round_ == 1 and init_b64 is not None:
+            self._check_first_weights(arrays, init_b64, run_id)
         worker = self._worker(run_id, source, spec, digest, policy)
         ledger, again = self._dp_before_train(policy, spec, study, round_, arrays) if op == "train" else (None, None)
         if again is not None:  # released before this study was resumed: the same update again, at no cost

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pyte
 import pytest
@@ -320,3 +321,19 @@ def test_changed_settings_wait_for_approval_and_the_log_holds_them(strict_site):
     assert flip_site("audit", "verify", "--site", str(site_dir)).returncode == 0
     rolled = flip_site("audit", "verify", "--expected-head", head, "--site", str(site_dir))
     assert rolled.returncode == 1 and "expected head" in rolled.stdout
+
+
+def test_round_one_must_train_the_announced_initial_weights(tmp_path):
+    import numpy as np
+    from safetensors.numpy import save
+
+    from site_kernel.executor import Executor, Refusal
+
+    init = {"fc.weight": np.arange(6, dtype=np.float32).reshape(2, 3), "fc.bias": np.zeros(2)}
+    announced = base64.b64encode(save(init)).decode()
+    site = SimpleNamespace(audit=AuditLog(tmp_path / "audit.jsonl"),
+                           settings=SimpleNamespace(name="site-a"))
+    Executor._check_first_weights(site, {k: v.copy() for k, v in init.items()}, announced, 7)
+    swapped = {**init, "fc.bias": np.array([0.5, 0.25])}  # e.g. a hub seeding the model
+    with pytest.raises(Refusal, match="weights of round 1 are not the initial weights"):
+        Executor._check_first_weights(site, swapped, announced, 7)
