@@ -283,7 +283,11 @@ class Executor:
         what = "initial weights" if not policy.reapprove_on_settings_change else "settings"
         if not approved:
             return f"{what} not approved yet (the plan was approved before they were recorded)"
-        changed = run_settings.changes(list(approved.values())[-1], settings)
+        last = list(approved.values())[-1]
+        if what == "initial weights":  # the other settings may differ under this policy
+            last = {"init_weights": last["init_weights"]}
+            settings = {"init_weights": settings["init_weights"]}
+        changed = run_settings.changes(last, settings)
         return f"{what} changed since approval ({'; '.join(changed)})"
 
     def _check_first_weights(self, arrays: dict, init_b64: str, run_id: int) -> None:

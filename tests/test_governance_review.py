@@ -337,3 +337,19 @@ def test_round_one_must_train_the_announced_initial_weights(tmp_path):
     swapped = {**init, "fc.bias": np.array([0.5, 0.25])}  # e.g. a hub seeding the model
     with pytest.raises(Refusal, match="weights of round 1 are not the initial weights"):
         Executor._check_first_weights(site, swapped, announced, 7)
+
+
+def test_other_initial_weights_wait_under_initial_weights_approved(tmp_path):
+    from site_kernel.executor import Executor
+
+    policy = policy_with(tmp_path, 'initial_weights = "approved"')
+    digest = submit(tmp_path, "x = 1\n")
+    store = ApprovalStore(tmp_path)
+    store.record_run(digest, 1, settings_for(rounds=3, weights=b"seed0"))
+    store.approve(digest, by="owner")
+    site = SimpleNamespace(approvals=store)
+    hold = Executor._settings_hold
+    assert hold(site, digest, settings_for(rounds=9, weights=b"seed0"), policy) is None
+    held = hold(site, digest, settings_for(rounds=3, weights=b"other"), policy)
+    assert held.startswith("initial weights changed since approval (initial weights ")
+    assert "rounds" not in held
