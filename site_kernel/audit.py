@@ -7,7 +7,9 @@ chain. Cutting entries off the end does not break it, so the head hash is also k
 file (``audit.head``, replaced atomically on every append) and handed to the researcher with every
 reply; :meth:`AuditLog.verify` checks the log against both. The sidecar only catches a careless
 truncation (whoever can rewrite the log can rewrite it too); a head held outside the site
-(``verify(expected_head=...)``) catches a careful one.
+(``verify(expected_head=...)``, e.g. from the researcher's ``job.audit_heads()``) catches a careful
+one. A log deleted or emptied together with its sidecar still fails when the site holds plan
+requests the log does not record (``verify(known_plans=...)``): a wiped log is not "intact".
 
 Callers pass only safe fields: plan hashes, job and round numbers, event kinds, counts, reasons
 written by site code, mechanism names. Never patient data (names, identifiers, file names, pixel
