@@ -21,6 +21,8 @@ from typing import Any, Protocol
 
 import pandas as pd
 
+from site_kernel.textsafe import shown
+
 from .history import AGGREGATE, History
 
 STATE_LABELS = {
@@ -150,6 +152,12 @@ class JobView:
         with self.lock:
             return _pick_primary(self.metric_names.get(phase, set()))
 
+    def audit_heads(self) -> dict[str, str]:
+        """Per site, the last audit head it sent: ``flip-site audit verify --expected-head HEAD``
+        at that site fails if the log was cut back (or wiped) below it since."""
+        with self.lock:
+            return {name: s.audit_head for name, s in sorted(self.sites.items()) if s.audit_head}
+
     def governance(self) -> dict[str, Any]:
         """The facts a reviewer checks: plan hash, and per site its approval, policy label and audit head."""
         with self.lock:
@@ -190,15 +198,17 @@ def site_rows(view: JobView) -> list[dict[str, str]]:
         rows = []
         for name, s in sorted(view.sites.items()):
             value = s.metrics.get(metric) if metric else None
+            # Every text here comes from a site or the hub: shown with visible escapes, so a reply
+            # cannot move the cursor or reorder what the researcher reads in a terminal.
             rows.append({
-                "site": name,
-                "state": STATE_LABELS.get(s.state, s.state),
+                "site": shown(name),
+                "state": shown(STATE_LABELS.get(s.state, s.state)),
                 "round": str(s.round),
-                (metric or "metric"): "" if value is None else f"{value:.4f}",
-                "detail": s.detail if s.state not in ("preparing_data",) else "",
-                "approval": s.approval,
-                "policy": s.policy,
-                "audit head": s.audit_head,
+                (shown(metric) if metric else "metric"): "" if value is None else f"{value:.4f}",
+                "detail": shown(s.detail) if s.state not in ("preparing_data",) else "",
+                "approval": shown(s.approval),
+                "policy": shown(s.policy),
+                "audit head": shown(s.audit_head),
             })
     return rows
 
@@ -233,14 +243,15 @@ def headline(view: JobView) -> str:
         if view.strategy:
             text += f", {view.strategy}"
         if view.message:
-            text += f" ({view.message})"
+            text += f" ({shown(view.message)})"
         return text
 
 
 def error_lines(view: JobView) -> list[str]:
     with view.lock:
-        return [f"round {e.get('round', '?')} {e.get('site', '')} {e.get('phase', '')}: "
-                f"{e.get('kind', e.get('type'))}: {e.get('message') or e.get('reason') or ''}".replace("  ", " ")
+        return [shown(f"round {e.get('round', '?')} {e.get('site', '')} {e.get('phase', '')}: "
+                      f"{e.get('kind', e.get('type'))}: "
+                      f"{e.get('message') or e.get('reason') or ''}").replace("  ", " ")
                 for e in view.errors]
 
 

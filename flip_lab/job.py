@@ -257,6 +257,15 @@ class Job:
             raise JobFailed(self.id, "no global model has been released (yet)")
         return load(self._weights)
 
+    def audit_heads(self) -> dict[str, str]:
+        """Per site, the last audit head received from it, for ``flip-site audit verify
+        --expected-head`` there: a log cut back or wiped after sending it fails that check."""
+        from .display import JobView  # pandas loads only when asked
+
+        with self._lock:
+            events = list(self.events)
+        return JobView.from_events(events).audit_heads()
+
     def summary(self) -> dict[str, Any]:
         return {"job": self.id, "status": self.status, "round": self.round, "rounds": self.rounds,
                 "plan_hash": self.plan_hash, "message": self.message,

@@ -50,6 +50,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from site_kernel.textsafe import shown
+
 from .errors import FlipError
 
 if TYPE_CHECKING:
@@ -401,6 +403,31 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def audit_heads(record_dir: str | Path) -> dict[str, str]:
+    """Per site, the last audit head a run record holds (the newest job that heard from it wins)."""
+    heads: dict[str, str] = {}
+    jobs = sorted((Path(record_dir) / "jobs").glob("*/governance.json"),
+                  key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else -1)
+    for path in jobs:
+        sites = json.loads(path.read_text(encoding="utf-8")).get("sites", {})
+        heads.update(
+            {str(k): str(v["audit_head"]) for k, v in sites.items() if v.get("audit_head")}
+        )
+    return heads
+
+
+def _cmd_heads(args: argparse.Namespace) -> int:
+    heads = audit_heads(args.record)
+    if not heads:
+        print(f"{args.record}: no site sent an audit head", file=sys.stderr)
+        return 1
+    for site, head in sorted(heads.items()):
+        # The site's name and head came from the site: shown with visible escapes.
+        head = shown(head)
+        print(f"{shown(site)}\t{head}\tflip-site audit verify --expected-head {head} --site DIR")
+    return 0
+
+
 def _cmd_seal(args: argparse.Namespace) -> int:
     print(f"{args.record}: sealed {len(seal(args.record))} files")
     return 0
@@ -421,6 +448,12 @@ def add_study_commands(subparsers: Any) -> None:
     verify = sub.add_parser("verify", help="re-check every checksum of a run record")
     verify.add_argument("record")
     verify.set_defaults(func=_cmd_verify)
+    heads = sub.add_parser(
+        "heads",
+        help="the last audit head each site sent, for `flip-site audit verify --expected-head`",
+    )
+    heads.add_argument("record")
+    heads.set_defaults(func=_cmd_heads)
     seal_ = sub.add_parser("seal", help="rewrite a record's manifest (after adding papermill's output notebook)")
     seal_.add_argument("record")
     seal_.set_defaults(func=_cmd_seal)

@@ -35,6 +35,7 @@ from typing import Any, Literal
 from .audit import AuditLog
 from .errors import AmbiguousPlan, ApprovalError, UnknownPlan
 from .policy import SitePolicy
+from .run_settings import settings_hash
 
 State = Literal["pending", "approved", "rejected", "unknown"]
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -55,7 +56,13 @@ def plan_hash(source: str, contract: dict[str, Any], model_shapes: dict[str, lis
         )
     except (TypeError, ValueError) as err:
         raise ApprovalError(f"a plan's data contract must be plain, finite JSON ({err})") from err
-    return hashlib.sha256(_DOMAIN + text.encode("utf-8")).hexdigest()
+    try:
+        data = text.encode("utf-8")
+    except UnicodeEncodeError as err:  # a lone surrogate: no file can hold it as sent
+        raise ApprovalError(
+            f"a plan must be valid Unicode text; it holds an unpaired surrogate at {err.start}"
+        ) from err
+    return hashlib.sha256(_DOMAIN + data).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -113,7 +120,8 @@ class ApprovalStore:
             "submitted_at": _now(),
         }
         staging = Path(tempfile.mkdtemp(prefix=".incoming-", dir=self.root))
-        (staging / "plan.py").write_text(source, encoding="utf-8")
+        # newline="" keeps line endings as sent: the stored file is exactly what was hashed.
+        (staging / "plan.py").write_text(source, encoding="utf-8", newline="")
         (staging / "request.json").write_text(
             json.dumps(request, indent=2, sort_keys=True), encoding="utf-8"
         )
@@ -158,10 +166,49 @@ class ApprovalStore:
         return record
 
     def approve(self, hash_or_prefix: str, *, by: str, note: str = "") -> PlanRecord:
-        """Approve a plan (a unique prefix of 4+ hex digits will do) and audit the decision."""
+        """Approve a plan (a unique prefix of 4+ hex digits will do) and audit the decision.
+
+        The approval also covers the run settings of every study of the plan on record now (what
+        ``plans show`` lists); the policy decides whether other settings need approving again.
+        """
         hash = self.resolve(hash_or_prefix)
         self.show(hash)  # never approve files that no longer match the hash
-        return self._decide(hash, "approved", by=by, note=note)
+        settings = {r["settings_hash"]: r["settings"] for r in self.runs(hash)}
+        return self._decide(hash, "approved", by=by, note=note, settings=settings)
+
+    def record_run(self, hash: str, run_id: int, settings: dict[str, Any]) -> bool:
+        """Keep a study's run settings beside its plan and audit them, once per run; True if new."""
+        folder = self.root / hash / "runs"
+        folder.mkdir(exist_ok=True)
+        digest = settings_hash(settings)
+        body = {"run_id": int(run_id), "settings": settings, "settings_hash": digest, "at": _now()}
+        try:
+            with open(folder / f"{int(run_id)}.json", "x", encoding="utf-8") as fh:
+                json.dump(body, fh, indent=2, sort_keys=True)
+        except FileExistsError:  # every message of a run passes here; the first one records it
+            return False
+        self.audit.append(
+            "study_settings", plan=hash, run_id=int(run_id), settings_hash=digest, settings=settings
+        )
+        return True
+
+    def runs(self, hash: str) -> list[dict[str, Any]]:
+        """The run settings of every study of this plan on record, oldest first."""
+        folder = self.root / hash / "runs"
+        runs = []
+        for path in folder.glob("*.json") if folder.is_dir() else []:
+            try:
+                runs.append(json.loads(path.read_text(encoding="utf-8")))
+            except ValueError:
+                continue  # being written; read on the next call
+        return sorted(runs, key=lambda r: (str(r.get("at")), int(r.get("run_id", 0))))
+
+    def approved_settings(self, hash: str) -> dict[str, dict[str, Any]]:
+        """Settings hash -> settings the data owner approved along with the plan (empty if none)."""
+        decision = self._decision(hash) or {}
+        if decision.get("state") != "approved":
+            return {}
+        return dict(decision.get("settings") or {})
 
     def reject(self, hash_or_prefix: str, *, by: str, reason: str) -> PlanRecord:
         """Reject (or revoke) a plan; a reason is required, as the researcher is told of it."""
@@ -188,15 +235,27 @@ class ApprovalStore:
             )
         return matches[0]
 
-    def _decide(self, hash: str, state: State, *, by: str, note: str) -> PlanRecord:
+    def _decide(
+        self,
+        hash: str,
+        state: State,
+        *,
+        by: str,
+        note: str,
+        settings: dict[str, dict[str, Any]] | None = None,
+    ) -> PlanRecord:
         previous = self.state(hash)
-        decision = {"state": state, "by": by, "note": note, "at": _now()}
+        decision: dict[str, Any] = {"state": state, "by": by, "note": note, "at": _now()}
+        if settings:
+            decision["settings"] = settings
         path = self.root / hash / "decision.json"
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(decision, indent=2, sort_keys=True), encoding="utf-8")
         os.replace(tmp, path)
         event = "plan_approved" if state == "approved" else "plan_rejected"
-        self.audit.append(event, plan=hash, by=by, note=note, previous=previous)
+        self.audit.append(
+            event, plan=hash, by=by, note=note, previous=previous, settings=sorted(settings or {})
+        )
         return self._record(hash)
 
     def _decision(self, hash: str) -> dict[str, Any] | None:
@@ -215,7 +274,7 @@ class ApprovalStore:
         return PlanRecord(
             hash=hash,
             state=decision.get("state", "pending"),
-            source=(folder / "plan.py").read_text(encoding="utf-8"),
+            source=(folder / "plan.py").read_bytes().decode("utf-8"),  # no newline translation
             contract=request["contract"],
             model_shapes=request["model_shapes"],
             meta=request.get("meta", {}),

@@ -7,7 +7,9 @@ chain. Cutting entries off the end does not break it, so the head hash is also k
 file (``audit.head``, replaced atomically on every append) and handed to the researcher with every
 reply; :meth:`AuditLog.verify` checks the log against both. The sidecar only catches a careless
 truncation (whoever can rewrite the log can rewrite it too); a head held outside the site
-(``verify(expected_head=...)``) catches a careful one.
+(``verify(expected_head=...)``, e.g. from the researcher's ``job.audit_heads()``) catches a careful
+one. A log deleted or emptied together with its sidecar still fails when the site holds plan
+requests the log does not record (``verify(known_plans=...)``): a wiped log is not "intact".
 
 Callers pass only safe fields: plan hashes, job and round numbers, event kinds, counts, reasons
 written by site code, mechanism names. Never patient data (names, identifiers, file names, pixel
@@ -28,7 +30,7 @@ import hashlib
 import json
 import os
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -133,12 +135,17 @@ class AuditLog:
         """The last ``n`` entries."""
         return list(deque(self.entries(), maxlen=max(n, 0)))
 
-    def verify(self, *, expected_head: str | None = None) -> VerifyResult:
+    def verify(
+        self, *, expected_head: str | None = None, known_plans: Iterable[str] = ()
+    ) -> VerifyResult:
         """Check the chain, the sidecar head and, when given, a head hash known from outside.
 
         ``expected_head`` is a head seen earlier (e.g. the last one a researcher received); the log
-        may have grown since, but that entry must still be in it.
+        may have grown since, but that entry must still be in it. ``known_plans`` are the hashes of
+        plans the site holds requests for: each submission was logged, so a log (missing, empty or
+        started afresh) without their ``plan_submitted`` entries was wiped or cut.
         """
+        submitted: set[str] = set()
         seen: set[str] = set()
         prev, seq, n = GENESIS, 0, 0
         by_seq: dict[int, str] = {}
@@ -166,10 +173,22 @@ class AuditLog:
                         )
                     prev, seq = entry["hash"], entry["seq"]
                     seen.add(prev)
+                    if entry.get("event") == "plan_submitted":
+                        submitted.add(str(entry.get("plan")))
                     by_seq[seq] = prev
         problem = self._check_sidecar(by_seq, seq)
         if problem:
             return VerifyResult(False, seq, prev, problem)
+        unlogged = sorted(set(known_plans) - submitted)
+        if unlogged:
+            state = "is missing" if not self.path.exists() else f"holds {seq} entries"
+            return VerifyResult(
+                False,
+                seq,
+                prev,
+                f"the log {state} but does not record the submission of {len(unlogged)} plan(s) "
+                f"this site holds (first: {unlogged[0][:12]}): it was wiped or cut back",
+            )
         if expected_head is not None and expected_head != GENESIS and expected_head not in seen:
             return VerifyResult(
                 False,

@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from .errors import SiteKernelError
+from .textsafe import shown
 
 
 def _cmd_init(args: argparse.Namespace) -> int:
@@ -86,10 +87,13 @@ def _cmd_data_add(args: argparse.Namespace) -> int:
         Path(args.site), args.name, Path(args.path), labels=Path(args.labels) if args.labels else None,
         seed=args.seed, test_fraction=args.test_fraction, modality=args.modality,
     )
-    print(f"dataset {summary.name}: {summary.num_cases} cases ({summary.num_train} train, {summary.num_test} test), "
-          f"{'/'.join(summary.modalities)}, {summary.task}{'' if summary.labelled else ', unlabelled'}")
+    # Modalities and label classes are read from the files: shown with visible escapes.
+    print(f"dataset {shown(summary.name)}: {summary.num_cases} cases ({summary.num_train} train, "
+          f"{summary.num_test} test), {shown('/'.join(summary.modalities))}, {shown(summary.task)}"
+          f"{'' if summary.labelled else ', unlabelled'}")
     if summary.label_classes:
-        print("label classes (cases): " + ", ".join(f"{c} ({n})" for c, n in summary.label_classes.items()))
+        classes = ", ".join(f"{shown(c)} ({n})" for c, n in summary.label_classes.items())
+        print("label classes (cases): " + classes)
     for reason, count in summary.skipped.items():
         print(f"skipped: {count} file{'s' if count != 1 else ''}, {REASON_TEXT.get(reason, reason)} ({reason})")
     print(f"manifest: {summary.manifest_path}; reasons per file in {Path(args.site) / 'logs' / 'data.log'}")

@@ -8,6 +8,8 @@ the executor answers with a well-formed reply or an error of a known kind with a
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import logging
 import re
@@ -23,7 +25,7 @@ from flip_lab._bundle_read import BundleRefused, PlanBundle, read_plan_bundle
 from flip_lab._packing import pack, unpack_arrays
 
 from . import _flower_runtime as rt
-from . import secagg
+from . import run_settings, secagg
 from ._pace import IdlePacer
 from .approvals import ApprovalStore, plan_hash
 from .audit import AuditLog
@@ -74,6 +76,7 @@ class Executor:
         self._secagg: dict[int, secagg.SecAggClient] = {}  # the current job's secure-aggregation state
         # every message of a study carries the same bundle: read it once, not once per round
         self._bundle: tuple[bytes, PlanBundle] | None = None
+        self._settings_cache: dict[int, dict[str, Any]] = {}
 
     # -- the loop ----------------------------------------------------------------------------------
     def serve(self, stop: threading.Event, poll_s: float = 0.02, idle_cap_s: float = 0.5) -> None:
@@ -167,12 +170,19 @@ class Executor:
             policy = self._policy()
             source, spec, digest = self._read_plan(run_config, fab_content, run_id)
             state = self._approval_state(digest, source, spec, policy, run_id)
+            settings = self._run_settings(run_id, spec, run_config)
+            self.approvals.record_run(digest, run_id, settings)
+            hold = self._settings_hold(digest, settings, policy) if state == "approved" else None
             study = _study(run_config, run_id)
             if op == "query":
+                if hold is not None:
+                    return self._reply(message, config={"approval": "pending", "detail": hold,
+                                                        "policy": policy.label})
                 if state == "approved" and _query_op(message).startswith("secagg_"):
                     return self._secagg_step(message, policy, spec, run_id)
                 if state == "approved":
-                    refused = (self._dp_refusal_at_hello(policy, spec, run_id, study)
+                    refused = (self._settings_refusal(settings, policy, run_id)
+                               or self._dp_refusal_at_hello(policy, spec, run_id, study)
                                or self._secagg_refusal_at_hello(policy, spec, run_id))
                     if refused is not None:
                         return self._reply(message, config={"approval": "refused", "detail": refused,
@@ -181,11 +191,22 @@ class Executor:
                 return self._reply(message, config={"approval": state, "policy": policy.label})
             if state != "approved":
                 raise Refusal("not_approved", f"plan {digest[:12]} is {state} at site {self.settings.name}")
+            if hold is not None:
+                raise Refusal("not_approved",
+                              f"plan {digest[:12]} at site {self.settings.name}: {hold}")
+            problem = run_settings.policy_problem(settings, policy)
+            if problem is not None:
+                raise Refusal("policy", f"site {self.settings.name}: {problem}",
+                              audit="settings_refused")
             strategy = str(spec["config"].get("strategy", ""))
             if not policy.allows_strategy(strategy):
                 raise Refusal("policy", f"strategy {strategy!r} is not allowed by site {self.settings.name}",
                               audit="strategy_refused")
-            return self._run_phase(message, op, source, spec, digest, policy, run_id, study)
+            # A resumed study starts from released weights, not from its initial ones.
+            fresh = str(run_config.get("flip-resume-from", "0") or "0") == "0"
+            init = str(run_config.get("flip-init-weights", "")) if fresh else None
+            return self._run_phase(message, op, source, spec, digest, policy, run_id, study,
+                                   init_b64=init)
         except Refusal as refusal:
             self.audit.append(refusal.audit or "refused", run_id=run_id, kind=refusal.kind, op=op,
                               reason=refusal.message)
@@ -233,6 +254,63 @@ class Executor:
                                  {"name": str(spec.get("name", ""))[:100], "run_id": run_id})
         return state
 
+    # -- run settings (site_kernel.run_settings: what an approved plan is run with) --------------
+    def _run_settings(self, run_id: int, spec: dict,
+                      run_config: dict[str, Any]) -> dict[str, Any]:
+        """This run's settings, computed once per run (hashing the initial weights is not free)."""
+        settings = self._settings_cache.get(run_id)
+        if settings is None:
+            settings = run_settings.run_settings(spec, str(run_config.get("flip-init-weights", "")))
+            recent = dict(list(self._settings_cache.items())[-7:])  # a few runs, not all ever
+            self._settings_cache = {**recent, run_id: settings}
+        return settings
+
+    def _settings_hold(self, digest: str, settings: dict[str, Any],
+                       policy: SitePolicy) -> str | None:
+        """Why an approved plan must wait for approval again with these settings, else ``None``."""
+        if policy.approval == "automatic":
+            return None
+        approved = self.approvals.approved_settings(digest)
+        if policy.reapprove_on_settings_change:
+            if run_settings.settings_hash(settings) in approved:
+                return None
+        elif policy.initial_weights != "approved" or settings["init_weights"] in {
+                s["init_weights"] for s in approved.values()}:
+            return None
+        what = "initial weights" if not policy.reapprove_on_settings_change else "settings"
+        if not approved:
+            return f"{what} not approved yet (the plan was approved before they were recorded)"
+        last = list(approved.values())[-1]
+        if what == "initial weights":  # the other settings may differ under this policy
+            last = {"init_weights": last["init_weights"]}
+            settings = {"init_weights": settings["init_weights"]}
+        changed = run_settings.changes(last, settings)
+        return f"{what} changed since approval ({'; '.join(changed)})"
+
+    def _check_first_weights(self, arrays: dict, init_b64: str, run_id: int) -> None:
+        """Round 1 of a new study must train the initial weights whose hash was recorded (and maybe
+        approved) at hello, not other arrays the hub sends in their place."""
+        from safetensors.numpy import load
+
+        try:
+            announced = weights_digest(dict(load(base64.b64decode(init_b64))))
+        except Exception:  # e.g. a dtype numpy lacks: the recorded hash stands, unchecked here
+            self.audit.append("first_weights_unchecked", run_id=run_id)
+            return
+        if weights_digest(arrays) != announced:
+            raise Refusal("not_approved", f"site {self.settings.name}: the weights of round 1 are "
+                          "not the initial weights this study announced (and the site recorded)",
+                          audit="first_weights_refused")
+
+    def _settings_refusal(self, settings: dict[str, Any], policy: SitePolicy,
+                          run_id: int) -> str | None:
+        problem = run_settings.policy_problem(settings, policy)
+        if problem is None:
+            return None
+        reason = f"site {self.settings.name}: {problem}"
+        self.audit.append("settings_refused", run_id=run_id, op="query", reason=reason)
+        return reason
+
     def _worker(self, run_id: int, source: str, spec: dict, digest: str, policy: SitePolicy,
                 prewarm: bool = False) -> JobWorker:
         with self._lock:
@@ -246,7 +324,8 @@ class Executor:
             return worker
 
     def _run_phase(self, message: Message, op: str, source: str, spec: dict, digest: str,
-                   policy: SitePolicy, run_id: int, study: int) -> Message:
+                   policy: SitePolicy, run_id: int, study: int, *,
+                   init_b64: str | None = None) -> Message:
         config = dict(message.content.config_records.get("config", {}))
         round_ = int(config.get("server-round", 0))
         declared = spec["model_shapes"]
@@ -255,6 +334,8 @@ class Executor:
             if key in declared and list(array.shape) == [1] and declared[key] == []:
                 array = array.reshape(())  # Flower's wire format carries 0-d arrays as shape (1,)
             arrays[key] = array
+        if op == "train" and round_ == 1 and init_b64 is not None:
+            self._check_first_weights(arrays, init_b64, run_id)
         worker = self._worker(run_id, source, spec, digest, policy)
         ledger, again = self._dp_before_train(policy, spec, study, round_, arrays) if op == "train" else (None, None)
         if again is not None:  # released before this study was resumed: the same update again, at no cost

@@ -26,11 +26,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from .approvals import ApprovalStore
+from .approvals import ApprovalStore, PlanRecord
 from .audit import AuditLog
 from .errors import PolicyMissing, SiteKernelError
 from .policy import load_policy, write_default_policy
 from .privacy import PrivacyLedger
+from .textsafe import shown, visible
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -112,35 +113,99 @@ def _policy_line(site: Path) -> str:
 
 
 def _plans_list(args: argparse.Namespace) -> int:
-    records = ApprovalStore(args.site).list(args.state)
+    store = ApprovalStore(args.site)
+    records = store.list(args.state)
     print(_policy_line(args.site))
     if not records:
         print("no plans" + (f" in state {args.state}" if args.state else ""))
         return 0
     print(f"{'HASH':14}{'STATE':10}{'SUBMITTED':31}{'DECIDED BY':14}FROM")
+    hidden = 0
     for r in records:
         origin = ", ".join(
             f"{k}={v}" for k, v in sorted(r.meta.items()) if isinstance(v, (str, int, float))
         )
-        print(f"{r.hash[:12]:14}{r.state:10}{r.submitted_at:31}{(r.decided_by or '-'):14}{origin}")
+        flag = "! " if _hides_text(r, store.runs(r.hash)) else ""
+        hidden += bool(flag)
+        print(
+            f"{r.hash[:12]:14}{r.state:10}{shown(r.submitted_at):31}"
+            f"{shown(r.decided_by or '-'):14}{flag}{shown(origin)}"
+        )
+    if hidden:
+        print(f"! {hidden} plan(s) hold hidden or control characters: `plans show` marks them")
     return 0
+
+
+def _hides_text(r: PlanRecord, runs: list[dict[str, Any]]) -> bool:
+    """Whether anything the data owner reads of this plan needed escaping to be shown truthfully."""
+    texts = [*_strings(r.meta), *_strings(r.contract), *r.model_shapes, r.decided_by or "", r.note]
+    texts += _strings([run.get("settings") for run in runs])
+    return any(visible(t)[1] for t in texts) or visible(r.source, multiline=True)[1]
+
+
+def _strings(value: Any) -> list[str]:
+    """Every key and string in a JSON value (JSON text would hide controls behind \\u escapes)."""
+    if isinstance(value, dict):
+        return [s for k, v in value.items() for s in (str(k), *_strings(v))]
+    if isinstance(value, list):
+        return [s for v in value for s in _strings(v)]
+    return [value] if isinstance(value, str) else []
 
 
 def _plans_show(args: argparse.Namespace) -> int:
-    r = ApprovalStore(args.site).show(args.hash)
+    store = ApprovalStore(args.site)
+    r = store.show(args.hash)
+    if _hides_text(r, store.runs(r.hash)):
+        print(
+            "WARNING: this plan holds hidden or terminal-control characters (a carriage return, an "
+            "escape sequence, a bidi or zero-width character); each is shown below as \\xNN, \\r "
+            "or <U+XXXX> where it stands. Code rarely needs them: read those lines with care, or "
+            "reject the plan."
+        )
     print(f"plan      {r.hash}")
     print(
-        f"state     {r.state}" + (f" by {r.decided_by} at {r.decided_at}" if r.decided_by else "")
+        f"state     {r.state}"
+        + (f" by {shown(r.decided_by)} at {shown(r.decided_at)}" if r.decided_by else "")
     )
     if r.note:
-        print(f"note      {r.note}")
-    print(f"submitted {r.submitted_at}  {json.dumps(r.meta, sort_keys=True)}")
-    print(f"contract  {json.dumps(r.contract, sort_keys=True)}")
-    print("model     " + ", ".join(f"{k} {tuple(v)}" for k, v in r.model_shapes.items()))
-    print(f"--- plan.py ({len(r.source.splitlines())} lines, shown in full) ---")
-    for number, line in enumerate(r.source.splitlines(), start=1):
-        print(f"{number:4} | {line}")
+        print(f"note      {shown(r.note)}")
+    meta = json.dumps(r.meta, sort_keys=True, ensure_ascii=False)
+    print(f"submitted {shown(r.submitted_at)}  {shown(meta)}")
+    print(f"contract  {shown(json.dumps(r.contract, sort_keys=True, ensure_ascii=False))}")
+    print("model     " + ", ".join(f"{shown(k)} {tuple(v)}" for k, v in r.model_shapes.items()))
+    _print_runs(store, r)
+    # Split on "\n" alone and show any \r: str.splitlines would hide a lone \r (a line break to
+    # Python, a return to column 0 on a terminal) and break at \v, \f, \x85 or U+2028, which
+    # Python does not, so the numbering would not match the code.
+    lines = r.source.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    print(f"--- plan.py ({len(lines)} lines, shown in full) ---")
+    for number, line in enumerate(lines, start=1):
+        print(f"{number:4} | {visible(line, multiline=True)[0]}")
     return 0
+
+
+def _print_runs(store: ApprovalStore, r: PlanRecord, most: int = 10) -> None:
+    """The run settings of the plan's studies: what an approval of it covers (see run_settings)."""
+    runs, approved = store.runs(r.hash), store.approved_settings(r.hash)
+    more = f", the last {most} shown" if len(runs) > most else ""
+    print(f"studies   {len(runs)} on record{more}")
+    for run in runs[-most:]:
+        settings = run.get("settings") or {}
+        covered = "approved" if run.get("settings_hash") in approved else "not approved"
+        config = settings.get("config") or {}
+        print(
+            f"  run {shown(run.get('run_id'))}  "
+            f"settings {shown(run.get('settings_hash', ''))[:12]} "
+            f"({covered})  rounds {shown(config.get('rounds'))}, strategy "
+            f"{shown(config.get('strategy'))}, seed {shown(config.get('seed'))}, initial weights "
+            f"{shown(settings.get('init_weights', ''))[:12]}, name {shown(settings.get('name'))}"
+        )
+        train = json.dumps(settings.get("train_config") or {}, sort_keys=True, ensure_ascii=False)
+        rest = {k: v for k, v in config.items() if k not in ("rounds", "strategy", "seed", "extra")}
+        print(f"      train config {shown(train)}")
+        print(f"      study config {shown(json.dumps(rest, sort_keys=True, ensure_ascii=False))}")
 
 
 def _plans_approve(args: argparse.Namespace) -> int:
@@ -162,17 +227,21 @@ def _audit_show(args: argparse.Namespace) -> int:
     entries = log.tail(args.tail) if args.tail is not None else list(log.entries())
     for e in entries:
         fields = " ".join(
-            f"{k}={json.dumps(v, sort_keys=True)}"
+            f"{shown(k)}={shown(json.dumps(v, sort_keys=True, ensure_ascii=False))}"
             for k, v in e.items()
             if k not in ("seq", "ts", "event", "prev", "hash")
         )
-        print(f"{e['seq']:>6} {e['ts']} {e['event']:18} {fields}")
+        print(f"{shown(e.get('seq')):>6} {shown(e.get('ts'))} {shown(e.get('event')):18} {fields}")
     print(f"head {log.head()}")
     return 0
 
 
 def _audit_verify(args: argparse.Namespace) -> int:
-    result = AuditLog(args.site / "audit.jsonl").verify(expected_head=args.expected_head)
+    # Plans under approvals/ were each logged on arrival: they are evidence the log cannot lack.
+    plans = [r.hash for r in ApprovalStore(args.site).list()]
+    result = AuditLog(args.site / "audit.jsonl").verify(
+        expected_head=args.expected_head, known_plans=plans
+    )
     print(result)
     return 0 if result.ok else 1
 

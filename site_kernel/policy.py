@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -31,6 +31,7 @@ from .errors import PolicyError, PolicyMissing
 POLICY_FILE = "policy.toml"
 Approval = Literal["manual", "automatic"]
 ResearcherOutput = Literal["keep", "release"]
+InitialWeights = Literal["any", "approved"]
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,12 @@ class SitePolicy:
     # [secure_aggregation] max_update_norm: the bound this site enforces on its own update under secure
     # aggregation (where the hub cannot screen updates); None: [dp]'s clip sets it, or the site refuses such jobs.
     secagg_max_update_norm: float | None = None
+    # Run settings (see site_kernel.run_settings): bounds on what an approved plan may be run with.
+    max_rounds: int = 100
+    initial_weights: InitialWeights = "any"
+    reapprove_on_settings_change: bool = False
+    # [allowed_config]: train-config key -> {"min", "max"} or {"values"}; empty: no bound.
+    allowed_config: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     @property
     def label(self) -> str:
@@ -158,8 +165,11 @@ def load_policy(site_dir: Path) -> SitePolicy:
     dp = _dp_rules(given.pop("dp")) if "dp" in given else None
     # [secure_aggregation] likewise: its one key has no safe default (a bound suits one model, not all).
     secagg = _secagg_bound(given.pop("secure_aggregation")) if "secure_aggregation" in given else None
+    # [allowed_config] likewise: its keys are the study's config keys, which no default can list.
+    allowed = _allowed_config(given.pop("allowed_config")) if "allowed_config" in given else {}
     defaults = tomllib.loads(default_policy_text())
     policy = _build(_merge(defaults, given, prefix=""), source=path, dp=dp)
+    policy = replace(policy, allowed_config=allowed)
     return replace(policy, secagg_max_update_norm=secagg) if secagg is not None else policy
 
 
@@ -211,7 +221,37 @@ def _build(t: dict[str, Any], *, source: Path | None, dp: DpRules | None = None)
         accept_weaker_isolation=_bool(sandbox, "accept_weaker_isolation", prefix="sandbox."),
         source=source,
         dp=dp,
+        max_rounds=_int(t, "max_rounds", minimum=1),
+        initial_weights=_choice(  # type: ignore[arg-type]  # checked by _choice
+            t, "initial_weights", ("any", "approved")
+        ),
+        reapprove_on_settings_change=_bool(t, "reapprove_on_settings_change"),
     )
+
+
+def _allowed_config(section: Any) -> dict[str, dict[str, Any]]:
+    """Validate ``[allowed_config]``: each key maps to ``{min, max}`` (numbers) or ``{values}``."""
+    if not isinstance(section, dict):
+        raise PolicyError("policy.toml: `allowed_config` must be a table ([allowed_config])",
+                          key="allowed_config")
+    out: dict[str, dict[str, Any]] = {}
+    for key, bound in section.items():
+        dotted = f"allowed_config.{key}"
+        values = bound.get("values") if isinstance(bound, dict) else None
+        if isinstance(bound, dict) and set(bound) == {"values"} and isinstance(values, list):
+            out[key] = {"values": list(bound["values"])}
+            continue
+        if isinstance(bound, dict) and bound and set(bound) <= {"min", "max"}:
+            for end in bound:
+                _number(bound, end, prefix=f"{dotted}.")
+            out[key] = dict(bound)
+            continue
+        raise PolicyError(
+            f"policy.toml: `{dotted}` must be {{min = A, max = B}} (either end may be left out) or "
+            f"{{values = [...]}}, e.g. {key} = {{min = 0.0, max = 0.1}}",
+            key=dotted,
+        )
+    return out
 
 
 def _dp_rules(section: Any) -> DpRules:
@@ -279,6 +319,13 @@ def _positive(t: Mapping[str, Any], key: str, *, prefix: str = "") -> float:
         or value <= 0
     ):
         raise _wrong(prefix + key, "a positive finite number", value)
+    return float(value)
+
+
+def _number(t: Mapping[str, Any], key: str, *, prefix: str = "") -> float:
+    value = t[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise _wrong(prefix + key, "a finite number", value)
     return float(value)
 
 

@@ -117,8 +117,11 @@ class HubRun:
                 else:
                     if node not in announced:
                         announced.add(node)
+                        # e.g. the site's settings changed since its data owner approved them
+                        why = str(info.get("detail", ""))[:300]
                         self.sink.emit("site_state", round=0, site=name, state="waiting_approval",
-                                       detail=f"waiting for approval at site {name}")
+                                       detail=f"waiting for approval at site {name}"
+                                       + (f": {why}" if why else ""))
                     still.append(node)
             pending = still
             if pending and time.monotonic() > deadline:
