@@ -9,7 +9,6 @@ the executor answers with a well-formed reply or an error of a known kind with a
 from __future__ import annotations
 
 import base64
-import io
 import json
 import logging
 import re
