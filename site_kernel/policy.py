@@ -97,6 +97,8 @@ class SitePolicy:
     # [secure_aggregation] max_update_norm: the bound this site enforces on its own update under secure
     # aggregation (where the hub cannot screen updates); None: [dp]'s clip sets it, or the site refuses such jobs.
     secagg_max_update_norm: float | None = None
+    # error_line_numbers: whether a plan's error that leaves the site names the plan's line.
+    error_line_numbers: bool = False
 
     @property
     def label(self) -> str:
@@ -209,6 +211,7 @@ def _build(t: dict[str, Any], *, source: Path | None, dp: DpRules | None = None)
             **{k: _int(limits, k, minimum=1, prefix="limits.") for k in Limits.__dataclass_fields__}
         ),
         accept_weaker_isolation=_bool(sandbox, "accept_weaker_isolation", prefix="sandbox."),
+        error_line_numbers=_bool(t, "error_line_numbers"),
         source=source,
         dp=dp,
     )
