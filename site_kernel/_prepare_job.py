@@ -15,12 +15,16 @@ exit status 1.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
 
 def main() -> int:
     request = json.load(sys.stdin)
+    # The answer owns stdout: whatever a library prints while preparing (Python or C) goes to stderr instead.
+    answer = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
     import torch
 
     from .data import cache, prepare
@@ -31,8 +35,8 @@ def main() -> int:
     arrays = cache.entry_dir(site_dir, prepared.cache_key) / "data.npz"
     if not arrays.is_file():
         raise FileNotFoundError("the prepared arrays are missing from the site's cache")
-    json.dump({"arrays": str(arrays), "num_train": prepared.num_train, "num_test": prepared.num_test},
-              sys.stdout)
+    with answer:
+        json.dump({"arrays": str(arrays), "num_train": prepared.num_train, "num_test": prepared.num_test}, answer)
     return 0
 
 
