@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import socket
+import tempfile
 import time
 from pathlib import Path
 
@@ -117,8 +119,10 @@ def test_the_plans_memory_holds_none_of_the_sites_identifiers(site):
 
 
 @pytest.mark.e2e
-def test_a_unix_socket_of_the_host_receives_nothing(site, tmp_path_factory):
-    hidden = tmp_path_factory.mktemp("sockets")
+def test_a_unix_socket_of_the_host_receives_nothing(site):
+    # In /tmp, not pytest's tmp_path: that lies under a 0700 folder, where the plan's uid is stopped by plain
+    # file permissions whatever the sandbox does.
+    hidden = Path(tempfile.mkdtemp(prefix="flip-sockets-", dir="/tmp"))
     stream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     stream.bind(str(hidden / "stream.sock"))
     stream.listen()
@@ -128,8 +132,7 @@ def test_a_unix_socket_of_the_host_receives_nothing(site, tmp_path_factory):
     dgram.settimeout(0.5)
     for path in hidden.iterdir():
         path.chmod(0o777)
-    hidden.chmod(0o711)  # the sandbox may pass through the folder but not list it
-    hidden.parent.chmod(0o755)
+    hidden.chmod(0o711)  # the plan's uid may pass through the folder but not list it
     body = (
         "    import socket\n"
         "    tries = [\n"
@@ -148,14 +151,17 @@ def test_a_unix_socket_of_the_host_receives_nothing(site, tmp_path_factory):
         "    print('SOCKETPAIR', b.recv(2).decode())\n"
         "    return {'loss': 0.0}"
     )
-    job = run(site, plan_with_train(body), stream=str(hidden / "stream.sock"), dgram=str(hidden / "dgram.sock"))
-    assert job.status == "completed", job.errors
-    with pytest.raises(socket.timeout):
-        stream.accept()
-    with pytest.raises(socket.timeout):
-        dgram.recv(10)
-    stream.close()
-    dgram.close()
+    try:
+        job = run(site, plan_with_train(body), stream=str(hidden / "stream.sock"), dgram=str(hidden / "dgram.sock"))
+        assert job.status == "completed", job.errors
+        with pytest.raises(socket.timeout):
+            stream.accept()
+        with pytest.raises(socket.timeout):
+            dgram.recv(10)
+    finally:
+        stream.close()
+        dgram.close()
+        shutil.rmtree(hidden)
     output = output_of(site, job)
     assert "SOCKET reached" not in output and output.count("SOCKET refused") == 3
     assert "SOCKETPAIR ok" in output
