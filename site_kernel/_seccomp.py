@@ -3,7 +3,10 @@
 Written by hand because libseccomp's Python binding is not among our dependencies and the filter is
 short. It answers EPERM to: running programs (execve, execveat), looking into other processes
 (ptrace, process_vm_readv/writev), sockets of any family but AF_UNIX (so neither IP, raw packets,
-netlink nor VM sockets such as AF_VSOCK, which a network namespace does not cover), io_uring (its
+netlink nor VM sockets such as AF_VSOCK, which a network namespace does not cover), AF_UNIX
+sockets of any type but SOCK_STREAM and connect() (so no socket the plan makes reaches a pathname
+socket of the host, even in folders it cannot list: a stream socket sends to no address without
+connecting, and a datagram socket, which could, cannot be made; socketpair() still works), io_uring (its
 operations bypass seccomp), new namespaces and mounts (unshare, setns, clone with namespace flags,
 mount and friends) and a few kernel interfaces plans have no use for (bpf, perf_event_open,
 userfaultfd, keyrings, open_by_handle_at). clone3 gets ENOSYS: its flags sit in memory a filter
@@ -21,9 +24,10 @@ import socket
 import struct
 
 # BPF opcodes and seccomp return values (linux/filter.h, linux/seccomp.h).
-_LD_W_ABS, _JEQ_K, _JGE_K, _JSET_K, _RET_K = 0x20, 0x15, 0x35, 0x45, 0x06
+_LD_W_ABS, _JEQ_K, _JGE_K, _JSET_K, _RET_K, _AND_K = 0x20, 0x15, 0x35, 0x45, 0x06, 0x54
 _RET_KILL_PROCESS, _RET_ALLOW, _RET_ERRNO = 0x80000000, 0x7FFF0000, 0x00050000
-_OFF_NR, _OFF_ARCH, _OFF_ARG0 = 0, 4, 16
+_OFF_NR, _OFF_ARCH, _OFF_ARG0, _OFF_ARG1 = 0, 4, 16, 24
+_SOCK_TYPE_MASK = 0xF  # the socket type; SOCK_CLOEXEC and SOCK_NONBLOCK sit above it
 _SET_MODE_FILTER, _FILTER_FLAG_TSYNC = 1, 1
 _PR_GET_SECCOMP = 21
 _X32_SYSCALL_BIT = 0x40000000
@@ -36,7 +40,7 @@ _DENIED = (
     "execve", "execveat", "ptrace", "process_vm_readv", "process_vm_writev", "io_uring_setup",
     "io_uring_enter", "io_uring_register", "unshare", "setns", "mount", "umount2", "pivot_root",
     "chroot", "bpf", "perf_event_open", "userfaultfd", "keyctl", "add_key", "request_key",
-    "open_by_handle_at",
+    "open_by_handle_at", "connect",
 )
 # (audit arch, syscall numbers) from the kernel's uapi headers, for the architectures we support.
 _ARCHES: dict[str, tuple[int, dict[str, int]]] = {
@@ -46,7 +50,7 @@ _ARCHES: dict[str, tuple[int, dict[str, int]]] = {
         "io_uring_register": 427, "unshare": 272, "setns": 308, "mount": 165, "umount2": 166,
         "pivot_root": 155, "chroot": 161, "bpf": 321, "perf_event_open": 298, "userfaultfd": 323,
         "keyctl": 250, "add_key": 248, "request_key": 249, "open_by_handle_at": 304,
-        "socket": 41, "clone": 56, "clone3": 435, "seccomp": 317,
+        "socket": 41, "clone": 56, "clone3": 435, "seccomp": 317, "connect": 42, "socketpair": 53,
     }),
     "aarch64": (0xC00000B7, {
         "execve": 221, "execveat": 281, "ptrace": 117, "process_vm_readv": 270,
@@ -54,7 +58,8 @@ _ARCHES: dict[str, tuple[int, dict[str, int]]] = {
         "io_uring_register": 427, "unshare": 97, "setns": 268, "mount": 40, "umount2": 39,
         "pivot_root": 41, "chroot": 51, "bpf": 280, "perf_event_open": 241, "userfaultfd": 282,
         "keyctl": 219, "add_key": 217, "request_key": 218, "open_by_handle_at": 265,
-        "socket": 198, "clone": 220, "clone3": 435, "seccomp": 277,
+        "socket": 198, "clone": 220, "clone3": 435, "seccomp": 277, "connect": 203,
+        "socketpair": 199,
     }),
 }
 # fmt: on
@@ -91,10 +96,21 @@ def build_filter(machine: str | None = None) -> bytes:
     for name in _DENIED:
         prog += [_ins(_JEQ_K, nr[name], 0, 1), _ins(_RET_K, eperm)]
     prog += [_ins(_JEQ_K, nr["clone3"], 0, 1), _ins(_RET_K, _RET_ERRNO | errno.ENOSYS)]
-    prog += [  # socket(domain, ...): only AF_UNIX
-        _ins(_JEQ_K, nr["socket"], 0, 4),
+    prog += [  # socket(domain, type, ...): only AF_UNIX, only SOCK_STREAM
+        _ins(_JEQ_K, nr["socket"], 0, 7),
         _ins(_LD_W_ABS, _OFF_ARG0),
-        _ins(_JEQ_K, socket.AF_UNIX, 0, 1),
+        _ins(_JEQ_K, socket.AF_UNIX, 0, 4),
+        _ins(_LD_W_ABS, _OFF_ARG1),
+        _ins(_AND_K, _SOCK_TYPE_MASK),
+        _ins(_JEQ_K, socket.SOCK_STREAM, 0, 1),
+        _ins(_RET_K, _RET_ALLOW),
+        _ins(_RET_K, eperm),
+    ]
+    prog += [  # socketpair(domain, type, ...): only SOCK_STREAM (a datagram pair could sendto a path)
+        _ins(_JEQ_K, nr["socketpair"], 0, 5),
+        _ins(_LD_W_ABS, _OFF_ARG1),
+        _ins(_AND_K, _SOCK_TYPE_MASK),
+        _ins(_JEQ_K, socket.SOCK_STREAM, 0, 1),
         _ins(_RET_K, _RET_ALLOW),
         _ins(_RET_K, eperm),
     ]

@@ -8,6 +8,7 @@ message the executor composed itself from a kind, a function name, an exception 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import select
@@ -25,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from . import _pipe
+from ._output import copy_to_log
 from .audit import AuditLog
 from .policy import SitePolicy
 from .settings import SiteSettings
@@ -47,9 +49,10 @@ class StepResult:
     started_at: float
 
 
-def _describe(site: str, reply: dict[str, Any], source: str) -> WorkerFailure:
+def _describe(site: str, reply: dict[str, Any], source: str, *, lines: bool) -> WorkerFailure:
     """Compose a safe message from the worker's failure report: the worker ran plan code, so every field is
-    re-checked by ``describe_failure`` and none of its free text is used."""
+    re-checked by ``describe_failure`` and none of its free text is used. The plan's line number only with
+    ``lines`` (the policy's ``error_line_numbers``): the plan picks the line it fails on, a byte per failure."""
     from .egress import describe_failure
 
     kind = str(reply.get("kind", "plan_error"))
@@ -63,6 +66,8 @@ def _describe(site: str, reply: dict[str, Any], source: str) -> WorkerFailure:
         return WorkerFailure("plan_error", f"{role}() must return a dict of metrics (at site {site})")
     fields = reply.get("fields") if isinstance(reply.get("fields"), dict) else {}
     allowed = {k: fields.get(k) for k in ("function", "exc_type", "exc_base", "library", "line")}
+    if not lines:
+        allowed["line"] = None
     safe_kind, message = describe_failure("plan_error", **allowed, plan_source=source)
     return WorkerFailure(safe_kind, f"{message} in {role}() at site {site}" if role != "the plan"
                          else f"{message} at site {site}")
@@ -86,6 +91,7 @@ class JobWorker:
         self._to_worker = self._from_worker = -1
         self._ready = threading.Event()
         self._failure: WorkerFailure | None = None
+        self._preparing: subprocess.Popen[bytes] | None = None
         self.num_train = self.num_test = 0
         self._lock = threading.Lock()
         self.last_used = time.monotonic()
@@ -106,10 +112,12 @@ class JobWorker:
             self._prepare_and_load()
         except WorkerFailure as failure:
             self._failure = failure
+            self.stop()  # a worker still waiting for its data would wait for ever
         except Exception as err:  # site-side trouble (e.g. unreadable dataset): a safe, generic message
             log.exception("preparing job %s failed", self.run_id)
             self._failure = WorkerFailure("site_error", f"site {self.settings.name} could not prepare its data "
                                                         f"({type(err).__name__}); its data owner has the details")
+            self.stop()
         finally:
             self._ready.set()
 
@@ -120,42 +128,67 @@ class JobWorker:
         self._grant(scratch)
         to_r, to_w = os.pipe()
         from_r, from_w = os.pipe()
-        output = open(self.site_dir / "logs" / f"researcher-{self.run_id}.log", "ab")  # stays at the site
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "site_kernel.worker", str(to_r), str(from_w)],
-            pass_fds=(to_r, from_w), stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            pass_fds=(to_r, from_w), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             cwd=scratch, env=_worker_env(scratch), start_new_session=True,  # stop() ends every process it made
         )
-        output.close()
+        assert self.proc.stdout is not None
+        copy_to_log(os.dup(self.proc.stdout.fileno()), self.site_dir / "logs" / f"researcher-{self.run_id}.log")
+        self.proc.stdout.close()
         os.close(to_r)
         os.close(from_w)
         self._to_worker, self._from_worker = to_w, from_r
+        # While the worker imports torch, a separate process of the site's prepares the data: the worker, which
+        # runs the plan, only ever holds the harmonised arrays, never the manifest, paths or file headers.
+        prepared = self._prepare_data()
+        self.num_train, self.num_test = int(prepared["num_train"]), int(prepared["num_test"])
         limits = self.policy.limits
-        contract = {**self.spec["contract"], "dataset": self.spec["contract"].get("dataset", self.settings.dataset)}
         header = {
-            "op": "load", "source": self.source, "site_dir": str(self.site_dir), "contract": contract,
-            "site_steps": self.settings.site_steps, "scratch": str(scratch), "readable": [],
-            "threads": self.settings.threads, "seed": int(self.spec["config"].get("seed", 0)),
+            "op": "load", "source": self.source, "arrays": prepared["arrays"], "scratch": str(scratch),
+            "readable": [], "threads": self.settings.threads, "seed": int(self.spec["config"].get("seed", 0)),
             "limits": {k: getattr(limits, k) for k in limits.__dataclass_fields__},
             "confine": self.settings.sandbox or not self.policy.demo,
             "accept_weaker": self.policy.accept_weaker_isolation, "uid": self.uid,
             "protected": [str(self.site_dir / p) for p in ("policy.toml", "approvals", "audit.jsonl", "audit.head",
                                                            "site.toml", "keys")],
         }
-        # First frame: the data report, sent by trusted code before the sandbox and the plan exist.
-        prepared, _ = self._exchange(header, b"", timeout=1800.0, what="data preparation")
-        if not prepared.get("ok"):
+        # First frame: the arrays loaded by trusted code, before the sandbox and the plan exist.
+        loaded, _ = self._exchange(header, b"", timeout=600.0, what="loading the prepared data")
+        if not loaded.get("ok"):
             raise WorkerFailure("site_error", f"site {self.settings.name} could not prepare its data for this "
                                               "plan's contract; its data owner has the details")
-        self.num_train, self.num_test = int(prepared["num_train"]), int(prepared["num_test"])
         reply = self._receive(timeout=120.0, what="model()")
         if not reply.get("ok"):
-            raise _describe(self.settings.name, reply, self.source)
+            raise _describe(self.settings.name, reply, self.source, lines=self.policy.error_line_numbers)
         if reply.get("model_shapes") != self.spec["model_shapes"]:
             raise WorkerFailure("model_mismatch", f"model() at site {self.settings.name} does not build the "
                                                   "shapes the plan declared")
         self.audit.append("job_started", run_id=self.run_id, plan=self.digest,
                           confinement=reply.get("confinement", {}))
+
+    def _prepare_data(self) -> dict[str, Any]:
+        """Run :mod:`site_kernel._prepare_job` for this job's contract; its answer, or a safe WorkerFailure."""
+        contract = {**self.spec["contract"], "dataset": self.spec["contract"].get("dataset", self.settings.dataset)}
+        request = json.dumps({"site_dir": str(self.site_dir), "contract": contract,
+                              "site_steps": self.settings.site_steps})
+        self._preparing = subprocess.Popen(
+            [sys.executable, "-m", "site_kernel._prepare_job"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, env=_trusted_env(), start_new_session=True,
+        )
+        try:
+            out, err = self._preparing.communicate(request.encode(), timeout=1800.0)
+        except subprocess.TimeoutExpired:
+            self._preparing.kill()
+            self._preparing.communicate()
+            raise WorkerFailure("resource_limit", f"data preparation exceeded site {self.settings.name}'s time "
+                                                  "limit of 1800 s") from None
+        if self._preparing.returncode != 0:
+            log.error("preparing the data of job %s failed (exit status %s):\n%s", self.run_id,
+                      self._preparing.returncode, err.decode(errors="replace")[-8000:])
+            raise WorkerFailure("site_error", f"site {self.settings.name} could not prepare its data for this "
+                                              "plan's contract; its data owner has the details")
+        return dict(json.loads(out))
 
     def _grant(self, scratch: Path) -> None:
         """The worker drops to an unprivileged user of this site's own: give it its scratch folder, nothing else."""
@@ -200,19 +233,24 @@ class JobWorker:
             raise WorkerFailure("resource_limit", f"the plan's process at site {self.settings.name} has ended")
         with self._lock:
             header = {"op": op, "config": {k: v for k, v in config.items() if _jsonable(v)}}
+            # Timed here, not by the worker: a plan can patch the clocks of its own process, and a timing it
+            # reported would leave the site beside the egress checks (an accession number fits in a float).
+            started_at, started = time.time(), time.monotonic()
             reply, payload = self._exchange(header, save(arrays), timeout=float(self.policy.limits.wall_seconds),
                                             what=f"{op}()")
+            compute_s = time.monotonic() - started
         if not reply.get("ok"):
-            failure = _describe(self.settings.name, reply, self.source)
+            failure = _describe(self.settings.name, reply, self.source, lines=self.policy.error_line_numbers)
             self.stop()  # whatever the plan left behind (threads, forks, half-trained state) goes with the process
             self._failure = failure
             raise failure
         out = dict(load(payload)) if payload else {}
         self.last_used = time.monotonic()
-        return StepResult(out, dict(reply.get("metrics", {})), _number(reply.get("compute_s")),
-                          _number(reply.get("started_at")))
+        return StepResult(out, dict(reply.get("metrics", {})), coarse(compute_s), coarse(started_at))
 
     def stop(self) -> None:
+        if self._preparing is not None and self._preparing.poll() is None:
+            self._preparing.kill()
         if self.proc is not None:
             try:
                 os.killpg(self.proc.pid, signal.SIGKILL)  # the worker and anything it forked
@@ -265,18 +303,25 @@ def _kill_uid(uid: int) -> None:
             return
 
 
-def _number(value: Any) -> float:
-    """A timing the worker reported (untrusted): a finite float, or 0."""
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return 0.0
-    return number if np.isfinite(number) else 0.0
+def coarse(seconds: float) -> float:
+    """A timing as it may leave the site: to 0.1 s. How long a step takes is still the plan's to choose (it can
+    sleep), so a duration stays a slow channel; the rounding keeps it to a few bits per reply."""
+    return round(seconds, 1)
 
 
 def _jsonable(value: Any) -> bool:
     return isinstance(value, (int, float, str, bool)) or (
         isinstance(value, list) and all(isinstance(v, (int, float, str, bool)) for v in value))
+
+
+def _trusted_env() -> dict[str, str]:
+    """The site's own environment for its preparation process, with the site kernel importable and one thread
+    per library (preparation runs beside the site's other work)."""
+    env = dict(os.environ)
+    env.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"})
+    site_root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = site_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
 
 
 def _worker_env(scratch: Path) -> dict[str, str]:

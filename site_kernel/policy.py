@@ -104,6 +104,8 @@ class SitePolicy:
     reapprove_on_settings_change: bool = False
     # [allowed_config]: train-config key -> {"min", "max"} or {"values"}; empty: no bound.
     allowed_config: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    # error_line_numbers: whether a plan's error that leaves the site names the plan's line.
+    error_line_numbers: bool = False
 
     @property
     def label(self) -> str:
@@ -219,6 +221,7 @@ def _build(t: dict[str, Any], *, source: Path | None, dp: DpRules | None = None)
             **{k: _int(limits, k, minimum=1, prefix="limits.") for k in Limits.__dataclass_fields__}
         ),
         accept_weaker_isolation=_bool(sandbox, "accept_weaker_isolation", prefix="sandbox."),
+        error_line_numbers=_bool(t, "error_line_numbers"),
         source=source,
         dp=dp,
         max_rounds=_int(t, "max_rounds", minimum=1),

@@ -11,8 +11,9 @@ plan. It applies, in this order and for good:
 4. ``no_new_privs``, then Landlock: read access only beneath ``readable`` plus the Python
    installation and a few system files, write access only beneath ``scratch``, no execution
    anywhere, no TCP (ABI 4), no signals or abstract sockets outside the sandbox (ABI 6);
-5. a seccomp filter (see :mod:`site_kernel._seccomp`): no programs, no sockets but AF_UNIX, no
-   ptrace, no new namespaces, no io_uring.
+5. a seccomp filter (see :mod:`site_kernel._seccomp`): no programs, no sockets but AF_UNIX stream
+   sockets, no connect() (so no UNIX socket of the host; socketpairs and pipes work), no ptrace, no
+   new namespaces, no io_uring.
 
 What the executor must prepare:
 
@@ -33,8 +34,8 @@ What the executor must prepare:
 - If ``confine`` raises, the worker may be half confined: it must exit without running plan code.
 
 What it does not protect against: kernel exploits, covert channels through values the egress policy
-lets out, side channels (timing, cache), UNIX sockets reachable in readable or writable folders,
-and reads of what the process already holds (its own memory, files opened before ``confine``).
+lets out, side channels (timing, cache), and reads of what the process already holds (its own
+memory, files opened before ``confine``): so the worker is handed harmonised arrays only.
 """
 
 from __future__ import annotations

@@ -1,16 +1,16 @@
 """The sandboxed worker: the only process that runs researcher code.
 
 Started by the site executor (``python -m site_kernel.worker IN_FD OUT_FD``), it imports torch while still trusted,
-waits for a ``load`` frame, reads its job's prepared dataset, confines itself (no network, read-only data, writes to
-scratch only, resource limits, unprivileged user; see ``site_kernel.sandbox``), and only then executes the plan. It
-then serves ``train``/``evaluate`` frames for the rest of the job. Everything it sends back is untrusted by the
-executor; its stdout/stderr go to the site's log, never to the hub.
+waits for a ``load`` frame, reads the harmonised arrays the site prepared for its job, confines itself (no network,
+read-only data, writes to scratch only, resource limits, unprivileged user; see ``site_kernel.sandbox``), and only
+then executes the plan. It then serves ``train``/``evaluate`` frames for the rest of the job. Everything it sends
+back is untrusted by the executor; its stdout/stderr are a pipe that the executor copies into the site's log,
+never to the hub.
 """
 
 from __future__ import annotations
 
 import sys
-import time
 import types
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,22 +60,21 @@ class Worker:
         self.model: Any = None
         self.data: SiteData | None = None
 
-    def prepare(self, header: dict[str, Any]) -> dict[str, Any]:
-        """Harmonise the site's data onto the plan's contract (cached by the site). Trusted code: it runs before
-        the sandbox exists and before any researcher code has been loaded, so its report may be believed."""
+    def load_data(self, header: dict[str, Any]) -> dict[str, Any]:
+        """Read the harmonised arrays the site prepared for this job (``header["arrays"]``, an ``.npz`` in the
+        site's cache). Trusted code, before the sandbox and the plan exist. The site prepared them in a process
+        of its own (:mod:`site_kernel._prepare_job`): this process never reads a manifest, a raw file or its
+        path, so the plan finds none of them in its memory."""
         import torch
 
-        from .data import prepare
-
-        torch.set_num_threads(1)
-        prepared = prepare(Path(header["site_dir"]), header["contract"], site_steps=header.get("site_steps") or [])
-        self.data = SiteData(
-            torch.from_numpy(np.ascontiguousarray(prepared.train_x, np.float32)),
-            torch.from_numpy(np.ascontiguousarray(prepared.train_y, np.int64)),
-            torch.from_numpy(np.ascontiguousarray(prepared.test_x, np.float32)),
-            torch.from_numpy(np.ascontiguousarray(prepared.test_y, np.int64)),
-        )
-        return {"ok": True, "prepared": True, "num_train": self.data.num_train, "num_test": self.data.num_test}
+        with np.load(header["arrays"], allow_pickle=False) as arrays:
+            self.data = SiteData(
+                torch.from_numpy(np.ascontiguousarray(arrays["train_x"], np.float32)),
+                torch.from_numpy(np.ascontiguousarray(arrays["train_y"], np.int64)),
+                torch.from_numpy(np.ascontiguousarray(arrays["test_x"], np.float32)),
+                torch.from_numpy(np.ascontiguousarray(arrays["test_y"], np.int64)),
+            )
+        return {"ok": True}
 
     def load(self, header: dict[str, Any]) -> dict[str, Any]:
         import torch
@@ -135,13 +134,10 @@ class Worker:
             config["global_params"] = [p.detach().clone() for p in self.model.parameters()]
         seed = int(config.get("seed", 0)) * 100_003 + int(config.get("server-round", 0))
         torch.manual_seed(seed)
-        started_at = time.time()
-        started = time.perf_counter()
         try:
             metrics = self.ns[function](self.model, self.data, config)
         except Exception as exc:
             return _failure(function, exc), b""
-        compute_s = time.perf_counter() - started
         if not isinstance(metrics, dict):
             return {"ok": False, "kind": "plan_error", "role": function, "not_a_dict": True}, b""
         clean: dict[str, Any] = {}
@@ -150,7 +146,7 @@ class Worker:
                 clean[str(key)[:100]] = float(value)
             except (TypeError, ValueError):
                 clean[str(key)[:100]] = None  # the executor's egress check names and refuses it
-        reply = {"ok": True, "metrics": clean, "compute_s": compute_s, "started_at": started_at}
+        reply = {"ok": True, "metrics": clean}  # timings are the executor's to measure, not the plan's
         if op == "train":
             state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
             return reply, save(state)
@@ -159,7 +155,7 @@ class Worker:
     def serve(self) -> None:
         header, _ = _pipe.recv(self.fd_in)
         try:
-            _pipe.send(self.fd_out, self.prepare(header))
+            _pipe.send(self.fd_out, self.load_data(header))
         except Exception:  # the site's own data trouble: details in the site log, a plain refusal on the pipe
             import traceback
 
@@ -189,7 +185,9 @@ def main(argv: list[str] | None = None) -> None:
     import safetensors.torch  # noqa: F401
     import torch  # noqa: F401
 
-    from . import data, egress, sandbox  # noqa: F401  (the sandbox forbids reading the site kernel's files later)
+    # The sandbox forbids reading the site kernel's files later. Not site_kernel.data: this process never
+    # prepares data, so it has no use for the code that reads manifests and raw files.
+    from . import egress, sandbox  # noqa: F401
 
     Worker(fd_in, fd_out).serve()
 

@@ -1,0 +1,44 @@
+"""One job's data preparation, in a process of its own: ``python -m site_kernel._prepare_job`` (request on stdin).
+
+Preparing a dataset reads the site's manifest, its raw file paths and the files' headers (patient names,
+accession numbers in series folder names). Done inside the worker, all of that stayed in the heap of the
+process that then ran the plan, where the plan could read it back from its own memory. Here it runs as the site,
+in a process that never runs plan code and exits when done: it writes the harmonised arrays into the site's
+cache (:mod:`site_kernel.data.cache`, which holds arrays and aggregate statistics only, under a hash for a name)
+and tells the executor where they are. The worker is then handed that file and nothing else.
+
+Request (JSON): ``{"site_dir", "contract", "site_steps"}``. Answer on stdout (JSON):
+``{"arrays": PATH, "num_train": N, "num_test": N}``; on failure a traceback on stderr (for the site's log) and
+exit status 1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def main() -> int:
+    request = json.load(sys.stdin)
+    # The answer owns stdout: whatever a library prints while preparing (Python or C) goes to stderr instead.
+    answer = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    import torch
+
+    from .data import cache, prepare
+
+    torch.set_num_threads(1)
+    site_dir = Path(request["site_dir"])
+    prepared = prepare(site_dir, request["contract"], site_steps=request.get("site_steps") or [])
+    arrays = cache.entry_dir(site_dir, prepared.cache_key) / "data.npz"
+    if not arrays.is_file():
+        raise FileNotFoundError("the prepared arrays are missing from the site's cache")
+    with answer:
+        json.dump({"arrays": str(arrays), "num_train": prepared.num_train, "num_test": prepared.num_test}, answer)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
