@@ -42,10 +42,18 @@ class Limits:
     processes: int = 64
     open_files: int = 256
     file_size_mb: int = 1024
+    train_seconds: int = 3600
+    evaluate_seconds: int = 900
     wall_seconds: int = 3600
 
     def as_dict(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.__dataclass_fields__}
+
+    def phase_seconds(self, op: str) -> int:
+        """The wall-clock limit of one phase: ``train``, ``evaluate``, or another (``wall_seconds``)."""
+        own = {"train": self.train_seconds, "evaluate": self.evaluate_seconds}.get(op,
+                                                                                 self.wall_seconds)
+        return min(own, self.wall_seconds)
 
 
 @dataclass(frozen=True)
@@ -97,6 +105,8 @@ class SitePolicy:
     # [secure_aggregation] max_update_norm: the bound this site enforces on its own update under secure
     # aggregation (where the hub cannot screen updates); None: [dp]'s clip sets it, or the site refuses such jobs.
     secagg_max_update_norm: float | None = None
+    # [jobs] concurrent: how many studies may hold a plan process at this site at once.
+    concurrent_jobs: int = 2
 
     @property
     def label(self) -> str:
@@ -211,6 +221,7 @@ def _build(t: dict[str, Any], *, source: Path | None, dp: DpRules | None = None)
         accept_weaker_isolation=_bool(sandbox, "accept_weaker_isolation", prefix="sandbox."),
         source=source,
         dp=dp,
+        concurrent_jobs=_int(t["jobs"], "concurrent", minimum=1, prefix="jobs."),
     )
 
 
