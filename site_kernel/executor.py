@@ -84,7 +84,7 @@ class Executor:
         self._settings_mtime = 0.0
         self._last_refresh = 0.0
         self._secagg: dict[int, secagg.SecAggClient] = {}  # each job's secure-aggregation state
-        self._run_locks: dict[int, threading.Lock] = {}  # kept for the site's life: one per run
+        self._run_queues: dict[int, _InOrder] = {}  # kept for the site's life: one per run
         self._busy: dict[int, int] = {}  # run -> its phases in progress: that worker is not evicted
 
     # -- the loop ----------------------------------------------------------------------------------
@@ -94,7 +94,7 @@ class Executor:
 
         Each task is served on a thread of its own, so that an approval query or another study's round
         never waits behind a plan that trains for an hour; one run's tasks still run in order
-        (:meth:`_run_lock`), and how many jobs hold a worker at once is the policy's ``[jobs] concurrent``.
+        (:meth:`_in_order`), and how many jobs hold a worker at once is the policy's ``[jobs] concurrent``.
         """
         rt.fast_object_pulls()
         conn = rt.RuntimeConnection(self.runtime_address)
@@ -123,7 +123,7 @@ class Executor:
             t0 = time.perf_counter()
             with conn.task(token, on_lost=self._run_stopped) as task:
                 run_id = task.run.run_id
-                with self._run_lock(run_id):
+                with self._in_order(run_id):
                     t1 = time.perf_counter()
                     reply = self.handle(task.message, task.context.run_config, task.fab.content,
                                         run_id)
@@ -138,11 +138,14 @@ class Executor:
         except Exception:  # never let one task take the site down
             log.exception("task failed outside the plan; the site keeps serving")
 
-    def _run_lock(self, run_id: int) -> threading.Lock:
-        """One run's messages are answered in the order they came: a round's phases build on each
-        other."""
+    @contextmanager
+    def _in_order(self, run_id: int) -> Iterator[None]:
+        """One run's messages are answered one at a time, in the order they came: a round's phases
+        build on each other."""
         with self._lock:
-            return self._run_locks.setdefault(run_id, threading.Lock())
+            queue = self._run_queues.setdefault(run_id, _InOrder())
+        with queue.turn():
+            yield
 
     def _run_stopped(self, run_id: int) -> None:
         """The hub stopped this run (a cancelled study) while the site worked on it: its worker goes
@@ -521,6 +524,28 @@ class Executor:
     def _error(self, message: Message, kind: str, text: str) -> Message:
         kind = kind if _SAFE_NAME.match(kind) else "site_error"
         return Message(Error(code=ERROR_CODE, reason=f"{kind}: {text}"[:500]), reply_to=message)
+
+
+class _InOrder:
+    """A lock that is taken in the order it was asked for (``threading.Lock`` promises no order).
+
+    The standard library has no first-come lock; a ticket and a condition make one."""
+
+    def __init__(self) -> None:
+        self._turn = threading.Condition()
+        self._next = self._serving = 0
+
+    @contextmanager
+    def turn(self) -> Iterator[None]:
+        with self._turn:
+            ticket, self._next = self._next, self._next + 1
+            self._turn.wait_for(lambda: self._serving == ticket)
+        try:
+            yield
+        finally:
+            with self._turn:
+                self._serving += 1
+                self._turn.notify_all()
 
 
 def _query_op(message: Message) -> str:
