@@ -10,16 +10,16 @@ never run and the process stays warm between rounds. This module is the only pla
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from flwr.app import Context, Message
 from flwr.common.constant import SubStatus
 from flwr.proto.runtime_pb2 import AcquireTaskRequest, SendTaskHeartbeatRequest
 from flwr.supercore.constant import TaskType
 from flwr.supercore.fab import Fab
-from flwr.supercore.heartbeat import HeartbeatSender
 from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
 from flwr.supercore.retry import RetryInvoker, make_simple_http_retry_invoker
 from flwr.supercore.run import Run
@@ -31,6 +31,7 @@ os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 
 COMPLETED = SubStatus.COMPLETED
 FAILED = SubStatus.FAILED
+TASK_BEAT_S = 1.0  # how soon a site notices that a task's run was stopped
 
 
 @dataclass
@@ -40,8 +41,10 @@ class Task:
     run: Run
     fab: Fab
     client: RuntimeHttpClient
+    finishing: threading.Event = field(default_factory=threading.Event)
 
     def reply(self, message: Message, *, status: str = COMPLETED, details: str = "") -> None:
+        self.finishing.set()  # the token is revoked from here on because the site finished the task
         push_message(self.client, message, self.context)
         push_task_output(client=self.client, context=self.context, sub_status=status, details=details)
 
@@ -96,7 +99,7 @@ def _task_heartbeat(client: RuntimeHttpClient) -> Callable[[], bool]:
 
 
 class RuntimeConnection:
-    """Acquires the SuperNode's queued client-app tasks, one at a time."""
+    """Acquires the SuperNode's queued client-app tasks; each task is then served on its own."""
 
     def __init__(self, address: str) -> None:
         self.address = address
@@ -116,22 +119,48 @@ class RuntimeConnection:
         return None
 
     @contextmanager
-    def task(self, token: str) -> Iterator[Task]:
-        """Pull one task's inputs; keep its heartbeat going while the site works on it."""
+    def task(self, token: str, on_lost: Callable[[int], None] = lambda run_id: None,
+             beat_s: float = TASK_BEAT_S) -> Iterator[Task]:
+        """Pull one task's inputs; beat its heartbeat every ``beat_s`` while the site works on it.
+
+        When the SuperNode ends the task first (its run was stopped, see :mod:`site_kernel._supernode`), the
+        heartbeat is refused and ``on_lost(run_id)`` is called from the heartbeat's thread, while
+        the task's own thread may still be waiting for the plan: that is how a cancelled study frees
+        the site at once.
+        """
         client = RuntimeHttpClient.from_server_address(
             server_address=self.address, insecure=True, root_certificates=None,
             interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
                           RuntimeTokenHttpInterceptor(token)],
             retry_invoker=_retry_invoker(),
         )
-        heartbeat = HeartbeatSender(_task_heartbeat(client))
+        beat = _task_heartbeat(client)
+        done = threading.Event()
+        pulled: list[Task] = []
+
+        def keep_beating() -> None:
+            # Flower's HeartbeatSender beats every ~24 s: a stopped run would hold its worker as long.
+            while not done.wait(beat_s):
+                try:
+                    alive = beat()
+                except SystemExit:
+                    alive = None
+                except Exception:  # the SuperNode is restarting: the task's own calls will say so
+                    alive = True
+                if alive is None:
+                    if pulled and not pulled[0].finishing.is_set():
+                        on_lost(pulled[0].run.run_id)
+                    return
+
+        heartbeat = threading.Thread(target=keep_beating, name="task-heartbeat", daemon=True)
         heartbeat.start()
         try:
             message, context, run, fab = pull_task_input(client)
-            yield Task(message, context, run, fab, client)
+            pulled.append(Task(message, context, run, fab, client))
+            yield pulled[0]
         finally:
-            if heartbeat.is_running:
-                heartbeat.stop()
+            done.set()
+            heartbeat.join()
             client.close()
 
 

@@ -14,6 +14,8 @@ import logging
 import re
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +74,9 @@ class Executor:
         self._lock = threading.Lock()
         self._settings_mtime = 0.0
         self._last_refresh = 0.0
-        self._secagg: dict[int, secagg.SecAggClient] = {}  # the current job's secure-aggregation state
+        self._secagg: dict[int, secagg.SecAggClient] = {}  # each job's secure-aggregation state
+        self._run_queues: dict[int, _InOrder] = {}  # kept for the site's life: one per run
+        self._busy: dict[int, int] = {}  # run -> its phases in progress: that worker is not evicted
         # every message of a study carries the same bundle: read it once, not once per round
         self._bundle: tuple[bytes, PlanBundle] | None = None
         self._settings_cache: dict[int, dict[str, Any]] = {}
@@ -80,7 +84,12 @@ class Executor:
     # -- the loop ----------------------------------------------------------------------------------
     def serve(self, stop: threading.Event, poll_s: float = 0.02, idle_cap_s: float = 0.5) -> None:
         """Serve the SuperNode's tasks until ``stop``: polls every ``poll_s`` during a study, backing off to
-        ``idle_cap_s`` once idle (:mod:`site_kernel._pace`)."""
+        ``idle_cap_s`` once idle (:mod:`site_kernel._pace`).
+
+        Each task is served on a thread of its own, so that an approval query or another study's round
+        never waits behind a plan that trains for an hour; one run's tasks still run in order
+        (:meth:`_in_order`), and how many jobs hold a worker at once is the policy's ``[jobs] concurrent``.
+        """
         rt.fast_object_pulls()
         conn = rt.RuntimeConnection(self.runtime_address)
         pacer = IdlePacer(poll_s, idle_cap_s)
@@ -97,25 +106,51 @@ class Executor:
                     stop.wait(pacer.next_wait())
                     continue
                 pacer.active()
-                try:
-                    t0 = time.perf_counter()
-                    with conn.task(token) as task:
-                        t1 = time.perf_counter()
-                        reply = self.handle(task.message, task.context.run_config, task.fab.content,
-                                            task.run.run_id)
-                        t2 = time.perf_counter()
-                        self._capture(reply)
-                        task.reply(reply)
-                    log.debug("task %s: pull %.3f s, handle %.3f s, reply %.3f s", task.message.metadata.message_type,
-                             t1 - t0, t2 - t1, time.perf_counter() - t2)
-                except rt.TaskLost:  # e.g. its run stopped while the SuperNode was receiving it
-                    log.warning("a task ended before the site could finish it (its run stopped or its token "
-                                "expired); the site keeps serving")
-                except Exception:  # never let one task take the site down
-                    log.exception("task failed outside the plan; the site keeps serving")
+                threading.Thread(target=self._serve_task, args=(conn, token), name="task",
+                                 daemon=True).start()
         finally:
             conn.close()
             self.close()
+
+    def _serve_task(self, conn: rt.RuntimeConnection, token: str) -> None:
+        try:
+            t0 = time.perf_counter()
+            with conn.task(token, on_lost=self._run_stopped) as task:
+                run_id = task.run.run_id
+                with self._in_order(run_id):
+                    t1 = time.perf_counter()
+                    reply = self.handle(task.message, task.context.run_config, task.fab.content,
+                                        run_id)
+                    t2 = time.perf_counter()
+                    self._capture(reply)
+                    task.reply(reply)
+            log.debug("task %s: pull %.3f s, handle %.3f s, reply %.3f s",
+                      task.message.metadata.message_type, t1 - t0, t2 - t1, time.perf_counter() - t2)
+        except rt.TaskLost:  # e.g. its run stopped while the SuperNode was receiving it
+            log.warning("a task ended before the site could finish it (its run stopped or its "
+                        "token expired); the site keeps serving")
+        except Exception:  # never let one task take the site down
+            log.exception("task failed outside the plan; the site keeps serving")
+
+    @contextmanager
+    def _in_order(self, run_id: int) -> Iterator[None]:
+        """One run's messages are answered one at a time, in the order they came: a round's phases
+        build on each other."""
+        with self._lock:
+            queue = self._run_queues.setdefault(run_id, _InOrder())
+        with queue.turn():
+            yield
+
+    def _run_stopped(self, run_id: int) -> None:
+        """The hub stopped this run (a cancelled study) while the site worked on it: its worker goes
+        now."""
+        with self._lock:
+            worker = self.workers.pop(run_id, None)
+            self._secagg.pop(run_id, None)
+        if worker is not None:
+            worker.stop()
+            self.audit.append("job_stopped", run_id=run_id, reason="the run was stopped at the hub")
+            log.info("run %s was stopped at the hub; its worker was stopped", run_id)
 
     def _capture(self, reply: Message) -> None:
         """Append what leaves the site, byte for byte, to the site's egress capture file (when one is set)."""
@@ -141,9 +176,14 @@ class Executor:
             self._last_refresh = now
             self._refresh_settings()
         with self._lock:
-            for run_id, worker in list(self.workers.items()):
-                if now - worker.last_used > self.settings.worker_idle_s:
-                    self.workers.pop(run_id).stop()
+            idle = [run_id for run_id, worker in self.workers.items()
+                    if now - worker.last_used > self.settings.worker_idle_s
+                    and not self._busy.get(run_id)]
+            stopping = [self.workers.pop(run_id) for run_id in idle]
+            for run_id in idle:
+                self._secagg.pop(run_id, None)
+        for worker in stopping:
+            worker.stop()
 
     def close(self) -> None:
         with self._lock:
@@ -311,16 +351,38 @@ class Executor:
         return reason
 
     def _worker(self, run_id: int, source: str, spec: dict, digest: str, policy: SitePolicy,
-                prewarm: bool = False) -> JobWorker:
-        with self._lock:
-            for old_run in [r for r in self.workers if r != run_id]:  # one job at a time per site
-                self.workers.pop(old_run).stop()
-            worker = self.workers.get(run_id)
-            if worker is None or not worker.alive:
-                worker = JobWorker(self.site_dir, self.settings, run_id, source, spec, digest, policy, self.audit)
+                prewarm: bool = False) -> JobWorker | None:
+        """This run's worker, started when needed. At most ``[jobs] concurrent`` runs hold one: an
+        idle worker of another run makes room, one in the middle of a phase never does. Without room, a
+        prewarm is skipped (``None``) and a phase refused."""
+        evicted: list[JobWorker] = []
+        try:
+            with self._lock:
+                worker = self.workers.get(run_id)
+                if worker is not None and worker.alive:
+                    return worker
+                others = [r for r in self.workers if r != run_id]
+                idle = sorted((r for r in others if not self._busy.get(r)),
+                              key=lambda r: self.workers[r].last_used)
+                while len(others) >= policy.concurrent_jobs and idle:
+                    old_run = idle.pop(0)
+                    others.remove(old_run)
+                    evicted.append(self.workers.pop(old_run))
+                    self._secagg.pop(old_run, None)
+                if len(others) >= policy.concurrent_jobs:
+                    if prewarm:
+                        return None
+                    raise Refusal("site_busy", f"site {self.settings.name} is running as many jobs as "
+                                               f"its policy allows ({policy.concurrent_jobs}); try again "
+                                               "when one finishes", audit="site_busy")
+                worker = JobWorker(self.site_dir, self.settings, run_id, source, spec, digest, policy,
+                                   self.audit)
                 self.workers[run_id] = worker
                 worker.start()
-            return worker
+                return worker
+        finally:
+            for old in evicted:
+                old.stop()
 
     def _run_phase(self, message: Message, op: str, source: str, spec: dict, digest: str,
                    policy: SitePolicy, run_id: int, study: int, *,
@@ -336,13 +398,15 @@ class Executor:
         if op == "train" and round_ == 1 and init_b64 is not None:
             self._check_first_weights(arrays, init_b64, run_id)
         worker = self._worker(run_id, source, spec, digest, policy)
+        assert worker is not None  # only a prewarm goes without one
         ledger, again = self._dp_before_train(policy, spec, study, round_, arrays) if op == "train" else (None, None)
         if again is not None:  # released before this study was resumed: the same update again, at no cost
             result, num_examples = StepResult(again.arrays, again.metrics, 0.0, time.time()), again.num_examples
             self.audit.append("dp_replay", run_id=run_id, round=round_, plan=digest, study=study)
         else:
             try:
-                result = worker.step(op, arrays, {**spec.get("train_config", {}), **config})
+                with self._phase(run_id):
+                    result = worker.step(op, arrays, {**spec.get("train_config", {}), **config})
             except WorkerFailure as failure:
                 self.audit.append("plan_failed", run_id=run_id, round=round_, op=op, kind=failure.kind,
                                   plan=digest)
@@ -381,6 +445,18 @@ class Executor:
             content["arrays"] = pack(ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in result.arrays.items()}))
         return self._reply(message, config={"approval": "approved", "compute_s": result.compute_s,
                                             "started_at": result.started_at}, **content)
+
+    @contextmanager
+    def _phase(self, run_id: int) -> Iterator[None]:
+        with self._lock:
+            self._busy[run_id] = self._busy.get(run_id, 0) + 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._busy[run_id] -= 1
+                if not self._busy[run_id]:
+                    del self._busy[run_id]
 
     # -- differential privacy (the policy's [dp]; the plan has no say) -------------------------------
     def _dp_ledger(self, policy: SitePolicy) -> PrivacyLedger | None:
@@ -471,7 +547,8 @@ class Executor:
             if bound is None:
                 raise Refusal("secure_aggregation", self._secagg_refusal_at_hello(policy, spec, run_id) or "")
             client = secagg.SecAggClient(node_id, bound)
-            self._secagg = {run_id: client}  # one job at a time: older jobs' secrets go
+            with self._lock:
+                self._secagg[run_id] = client
         return client
 
     def _secagg_step(self, message: Message, policy: SitePolicy, spec: dict, run_id: int) -> Message:
@@ -523,6 +600,28 @@ class Executor:
     def _error(self, message: Message, kind: str, text: str) -> Message:
         kind = kind if _SAFE_NAME.match(kind) else "site_error"
         return Message(Error(code=ERROR_CODE, reason=f"{kind}: {text}"[:500]), reply_to=message)
+
+
+class _InOrder:
+    """A lock that is taken in the order it was asked for (``threading.Lock`` promises no order).
+
+    The standard library has no first-come lock; a ticket and a condition make one."""
+
+    def __init__(self) -> None:
+        self._turn = threading.Condition()
+        self._next = self._serving = 0
+
+    @contextmanager
+    def turn(self) -> Iterator[None]:
+        with self._turn:
+            ticket, self._next = self._next, self._next + 1
+            self._turn.wait_for(lambda: self._serving == ticket)
+        try:
+            yield
+        finally:
+            with self._turn:
+                self._serving += 1
+                self._turn.notify_all()
 
 
 def _query_op(message: Message) -> str:

@@ -95,6 +95,7 @@ class JobWorker:
         self.num_train = self.num_test = 0
         self._lock = threading.Lock()
         self.last_used = time.monotonic()
+        self._stopping = False
 
     @property
     def uid(self) -> int:
@@ -210,14 +211,20 @@ class JobWorker:
 
     def _receive_frame(self, *, timeout: float, what: str) -> tuple[dict[str, Any], bytes]:
         assert self.proc is not None
-        ready, _, _ = select.select([self._from_worker], [], [], timeout)
+        try:
+            ready, _, _ = select.select([self._from_worker], [], [], timeout)
+        except (OSError, ValueError):  # stop() closed the pipe from another thread: run stopped
+            ready = [self._from_worker]
         if not ready:
             self.stop()
             raise WorkerFailure("resource_limit", f"{what} exceeded site {self.settings.name}'s time limit of "
                                                   f"{timeout:g} s")
         try:
             return _pipe.recv(self._from_worker)
-        except (_pipe.PipeClosed, _pipe.FrameTooLarge, ValueError):
+        except (_pipe.PipeClosed, _pipe.FrameTooLarge, ValueError, OSError):
+            if self._stopping:  # the site stopped it (its run was cancelled): no limit, no violation
+                raise WorkerFailure("stopped",
+                                    f"{what} was stopped at site {self.settings.name}") from None
             code = self.proc.wait(timeout=5)
             self.audit.append("sandbox_violation", run_id=self.run_id, plan=self.digest, exit_code=code)
             raise WorkerFailure("resource_limit", f"{what} was stopped at site {self.settings.name} "
@@ -236,8 +243,8 @@ class JobWorker:
             # Timed here, not by the worker: a plan can patch the clocks of its own process, and a timing it
             # reported would leave the site beside the egress checks (an accession number fits in a float).
             started_at, started = time.time(), time.monotonic()
-            reply, payload = self._exchange(header, save(arrays), timeout=float(self.policy.limits.wall_seconds),
-                                            what=f"{op}()")
+            reply, payload = self._exchange(header, save(arrays), what=f"{op}()",
+                                            timeout=float(self.policy.limits.phase_seconds(op)))
             compute_s = time.monotonic() - started
         if not reply.get("ok"):
             failure = _describe(self.settings.name, reply, self.source, lines=self.policy.error_line_numbers)
@@ -249,6 +256,7 @@ class JobWorker:
         return StepResult(out, dict(reply.get("metrics", {})), coarse(compute_s), coarse(started_at))
 
     def stop(self) -> None:
+        self._stopping = True
         if self._preparing is not None and self._preparing.poll() is None:
             self._preparing.kill()
         if self.proc is not None:

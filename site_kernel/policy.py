@@ -43,10 +43,18 @@ class Limits:
     processes: int = 64
     open_files: int = 256
     file_size_mb: int = 1024
+    train_seconds: int = 3600
+    evaluate_seconds: int = 900
     wall_seconds: int = 3600
 
     def as_dict(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.__dataclass_fields__}
+
+    def phase_seconds(self, op: str) -> int:
+        """The wall-clock limit of one phase: ``train``, ``evaluate``, or another (``wall_seconds``)."""
+        own = {"train": self.train_seconds, "evaluate": self.evaluate_seconds}.get(op,
+                                                                                 self.wall_seconds)
+        return min(own, self.wall_seconds)
 
 
 @dataclass(frozen=True)
@@ -106,6 +114,8 @@ class SitePolicy:
     allowed_config: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     # error_line_numbers: whether a plan's error that leaves the site names the plan's line.
     error_line_numbers: bool = False
+    # [jobs] concurrent: how many studies may hold a plan process at this site at once.
+    concurrent_jobs: int = 2
 
     @property
     def label(self) -> str:
@@ -229,6 +239,7 @@ def _build(t: dict[str, Any], *, source: Path | None, dp: DpRules | None = None)
             t, "initial_weights", ("any", "approved")
         ),
         reapprove_on_settings_change=_bool(t, "reapprove_on_settings_change"),
+        concurrent_jobs=_int(t["jobs"], "concurrent", minimum=1, prefix="jobs."),
     )
 
 

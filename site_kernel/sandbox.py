@@ -30,7 +30,8 @@ What the executor must prepare:
 - Never pass a ``readable`` path that contains the site's policy, approvals, keys or audit log;
   name those in ``protected`` and ``confine`` refuses any path that would expose them.
 - RLIMIT_NPROC counts every process of the user: give concurrent workers distinct ``uid`` values.
-- Wall-clock time is the executor's to enforce (kill the worker after ``limits.wall_seconds``).
+- Wall-clock time is the executor's to enforce (kill the worker after its phase's
+  limit, ``limits.phase_seconds``).
 - If ``confine`` raises, the worker may be half confined: it must exit without running plan code.
 
 What it does not protect against: kernel exploits, covert channels through values the egress policy

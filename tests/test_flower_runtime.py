@@ -61,3 +61,53 @@ def test_a_heartbeat_that_cannot_reach_the_supernode_is_retried():
     beat = rt._task_heartbeat(_Client(httpx.ConnectError("refused")))
     assert beat() is False
     assert rt._task_heartbeat(_Client(type("Reply", (), {"success": True})()))() is True
+
+
+class _Runtime:
+    """The SuperNode's Runtime API as one task's client sees it; ``known`` is whether it knows the task."""
+
+    def __init__(self):
+        self.known = True
+
+    def SendTaskHeartbeat(self, request):  # noqa: N802 (Flower's name)
+        return type("Reply", (), {"success": self.known})()
+
+    def close(self):
+        pass
+
+
+@pytest.fixture
+def runtime(monkeypatch):
+    client = _Runtime()
+    monkeypatch.setattr(rt.RuntimeHttpClient, "from_server_address", lambda **kw: client)
+    run = type("Run", (), {"run_id": 7})()
+    monkeypatch.setattr(rt, "pull_task_input", lambda c: ("message", "context", run, "fab"))
+    monkeypatch.setattr(rt, "push_message", lambda *a: None)
+    monkeypatch.setattr(rt, "push_task_output", lambda **kw: None)
+    return client
+
+
+def _wait(condition, timeout=2.0):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return condition()
+
+
+def test_a_task_ended_by_the_supernode_reports_its_run_at_once(runtime):
+    """A cancelled study's task ends at the SuperNode; the site must stop that run's worker within
+    a beat, not after Flower's ~24 s heartbeat."""
+    lost: list[int] = []
+    with rt.RuntimeConnection("127.0.0.1:1").task("token", on_lost=lost.append, beat_s=0.01):
+        runtime.known = False
+        assert _wait(lambda: lost == [7])
+
+
+def test_a_task_the_site_finished_itself_reports_nothing(runtime):
+    lost: list[int] = []
+    with rt.RuntimeConnection("127.0.0.1:1").task("token", on_lost=lost.append, beat_s=0.01) as task:
+        task.reply("reply")
+        runtime.known = False  # the SuperNode revokes the token of a finished task
+        assert not _wait(lambda: bool(lost), timeout=0.2)

@@ -6,7 +6,7 @@ import pytest
 
 from site_kernel import _pace
 from site_kernel._pace import IdlePacer
-from site_kernel._supernode import IDLE_CAP_S, _patched_time
+from site_kernel._supernode import IDLE_CAP_S, _Loop, _patched_time
 
 
 class Clock:
@@ -52,7 +52,7 @@ def test_work_brings_the_fast_interval_back_at_once(clock):
 
 def test_the_supernode_sleeps_fast_in_a_study_and_slowly_when_long_idle(clock, monkeypatch):
     monkeypatch.setattr("time.sleep", clock.sleep)  # _patched_time keeps the real sleep it finds
-    patched = _patched_time(0.1)
+    patched = _patched_time(_Loop(0.1))
     patched.sleep(3)  # Flower's idle poll
     assert clock.slept == [0.1]
     clock.now += 60
@@ -65,6 +65,10 @@ def test_the_supernode_sleeps_fast_in_a_study_and_slowly_when_long_idle(clock, m
     assert clock.slept[-1] == 0.1
     patched.sleep(0.25)  # other sleeps pass through
     assert clock.slept[-1] == 0.25
+
+
+def _no_run(run_id: int):
+    raise AssertionError("no open task: no run to check")
 
 
 def _hub_message(run_id: int):
@@ -118,19 +122,20 @@ def _push(state, store) -> list[str]:
 
 def test_a_reply_ready_with_nothing_new_pulled_is_pushed_now():
     """Flower's loop pushes only after it pulls; one stray reply would delay every later answer by a message."""
-    from site_kernel._supernode import _pull_or_flush
+    from site_kernel._supernode import _Loop, _pull_or_flush
 
     state, store = _node()
     pulled: list[int | None] = [None, 42, None]
-    step = _pull_or_flush(lambda **kw: pulled.pop(0))
+    step = _pull_or_flush(lambda **kw: pulled.pop(0), _Loop(0.1))
+    node = {"state": state, "object_store": store, "get_run": _no_run}
 
-    assert step(state=state, object_store=store) is None, "nothing pulled and nothing to send: the loop idles"
-    assert step(state=state, object_store=store) == 42, "a pulled message is passed on as it is"
+    assert step(**node) is None, "nothing pulled and nothing to send: the loop idles"
+    assert step(**node) == 42, "a pulled message is passed on as it is"
 
     message = _hub_message(7)
     state.store_message(message)
     _reply_to(message, state, store)
-    assert step(state=state, object_store=store) == 7, "nothing pulled but a reply is ready: the loop pushes"
+    assert step(**node) == 7, "nothing pulled but a reply is ready: the loop pushes"
     assert _push(state, store) == [message.metadata.message_id], "and Flower's push step still finds the reply"
 
 
@@ -138,7 +143,7 @@ def test_a_message_half_received_when_its_run_stopped_is_dropped_with_its_task()
     from flwr.common.constant import Status
     from flwr.supercore.constant import TaskType
 
-    from site_kernel._supernode import _pull_or_flush
+    from site_kernel._supernode import _Loop, _pull_or_flush
 
     state, store = _node()
     message = _hub_message(7)
@@ -149,7 +154,8 @@ def test_a_message_half_received_when_its_run_stopped_is_dropped_with_its_task()
         state.store_message(message)
         return None
 
-    assert _pull_or_flush(receive_until_the_run_stops)(state=state, object_store=store) is None
+    assert _pull_or_flush(receive_until_the_run_stops, _Loop(0.1))(state=state, object_store=store,
+                                                                  get_run=_no_run) is None
     assert not state.get_messages_legacy(is_reply=False), "no message is left for the executor to answer"
     (task,) = state.get_tasks(task_ids=created)
     assert task.status.status == Status.FINISHED
@@ -162,3 +168,56 @@ def test_flowers_loop_step_still_has_the_shape_the_wrapper_relies_on():
 
     assert "state" in inspect.signature(sci._pull_and_store_message).parameters
     assert "state=state," in inspect.getsource(sci.start_client_internal), "the loop passes the state by name"
+
+
+def test_the_push_step_sends_only_what_is_ready_and_never_waits_for_a_reply():
+    """Flower's push step waits until some reply is ready: one endless train() held every other
+    message back."""
+    import time
+
+    from site_kernel._supernode import _Loop
+
+    state, store = _node()
+    message = _hub_message(7)
+    state.store_message(message)
+    sent: list[str] = []
+
+    def push(*, state, **kw):  # stands for Flower's push step, which would block here
+        ready = state.get_messages_legacy(is_reply=True)
+        sent.extend(m.metadata.reply_to_message_id for m in ready)
+
+    push_ready = _Loop(0.1).push_ready(push)
+    started = time.monotonic()
+    push_ready(state=state, object_store=store)
+    assert time.monotonic() - started < 0.5 and sent == [], "no reply yet: the loop goes on pulling"
+    _reply_to(message, state, store)
+    push_ready(state=state, object_store=store)
+    assert sent == [message.metadata.message_id]
+
+
+def test_the_open_tasks_of_a_run_stopped_at_the_hub_end_and_others_stay():
+    from flwr.common.constant import Status, SubStatus
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.run import RunNotRunningException
+
+    from site_kernel._supernode import _Loop
+
+    state, store = _node()
+    tasks = {}
+    for run_id in (7, 8):
+        tasks[run_id] = state.create_task(task_type=TaskType.CLIENT_APP, run_id=run_id,
+                                          fab_hash="f")
+        state.store_message(_hub_message(run_id))
+
+    def get_run(run_id):  # the hub's answer once run 7 was cancelled
+        if run_id == 7:
+            raise RunNotRunningException
+        return object()
+
+    _Loop(0.1).check_runs(state, get_run)
+    (stopped,) = state.get_tasks(task_ids=[tasks[7]])
+    (running,) = state.get_tasks(task_ids=[tasks[8]])
+    assert stopped.status.status == Status.FINISHED
+    assert stopped.status.sub_status == SubStatus.STOPPED
+    assert running.status.status != Status.FINISHED
+    assert [m.metadata.run_id for m in state.get_messages_legacy(is_reply=False)] == [8]

@@ -138,3 +138,23 @@ def test_policy_commands(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "automatic approval (demo only)" in out and "limits.memory_mb = 8192" in out
     assert "sandbox.accept_weaker_isolation = false" in out
+
+
+@pytest.mark.parametrize("text, train, evaluate, other", [
+    ("", 3600, 900, 3600),
+    ("[limits]\ntrain_seconds = 60\n", 60, 900, 3600),
+    ("[limits]\nwall_seconds = 25\n", 25, 25, 25),  # the ceiling bounds every phase
+])
+def test_each_plan_phase_has_its_own_bounded_time_limit(tmp_path, text, train, evaluate, other):
+    write(tmp_path, text)
+    limits = load_policy(tmp_path).limits
+    phases = ("train", "evaluate", "model")
+    assert tuple(limits.phase_seconds(op) for op in phases) == (train, evaluate, other)
+
+
+def test_how_many_studies_run_at_once_is_the_policys_and_at_least_one(tmp_path):
+    write(tmp_path, "")
+    assert load_policy(tmp_path).concurrent_jobs == 2
+    write(tmp_path, "[jobs]\nconcurrent = 0\n")
+    with pytest.raises(PolicyError, match="jobs.concurrent"):
+        load_policy(tmp_path)
