@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -149,3 +150,41 @@ def test_attach_to_a_federation_whose_hub_is_gone_says_so(tmp_path: Path) -> Non
     finally:
         site.kill()
         site.wait()
+
+
+# -- on a real federation -------------------------------------------------------------------------------
+PLANS = Path(__file__).parent / "plans"
+
+
+@pytest.mark.e2e
+def test_an_unknown_job_id_is_named_with_the_hub(federation) -> None:
+    from flip_lab.errors import JobNotFound
+
+    with pytest.raises(JobNotFound) as caught:
+        federation.job(987654)
+    assert str(caught.value) == (f"no job 987654 on the hub at {federation.address}; fed.jobs() lists the jobs "
+                                 "there")
+
+
+@pytest.mark.e2e
+def test_a_modality_no_site_offers_is_refused_at_submit(federation) -> None:
+    plan = Plan.from_file(PLANS / "tiny_plan.py")
+    plan.contract = {**plan.contract, "modality": "PET"}
+    before = len(federation.jobs())
+    with pytest.raises(PlanError) as caught:
+        federation.submit(plan, rounds=1)
+    assert caught.value.name == "modality" and "the sites offer CT (" in str(caught.value)
+    assert len(federation.jobs()) == before  # nothing was sent
+
+
+@pytest.mark.e2e
+def test_a_failed_job_is_listed_as_failed_and_says_why_first(federation) -> None:
+    job = federation.submit(Plan.from_file(PLANS / "raising_plan.py"), rounds=1, round_timeout=240)
+    with pytest.raises(JobFailed) as caught:
+        job.wait(timeout=600)
+    assert str(caught.value).startswith(f"job {job.id} failed: train() raised ValueError at plan.py line")
+    assert "; as a result " in str(caught.value)
+    deadline = time.monotonic() + 60  # Flower records the run's end a moment after its last event
+    while (status := {r.run_id: r.job_status for r in federation.jobs()}[job.id]) != "failed":
+        assert status in ("running", "completed") and time.monotonic() < deadline, status
+        time.sleep(0.5)
