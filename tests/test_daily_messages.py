@@ -188,3 +188,31 @@ def test_a_failed_job_is_listed_as_failed_and_says_why_first(federation) -> None
     while (status := {r.run_id: r.job_status for r in federation.jobs()}[job.id]) != "failed":
         assert status in ("running", "completed") and time.monotonic() < deadline, status
         time.sleep(0.5)
+
+
+@pytest.mark.e2e
+def test_sites_start_without_connection_warnings(federation) -> None:
+    for site_dir in federation.site_dirs.values():
+        log = (site_dir / "logs" / "site.log").read_text()
+        assert "serving hub" in log and "Connection attempt failed" not in log
+
+
+@pytest.mark.e2e
+def test_a_hub_alone_listens_where_sites_look_by_default(tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    from flip_lab.local import _listening, read_state
+    from site_kernel.settings import DEFAULT_HUB, SiteSettings
+
+    assert SiteSettings(name="x").hub == DEFAULT_HUB == "127.0.0.1:9093"
+    taken = _listening(9093)  # another hub on this machine: then the hub says where it went instead
+    try:
+        assert flip_lab_main(["up", "--sites", "0", "--workdir", str(tmp_path)]) == 0
+        out = capsys.readouterr().out
+        address = read_state(tmp_path)["hub_address"]
+        if taken:
+            assert address != DEFAULT_HUB and f"{DEFAULT_HUB}, where sites look for their hub by default, was " \
+                "taken" in out and f"flip-site init SITE --hub {address}`" in out
+        else:
+            assert address == DEFAULT_HUB and "a site joins with `flip-site init SITE`, then" in out
+    finally:
+        flip_lab_main(["down", "--workdir", str(tmp_path)])
