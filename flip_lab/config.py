@@ -63,7 +63,9 @@ def validate(values: dict[str, Any]) -> dict[str, Any]:
         config[key] = value
     strategies = strategy_names()
     if config["strategy"] not in strategies:
-        raise ConfigError("strategy", f"one of {', '.join(strategies)} (names are lower case)", config["strategy"])
+        if config["strategy"].strip().lower() not in strategies:
+            raise ConfigError("strategy", f"one of {', '.join(strategies)}", config["strategy"])
+        config["strategy"] = config["strategy"].strip().lower()  # the hub looks strategies up by these names
     if config["secure_aggregation"] and config["strategy"].strip().lower() not in SUM_STRATEGIES:
         raise ConfigError(
             "secure_aggregation",
