@@ -47,6 +47,20 @@ def _where(obj: Any) -> tuple[str, int | None]:
     return filename or "<unknown>", line
 
 
+def _line_of_use(obj: Any, name: str, first_line: int | None) -> int | None:
+    """The line where ``obj`` first reads ``name`` (a typo, say), counted as ``first_line`` is: the code object
+    knows only where the definition starts, which is its first decorator's line."""
+    if first_line is None:
+        return None
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(obj)))
+    except (OSError, TypeError, SyntaxError):
+        return first_line
+    uses = [n.lineno for n in ast.walk(tree) if isinstance(n, ast.Name) and n.id == name
+            and isinstance(n.ctx, ast.Load)]
+    return first_line + min(uses) - 1 if uses else first_line
+
+
 def _class_source_from_methods(cls: type) -> str | None:
     """Find a class's source through its methods' code: ``inspect.getsource`` cannot for classes in notebooks."""
     for member in vars(cls).values():
@@ -152,6 +166,7 @@ class Capture:
             if hasattr(builtins, name) or name == "__class__":
                 return
             cell, line = _where(obj)
+            line = _line_of_use(obj, name, line)
             raise PlanError(
                 f"name {name!r} used in {used_by}() is not defined; define or import it in a cell before "
                 f"building the plan", name=name, line=line, cell=cell,

@@ -117,7 +117,13 @@ class ControlClient:
         return sorted(runs, key=lambda r: r.pending_at)
 
     def run(self, run_id: int) -> RunInfo | None:
-        runs = self.list_runs(run_id)
+        """The run ``run_id``, or None where the hub knows no such run."""
+        try:
+            runs = self.list_runs(run_id)
+        except httpx.HTTPStatusError as err:
+            if err.response.status_code == 404:  # Flower answers an unknown run id with NOT_FOUND
+                return None
+            raise
         return runs[0] if runs else None
 
     def stop_run(self, run_id: int) -> bool:

@@ -32,18 +32,39 @@ def _cmd_up(args: argparse.Namespace) -> int:
     from .local import LocalFederation
 
     workdir = _workdir(args)
+    listen = args.listen or _default_listen(args.sites)
     print(f"starting a hub and {args.sites} simulated hospitals in {workdir} ...", flush=True)
     fed = LocalFederation.start(args.sites, workdir=workdir, seed=args.seed, watch_parent=False,
-                                approval="manual" if args.manual else "automatic", listen=args.listen,
+                                approval="manual" if args.manual else "automatic", listen=listen,
                                 certs=args.certs, durable=True if args.durable else None)
     transport = "TLS, node authentication" if fed.state.get("ca") else "plain HTTP, loopback only"
     print(f"hub:   {fed.address} listening on {fed.state['hub_host']}:{fed.state['hub_port']} ({transport})")
+    if args.sites == 0:
+        from site_kernel.settings import DEFAULT_HUB
+
+        if not args.listen and fed.address != DEFAULT_HUB:
+            print(f"note:  {DEFAULT_HUB}, where sites look for their hub by default, was taken")
+        hint = "" if fed.address == DEFAULT_HUB else f" --hub {fed.address}"
+        print(f"sites: none yet; a site joins with `flip-site init SITE{hint}`, then `flip-site run SITE`")
     for name, node_id in sorted(fed.state.get("registered", {}).items()):
         print(f"registered site: {name}" + (f" (node {node_id})" if node_id else ""))
     for site in fed.sites():
         print(f"site:  {site['site']:<12} {'online' if site['online'] else 'offline'}  pid {site['pid']}")
     print(f"stop it with: flip-lab down --workdir {workdir}")
     return 0
+
+
+def _default_listen(sites: int) -> str:
+    """A hub alone listens where a site looks by default (127.0.0.1:9093) while that address is free; a hub with
+    simulated sites, which are told its address, takes any free port, so that several can run side by side."""
+    from site_kernel.settings import DEFAULT_HUB
+
+    from .local import _listening
+
+    host, _, port = DEFAULT_HUB.rpartition(":")
+    if sites == 0 and not _listening(int(port), host):
+        return DEFAULT_HUB
+    return "127.0.0.1:0"
 
 
 def _cmd_provision(args: argparse.Namespace) -> int:
@@ -194,8 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sites", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--manual", action="store_true", help="sites require manual approval (flip-site plans approve)")
-    p.add_argument("--listen", default="127.0.0.1:0", metavar="HOST:PORT",
-                   help="the hub's address (default: a free port on 127.0.0.1); beyond loopback --certs is required")
+    p.add_argument("--listen", metavar="HOST:PORT",
+                   help="the hub's address (default: 127.0.0.1:9093, where sites look, for a hub alone (--sites 0) "
+                        "if free, else a free port on 127.0.0.1); beyond loopback --certs is required")
     p.add_argument("--certs", metavar="DIR",
                    help="a folder from `flip-lab provision` (or its hub/ subfolder): TLS, node authentication, and "
                         "registration of the provisioned sites")

@@ -41,6 +41,7 @@ SCHEMA: dict[str, Key] = {
     "extra": Key(dict, {}, "any further plain values handed to train()/evaluate() in their config"),
 }
 
+BUILTIN_STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum")
 SUM_STRATEGIES = ("fedavg", "fedprox")  # strategies that need only the weighted sum of the updates
 
 
@@ -60,6 +61,11 @@ def validate(values: dict[str, Any]) -> dict[str, Any]:
         if spec.min is not None and value < spec.min:
             raise ConfigError(key, f">= {spec.min:g}", value)
         config[key] = value
+    strategies = strategy_names()
+    if config["strategy"] not in strategies:
+        if config["strategy"].strip().lower() not in strategies:
+            raise ConfigError("strategy", f"one of {', '.join(strategies)}", config["strategy"])
+        config["strategy"] = config["strategy"].strip().lower()  # the hub looks strategies up by these names
     if config["secure_aggregation"] and config["strategy"].strip().lower() not in SUM_STRATEGIES:
         raise ConfigError(
             "secure_aggregation",
@@ -73,6 +79,15 @@ def validate(values: dict[str, Any]) -> dict[str, Any]:
     if config["strategy"] == "fedprox":
         config["strategy_options"] = {"proximal_mu": config["proximal_mu"], **config["strategy_options"]}
     return config
+
+
+def strategy_names() -> list[str]:
+    """The strategy names a study may ask for: the built-in ones and those of the ``flip_lab.strategies`` entry
+    point group installed here (the hub resolves the same group; ``flip_lab.hub.strategies.available``)."""
+    from importlib.metadata import entry_points
+
+    return [*BUILTIN_STRATEGIES, *sorted(ep.name for ep in entry_points(group="flip_lab.strategies")
+                                         if ep.name not in BUILTIN_STRATEGIES)]
 
 
 def train_config(config: dict[str, Any]) -> dict[str, Any]:

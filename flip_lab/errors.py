@@ -45,6 +45,24 @@ class FederationError(FlipError):
     """Starting, finding or stopping a federation failed; the message says what was left behind (nothing)."""
 
 
+class JobNotFound(FederationError):
+    """The hub knows no job by that id, and no job folder here recorded one."""
+
+    def __init__(self, job_id: int, address: str):
+        self.job_id = job_id
+        self.address = address
+        super().__init__(f"no job {job_id} on the hub at {address}; fed.jobs() lists the jobs there")
+
+
+class NoModelReleased(FlipError):
+    """``final_weights()`` of a job that has no released global model; the message says why and what to do."""
+
+    def __init__(self, job_id: int, status: str, message: str):
+        self.job_id = job_id
+        self.status = status
+        super().__init__(message)
+
+
 class JobFailed(FlipError):
     def __init__(self, job_id: int, message: str):
         self.job_id = job_id

@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from ._bundle import bundle
+from ._offer import check_offered
 from ._flower import ControlClient, NodeInfo, RunInfo
+from .errors import JobNotFound
 from .job import Job
 from .plan import BuiltPlan, Plan
 
@@ -53,10 +55,21 @@ class Federation:
         """Send ``plan`` with the study's settings (see ``flip_lab.config.SCHEMA``); returns a ``Job`` at once.
 
         Everything that can be checked here is checked before anything leaves the notebook: settings, the plan's
-        source, its imports and names, and that ``model()`` builds.
+        source, its imports and names, that ``model()`` builds and, where the sites' catalogues can be read
+        (a local federation), that some site offers the contract's dataset, modality, task and labels.
         """
         built = plan if isinstance(plan, BuiltPlan) else plan.build({**(config or {}), **settings})
+        catalogues = self._catalogues()
+        if catalogues:
+            check_offered(built.spec["contract"], catalogues)
         return self._start(built)
+
+    def _catalogues(self) -> dict[str, dict[str, Any]] | None:
+        """Every site's public catalogue, or None where they cannot be read from here.
+
+        A remote hub does not relay its sites' catalogues, so a contract is checked against them only at the sites.
+        """
+        return None
 
     def _start(self, built: BuiltPlan, *, resume_from: int = 0, study: int = 0,
                history: list[dict[str, Any]] | None = None) -> Job:
@@ -88,7 +101,7 @@ class Federation:
         info = self._client.run(job_id)
         store = self._job_dir(job_id)
         if info is None and not (store / "events.jsonl").exists():
-            raise KeyError(f"the hub at {self.address} has no job {job_id}; `fed.jobs()` lists the known ones")
+            raise JobNotFound(job_id, self.address)
         existing = _OPEN_JOBS.get(store.resolve())
         if existing is not None:  # one follower per job folder in a process: events are written once
             self._jobs[job_id] = existing

@@ -20,7 +20,7 @@ from typing import Any
 
 from ._flower import ControlClient
 from ._protocol import EVENT_PREFIX, WEIGHTS_PREFIX
-from .errors import HubUnreachable, JobFailed, JobTimeout
+from .errors import HubUnreachable, JobFailed, JobTimeout, NoModelReleased
 from .history import History
 
 log = logging.getLogger("flip_lab")
@@ -236,12 +236,26 @@ class Job:
         return self
 
     def describe_failure(self) -> str:
-        parts = [self.message]
+        """Why the job failed: the sites' errors first (the cause), then what the hub did about them."""
+        sites_by_cause: dict[str, list[str]] = {}
         for err in self.errors:
             if err["type"] == "site_error":
-                parts.append(f"site {err['site']}, round {err['round']} ({err['phase']}): {err['kind']}: "
-                             f"{err['message']}")
-        return "; ".join(p for p in parts if p)
+                cause = err.get("message") or err.get("kind", "an error")
+            elif err["type"] == "update_rejected":
+                cause = f"the hub rejected the update ({err.get('reason', 'no reason given')})"
+            else:
+                continue
+            sites = sites_by_cause.setdefault(cause, [])
+            if err["site"] not in sites:
+                sites.append(err["site"])
+        causes = []
+        for cause, sites in sites_by_cause.items():
+            others = len(sites) - 1
+            more = f" (and {others} other site{'s' if others > 1 else ''})" if others else ""
+            causes.append(f"{cause}, at site {sites[0]}{more}")
+        if causes and self.message:
+            return f"{'; '.join(causes)}; as a result {self.message}"
+        return "; ".join(causes) or self.message
 
     def cancel(self) -> None:
         """Stop the study at the hub; sites drop the job's worker when the run stops."""
@@ -254,7 +268,9 @@ class Job:
         from safetensors.torch import load
 
         if self._weights is None:
-            raise JobFailed(self.id, "no global model has been released (yet)")
+            if self.status == "failed":
+                raise JobFailed(self.id, f"{self.describe_failure()}; no global model was released")
+            raise NoModelReleased(self.id, self.status, self._why_no_model())
         return load(self._weights)
 
     def audit_heads(self) -> dict[str, str]:
@@ -265,6 +281,24 @@ class Job:
         with self._lock:
             events = list(self.events)
         return JobView.from_events(events).audit_heads()
+
+    def _why_no_model(self) -> str:
+        released = max((int(e["round"]) for e in self.events
+                        if e.get("type") == "aggregate" and e.get("phase") == "train"), default=0)
+        of = f" of {self.rounds}" if self.rounds else ""
+        if self.status == "pending":
+            return (f"job {self.id} has not started yet (it waits for the sites and their approval): "
+                    "wait for it with job.wait()")
+        if self.status == "running":
+            return f"job {self.id} is still running (round {max(self.round, 1)}{of}): wait for it with job.wait()"
+        if self.status == "cancelled":
+            if not released:
+                return f"job {self.id} was cancelled before any round was released: there is no global model"
+            return (f"job {self.id} was cancelled after round {released}{of} was released; the hub sends the "
+                    "model when a job finishes on its own, so a cancelled job's model does not come back: "
+                    "submit the study again to get one")
+        return (f"job {self.id} {self.status} but its global model has not reached this notebook: "
+                f"re-attach with fed.job({self.id})")
 
     def summary(self) -> dict[str, Any]:
         return {"job": self.id, "status": self.status, "round": self.round, "rounds": self.rounds,

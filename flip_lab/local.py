@@ -329,6 +329,13 @@ class LocalFederation(Federation):
         state = running_state(workdir)
         if state is None:
             raise FederationError(f"no running federation in {workdir}; start one with `flip-lab up`")
+        hub_pid, dial = state.get("hub_pid"), _dial_host(state.get("hub_host", "127.0.0.1"))
+        if not (hub_pid and _alive(hub_pid) and _listening(int(state["hub_port"]), dial)):
+            # Sites outlive their hub for a while (they retry), so a live site alone is no federation to use.
+            raise FederationError(
+                f"the federation in {workdir} has no running hub (pid {hub_pid} is gone or not listening on "
+                f"{_join(dial, int(state['hub_port']))}): stop what is left with `flip-lab down --workdir "
+                f"{workdir}` and start it again with `flip-lab up`")
         return cls(workdir, state, owner=False)
 
     def sites(self) -> list[dict[str, Any]]:
@@ -348,6 +355,11 @@ class LocalFederation(Federation):
         from site_kernel.data import public_catalogue
 
         return {name: public_catalogue(site_dir) for name, site_dir in self.site_dirs.items()}
+
+    def _catalogues(self) -> dict[str, dict[str, Any]] | None:
+        if not self.site_dirs or len(self.nodes()) > len(self.site_dirs):
+            return None  # sites of other machines take part: their catalogues are not readable here
+        return self.catalogue()
 
     def harmonisation_report(self, plan_or_contract: Any) -> dict[str, Any]:
         """Each site's published, aggregate view of what harmonisation did to its intensities (histograms before

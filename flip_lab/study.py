@@ -399,6 +399,10 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         print(f"{args.record}: {len(problems)} problem(s)", file=sys.stderr)
         return 1
     files = json.loads((Path(args.record) / MANIFEST).read_text())["files"]
+    unfinished = study_failure(args.record)
+    if unfinished:
+        print(f"{args.record}: {len(files)} files, every checksum matches, but {unfinished}", file=sys.stderr)
+        return 1
     print(f"{args.record}: {len(files)} files, every checksum matches")
     return 0
 
@@ -426,6 +430,28 @@ def _cmd_heads(args: argparse.Namespace) -> int:
         head = shown(head)
         print(f"{shown(site)}\t{head}\tflip-site audit verify --expected-head {head} --site DIR")
     return 0
+
+
+def study_failure(path: str | Path) -> str | None:
+    """What ``status.json`` says went wrong in the study the record holds, or None if it completed.
+
+    An intact record of a failed study is still a failed study: its results are partial.
+    """
+    try:
+        status = json.loads((Path(path) / "status.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None  # a record written by plain papermill has no status; its notebook says how it ended
+    except ValueError:
+        return "status.json is unreadable, so whether the study completed is unknown"
+    if status.get("status") == "completed":
+        return None
+    if status.get("status") == "running":
+        return ("the study never finished (status.json still says running): its results are partial; run the "
+                "study again")
+    where = f" at cell {status['cell_number']}" if "cell_number" in status else ""
+    error = f" ({status['ename']}: {status.get('evalue', '')})" if status.get("ename") else ""
+    return (f"the study failed{where}{error}: its results are partial; see notebook.ipynb, fix the cell and run "
+            "the study again")
 
 
 def _cmd_seal(args: argparse.Namespace) -> int:

@@ -27,14 +27,14 @@ from .textsafe import shown
 
 def _cmd_init(args: argparse.Namespace) -> int:
     from .provision import init_site
-    from .settings import SettingsError, install_certs, record_identity
+    from .settings import DEFAULT_HUB, SettingsError, install_certs, record_identity
 
     site_dir = Path(args.site)
     identity: dict[str, str] = {}
     if args.certs:
         identity = install_certs(site_dir, Path(args.certs))
     name = args.name or identity.get("name")
-    hub = args.hub or identity.get("hub") or "127.0.0.1:9093"
+    hub = args.hub or identity.get("hub") or DEFAULT_HUB
     if not name:
         raise SettingsError("give the site a name (--name NAME), or pass its bundle (--certs BUNDLE), which names it")
     site = init_site(site_dir, name=name, hub=hub, demo=args.demo)

@@ -84,6 +84,16 @@ def supernode_env() -> dict[str, str]:
     return {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
 
 
+def _wait_until_listening(port: int, process: subprocess.Popen[bytes], stop: threading.Event) -> None:
+    """Return once ``port`` on loopback accepts connections, ``process`` has exited, or ``stop`` is set."""
+    while not stop.is_set() and process.poll() is None:
+        with socket.socket() as probe:
+            probe.settimeout(0.2)
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        stop.wait(0.05)
+
+
 def run_site(site_dir: Path, *, hub: str | None = None, parent_pid: int | None = None) -> int:
     """Serve the site until told to stop. Returns the process exit code."""
     from .executor import Executor
@@ -112,7 +122,14 @@ def run_site(site_dir: Path, *, hub: str | None = None, parent_pid: int | None =
              "name": settings.name, "started": time.time()}
     (site_dir / "run" / "state.json").write_text(json.dumps(state))
     executor = Executor(site_dir, settings, f"127.0.0.1:{runtime_port}")
-    serving = threading.Thread(target=executor.serve, args=(stop,), name="executor", daemon=True)
+
+    def serve() -> None:
+        # The executor polls the SuperNode's runtime API; started before that port listens, Flower's retry logs
+        # a "Connection attempt failed" warning per try and backs off, for up to 20 s, before the site serves.
+        _wait_until_listening(runtime_port, supernode, stop)
+        executor.serve(stop)
+
+    serving = threading.Thread(target=serve, name="executor", daemon=True)
     serving.start()
     log.info("site %s serving hub %s (SuperNode pid %s)", settings.name, hub, supernode.pid)
     code = 0

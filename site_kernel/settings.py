@@ -24,6 +24,10 @@ class SettingsError(SiteKernelError):
     pass
 
 
+# Where a site looks for its hub unless told; a hub alone (`flip-lab up --sites 0`) listens here.
+DEFAULT_HUB = "127.0.0.1:9093"
+
+
 @dataclass(frozen=True)
 class SiteSettings:
     """``name``: shown to researchers. ``hub``: the SuperLink's address. ``dataset``: the registered dataset plans
@@ -37,7 +41,7 @@ class SiteSettings:
     to which the site appends every reply it sends (for audits and tests of what leaves the site)."""
 
     name: str
-    hub: str = "127.0.0.1:9093"
+    hub: str = DEFAULT_HUB
     dataset: str = "default"
     threads: int = 1
     poll_interval: float = 0.1

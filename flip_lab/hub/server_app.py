@@ -45,6 +45,7 @@ class HubRun:
         self.config = spec["config"]
         self.weights = weights
         self.sink = sink
+        self.outcome = ("failed", "the hub's run ended without a final report")  # set by _finish
         self.resume, self.resume_from = resume, resume_from
         self.min_sites = int(self.config["min_sites"])
 
@@ -201,6 +202,12 @@ class HubRun:
         if strategy is not None and released:
             self.sink.emit_weights(strategy.released, released)
         self.sink.emit("job_finished", status=status, message=message, rounds_completed=released)
+        self.outcome = (status, message)
+
+
+class StudyFailed(Exception):
+    """Raised once a failed job's final event is out: a ServerApp that returns is "completed" for Flower, so
+    only an exception makes the hub's run list (``fed.jobs()``, ``flip-lab jobs``) say that the job failed."""
 
 
 @app.main()
@@ -217,11 +224,15 @@ def main(grid: Grid, context: Context) -> None:
     resume = None
     if resume_from:
         if hub_dir is None:
-            sink.emit("job_finished", status="failed", rounds_completed=0,
-                      message="this hub keeps no checkpoints (no FLIP_HUB_DIR): the job cannot resume")
-            return
+            message = "this hub keeps no checkpoints (no FLIP_HUB_DIR): the job cannot resume"
+            sink.emit("job_finished", status="failed", rounds_completed=0, message=message)
+            raise StudyFailed(message)
         try:
             resume = load_checkpoint(Path(hub_dir) / "runs" / str(resume_from))
         except FileNotFoundError:  # the job stopped before releasing any round: start it from the beginning
             resume = (weights, 0)
-    HubRun(grid, spec, weights, sink, resume=resume, resume_from=resume_from).run()
+    run = HubRun(grid, spec, weights, sink, resume=resume, resume_from=resume_from)
+    run.run()
+    status, message = run.outcome
+    if status == "failed":
+        raise StudyFailed(message)

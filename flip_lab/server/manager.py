@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .._flower import RunInfo
-from ..errors import FederationError, FlipError, HubUnreachable
+from ..errors import FederationError, FlipError, HubUnreachable, JobNotFound
 from ..local import LocalFederation, running_state
 from . import connection as connections
 from .connection import Connection
@@ -254,7 +254,7 @@ class FederationManager:
                 raise UnknownJob(f"job {job_id} is not on the hub at {conn.address}; refresh the job list")
         try:
             job = conn.hub.job(int(job_id))
-        except KeyError as err:
+        except JobNotFound as err:
             raise UnknownJob(f"the hub at {conn.address} no longer knows job {job_id}") from err
         job.cancel()
         with self._lock:
@@ -315,7 +315,7 @@ class FederationManager:
                                                              submitted=run.pending_at)})
         try:
             job = conn.hub.job(run.run_id)
-        except (KeyError, HubUnreachable) as err:
+        except (JobNotFound, HubUnreachable) as err:
             log.info("cannot follow job %s yet: %s", job_id, err)
             with self._lock:
                 self._jobs.discard(job_id)  # the next poll tries again
