@@ -339,6 +339,8 @@ def _worker_env(scratch: Path) -> dict[str, str]:
     env.update({"HOME": str(scratch), "TMPDIR": str(scratch), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
                 "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1"})
     env["PYTHONSAFEPATH"] = "1"
+    # The worker's uid has no passwd entry; getpass.getuser() (called by MONAI at import) reads these first.
+    env["USER"] = env["LOGNAME"] = "flip-plan"
     site_root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = site_root + (os.pathsep + env["PYTHONPATH"] if "PYTHONPATH" in env else "")
     return env
