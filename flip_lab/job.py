@@ -241,6 +241,8 @@ class Job:
         for err in self.errors:
             if err["type"] == "site_error":
                 cause = err.get("message") or err.get("kind", "an error")
+                # A site names itself at the end of its message; the grouping below names the sites once.
+                cause = cause.removesuffix(f" at site {err['site']}")
             elif err["type"] == "update_rejected":
                 cause = f"the hub rejected the update ({err.get('reason', 'no reason given')})"
             else:
