@@ -21,15 +21,7 @@ import pytest
 
 import flip_lab
 
-TINY = (Path(__file__).parent / "plans" / "tiny_plan.py").read_text()
-
-
-def plan_with_train(body: str) -> flip_lab.Plan:
-    """The tiny plan with its train() replaced by ``body`` (indented 4 spaces)."""
-    head, _, rest = TINY.partition("def train(model, data, config):\n")
-    _, _, tail = rest.partition("\n\ndef evaluate(")
-    source = head + "def train(model, data, config):\n" + body + "\n\ndef evaluate(" + tail
-    return flip_lab.Plan.from_source(source, name="attack")
+from test_governance_battery import TINY, plan_with_train  # one way to build an attack plan
 
 
 @pytest.fixture(scope="module")
