@@ -3,6 +3,8 @@ which the hub's record of what it received holds no site's update."""
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -190,7 +192,10 @@ def secure_fed(tmp_path_factory):
     import flip_lab
 
     root = tmp_path_factory.mktemp("secure")
-    record_dir = root / "hub-received"
+    # A hub started as root runs its studies as an unprivileged uid, which cannot enter pytest's 0700 folders:
+    # the hub records what it receives in a folder of its own under /tmp.
+    record_dir = Path(tempfile.mkdtemp(prefix="flip-hub-received-"))
+    record_dir.chmod(0o777)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FLIP_HUB_RECORD_RECEIVED", str(record_dir))  # inherited by the hub's ServerApp process
         fed = flip_lab.local_federation(3, workdir=root / "fed", scale=0.1)
@@ -201,6 +206,7 @@ def secure_fed(tmp_path_factory):
         yield fed, record_dir
     finally:
         fed.shutdown()
+        shutil.rmtree(record_dir, ignore_errors=True)
 
 
 @pytest.mark.e2e
