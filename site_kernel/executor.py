@@ -265,14 +265,18 @@ class Executor:
                                        "data owner writes one") from err
 
     def _read_plan(self, run_config: dict[str, Any], fab_content: bytes, run_id: int) -> tuple[str, dict, str]:
-        if self._bundle is None or self._bundle[0] != fab_content:
+        # Tasks of different studies run on threads side by side: read the cache once into a local, so that
+        # another study's bundle replacing it meanwhile cannot lend this run its plan.
+        cached = self._bundle
+        if cached is None or cached[0] != fab_content:
             try:
-                self._bundle = (fab_content, read_plan_bundle(fab_content))
+                cached = (fab_content, read_plan_bundle(fab_content))
             except BundleRefused as err:
                 raise Refusal("bundle_refused", f"site {self.settings.name} refused the bundle: {err.reason}",
                               audit="bundle_refused") from err
+            self._bundle = cached
         # the plan is read from the bundle itself, as data, not from settings a submitter may override
-        run_config = self._bundle[1].run_config
+        run_config = cached[1].run_config
         try:
             source = str(run_config["flip-plan-source"])
             spec = json.loads(str(run_config["flip-plan-spec"]))
