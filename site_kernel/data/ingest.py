@@ -41,6 +41,7 @@ from .manifest import (
     fingerprint,
     write_manifest,
 )
+from .multiframe import read_enhanced
 from .nifti import is_nifti, nifti_stem, read_nifti
 from .pairing import (
     Candidate,
@@ -186,7 +187,14 @@ def _discover(source: Path, labels: Path | None, reject: Reject) -> tuple[list[C
             continue
         uid = str(header.get("SeriesInstanceUID", "")) or f"file:{path}"
         series[uid].append((path, header))
-    for uid, members in series.items():
+    for uid, found in series.items():
+        members, copies = dicom.drop_duplicate_instances(found)
+        if copies:
+            reject(copies, InputRejected("duplicate_instance", f"{len(copies)} extra copies of slices in one series"))
+        if len(members) > 1 and any(dicom.is_enhanced(h) for _, h in members):
+            reject([p for p, _ in members], InputRejected(
+                "mixed_series", "an Enhanced CT/MR file shares its series with other image files"))
+            continue
         paths = [p for p, _ in members]
         folders = {p.parent for p in paths}
         keys = [uid] + ([folders.pop().name] if len(folders) == 1 else [])
@@ -232,6 +240,8 @@ def _check_image(candidate: Candidate, reject: Reject) -> tuple[Volume, list[Pat
     """Read a candidate fully. Bad DICOM slices are quarantined one by one; the rest must still form a series."""
     if candidate.format == "nifti":
         return read_nifti(candidate.paths[0]), candidate.paths
+    if dicom.is_enhanced(candidate.headers[0]):
+        return read_enhanced(candidate.paths[0]), candidate.paths
     dicom.order_slices(candidate.headers)  # mixed or gapped series: refuse before decoding pixels
     good: list[tuple[Path, Dataset, np.ndarray]] = []
     for path in candidate.paths:
