@@ -92,10 +92,12 @@ def register_dataset(
     Raises :class:`RegistrationError` when the arguments are wrong or no case is usable.
     """
     check_name(name)
-    site_dir, source = Path(site_dir), Path(source)
+    # Resolved now: the manifest is read later by the site's own processes, whose working folder is not the one
+    # this was called from, so a relative path would register and then be found nowhere.
+    site_dir, source = Path(site_dir), Path(source).expanduser().resolve()
     if not source.is_dir():
         raise RegistrationError(f"source folder for dataset {name!r} does not exist; pass a folder of DICOM or NIfTI")
-    labels = Path(labels) if labels is not None else None
+    labels = Path(labels).expanduser().resolve() if labels is not None else None
     if labels is not None and not (labels.is_dir() or is_class_table(labels)):
         raise RegistrationError(
             f"labels folder or CSV for dataset {name!r} does not exist; pass a folder of label maps or SEG files, "
@@ -138,8 +140,8 @@ def register_dataset(
         )
     _split(cases, seed, test_fraction)
     manifest: Manifest = {
-        "format_version": FORMAT_VERSION, "name": name, "source": str(source.resolve()),
-        "labels": str(Path(labels).resolve()) if labels else None, "seed": seed, "test_fraction": test_fraction,
+        "format_version": FORMAT_VERSION, "name": name, "source": str(source),
+        "labels": str(labels) if labels else None, "seed": seed, "test_fraction": test_fraction,
         "labelled": labelled, "cases": cases, "quarantine": quarantine, "skipped": skipped,
         "registered_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
@@ -161,7 +163,7 @@ def _discover(source: Path, labels: Path | None, reject: Reject) -> tuple[list[C
     candidates: list[Candidate] = []
     segs: list[SegReference] = []
     series: dict[str, list[tuple[Path, Dataset]]] = defaultdict(list)
-    labels_root = labels.resolve() if labels else None
+    labels_root = labels
     for path in sorted(p for p in source.rglob("*") if p.is_file()):
         if any(part.startswith(".") for part in path.relative_to(source).parts):
             continue
@@ -215,7 +217,7 @@ def _check_case(candidate: Candidate, sources: LabelSources, modality: str | Non
     try:
         volume, used = _check_image(candidate, reject)
         if label is not None and label[1] == "nifti":
-            values = _values(align_label(read_nifti(label[0]), volume))
+            values = _values(_read_label(label[0], volume))
     except InputRejected as error:
         reject(candidate.paths, error)
         return None
@@ -255,6 +257,15 @@ def _check_image(candidate: Candidate, reject: Reject) -> tuple[Volume, list[Pat
         raise InputRejected("corrupt", "no readable slice left in the series")
     volume = dicom.assemble([ds for _, ds, _ in good], [px for _, _, px in good])
     return volume, [p for p, _, _ in good]
+
+
+def _read_label(path: Path, image: Volume) -> np.ndarray:
+    """The NIfTI label map at ``path`` on ``image``'s grid; a refusal says that the label map, not the image, is at
+    fault (the image's files carry the reason in the manifest, as the case cannot be used without its label)."""
+    try:
+        return align_label(read_nifti(path), image)
+    except InputRejected as error:
+        raise InputRejected(error.reason, f"label map: {error.detail or error.reason}") from error
 
 
 def _values(label_map: np.ndarray) -> list[int]:
