@@ -4,7 +4,8 @@ Geometry follows PS3.3 C.7.6.2: voxel (i, j) of a slice lies at ``IPP + i * Δco
 where ``ImageOrientationPatient = row_dir + col_dir`` and ``PixelSpacing = [Δrow, Δcol]``. Slices are ordered by
 their ``ImagePositionPatient`` projected on the slice normal (never by file name or InstanceNumber), and the
 assembled volume is indexed ``[column, row, slice]`` with an affine in RAS+ (DICOM's LPS with x and y negated).
-Reading and writing share these conventions so a written series reads back onto the same world grid.
+Reading and writing share these conventions so a written series reads back onto the same world grid. Enhanced
+CT/MR files (one file per stack) are recognised here and read by :mod:`site_kernel.data.multiframe`.
 """
 
 from __future__ import annotations

@@ -158,8 +158,9 @@ def register_dataset(
 
 
 def _discover(source: Path, labels: Path | None, reject: Reject) -> tuple[list[Candidate], list[SegReference]]:
-    """Walk ``source`` in sorted order: NIfTI images one by one, DICOM files grouped by SeriesInstanceUID, and
-    DICOM SEG objects set aside as labels (a SEG is never an image series of its own)."""
+    """Walk ``source`` in sorted order: NIfTI images one by one, DICOM files grouped by SeriesInstanceUID (extra
+    copies of one SOP instance dropped; an Enhanced CT/MR file is a series on its own), and DICOM SEG objects set
+    aside as labels (a SEG is never an image series of its own)."""
     candidates: list[Candidate] = []
     segs: list[SegReference] = []
     series: dict[str, list[tuple[Path, Dataset]]] = defaultdict(list)
