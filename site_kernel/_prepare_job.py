@@ -9,7 +9,9 @@ and tells the executor where they are. The worker is then handed that file and n
 
 Request (JSON): ``{"site_dir", "contract", "site_steps"}``. Answer on stdout (JSON):
 ``{"arrays": PATH, "num_train": N, "num_test": N}``; on failure a traceback on stderr (for the site's log) and
-exit status 1.
+exit status 1, and for the data layer's own errors also ``{"failure": {"fixed_by", "message"}}`` on stdout: their
+messages name datasets, contract keys and reasons, never a file or a patient (:mod:`site_kernel.data.errors`), so
+the executor may tell the researcher what is wrong and whose action fixes it.
 """
 
 from __future__ import annotations
@@ -27,11 +29,16 @@ def main() -> int:
     os.dup2(2, 1)
     import torch
 
-    from .data import cache, prepare
+    from .data import DataError, cache, prepare
 
     torch.set_num_threads(1)
     site_dir = Path(request["site_dir"])
-    prepared = prepare(site_dir, request["contract"], site_steps=request.get("site_steps") or [])
+    try:
+        prepared = prepare(site_dir, request["contract"], site_steps=request.get("site_steps") or [])
+    except DataError as error:
+        with answer:
+            json.dump({"failure": {"fixed_by": error.fixed_by, "message": str(error)}}, answer)
+        raise
     arrays = cache.entry_dir(site_dir, prepared.cache_key) / "data.npz"
     if not arrays.is_file():
         raise FileNotFoundError("the prepared arrays are missing from the site's cache")

@@ -73,6 +73,24 @@ def _describe(site: str, reply: dict[str, Any], source: str, *, lines: bool) -> 
                          else f"{message} at site {site}")
 
 
+def _preparation_failure(site: str, answer: bytes) -> WorkerFailure:
+    """The researcher's message for a failed preparation: the data layer's own message where it sent one (it names
+    datasets, contract keys and reasons only), with whose action fixes it; a generic one otherwise."""
+    from .textsafe import shown
+
+    try:
+        failure = json.loads(answer)["failure"]
+        fixed_by, message = str(failure["fixed_by"]), shown(str(failure["message"]))[:180]
+    except (ValueError, KeyError, TypeError):
+        return WorkerFailure("site_error", f"site {site} could not prepare its data for this plan's contract; its "
+                                           "data owner has the details")
+    # The hub keeps 300 characters of a site's message; each ends "at site NAME" so the lab can group sites.
+    if fixed_by == "researcher":
+        return WorkerFailure("contract_error", f"{message} (for the researcher to fix) at site {site}")
+    return WorkerFailure("data_error", f"{message} (for the data owner to fix; cause in the site's data.log) "
+                                       f"at site {site}")
+
+
 class JobWorker:
     """The sandboxed process serving one run at this site."""
 
@@ -187,8 +205,7 @@ class JobWorker:
         if self._preparing.returncode != 0:
             log.error("preparing the data of job %s failed (exit status %s):\n%s", self.run_id,
                       self._preparing.returncode, err.decode(errors="replace")[-8000:])
-            raise WorkerFailure("site_error", f"site {self.settings.name} could not prepare its data for this "
-                                              "plan's contract; its data owner has the details")
+            raise _preparation_failure(self.settings.name, out)
         return dict(json.loads(out))
 
     def _grant(self, scratch: Path) -> None:

@@ -4,7 +4,8 @@ Geometry follows PS3.3 C.7.6.2: voxel (i, j) of a slice lies at ``IPP + i * Δco
 where ``ImageOrientationPatient = row_dir + col_dir`` and ``PixelSpacing = [Δrow, Δcol]``. Slices are ordered by
 their ``ImagePositionPatient`` projected on the slice normal (never by file name or InstanceNumber), and the
 assembled volume is indexed ``[column, row, slice]`` with an affine in RAS+ (DICOM's LPS with x and y negated).
-Reading and writing share these conventions so a written series reads back onto the same world grid.
+Reading and writing share these conventions so a written series reads back onto the same world grid. Enhanced
+CT/MR files (one file per stack) are recognised here and read by :mod:`site_kernel.data.multiframe`.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import struct
 import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,13 @@ from .volume import Volume, check_dimensions
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 _GEOMETRY_TAGS = {"ImageOrientationPatient": 6, "ImagePositionPatient": 3, "PixelSpacing": 2}
 _SOP_CLASS = {"CT": "1.2.840.10008.5.1.4.1.1.2", "MR": "1.2.840.10008.5.1.4.1.1.4"}
+#: Enhanced CT/MR and their Legacy Converted forms (PS3.4 B.5): frames placed by per-frame functional groups.
+ENHANCED_SOP_CLASS = {"CT": "1.2.840.10008.5.1.4.1.1.2.1", "MR": "1.2.840.10008.5.1.4.1.1.4.1"}
+ENHANCED_SOP_CLASSES = frozenset(
+    {*ENHANCED_SOP_CLASS.values(), "1.2.840.10008.5.1.4.1.1.2.2", "1.2.840.10008.5.1.4.1.1.4.4"}
+)
+#: Secondary Capture Image Storage and its multi-frame greyscale forms.
+_SECONDARY_CAPTURE = {"1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.7.2", "1.2.840.10008.5.1.4.1.1.7.3"}
 #: Relative tolerance on slice gaps: scanners round positions to ~0.01 mm; a missing slice is a 100 % jump.
 _GAP_TOLERANCE = 0.05
 
@@ -54,18 +63,36 @@ def read_dataset(path: Path, *, stop_before_pixels: bool = True) -> Dataset:
 
 
 def check_image_header(ds: Dataset) -> Dataset:
-    """Refuse what is not one greyscale slice with usable size and geometry tags; return ``ds`` otherwise."""
+    """Refuse what is not a greyscale slice (or Enhanced CT/MR volume) with usable size and geometry; return ``ds``.
+
+    Colour images and secondary captures without geometry (screenshots, scanned request forms) get reasons of
+    their own, so the catalogue says plainly that they are not supported rather than broken.
+    """
     if "Rows" not in ds or "Columns" not in ds:
         raise InputRejected("not_an_image")
+    if int(ds.get("SamplesPerPixel", 1)) != 1 or not str(ds.get("PhotometricInterpretation", "MONOCHROME2")
+                                                       ).startswith("MONOCHROME"):
+        raise InputRejected("colour_image", f"{ds.get('PhotometricInterpretation', 'colour')} images are not read")
+    if is_enhanced(ds):
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        check_dimensions((int(ds.Columns), int(ds.Rows), frames))
+        if len(ds.get("PerFrameFunctionalGroupsSequence", [])) != frames:
+            raise InputRejected("missing_geometry", "per-frame functional groups do not describe every frame")
+        return ds
     if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-        raise InputRejected("unsupported", "multi-frame objects are not read")
-    if int(ds.get("SamplesPerPixel", 1)) != 1:
-        raise InputRejected("unsupported", "colour images are not read")
+        raise InputRejected("unsupported", "multi-frame objects other than Enhanced CT/MR are not read")
     check_dimensions((int(ds.Columns), int(ds.Rows)))
     for tag, multiplicity in _GEOMETRY_TAGS.items():
         if tag not in ds or ds[tag].VM != multiplicity:
+            if str(ds.get("SOPClassUID", "")) in _SECONDARY_CAPTURE:
+                raise InputRejected("secondary_capture", f"no usable {tag}")
             raise InputRejected("missing_geometry", f"no usable {tag}")
     return ds
+
+
+def is_enhanced(ds: Dataset) -> bool:
+    """True for an Enhanced (or Legacy Converted Enhanced) CT/MR object: one file holding a whole stack."""
+    return str(ds.get("SOPClassUID", "")) in ENHANCED_SOP_CLASSES and "PerFrameFunctionalGroupsSequence" in ds
 
 
 def _dcmread(path: Path, stop_before_pixels: bool) -> Dataset:
@@ -102,6 +129,27 @@ def read_pixels(path: Path) -> tuple[Dataset, np.ndarray]:
         raise InputRejected("corrupt", type(e).__name__) from e
     values = pydicom.pixels.apply_modality_lut(raw, ds)
     return ds, np.asarray(values, dtype=np.float32)
+
+
+def drop_duplicate_instances(members: Sequence[tuple[Path, Dataset]]) -> tuple[list[tuple[Path, Dataset]], list[Path]]:
+    """Keep the first file of each SOPInstanceUID; return the kept members and the paths of the extra copies.
+
+    An export that wrote one slice twice (two names, one instance) would otherwise look like two slices at one
+    position and sink the series. Copies that disagree on where the slice lies are not copies: they are kept, and
+    :func:`order_slices` refuses the series.
+    """
+    kept: list[tuple[Path, Dataset]] = []
+    first: dict[str, Dataset] = {}
+    copies: list[Path] = []
+    for path, header in members:
+        uid = str(header.get("SOPInstanceUID", ""))
+        seen = first.get(uid) if uid else None
+        if seen is not None and seen.get("ImagePositionPatient") == header.get("ImagePositionPatient"):
+            copies.append(path)
+            continue
+        first.setdefault(uid, header)
+        kept.append((path, header))
+    return kept, copies
 
 
 def _vector(ds: Dataset, tag: str) -> np.ndarray:
@@ -160,7 +208,14 @@ def series_affine(first: Dataset, step_lps: np.ndarray) -> np.ndarray:
 
 
 def read_series(paths: Sequence[Path]) -> Volume:
-    """Read the files of one series into a :class:`Volume`; any unusable file rejects the whole series."""
+    """Read the files of one series into a :class:`Volume`; any unusable file rejects the whole series.
+
+    A series held in one Enhanced CT/MR file is read by :func:`site_kernel.data.multiframe.read_enhanced`.
+    """
+    if len(paths) == 1 and is_enhanced(read_header(paths[0])):
+        from .multiframe import read_enhanced  # highdicom takes seconds to import; only enhanced files need it
+
+        return read_enhanced(paths[0])
     slices = [read_pixels(p) for p in paths]  # each slice's size is checked before its pixels are decoded
     return assemble([ds for ds, _ in slices], [pixels for _, pixels in slices])
 
@@ -177,6 +232,53 @@ def assemble(headers: Sequence[Dataset], pixels: Sequence[np.ndarray]) -> Volume
         vendor=str(first.get("Manufacturer", "unknown")) or "unknown",
         extra={"frame_of_reference": str(first.get("FrameOfReferenceUID", ""))},
     )
+
+
+def check_stored(stored: np.ndarray) -> None:
+    if stored.dtype not in (np.int16, np.uint16):
+        raise ValueError(f"stored values must be int16 or uint16, got {stored.dtype}")
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A [column, row, slice] voxel grid in the attribute values DICOM writes for it (LPS mm, rounded)."""
+
+    lps: np.ndarray
+    orientation: list[float]
+    pixel_spacing: list[float]
+    slice_step: float
+
+    @classmethod
+    def of(cls, affine_ras: np.ndarray) -> Grid:
+        lps = _LPS_TO_RAS @ np.asarray(affine_ras, dtype=np.float64)
+        d_col, d_row, d_slice = (float(np.linalg.norm(lps[:3, k])) for k in range(3))
+        orientation = [round(float(v), 6) for v in (*(lps[:3, 0] / d_col), *(lps[:3, 1] / d_row))]
+        return cls(lps, orientation, [round(d_row, 6), round(d_col, 6)], round(d_slice, 4))
+
+    def position(self, k: int) -> list[float]:
+        """ImagePositionPatient of slice ``k``."""
+        return [round(float(v), 4) for v in self.lps[:3, 3] + k * self.lps[:3, 2]]
+
+
+def new_dataset(sop_class: str, modality: str, uid_seed: str) -> Dataset:
+    """An image dataset with file meta and the study, series and frame-of-reference UIDs derived from ``uid_seed``."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = sop_class
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.Modality = modality
+    ds.StudyInstanceUID = generate_uid(entropy_srcs=[uid_seed, "study"])
+    ds.SeriesInstanceUID = generate_uid(entropy_srcs=[uid_seed, "series"])
+    ds.FrameOfReferenceUID = generate_uid(entropy_srcs=[uid_seed, "frame"])
+    ds.SeriesNumber = 1
+    return ds
+
+
+def rescale(modality: str, slope: float, intercept: float) -> dict[str, Any]:
+    """The Modality LUT attributes that turn stored values into ``modality``'s units (HU for CT)."""
+    return {"RescaleSlope": float(slope), "RescaleIntercept": float(intercept),
+            "RescaleType": "HU" if modality == "CT" else "US"}
 
 
 def write_series(
@@ -197,31 +299,15 @@ def write_series(
     same call writes byte-identical files. ``reverse_file_order`` numbers files against slice order, as some
     scanners do, so readers cannot rely on names.
     """
-    if stored.dtype not in (np.int16, np.uint16):
-        raise ValueError(f"stored values must be int16 or uint16, got {stored.dtype}")
+    check_stored(stored)
     folder.mkdir(parents=True, exist_ok=True)
-    lps = _LPS_TO_RAS @ np.asarray(affine_ras, dtype=np.float64)
-    d_col, d_row, d_slice = (float(np.linalg.norm(lps[:3, k])) for k in range(3))
-    iop = [*(lps[:3, 0] / d_col), *(lps[:3, 1] / d_row)]
-    series_uid = generate_uid(entropy_srcs=[uid_seed, "series"])
-    study_uid = generate_uid(entropy_srcs=[uid_seed, "study"])
-    frame_uid = generate_uid(entropy_srcs=[uid_seed, "frame"])
+    grid = Grid.of(affine_ras)
     # One dataset reused for every slice: only position, instance and pixels change between slices.
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SOPClassUID = _SOP_CLASS.get(modality, "1.2.840.10008.5.1.4.1.1.7")
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    ds.Modality = modality
-    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study_uid, series_uid, frame_uid
-    ds.SeriesNumber = 1
-    ds.ImageOrientationPatient = [round(float(v), 6) for v in iop]
-    ds.PixelSpacing = [round(d_row, 6), round(d_col, 6)]
-    ds.SliceThickness = round(d_slice, 4)
-    ds.SpacingBetweenSlices = round(d_slice, 4)
-    ds.RescaleSlope, ds.RescaleIntercept = float(slope), float(intercept)
-    ds.RescaleType = "HU" if modality == "CT" else "US"
-    for key, value in tags.items():
+    ds = new_dataset(_SOP_CLASS.get(modality, "1.2.840.10008.5.1.4.1.1.7"), modality, uid_seed)
+    ds.ImageOrientationPatient = grid.orientation
+    ds.PixelSpacing = grid.pixel_spacing
+    ds.SliceThickness = ds.SpacingBetweenSlices = grid.slice_step
+    for key, value in {**rescale(modality, slope, intercept), **tags}.items():
         setattr(ds, key, value)
     ds.set_pixel_data(
         np.ascontiguousarray(stored[:, :, 0].T), "MONOCHROME2", bits_stored=16, generate_instance_uid=False
@@ -232,7 +318,7 @@ def write_series(
         ds.SOPInstanceUID = generate_uid(entropy_srcs=[uid_seed, "instance", str(k)])
         ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
         ds.InstanceNumber = k + 1
-        ds.ImagePositionPatient = [round(float(v), 4) for v in lps[:3, 3] + k * lps[:3, 2]]
+        ds.ImagePositionPatient = grid.position(k)
         ds.PixelData = np.ascontiguousarray(stored[:, :, k].T).tobytes()
         number = n - k if reverse_file_order else k + 1
         path = folder / f"IM{number:04d}.dcm"

@@ -17,16 +17,21 @@ QuarantineReason = Literal[
     "truncated",
     "corrupt",
     "unsupported",
+    "colour_image",
+    "secondary_capture",
     "not_an_image",
     "missing_geometry",
     "absurd_dimensions",
     "header_size_mismatch",
     "inconsistent_spacing",
     "mixed_series",
+    "duplicate_instance",
+    "non_finite",
     "missing_label",
     "label_mismatch",
     "unmatched_label",
     "duplicate_label",
+    "not_a_label_map",
 ]
 
 #: What the catalogue says about each reason ("3 files skipped: unreadable").
@@ -36,25 +41,38 @@ REASON_TEXT: dict[str, str] = {
     "truncated": "truncated file",
     "corrupt": "corrupt file",
     "unsupported": "unsupported encoding or layout",
+    "colour_image": "colour image (RGB, YBR or palette): not supported, only greyscale images are read",
+    "secondary_capture": "secondary capture without patient geometry (screenshot or scanned page): not supported",
     "not_an_image": "DICOM object without an image",
     "missing_geometry": "missing spacing or orientation tags",
     "absurd_dimensions": "implausible image dimensions",
     "header_size_mismatch": "header promises more data than the file holds",
     "inconsistent_spacing": "series with inconsistent slice spacing",
     "mixed_series": "series mixing incompatible slices",
+    "duplicate_instance": "second copy of a slice already read (same SOP instance); the series keeps one",
+    "non_finite": "image with non-finite voxels (NaN or infinity)",
     "missing_label": "image without a label (label map, SEG or CSV row)",
     "label_mismatch": "label map does not match its image",
     "unmatched_label": "segmentation of an image that is not there",
     "duplicate_label": "second label for an image that already has one",
+    "not_a_label_map": "label file is not a label map (non-integer values or too many classes)",
 }
 
 
+#: Whose action fixes an error: the researcher (the plan's contract) or the site's data owner (its data).
+FixedBy = Literal["researcher", "data_owner"]
+
+
 class DataError(SiteKernelError):
-    """Root of every error raised by ``site_kernel.data``."""
+    """Root of every error raised by ``site_kernel.data``. ``fixed_by`` says whose action fixes it."""
+
+    fixed_by: FixedBy = "data_owner"
 
 
 class DatasetNotFound(DataError):
     """No dataset of that name is registered at this site."""
+
+    fixed_by: FixedBy = "researcher"
 
     def __init__(self, name: str) -> None:
         super().__init__(
@@ -74,14 +92,20 @@ class ContractError(DataError, ValueError):
     ``key`` is the contract key at fault (``"intensity.kind"``), ``expected`` what would have been accepted.
     """
 
-    def __init__(self, message: str, *, key: str = "", expected: str = "") -> None:
+    def __init__(self, message: str, *, key: str = "", expected: str = "",
+                 fixed_by: FixedBy = "researcher") -> None:
         super().__init__(message)
         self.key = key
         self.expected = expected
+        self.fixed_by = fixed_by
 
 
 class HarmonisationError(DataError):
     """A site harmonisation step is unknown or malformed in the site's settings."""
+
+
+class DatasetUnusable(DataError):
+    """A registered dataset has no case left that can be read (files moved, edited or damaged since)."""
 
 
 class InputRejected(DataError):

@@ -41,6 +41,7 @@ from .manifest import (
     fingerprint,
     write_manifest,
 )
+from .multiframe import read_enhanced
 from .nifti import is_nifti, nifti_stem, read_nifti
 from .pairing import (
     Candidate,
@@ -91,10 +92,12 @@ def register_dataset(
     Raises :class:`RegistrationError` when the arguments are wrong or no case is usable.
     """
     check_name(name)
-    site_dir, source = Path(site_dir), Path(source)
+    # Resolved now: the manifest is read later by the site's own processes, whose working folder is not the one
+    # this was called from, so a relative path would register and then be found nowhere.
+    site_dir, source = Path(site_dir), Path(source).expanduser().resolve()
     if not source.is_dir():
         raise RegistrationError(f"source folder for dataset {name!r} does not exist; pass a folder of DICOM or NIfTI")
-    labels = Path(labels) if labels is not None else None
+    labels = Path(labels).expanduser().resolve() if labels is not None else None
     if labels is not None and not (labels.is_dir() or is_class_table(labels)):
         raise RegistrationError(
             f"labels folder or CSV for dataset {name!r} does not exist; pass a folder of label maps or SEG files, "
@@ -137,8 +140,8 @@ def register_dataset(
         )
     _split(cases, seed, test_fraction)
     manifest: Manifest = {
-        "format_version": FORMAT_VERSION, "name": name, "source": str(source.resolve()),
-        "labels": str(Path(labels).resolve()) if labels else None, "seed": seed, "test_fraction": test_fraction,
+        "format_version": FORMAT_VERSION, "name": name, "source": str(source),
+        "labels": str(labels) if labels else None, "seed": seed, "test_fraction": test_fraction,
         "labelled": labelled, "cases": cases, "quarantine": quarantine, "skipped": skipped,
         "registered_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
@@ -155,12 +158,13 @@ def register_dataset(
 
 
 def _discover(source: Path, labels: Path | None, reject: Reject) -> tuple[list[Candidate], list[SegReference]]:
-    """Walk ``source`` in sorted order: NIfTI images one by one, DICOM files grouped by SeriesInstanceUID, and
-    DICOM SEG objects set aside as labels (a SEG is never an image series of its own)."""
+    """Walk ``source`` in sorted order: NIfTI images one by one, DICOM files grouped by SeriesInstanceUID (extra
+    copies of one SOP instance dropped; an Enhanced CT/MR file is a series on its own), and DICOM SEG objects set
+    aside as labels (a SEG is never an image series of its own)."""
     candidates: list[Candidate] = []
     segs: list[SegReference] = []
     series: dict[str, list[tuple[Path, Dataset]]] = defaultdict(list)
-    labels_root = labels.resolve() if labels else None
+    labels_root = labels
     for path in sorted(p for p in source.rglob("*") if p.is_file()):
         if any(part.startswith(".") for part in path.relative_to(source).parts):
             continue
@@ -186,7 +190,14 @@ def _discover(source: Path, labels: Path | None, reject: Reject) -> tuple[list[C
             continue
         uid = str(header.get("SeriesInstanceUID", "")) or f"file:{path}"
         series[uid].append((path, header))
-    for uid, members in series.items():
+    for uid, found in series.items():
+        members, copies = dicom.drop_duplicate_instances(found)
+        if copies:
+            reject(copies, InputRejected("duplicate_instance", f"{len(copies)} extra copies of slices in one series"))
+        if len(members) > 1 and any(dicom.is_enhanced(h) for _, h in members):
+            reject([p for p, _ in members], InputRejected(
+                "mixed_series", "an Enhanced CT/MR file shares its series with other image files"))
+            continue
         paths = [p for p, _ in members]
         folders = {p.parent for p in paths}
         keys = [uid] + ([folders.pop().name] if len(folders) == 1 else [])
@@ -207,7 +218,7 @@ def _check_case(candidate: Candidate, sources: LabelSources, modality: str | Non
     try:
         volume, used = _check_image(candidate, reject)
         if label is not None and label[1] == "nifti":
-            values = _values(align_label(read_nifti(label[0]), volume))
+            values = _values(_read_label(label[0], volume))
     except InputRejected as error:
         reject(candidate.paths, error)
         return None
@@ -232,6 +243,8 @@ def _check_image(candidate: Candidate, reject: Reject) -> tuple[Volume, list[Pat
     """Read a candidate fully. Bad DICOM slices are quarantined one by one; the rest must still form a series."""
     if candidate.format == "nifti":
         return read_nifti(candidate.paths[0]), candidate.paths
+    if dicom.is_enhanced(candidate.headers[0]):
+        return read_enhanced(candidate.paths[0]), candidate.paths
     dicom.order_slices(candidate.headers)  # mixed or gapped series: refuse before decoding pixels
     good: list[tuple[Path, Dataset, np.ndarray]] = []
     for path in candidate.paths:
@@ -245,6 +258,15 @@ def _check_image(candidate: Candidate, reject: Reject) -> tuple[Volume, list[Pat
         raise InputRejected("corrupt", "no readable slice left in the series")
     volume = dicom.assemble([ds for _, ds, _ in good], [px for _, _, px in good])
     return volume, [p for p, _, _ in good]
+
+
+def _read_label(path: Path, image: Volume) -> np.ndarray:
+    """The NIfTI label map at ``path`` on ``image``'s grid; a refusal says that the label map, not the image, is at
+    fault (the image's files carry the reason in the manifest, as the case cannot be used without its label)."""
+    try:
+        return align_label(read_nifti(path), image)
+    except InputRejected as error:
+        raise InputRejected(error.reason, f"label map: {error.detail or error.reason}") from error
 
 
 def _values(label_map: np.ndarray) -> list[int]:

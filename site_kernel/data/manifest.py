@@ -24,6 +24,9 @@ from .seg import read_label_map
 from .volume import Volume
 
 FORMAT_VERSION = 1
+#: Most distinct values a label map may hold. Whole-body atlases stop near 120 classes (TotalSegmentator: 117);
+#: a probability or intensity map saved as integers (0-255) shows far more, and is not a label map.
+MAX_LABEL_CLASSES = 128
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -142,10 +145,12 @@ def load_case(case: CaseEntry) -> tuple[Volume, np.ndarray | None]:
 
 
 def align_label(label: Volume, image: Volume) -> np.ndarray:
-    """Return ``label``'s values in ``image``'s voxel order, or raise ``label_mismatch``.
+    """Return ``label``'s values in ``image``'s voxel order, or raise :class:`InputRejected`.
 
     A label map may store the same world grid in another axis order (ITK and DICOM converters differ), so it is
-    reoriented by its affine first; then grid and affine must agree to a hundredth of a voxel.
+    reoriented by its affine first; then grid and affine must agree to a hundredth of a voxel (else
+    ``label_mismatch``). Its values must be what a label map holds: integers 0-255, at most
+    :data:`MAX_LABEL_CLASSES` distinct ones (else ``not_a_label_map``).
     """
     transform = nib.orientations.ornt_transform(
         nib.orientations.io_orientation(label.affine), nib.orientations.io_orientation(image.affine)
@@ -158,8 +163,14 @@ def align_label(label: Volume, image: Volume) -> np.ndarray:
     if not np.allclose(affine, image.affine, atol=tolerance):
         raise InputRejected("label_mismatch", "label affine differs from image affine")
     rounded = np.rint(values)
-    if not np.allclose(values, rounded, atol=1e-3) or rounded.min() < 0 or rounded.max() > 255:
-        raise InputRejected("label_mismatch", "label values are not class indices 0-255")
+    if not np.allclose(values, rounded, atol=1e-3):
+        raise InputRejected("not_a_label_map", "values are not integers (a probability or intensity map?)")
+    if rounded.min() < 0 or rounded.max() > 255:
+        raise InputRejected("not_a_label_map", "values outside the class indices 0-255")
+    classes = np.unique(rounded).size
+    if classes > MAX_LABEL_CLASSES:
+        raise InputRejected("not_a_label_map", f"{classes} distinct values, more than the {MAX_LABEL_CLASSES} classes "
+                                               "a label map holds (a probability map saved as 0-255?)")
     return rounded.astype(np.int64)
 
 

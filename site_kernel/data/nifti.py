@@ -19,7 +19,7 @@ import nibabel as nib
 import numpy as np
 
 from .errors import InputRejected
-from .volume import Volume, check_dimensions
+from .volume import Volume, check_dimensions, check_finite
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 _CHUNK = 1 << 20
@@ -39,7 +39,10 @@ def nifti_stem(path: Path) -> str:
 
 
 def read_nifti(path: Path) -> Volume:
-    """Read one 3D (or 2D, or 4D with one frame) NIfTI image; raise :class:`InputRejected` when unusable."""
+    """Read one 3D (or 2D, or 4D with one frame) NIfTI image; raise :class:`InputRejected` when unusable.
+
+    Voxels that are NaN or infinite make the whole file unusable (``non_finite``).
+    """
     if path.stat().st_size == 0:
         raise InputRejected("empty_file")
     compressed = path.name.lower().endswith(".gz")
@@ -67,6 +70,7 @@ def read_nifti(path: Path) -> Volume:
         data = np.asarray(img.get_fdata(dtype=np.float32)).reshape(volume_shape)
     except Exception as e:
         raise InputRejected("corrupt", type(e).__name__) from e
+    check_finite(data)
     modality, vendor = _sidecar(path)
     return Volume(array=data, affine=_affine(img, volume_shape), modality=modality, vendor=vendor)
 

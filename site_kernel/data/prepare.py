@@ -25,7 +25,7 @@ import numpy as np
 from . import cache
 from .classes import class_indices, segment_lookup
 from .contract import contract_hash, validate_contract
-from .errors import ContractError, InputRejected
+from .errors import ContractError, DataError, DatasetUnusable, InputRejected
 from .harmonise import MODES, Mode, harmonise_case
 from .manifest import Manifest, load_case, manifest_hash, read_manifest
 from .sitelog import site_log
@@ -68,8 +68,26 @@ def prepare(
 
     ``site_steps`` come from the site's settings and run first. ``harmonise`` is ``"full"`` for studies;
     ``"geometric"`` and ``"none"`` exist for benchmarks. Raises :class:`ContractError` when the contract is
-    malformed or the dataset cannot satisfy it, :class:`DatasetNotFound` when no such dataset is registered.
+    malformed or the dataset cannot satisfy it, :class:`DatasetNotFound` when no such dataset is registered,
+    :class:`DatasetUnusable` when none of its cases can be read any more. Every failure is also written to the
+    site's ``logs/data.log`` with its cause, for the data owner.
     """
+    dataset = contract.get("dataset", "-") if isinstance(contract, Mapping) else "-"
+    try:
+        return _prepare(site_dir, contract, site_steps, harmonise)
+    except DataError as error:
+        site_log(site_dir, f"dataset={dataset} prepare failed ({type(error).__name__}, "
+                           f"to be fixed by the {error.fixed_by.replace('_', ' ')}): {error}")
+        raise
+    except Exception as error:
+        site_log(site_dir, f"dataset={dataset} prepare failed "
+                           f"({type(error).__name__}): {error}")
+        raise
+
+
+def _prepare(
+    site_dir: Path, contract: Mapping[str, Any], site_steps: Sequence[Mapping[str, Any]] | None, harmonise: Mode,
+) -> PreparedData:
     spec = validate_contract(contract)
     if harmonise not in MODES:
         raise ContractError(f"harmonise must be one of {list(MODES)}, got {harmonise!r}", key="harmonise")
@@ -91,10 +109,15 @@ def prepare(
     for case in manifest["cases"]:
         try:
             volume, label = load_case(case)
-        except InputRejected as error:  # a file changed or vanished since registration
-            site_log(site_dir, f"dataset={manifest['name']} case={case['id']} skipped in prepare: {error}")
+        except (InputRejected, OSError) as error:  # a file changed or vanished since registration
+            site_log(site_dir, f"dataset={manifest['name']} case={case['id']} skipped in prepare: "
+                               f"{type(error).__name__}: {error}")
             skipped += 1
             continue
+        except Exception as error:  # unexpected trouble with one case: name it for the data owner, then stop
+            site_log(site_dir, f"dataset={manifest['name']} case={case['id']} failed: {type(error).__name__}: {error}")
+            raise DataError(f"case {case['id']} of dataset {manifest['name']!r} could not be read "
+                            f"({type(error).__name__}); see the site's data.log") from error
         before.append(_sample(volume.array))
         lookup = segment_lookup(case.get("label_names", {}), spec["labels"])
         if label is not None and lookup is not None:
@@ -104,6 +127,11 @@ def prepare(
             maps = np.full(len(slices), classes[str(case.get("class_name"))], np.int64)
         parts[f"{case['split']}_x"].append(slices)
         parts[f"{case['split']}_y"].append(maps)
+    if manifest["cases"] and skipped == len(manifest["cases"]):
+        raise DatasetUnusable(
+            f"no case of dataset {manifest['name']!r} can be read any more (files moved, edited or damaged since "
+            "registration); its data owner must register it again (flip-site data add)"
+        )
     height, width = spec["size"]
     empty_y = (0,) if classify else (0, height, width)
     arrays = {
@@ -131,6 +159,12 @@ def harmonisation_report(
 def _check_dataset(manifest: Manifest, spec: dict[str, Any]) -> None:
     found = sorted({case["modality"] for case in manifest["cases"]})
     refused = [m for m in found if m not in spec["modality"]]
+    if "UNKNOWN" in refused:  # NIfTI without a sidecar: only the site knows what scanner made it
+        raise ContractError(
+            f"dataset {manifest['name']!r} has images of unknown modality; register it again with --modality "
+            "(flip-site data add NAME PATH --modality CT)",
+            key="modality", expected=str(spec["modality"]), fixed_by="data_owner",
+        )
     if refused:
         raise ContractError(
             f"dataset {manifest['name']!r} holds {refused} images but the contract asks for {spec['modality']}; "

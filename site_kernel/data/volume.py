@@ -60,3 +60,14 @@ def axcodes(affine: np.ndarray) -> str:
     import nibabel as nib
 
     return "".join(str(c) for c in nib.aff2axcodes(affine))
+
+
+def check_finite(array: np.ndarray) -> None:
+    """Refuse an image holding NaN or infinite voxels: every intensity step downstream would spread them.
+
+    Raised by the readers, so registration quarantines such a file and a file edited after registration is
+    skipped by ``prepare``; the count goes to the site's log only.
+    """
+    bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+    if bad:
+        raise InputRejected("non_finite", f"{bad} of {array.size} voxels are NaN or infinite")
