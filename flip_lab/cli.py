@@ -129,8 +129,11 @@ def _cmd_cancel(args: argparse.Namespace) -> int:
     return 0
 
 
-def progress_bar(job: Any, stream: Any = sys.stdout) -> None:
-    """A terminal progress line per event: round x/N, which sites replied, the aggregated metrics."""
+def progress_bar(job: Any, stream: Any = None) -> None:
+    """A terminal progress line per event: round x/N, which sites replied, the aggregated metrics, on ``stream``
+    (standard output as it is when the bar starts, not when this module was imported)."""
+    stream = stream if stream is not None else sys.stdout
+
     def on_event(event: dict[str, Any]) -> None:
         kind = event["type"]
         if kind == "job_started":

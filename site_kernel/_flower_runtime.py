@@ -9,6 +9,7 @@ never run and the process stays warm between rounds. This module is the only pla
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 
 from flwr.app import Context, Message
 from flwr.common.constant import SubStatus
+from flwr.common.logger import FLOWER_LOGGER
 from flwr.proto.runtime_pb2 import AcquireTaskRequest, SendTaskHeartbeatRequest
 from flwr.supercore.constant import TaskType
 from flwr.supercore.fab import Fab
@@ -176,3 +178,31 @@ def fast_object_pulls(initial_backoff: float = 0.01, cap: float = 0.05) -> None:
     for fn in (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree):
         fn.__kwdefaults__["initial_backoff"] = initial_backoff
         fn.__kwdefaults__["backoff_cap"] = cap
+
+
+class _OneLineRetries(logging.Filter):
+    """Flower logs "Connection attempt failed, retrying in N seconds" before every retry of a call, several a
+    minute for as long as its peer is away: this shows the first of a streak as one line naming whom it waits for,
+    drops the rest, and says when the peer answers again."""
+
+    def __init__(self, peer: str) -> None:
+        super().__init__()
+        self.peer, self.waiting = peer, False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = str(record.msg)
+        if message.startswith("Connection attempt failed, retrying"):
+            if self.waiting:
+                return False
+            self.waiting = True
+            record.msg, record.args = "waiting for %s: it does not answer; retrying until it does", (self.peer,)
+        elif message.startswith("Connection successful after") and isinstance(record.args, tuple) and record.args:
+            self.waiting = False
+            record.msg, record.args = "reached %s after %.0f s of retries", (self.peer, record.args[0])
+        return True
+
+
+def one_line_retries(peer: str) -> None:
+    """Log Flower's connection retries in this process as one line per outage of ``peer`` (e.g. "the hub at
+    HOST:PORT"); the retries themselves are unchanged."""
+    FLOWER_LOGGER.addFilter(_OneLineRetries(peer))

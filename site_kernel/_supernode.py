@@ -191,7 +191,7 @@ def main() -> None:
     from flwr.supernode import start_client_internal as sci
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
-    from ._flower_runtime import fast_object_pulls
+    from ._flower_runtime import fast_object_pulls, one_line_retries
 
     loop = _Loop(idle_s)
     sci.time = _patched_time(loop)  # type: ignore[assignment]
@@ -199,6 +199,8 @@ def main() -> None:
     sci._pull_and_store_message = _pull_or_flush(pull, loop)  # type: ignore[assignment]
     sci._push_messages = loop.push_ready(sci._push_messages)  # type: ignore[assignment]
     fast_object_pulls()
+    hub = sys.argv[sys.argv.index("--superlink") + 1] if "--superlink" in sys.argv else "the hub"
+    one_line_retries(f"the hub at {hub}")
     flower_supernode()
 
 

@@ -94,8 +94,35 @@ def _wait_until_listening(port: int, process: subprocess.Popen[bytes], stop: thr
         stop.wait(0.05)
 
 
+def _hub_answers(hub: str, timeout: float = 1.0) -> bool:
+    """Whether anything accepts a connection at ``hub`` (HOST:PORT, an IPv6 host in brackets)."""
+    host, _, port = hub.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def _announce(hub: str, name: str, supernode_pid: int, stop: threading.Event) -> None:
+    """Log that the site serves ``hub`` once the hub answers; until then, one line saying that the site waits for
+    it (the SuperNode retries on its own, and its log says the same in one line per outage)."""
+    if not _hub_answers(hub):
+        log.warning("waiting for the hub at %s: nothing answers there yet. The site connects as soon as it does; "
+                    "if the hub runs, check the address (site.toml, or `flip-site run SITE --hub HOST:PORT`)", hub)
+        wait = 0.2
+        while not stop.wait(wait):
+            if _hub_answers(hub):
+                break
+            wait = min(wait * 2, 5.0)
+        else:
+            return
+    log.info("site %s serving hub %s (SuperNode pid %s)", name, hub, supernode_pid)
+
+
 def run_site(site_dir: Path, *, hub: str | None = None, parent_pid: int | None = None) -> int:
     """Serve the site until told to stop. Returns the process exit code."""
+    from ._flower_runtime import one_line_retries
     from .executor import Executor
 
     site_dir = site_dir.resolve()
@@ -110,6 +137,7 @@ def run_site(site_dir: Path, *, hub: str | None = None, parent_pid: int | None =
     logging.basicConfig(filename=site_dir / "logs" / "site.log", level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll would drown the site's own log
+    one_line_retries(f"the site's SuperNode at 127.0.0.1:{runtime_port}")
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -131,7 +159,8 @@ def run_site(site_dir: Path, *, hub: str | None = None, parent_pid: int | None =
 
     serving = threading.Thread(target=serve, name="executor", daemon=True)
     serving.start()
-    log.info("site %s serving hub %s (SuperNode pid %s)", settings.name, hub, supernode.pid)
+    threading.Thread(target=_announce, args=(hub, settings.name, supernode.pid, stop), name="announce",
+                     daemon=True).start()
     code = 0
     try:
         while not stop.wait(0.5):

@@ -26,6 +26,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from . import contract_view
 from .approvals import ApprovalStore, PlanRecord
 from .audit import AuditLog
 from .errors import PolicyMissing, SiteKernelError
@@ -171,7 +172,7 @@ def _plans_show(args: argparse.Namespace) -> int:
         print(f"note      {shown(r.note)}")
     meta = json.dumps(r.meta, sort_keys=True, ensure_ascii=False)
     print(f"submitted {shown(r.submitted_at)}  {shown(meta)}")
-    print(f"contract  {shown(json.dumps(r.contract, sort_keys=True, ensure_ascii=False))}")
+    print("\n".join(contract_view.applied_lines(r.contract)))
     print("model     " + ", ".join(f"{shown(k)} {tuple(v)}" for k, v in r.model_shapes.items()))
     _print_runs(store, r)
     # Split on "\n" alone and show any \r: str.splitlines would hide a lone \r (a line break to
@@ -181,8 +182,11 @@ def _plans_show(args: argparse.Namespace) -> int:
     if lines and lines[-1] == "":
         lines.pop()
     print(f"--- plan.py ({len(lines)} lines, shown in full) ---")
+    constant = contract_view.source_constant(r.source, r.contract)
     for number, line in enumerate(lines, start=1):
         print(f"{number:4} | {visible(line, multiline=True)[0]}")
+        if constant and constant[0] == number:
+            print(f"       {constant[1]}")  # no line number and no bar: the site's note, not source
     return 0
 
 

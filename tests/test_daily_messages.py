@@ -197,6 +197,48 @@ def test_sites_start_without_connection_warnings(federation) -> None:
     for site_dir in federation.site_dirs.values():
         log = (site_dir / "logs" / "site.log").read_text()
         assert "serving hub" in log and "Connection attempt failed" not in log
+        assert "Connection attempt failed" not in (site_dir / "logs" / "supernode.log").read_text()
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.2)
+
+
+@pytest.mark.e2e
+def test_a_site_whose_hub_is_down_says_so_once_and_serves_when_it_comes(tmp_path: Path) -> None:
+    from site_kernel.cli import main as flip_site_main
+
+    port = free_port()
+    hub = f"127.0.0.1:{port}"
+    assert flip_site_main(["init", str(tmp_path / "site"), "--name", "s1", "--hub", hub]) == 0
+    logs = tmp_path / "site" / "logs"
+
+    def text(name: str) -> str:
+        return (logs / name).read_text() if (logs / name).exists() else ""
+
+    site = subprocess.Popen([sys.executable, "-m", "site_kernel.cli", "run", str(tmp_path / "site")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for(lambda: "waiting for the hub at" in text("supernode.log"), 60, text("supernode.log"))
+        time.sleep(5)  # Flower retries after about 0.2, 0.9, 0.4 and 3 s: several retries, one line each log
+        site_log, supernode_log = text("site.log"), text("supernode.log")
+        assert site_log.count(f"waiting for the hub at {hub}: nothing answers there yet") == 1, site_log
+        assert "serving hub" not in site_log, "a site whose hub is down does not claim to serve it"
+        assert supernode_log.count(f"waiting for the hub at {hub}: it does not answer") == 1, supernode_log
+        assert "Connection attempt failed" not in site_log + supernode_log
+
+        assert flip_lab_main(["up", "--sites", "0", "--listen", hub, "--workdir", str(tmp_path / "hub")]) == 0
+        try:
+            _wait_for(lambda: f"site s1 serving hub {hub}" in text("site.log"), 60, text("site.log"))
+            _wait_for(lambda: f"reached the hub at {hub} after" in text("supernode.log"), 60, text("supernode.log"))
+        finally:
+            flip_lab_main(["down", "--workdir", str(tmp_path / "hub")])
+    finally:
+        site.terminate()
+        site.wait(timeout=30)
 
 
 @pytest.mark.e2e

@@ -111,3 +111,48 @@ def test_second_federation_in_the_same_folder_is_refused(federation):
     with pytest.raises(flip_lab.FederationError, match="already running"):
         flip_lab.local_federation(1, workdir=federation.workdir)
     assert all(s["online"] for s in federation.sites())
+
+
+# -- the README's commands on this module's federation (tests/test_readme.py lists which test runs which) --------
+def test_jobs_lists_and_cancel_stops_a_study(federation, tiny_plan, capsys):
+    from flip_lab.cli import main as flip_lab_main
+
+    job = federation.submit(tiny_plan, rounds=50, expected_sites=3, round_timeout=240)
+    while job.round < 1:
+        time.sleep(0.2)
+    workdir = str(federation.workdir)
+    assert flip_lab_main(["jobs", "--workdir", workdir]) == 0
+    listed = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert [str(job.id), "running"] in [row[:2] for row in listed]
+    assert flip_lab_main(["cancel", str(job.id), "--workdir", workdir]) == 0
+    assert capsys.readouterr().out == f"job {job.id} cancelled\n"
+    assert job.wait(timeout=60, raise_on_failure=False).status == "cancelled"
+
+
+class _Borrowed:
+    """This module's federation as ``LocalFederation.start`` would return it, left running at the end."""
+
+    def __init__(self, fed):
+        self.fed = fed
+
+    def __enter__(self):
+        return self.fed
+
+    def __exit__(self, *exc):
+        return None
+
+
+def test_the_demo_runs_a_study_and_prints_its_metrics(federation, tiny_plan, monkeypatch, capsys):
+    """``flip-lab demo`` on this module's (smaller) hospitals with the tiny plan: starting its own four hospitals and
+    training its UNet takes minutes on 2 cores. Starting a federation and the demo's plan are tested on their own
+    (test_local_lifecycle, test_data_plan)."""
+    from flip_lab import cli
+    from flip_lab.local import LocalFederation
+
+    monkeypatch.setattr(LocalFederation, "start", classmethod(lambda cls, *args, **kwargs: _Borrowed(federation)))
+    monkeypatch.setattr(cli, "demo_plan", lambda: tiny_plan)
+    assert cli.main(["demo", "--sites", "3", "--rounds", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "1 rounds of fedavg" in out and "final round, evaluation on each site's held-out test set:" in out
+    table = out.split("held-out test set:")[1]
+    assert "dice" in table and all(name in table for name in federation.site_dirs)

@@ -353,3 +353,50 @@ def test_other_initial_weights_wait_under_initial_weights_approved(tmp_path):
     held = hold(site, digest, settings_for(rounds=3, weights=b"other"), policy)
     assert held.startswith("initial weights changed since approval (initial weights ")
     assert "rounds" not in held
+
+
+APPLIED = {"modality": "CT", "dims": 2, "size": [64, 64], "spacing": [3.0, 3.0],
+           "intensity": {"kind": "window", "center": 40, "width": 400}, "labels": {"background": 0, "lesion": 1}}
+OWN = ('"""A plan."""\n'
+       "CONTRACT = {\n"
+       '    "modality": "MR", "dims": 2, "size": [32, 32], "spacing": [6.0, 6.0],\n'
+       '    "intensity": {"kind": "window", "center": 40, "width": 400}, "labels": {"background": 0, "lesion": 1},\n'
+       "}\n"
+       "def train(model, data, config):\n"
+       "    return {}\n")
+
+
+def show_plan(site, source, contract, capsys) -> list[str]:
+    digest = plan_hash(source, contract, SHAPES)
+    ApprovalStore(site).submit(digest, source, contract, SHAPES, {"name": "demo"})
+    assert cli("plans", "show", digest[:8], "--site", str(site)) == 0
+    return screen_of(capsys.readouterr().out)
+
+
+def test_the_contract_that_applies_is_labelled_and_the_sources_own_is_marked_as_not_applying(tmp_path, capsys):
+    rows = show_plan(tmp_path, OWN, {**APPLIED, "dataset": "liver\x1b[2K"}, capsys)
+    heading = next(i for i, row in enumerate(rows) if row.startswith("contract that applies"))
+    listing = next(i for i, row in enumerate(rows) if row.startswith("--- plan.py"))
+    assert heading < listing
+    block = rows[heading + 1:heading + 9]
+    assert '  modality    ["CT"]' in block and "  size        [64, 64]" in block
+    assert '  dataset     "liver\\u001b[2K"' in block  # a control character from the study shows as text
+    assert "  orientation " + '"RAS"' in block, "the defaults the site fills in are shown too"
+    constant_ends = rows.index("   5 | }")
+    assert rows[constant_ends + 1] == ("       ^ the source's own CONTRACT does NOT apply: the contract above does "
+                                       "(they differ in dataset, modality, size, spacing)")
+    assert rows[constant_ends + 2] == "   6 | def train(model, data, config):"
+
+
+@pytest.mark.parametrize("source, note", [
+    (OWN.replace('"MR"', '"CT"').replace("[32, 32]", "[64, 64]").replace("[6.0, 6.0]", "[3.0, 3.0]"),
+     "       ^ the source's own CONTRACT: the same as the contract that applies"),
+    (OWN.replace("CONTRACT = {", "CONTRACT = dict(**{"), None),  # not valid Python: nothing to mark
+    (OWN.replace("CONTRACT = {", "CONTRACT = make({").replace("}\ndef", "})\ndef"),
+     "       ^ the source's own CONTRACT, not a plain value: it does not apply, the contract above does"),
+    ("def train(model, data, config):\n    return {}\n", None),
+])
+def test_the_sources_own_contract_is_marked_for_what_it_is(tmp_path, capsys, source, note):
+    rows = show_plan(tmp_path, source, APPLIED, capsys)
+    marks = [row for row in rows if row.startswith("       ^")]
+    assert marks == ([note] if note else [])

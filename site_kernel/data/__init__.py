@@ -3,11 +3,16 @@ contract, and simulated hospitals for teaching and tests.
 
 Nothing here sends anything anywhere: the site kernel decides what leaves the site. ``public_catalogue`` is the
 only view written for researchers; manifests, logs and caches stay under the site folder.
+
+The simulated hospitals (``DemoSite``, ``generate_demo_hospitals``, ``register_demo_site``) are imported on first
+use: their scanners are MONAI transforms, and a data owner registering or listing data should not wait seconds for
+torch and MONAI to load. Harmonisation imports them inside ``prepare`` for the same reason.
 """
+
+from typing import TYPE_CHECKING, Any
 
 from .catalogue import public_catalogue
 from .contract import contract_hash, validate_contract
-from .demo import DemoSite, generate_demo_hospitals, register_demo_site
 from .errors import (
     ContractError,
     DataError,
@@ -21,6 +26,20 @@ from .ingest import DatasetSummary, register_dataset
 from .manifest import list_datasets
 from .prepare import PreparedData, harmonisation_report, prepare
 from .steps import SiteStep, build_steps, register_step
+
+if TYPE_CHECKING:
+    from .demo import DemoSite, generate_demo_hospitals, register_demo_site
+
+_DEMO = ("DemoSite", "generate_demo_hospitals", "register_demo_site")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _DEMO:
+        from . import demo
+
+        return getattr(demo, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "ContractError",

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -26,10 +26,12 @@ from . import cache
 from .classes import class_indices, segment_lookup
 from .contract import contract_hash, validate_contract
 from .errors import ContractError, DataError, DatasetUnusable, InputRejected
-from .harmonise import MODES, Mode, harmonise_case
 from .manifest import Manifest, load_case, manifest_hash, read_manifest
 from .sitelog import site_log
 from .steps import build_steps
+
+if TYPE_CHECKING:
+    from .harmonise import Mode
 
 HISTOGRAM_BINS = 32
 _SAMPLE = 4096  # voxels per case kept for the aggregate histograms
@@ -88,6 +90,8 @@ def prepare(
 def _prepare(
     site_dir: Path, contract: Mapping[str, Any], site_steps: Sequence[Mapping[str, Any]] | None, harmonise: Mode,
 ) -> PreparedData:
+    from .harmonise import MODES, harmonise_case  # torch and MONAI: only harmonising pays for their import
+
     spec = validate_contract(contract)
     if harmonise not in MODES:
         raise ContractError(f"harmonise must be one of {list(MODES)}, got {harmonise!r}", key="harmonise")

@@ -14,8 +14,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
-import torch
-from monai.transforms import GaussianSmooth
 
 from .errors import HarmonisationError
 from .volume import Volume
@@ -114,6 +112,9 @@ class Denoise(SiteStep):
             raise HarmonisationError("site step 'denoise': sigma_mm must lie in (0, 20]")
 
     def __call__(self, volume: Volume) -> np.ndarray:
+        import torch  # here, not above: registering or listing data never pays for torch and MONAI
+        from monai.transforms import GaussianSmooth
+
         sigma = [self.values["sigma_mm"] / s for s in volume.spacing[:2]]
         slices = torch.from_numpy(np.ascontiguousarray(np.moveaxis(volume.array, -1, 0), dtype=np.float32))
         return np.moveaxis(np.asarray(GaussianSmooth(sigma=sigma)(slices)), 0, -1)
