@@ -218,3 +218,23 @@ def test_each_site_records_that_it_answered_and_sent_only_its_catalogue(hub_and_
         answered = [e for e in audit if e.get("event") == "directory_answered"]
         assert any(e.get("run_id") == answers.run_id for e in answered), audit[-3:]
         assert not [e for e in audit if e.get("event") in ("plan_submitted", "plan_pending")]
+
+
+@pytest.mark.e2e
+def test_the_side_panel_shows_a_real_hubs_sites_by_name_with_their_data(hub_and_sites, tmp_path) -> None:
+    from flip_lab.server.manager import FederationManager
+    from flip_lab.server.views import dataset_summary
+
+    hub, site_dirs = hub_and_sites
+    manager = FederationManager(tmp_path / "lab")
+    try:
+        manager.connect(hub.address)
+        rows = {row["site"]: row for row in manager.sites()}
+        assert set(rows) == {d.name for d in site_dirs}
+        assert all(row["state"] == "online" for row in rows.values())
+        assert {name: row["datasets"] for name, row in rows.items()} == {
+            d.name: dataset_summary(_published(d)) for d in site_dirs}
+        assert set(manager.catalogue()) == {d.name for d in site_dirs}
+        assert not manager.jobs(), "a directory request is not a job"
+    finally:
+        manager.close()
