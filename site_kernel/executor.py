@@ -78,7 +78,7 @@ class Executor:
         self._run_queues: dict[int, _InOrder] = {}  # kept for the site's life: one per run
         self._busy: dict[int, int] = {}  # run -> its phases in progress: that worker is not evicted
         # every message of a study carries the same bundle: read it once, not once per round
-        self._bundle: tuple[bytes, PlanBundle | DirectoryRequest] | None = None
+        self._bundle: tuple[bytes, PlanBundle] | None = None
         self._settings_cache: dict[int, dict[str, Any]] = {}
 
     # -- the loop ----------------------------------------------------------------------------------
@@ -270,14 +270,16 @@ class Executor:
         # Tasks of different studies run on threads side by side: read the cache once into a local, so that
         # another study's bundle replacing it meanwhile cannot lend this run its plan.
         cached = self._bundle
-        if cached is None or cached[0] != fab_content:
-            try:
-                cached = (fab_content, read_bundle(fab_content))
-            except BundleRefused as err:
-                raise Refusal("bundle_refused", f"site {self.settings.name} refused the bundle: {err.reason}",
-                              audit="bundle_refused") from err
-            self._bundle = cached
-        return cached[1]
+        if cached is not None and cached[0] == fab_content:
+            return cached[1]
+        try:
+            bundle = read_bundle(fab_content)
+        except BundleRefused as err:
+            raise Refusal("bundle_refused", f"site {self.settings.name} refused the bundle: {err.reason}",
+                          audit="bundle_refused") from err
+        if isinstance(bundle, PlanBundle):  # a directory request, tiny, must not evict a study's plan
+            self._bundle = (fab_content, bundle)
+        return bundle
 
     def _directory(self, message: Message, op: str, run_id: int) -> Message:
         """Answer a directory request with the site's name and public catalogue, and nothing else: no approval
