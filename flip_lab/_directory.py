@@ -5,8 +5,9 @@ A real hub relays Flower runs and knows its sites only as node ids, so ``Federat
 ``flip_lab._bundle.directory_bundle``). The hub's study process asks every online site once
 (``flip_lab.hub.directory``); each site answers with its name and public catalogue
 (``site_kernel.data.public_catalogue``) and records that it did. The answers come back as events in the run's
-log. A ``Directory`` keeps the last answers for ``TTL_S`` seconds, and for as long as no new node comes online,
-so the side panel's polling and every ``submit`` do not each start a run.
+log. A ``Directory`` keeps the last answers for as long as no new node comes online, and no longer than ``TTL_S``
+for catalogues (``catalogue()``, ``submit``) or ``NAMES_TTL_S`` for names (``sites()``, which the side panel polls),
+so neither the panel nor every ``submit`` starts a run, and a site's audit log is not filled with answers.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from site_kernel.textsafe import shown
 
 from ._protocol import EVENT_PREFIX
 
-TTL_S = 30.0
+TTL_S = 30.0  # how old the catalogues that ``submit`` checks a contract against may be
+NAMES_TTL_S = 600.0  # how old the names may be: a node's name changes only with its site's settings
 RUN_TIMEOUT_S = 60.0  # the hub answers within its own timeout (hub.directory.DIRECTORY_TIMEOUT_S) plus a start
 MAX_CATALOGUE_CHARS = 256 << 10
 DIRECTORY_FAB_ID = "flip-lab/flip-directory"  # how the hub's run list names a directory request
@@ -124,7 +126,8 @@ def ask(client: Any, timeout: float = RUN_TIMEOUT_S) -> Answers:
 
 
 class Directory:
-    """The last answers of a hub's sites, asked again when older than ``ttl`` or when a node is new to them."""
+    """The last answers of a hub's sites, asked again when older than the caller allows or when a node is new to
+    them."""
 
     def __init__(self, client: Any, ttl: float = TTL_S) -> None:
         self._client = client
@@ -132,10 +135,10 @@ class Directory:
         self._answers: Answers | None = None
         self._lock = threading.Lock()  # one request at a time; a second caller waits for the first's answers
 
-    def answers(self, online: set[int]) -> Answers:
+    def answers(self, online: set[int], max_age: float | None = None) -> Answers:
         with self._lock:
             current = self._answers
-            if (current is None or time.time() - current.asked_at > self.ttl
+            if (current is None or time.time() - current.asked_at > (self.ttl if max_age is None else max_age)
                     or not all(current.knows(n) for n in online)):
                 current = self._answers = ask(self._client)
                 for node in online - set(current.sites) - set(current.errors):  # asked, not answered: not again

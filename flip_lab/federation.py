@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ._bundle import bundle
-from ._directory import DIRECTORY_FAB_ID, Answers, Directory
+from ._directory import DIRECTORY_FAB_ID, NAMES_TTL_S, Answers, Directory
 from ._flower import ControlClient, NodeInfo, RunInfo
 from ._offer import check_offered
 from .errors import JobNotFound
@@ -166,10 +166,10 @@ class Federation:
 
     def sites(self) -> list[dict[str, Any]]:
         """The hub's sites by their own names: node id, online, last seen. The names come from the sites
-        (a directory request, asked again after ``flip_lab._directory.TTL_S`` or when a node is new); a site
+        (a directory request, asked again when a node is new or after ``flip_lab._directory.NAMES_TTL_S``); a site
         that did not answer is listed as ``node-ID``."""
         nodes = self.nodes()
-        answers, own = self._answers(nodes), self._own_nodes()
+        answers, own = self._answers(nodes, NAMES_TTL_S), self._own_nodes()
         return [{"site": self._name(n.node_id, answers), "node_id": n.node_id, "online": n.status == "online",
                  "last_seen": n.last_seen} for n in nodes if n.node_id not in own]
 
@@ -183,9 +183,9 @@ class Federation:
         """Node ids of sites whose folders this object reads directly (a local federation's own sites)."""
         return set()
 
-    def _answers(self, nodes: list[NodeInfo]) -> Answers:
+    def _answers(self, nodes: list[NodeInfo], max_age: float | None = None) -> Answers:
         online = {n.node_id for n in nodes if n.status == "online"} - self._own_nodes()
-        return self._directory.answers(online) if online else Answers()
+        return self._directory.answers(online, max_age) if online else Answers()
 
     def _name(self, node_id: int, answers: Answers) -> str:
         entry = answers.sites.get(node_id)

@@ -130,6 +130,41 @@ def test_names_and_catalogues_from_sites_are_made_safe_to_show() -> None:
         clean_catalogue({"sites": []})
 
 
+class _Hub:
+    """A Control API stand-in whose every run answers like a hub with sites ``names`` (node id -> name)."""
+
+    def __init__(self, names: dict[int, str]) -> None:
+        self.names, self.started = names, 0
+
+    def start_run(self, fab: bytes) -> int:
+        assert isinstance(read_bundle(fab), DirectoryRequest)
+        self.started += 1
+        return self.started
+
+    def stream_logs(self, run_id: int, after: float = 0.0):
+        lines = [{"type": "directory_site", "node_id": n, "site": name, "catalogue": {"datasets": {}}}
+                 for n, name in self.names.items()] + [{"type": "directory_finished"}]
+        yield "".join(f"FLIP-EVENT {json.dumps(e)}\n" for e in lines), 1.0
+
+
+def test_the_directory_asks_again_only_for_a_new_node_or_when_too_old() -> None:
+    from flip_lab._directory import Directory
+
+    hub = _Hub({1: "north", 2: "south"})
+    directory = Directory(hub, ttl=30)
+    assert {n: e["site"] for n, e in directory.answers({1, 2}).sites.items()} == {1: "north", 2: "south"}
+    directory.answers({1, 2})
+    directory.answers({1})
+    assert hub.started == 1
+    hub.names[3] = "east"
+    assert directory.answers({1, 2, 3}).sites[3]["site"] == "east" and hub.started == 2
+    directory.answers({1, 2, 3}, max_age=0)
+    assert hub.started == 3
+    directory.answers({1, 2, 3, 4})  # node 4 does not answer: it is not asked about again on every call
+    directory.answers({1, 2, 3, 4})
+    assert hub.started == 4
+
+
 # -- a real hub with two sites started on their own --------------------------------------------------------------
 @pytest.fixture(scope="module")
 def hub_and_sites(tmp_path_factory):
