@@ -4,6 +4,10 @@ A bundle is a zip file, so its compressed size says nothing about what it holds:
 deflates to a few kilobytes. Every entry is therefore read through a bounded stream and refused once
 it passes its cap, whatever its header declares, before it is decoded or parsed. Only FLIP's own
 files and components are accepted; nothing in a bundle is ever imported or executed.
+
+FLIP sends two kinds of bundle, each with its own exact set of files and run-config keys: a plan
+(a study) and a directory request (``flip-request = "directory"``: each site's name and public
+catalogue, no plan and no code). ``read_bundle`` tells them apart by their files.
 """
 
 from __future__ import annotations
@@ -21,6 +25,10 @@ PUBLISHER = "flip-lab"
 CONFIG_KEYS = frozenset(
     {"flip-plan-source", "flip-plan-spec", "flip-init-weights", "flip-resume-from", "flip-study"}
 )
+
+DIRECTORY_PROJECT = "flip-directory"  # the project name of every directory request, and of no plan
+DIRECTORY_CONFIG = {"flip-request": "directory"}
+MAX_DIRECTORY_BYTES = {"pyproject.toml": 64 << 10, "README.md": 64 << 10}
 
 MAX_PLAN_BYTES = 1 << 20  # a plan is a module of source text; 1 MiB is some 20,000 lines
 # The pyproject carries the plan's source, its spec and the initial weights in base64: 64 MiB holds
@@ -70,8 +78,17 @@ def _read_capped(zf: zipfile.ZipFile, info: zipfile.ZipInfo, cap: int) -> bytes:
     return data
 
 
-def read_entries(fab: bytes) -> dict[str, bytes]:
-    """Exactly FLIP's files (pyproject.toml, plan.py, README.md), each read within its cap."""
+@dataclass(frozen=True)
+class DirectoryRequest:
+    """A valid directory request: it carries nothing but its kind (``DIRECTORY_CONFIG``)."""
+
+    run_config: dict[str, str]
+
+
+def read_entries(fab: bytes, allowed: dict[str, int] | None = None) -> dict[str, bytes]:
+    """Exactly the files of ``allowed`` (by default a plan's: pyproject.toml, plan.py, README.md), each
+    read within its cap."""
+    allowed = MAX_ENTRY_BYTES if allowed is None else allowed
     try:
         zf = zipfile.ZipFile(io.BytesIO(fab))
     except zipfile.BadZipFile as err:
@@ -79,12 +96,12 @@ def read_entries(fab: bytes) -> dict[str, bytes]:
     with zf:
         infos = zf.infolist()
         names = [i.filename for i in infos if i.filename != FLOWER_MANIFEST]
-        if sorted(names) != sorted(MAX_ENTRY_BYTES) or len(infos) - len(names) > 1:
+        if sorted(names) != sorted(allowed) or len(infos) - len(names) > 1:
             raise BundleRefused(
-                f"the bundle's files are not exactly FLIP's ({', '.join(sorted(MAX_ENTRY_BYTES))})"
+                f"the bundle's files are not exactly FLIP's ({', '.join(sorted(allowed))})"
                 f": it holds {len(infos)} entries"
             )
-        caps = {i.filename: MAX_ENTRY_BYTES.get(i.filename, MAX_MANIFEST_BYTES) for i in infos}
+        caps = {i.filename: allowed.get(i.filename, MAX_MANIFEST_BYTES) for i in infos}
         # every declared size first, so that nothing is unpacked for a bundle refused
         for info in infos:
             _check_declared(info, caps[info.filename])
@@ -92,6 +109,57 @@ def read_entries(fab: bytes) -> dict[str, bytes]:
             return {i.filename: _read_capped(zf, i, caps[i.filename]) for i in infos}
         except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError) as err:
             raise BundleRefused("the bundle is not a readable zip file") from err
+
+
+def _entry_names(fab: bytes) -> set[str]:
+    try:
+        with zipfile.ZipFile(io.BytesIO(fab)) as zf:
+            return {name for name in zf.namelist() if name != FLOWER_MANIFEST}
+    except zipfile.BadZipFile as err:
+        raise BundleRefused("the bundle is not a readable zip file") from err
+
+
+def read_bundle(fab: bytes) -> PlanBundle | DirectoryRequest:
+    """Either kind of FLIP bundle read as data (a directory request holds exactly its two files, anything
+    else is read as a plan), or ``BundleRefused`` saying why it is neither."""
+    if _entry_names(fab) == set(MAX_DIRECTORY_BYTES):
+        return read_directory_request(fab)
+    return read_plan_bundle(fab)
+
+
+def read_directory_request(fab: bytes) -> DirectoryRequest:
+    """A FLIP directory request read as data: FLIP's components, publisher and project name, and a run
+    config of exactly ``DIRECTORY_CONFIG``."""
+    entries = read_entries(fab, MAX_DIRECTORY_BYTES)
+    try:
+        project = tomllib.loads(entries["pyproject.toml"].decode())
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
+        raise BundleRefused("the bundle's pyproject.toml is not valid UTF-8 TOML") from err
+    app = _flip_app(project)
+    if _project_name(project) != DIRECTORY_PROJECT:
+        raise BundleRefused(f"a directory request's project name is {DIRECTORY_PROJECT!r}")
+    if app.get("config") != DIRECTORY_CONFIG:
+        raise BundleRefused(
+            "the bundle's run config is not exactly a FLIP directory request's (flip-request)"
+        )
+    return DirectoryRequest(run_config=dict(DIRECTORY_CONFIG))
+
+
+def _project_name(project: dict[str, Any]) -> Any:
+    meta = project.get("project")
+    return meta.get("name") if isinstance(meta, dict) else None
+
+
+def _flip_app(project: dict[str, Any]) -> dict[str, Any]:
+    """``[tool.flwr.app]`` of a bundle that names FLIP's own components and publisher."""
+    app: Any = project.get("tool", {}).get("flwr", {}).get("app", {})
+    if not isinstance(app, dict) or app.get("components") != COMPONENTS:
+        raise BundleRefused(
+            f"the bundle asks to run components other than FLIP's own ({SERVER_APP}, {CLIENT_APP})"
+        )
+    if app.get("publisher") != PUBLISHER:
+        raise BundleRefused(f"the bundle's publisher is not {PUBLISHER!r}")
+    return app
 
 
 def read_plan_bundle(fab: bytes) -> PlanBundle:
@@ -104,13 +172,9 @@ def read_plan_bundle(fab: bytes) -> PlanBundle:
         raise BundleRefused(
             "the bundle's pyproject.toml or plan.py is not valid UTF-8 TOML/text"
         ) from err
-    app: Any = project.get("tool", {}).get("flwr", {}).get("app", {})
-    if not isinstance(app, dict) or app.get("components") != COMPONENTS:
-        raise BundleRefused(
-            f"the bundle asks to run components other than FLIP's own ({SERVER_APP}, {CLIENT_APP})"
-        )
-    if app.get("publisher") != PUBLISHER:
-        raise BundleRefused(f"the bundle's publisher is not {PUBLISHER!r}")
+    app = _flip_app(project)
+    if _project_name(project) == DIRECTORY_PROJECT:  # it would pass for one in run lists
+        raise BundleRefused(f"a plan's project name is not {DIRECTORY_PROJECT!r}")
     config = app.get("config")
     if not isinstance(config, dict) or set(config) != CONFIG_KEYS:
         raise BundleRefused(

@@ -31,6 +31,7 @@ class RunInfo:
     fab_hash: str
     pending_at: str
     finished_at: str
+    fab_id: str = ""  # "publisher/project" of the run's bundle, e.g. flip-lab/flip-plan-NAME
 
     @property
     def job_status(self) -> str:
@@ -111,6 +112,7 @@ class ControlClient:
                 fab_hash=r.fab_hash,
                 pending_at=r.pending_at,
                 finished_at=r.finished_at,
+                fab_id=r.fab_id,
             )
             for r in response.run_dict.values()
         ]

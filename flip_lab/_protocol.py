@@ -10,7 +10,7 @@ optional safetensors payload (never a pickle).
 
 from __future__ import annotations
 
-from typing import Literal, NotRequired, TypedDict
+from typing import Any, Literal, NotRequired, TypedDict
 
 EVENT_PREFIX = "FLIP-EVENT "
 WEIGHTS_PREFIX = "FLIP-WEIGHTS "
@@ -131,6 +131,34 @@ class JobFinished(TypedDict):
     t: float
 
 
+class DirectorySite(TypedDict):
+    """A site's answer to a directory request (``flip_lab._directory``): its name and public catalogue."""
+
+    type: Literal["directory_site"]
+    node_id: int
+    site: str
+    catalogue: dict[str, Any]
+    t: float
+
+
+class DirectoryError(TypedDict):
+    """A site that refused a directory request or did not answer it in time."""
+
+    type: Literal["directory_error"]
+    node_id: int
+    kind: str
+    message: str
+    t: float
+
+
+class DirectoryFinished(TypedDict):
+    type: Literal["directory_finished"]
+    asked: int
+    answered: int
+    wall_s: float
+    t: float
+
+
 Event = (
     JobStarted
     | SiteStateEvent
@@ -142,4 +170,7 @@ Event = (
     | SecureAggregation
     | JobResumed
     | JobFinished
+    | DirectorySite
+    | DirectoryError
+    | DirectoryFinished
 )

@@ -49,7 +49,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
     for name, node_id in sorted(fed.state.get("registered", {}).items()):
         print(f"registered site: {name}" + (f" (node {node_id})" if node_id else ""))
     for site in fed.sites():
-        print(f"site:  {site['site']:<12} {'online' if site['online'] else 'offline'}  pid {site['pid']}")
+        where = f"pid {site['pid']}" if site.get("pid") else f"node {site['node_id']}"  # pid: a site started here
+        print(f"site:  {site['site']:<12} {'online' if site['online'] else 'offline'}  {where}")
     print(f"stop it with: flip-lab down --workdir {workdir}")
     return 0
 

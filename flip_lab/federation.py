@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from ._bundle import bundle
-from ._offer import check_offered
+from ._directory import DIRECTORY_FAB_ID, NAMES_TTL_S, Answers, Directory
 from ._flower import ControlClient, NodeInfo, RunInfo
+from ._offer import check_offered
 from .errors import JobNotFound
 from .job import Job
 from .plan import BuiltPlan, Plan
-
 
 _OPEN_JOBS: dict[Path, Job] = {}  # job folder -> its one follower in this process
 
@@ -37,6 +37,7 @@ class Federation:
         safe = address.replace(":", "_").replace("/", "_")
         self.workdir = Path(workdir) if workdir else _default_home() / "hubs" / safe
         self._jobs: dict[int, Job] = {}
+        self._directory = Directory(self._client)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.address}>"
@@ -55,8 +56,9 @@ class Federation:
         """Send ``plan`` with the study's settings (see ``flip_lab.config.SCHEMA``); returns a ``Job`` at once.
 
         Everything that can be checked here is checked before anything leaves the notebook: settings, the plan's
-        source, its imports and names, that ``model()`` builds and, where the sites' catalogues can be read
-        (a local federation), that some site offers the contract's dataset, modality, task and labels.
+        source, its imports and names, that ``model()`` builds and, where every online site's catalogue can be
+        read (its own folder on a local federation, else a directory request through the hub), that some site
+        offers the contract's dataset, modality, task and labels.
         """
         built = plan if isinstance(plan, BuiltPlan) else plan.build({**(config or {}), **settings})
         catalogues = self._catalogues()
@@ -65,11 +67,10 @@ class Federation:
         return self._start(built)
 
     def _catalogues(self) -> dict[str, dict[str, Any]] | None:
-        """Every site's public catalogue, or None where they cannot be read from here.
-
-        A remote hub does not relay its sites' catalogues, so a contract is checked against them only at the sites.
-        """
-        return None
+        """Every online site's public catalogue, or None where some site's cannot be read (it did not answer the
+        directory request, e.g. a site of an older release): then a contract is checked only at the sites."""
+        catalogues, complete = self._foreign_catalogues(self.nodes())
+        return catalogues if complete and catalogues else None
 
     def _start(self, built: BuiltPlan, *, resume_from: int = 0, study: int = 0,
                history: list[dict[str, Any]] | None = None) -> Job:
@@ -157,15 +158,48 @@ class Federation:
         return self._start(built, resume_from=job_id, study=study, history=kept)
 
     def jobs(self) -> list[RunInfo]:
-        return self._client.list_runs()
+        """The hub's studies, oldest first (directory requests, which ``sites()`` starts, are not studies)."""
+        return [run for run in self._client.list_runs() if run.fab_id != DIRECTORY_FAB_ID]
 
     def nodes(self) -> list[NodeInfo]:
         return self._client.list_nodes()
 
     def sites(self) -> list[dict[str, Any]]:
-        """What the hub knows of its sites: node id, status, last seen."""
-        return [{"site": f"node-{n.node_id}", "node_id": n.node_id, "online": n.status == "online",
-                 "last_seen": n.last_seen} for n in self.nodes()]
+        """The hub's sites by their own names: node id, online, last seen. The names come from the sites
+        (a directory request, asked again when a node is new or after ``flip_lab._directory.NAMES_TTL_S``); a site
+        that did not answer is listed as ``node-ID``."""
+        nodes = self.nodes()
+        answers, own = self._answers(nodes, NAMES_TTL_S), self._own_nodes()
+        return [{"site": self._name(n.node_id, answers), "node_id": n.node_id, "online": n.status == "online",
+                 "last_seen": n.last_seen} for n in nodes if n.node_id not in own]
+
+    def catalogue(self) -> dict[str, Any]:
+        """Each online site's public catalogue, by site name: counts (small ones suppressed), modality, shapes,
+        label classes; no identifiers. Read through the hub (a directory request), as the sites publish it."""
+        return self._foreign_catalogues(self.nodes())[0]
+
+    # -- sites this object did not start: asked through the hub ---------------------------------------
+    def _own_nodes(self) -> set[int]:
+        """Node ids of sites whose folders this object reads directly (a local federation's own sites)."""
+        return set()
+
+    def _answers(self, nodes: list[NodeInfo], max_age: float | None = None) -> Answers:
+        online = {n.node_id for n in nodes if n.status == "online"} - self._own_nodes()
+        return self._directory.answers(online, max_age) if online else Answers()
+
+    def _name(self, node_id: int, answers: Answers) -> str:
+        entry = answers.sites.get(node_id)
+        if entry is None:
+            return f"node-{node_id}"
+        clash = [n for n, e in answers.sites.items() if e["site"] == entry["site"]]
+        return entry["site"] if len(clash) == 1 else f"{entry['site']} (node {node_id})"
+
+    def _foreign_catalogues(self, nodes: list[NodeInfo]) -> tuple[dict[str, Any], bool]:
+        """The catalogues of the online sites asked through the hub, and whether every one of them answered."""
+        online = [n.node_id for n in nodes if n.status == "online" and n.node_id not in self._own_nodes()]
+        answers = self._answers(nodes)
+        found = {self._name(n, answers): answers.sites[n]["catalogue"] for n in online if n in answers.sites}
+        return found, len(found) == len(online)
 
 
 def connect(address: str, *, root_certificates: str | bytes | None = None,

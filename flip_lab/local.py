@@ -339,6 +339,8 @@ class LocalFederation(Federation):
         return cls(workdir, state, owner=False)
 
     def sites(self) -> list[dict[str, Any]]:
+        """The sites this federation started (read from their folders) and, after them, any other site that
+        joined its hub (e.g. with ``flip-site run``), by the name it gives (see ``Federation.sites``)."""
         online = {n.node_id: n for n in self.nodes()}
         rows = []
         for name, site_dir in self.site_dirs.items():
@@ -348,18 +350,28 @@ class LocalFederation(Federation):
             rows.append({"site": name, "node_id": node_id,
                          "online": bool(node and node.status == "online" and pid and _alive(pid)),
                          "last_seen": node.last_seen if node else "", "pid": pid})
-        return rows
+        return rows + [row for row in super().sites() if row["site"] not in self.site_dirs]
 
     def catalogue(self) -> dict[str, Any]:
-        """Each site's public catalogue: counts (small ones suppressed), modality, shapes; no identifiers."""
+        """Each site's public catalogue: counts (small ones suppressed), modality, shapes; no identifiers. Its own
+        sites' are read from their folders, other sites' asked through the hub."""
+        own = self._own_catalogues()
+        return {**own, **{k: v for k, v in super().catalogue().items() if k not in own}}
+
+    def _catalogues(self) -> dict[str, dict[str, Any]] | None:
+        foreign, complete = self._foreign_catalogues(self.nodes())
+        if not complete:
+            return None  # a site of another machine did not answer: its catalogue is not known here
+        own = self._own_catalogues()
+        return {**own, **{k: v for k, v in foreign.items() if k not in own}} or None
+
+    def _own_catalogues(self) -> dict[str, Any]:
         from site_kernel.data import public_catalogue
 
         return {name: public_catalogue(site_dir) for name, site_dir in self.site_dirs.items()}
 
-    def _catalogues(self) -> dict[str, dict[str, Any]] | None:
-        if not self.site_dirs or len(self.nodes()) > len(self.site_dirs):
-            return None  # sites of other machines take part: their catalogues are not readable here
-        return self.catalogue()
+    def _own_nodes(self) -> set[int]:
+        return {n for n in map(_node_id, self.site_dirs.values()) if n is not None}
 
     def harmonisation_report(self, plan_or_contract: Any) -> dict[str, Any]:
         """Each site's published, aggregate view of what harmonisation did to its intensities (histograms before

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
-from flip_lab._bundle_read import BundleRefused, PlanBundle, read_plan_bundle
+from flip_lab._bundle_read import BundleRefused, DirectoryRequest, PlanBundle, read_bundle
 from flip_lab._packing import pack, unpack_arrays
 
 from . import _flower_runtime as rt
@@ -206,6 +206,8 @@ class Executor:
         op = message.metadata.message_type
         self._refresh_settings()
         try:
+            if isinstance(self._read_bundle(fab_content), DirectoryRequest):
+                return self._directory(message, op, run_id)
             policy = self._policy()
             source, spec, digest = self._read_plan(run_config, fab_content, run_id)
             state = self._approval_state(digest, source, spec, policy, run_id)
@@ -264,19 +266,40 @@ class Executor:
             raise Refusal("no_policy", f"site {self.settings.name} has no valid policy; nothing runs until its "
                                        "data owner writes one") from err
 
-    def _read_plan(self, run_config: dict[str, Any], fab_content: bytes, run_id: int) -> tuple[str, dict, str]:
+    def _read_bundle(self, fab_content: bytes) -> PlanBundle | DirectoryRequest:
         # Tasks of different studies run on threads side by side: read the cache once into a local, so that
         # another study's bundle replacing it meanwhile cannot lend this run its plan.
         cached = self._bundle
-        if cached is None or cached[0] != fab_content:
-            try:
-                cached = (fab_content, read_plan_bundle(fab_content))
-            except BundleRefused as err:
-                raise Refusal("bundle_refused", f"site {self.settings.name} refused the bundle: {err.reason}",
-                              audit="bundle_refused") from err
-            self._bundle = cached
+        if cached is not None and cached[0] == fab_content:
+            return cached[1]
+        try:
+            bundle = read_bundle(fab_content)
+        except BundleRefused as err:
+            raise Refusal("bundle_refused", f"site {self.settings.name} refused the bundle: {err.reason}",
+                          audit="bundle_refused") from err
+        if isinstance(bundle, PlanBundle):  # a directory request, tiny, must not evict a study's plan
+            self._bundle = (fab_content, bundle)
+        return bundle
+
+    def _directory(self, message: Message, op: str, run_id: int) -> Message:
+        """Answer a directory request with the site's name and public catalogue, and nothing else: no approval
+        is needed, since it is what the data owner publishes (``flip-site data catalogue``) and no plan runs."""
+        from .data import public_catalogue
+
+        if op != "query" or _query_op(message) != "directory":
+            raise Refusal("bundle_refused", f"site {self.settings.name} answers a directory request's "
+                                            "directory query only", audit="bundle_refused")
+        catalogue = public_catalogue(self.site_dir)
+        self.audit.append("directory_answered", run_id=run_id, datasets=sorted(catalogue["datasets"]))
+        info = {"site": self.settings.name, "catalogue": json.dumps(catalogue, sort_keys=True, default=str)}
+        return Message(RecordDict({"flip": ConfigRecord(info)}), reply_to=message)
+
+    def _read_plan(self, run_config: dict[str, Any], fab_content: bytes, run_id: int) -> tuple[str, dict, str]:
+        bundle = self._read_bundle(fab_content)
+        if not isinstance(bundle, PlanBundle):
+            raise Refusal("bundle_refused", "the bundle carries no FLIP plan", audit="bundle_refused")
         # the plan is read from the bundle itself, as data, not from settings a submitter may override
-        run_config = cached[1].run_config
+        run_config = bundle.run_config
         try:
             source = str(run_config["flip-plan-source"])
             spec = json.loads(str(run_config["flip-plan-spec"]))

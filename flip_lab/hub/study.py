@@ -4,7 +4,8 @@ It does what Flower's ``flwr-serverapp`` does (pull the task's input, keep its h
 output to the SuperLink's logs, push the task's result) except the one step that ran a submitter's
 code: instead of installing the bundle and importing the ServerApp it names, it reads the bundle as
 data (:mod:`flip_lab._bundle_read`) and calls FLIP's installed ServerApp with the run config found
-there. A bundle that is not exactly a FLIP plan is refused: the run ends failed with the reason, the
+there, or, for a directory request, asks the sites for their names and catalogues
+(:mod:`flip_lab.hub.directory`). A bundle that is not exactly FLIP's is refused: the run ends failed with the reason, the
 hub's log says so and ``HUB/refusals.jsonl`` records it. Output goes through Flower's log uploader
 because that is how researchers' jobs receive their events.
 """
@@ -34,7 +35,7 @@ from flwr.supercore.logger import (
 from flwr.supercore.task_identity import TaskIdentity
 from flwr.superlink.grid import HttpGrid
 
-from .._bundle_read import BundleRefused, read_plan_bundle
+from .._bundle_read import BundleRefused, DirectoryRequest, read_bundle
 
 log = logging.getLogger("flip.hub")
 REFUSALS = "refusals.jsonl"
@@ -60,7 +61,7 @@ def _drop_privileges() -> None:
     import safetensors.numpy  # noqa: F401
 
     from .. import _flower  # noqa: F401
-    from . import server_app  # noqa: F401
+    from . import directory, server_app  # noqa: F401
 
     # the hub's folder may lie below folders only root may pass (e.g. /tmp/pytest-of-root): the
     # study works in it by relative paths from its working folder, entered while it still can
@@ -114,7 +115,7 @@ def run_task(address: str, token: str, root_certificates: bytes | None) -> None:
             log_queue=log_queue, node_id=0, run_id=run.run_id, client=grid._runtime_client
         )
         try:
-            bundle = read_plan_bundle(fab.content)
+            bundle = read_bundle(fab.content)
             if run.override_config:
                 raise BundleRefused(
                     "a FLIP run takes its settings from its plan, not from run-config overrides"
@@ -124,10 +125,16 @@ def run_task(address: str, token: str, root_certificates: bytes | None) -> None:
             log.warning("run %s %s", run.run_id, details)
             _record_refusal(run.run_id, fab.hash_str, err.reason)
             return
-        from .server_app import app
-
         context.run_config = dict(bundle.run_config)
-        app(grid=grid, context=context)
+        if isinstance(bundle, DirectoryRequest):
+            from .directory import answer_directory
+            from .events import EventSink
+
+            answer_directory(grid, EventSink())
+        else:
+            from .server_app import app
+
+            app(grid=grid, context=context)
         context.state = RecordDict()  # as flwr-serverapp: the study's state stays on the hub
         status, details = SubStatus.COMPLETED, ""
     except KeyboardInterrupt:  # Flower's heartbeat interrupts a study whose run was stopped

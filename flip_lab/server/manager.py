@@ -122,9 +122,10 @@ class FederationManager:
             return copy.deepcopy(self._jobs.rows())
 
     def catalogue(self) -> dict[str, Any]:
-        """Each site's public catalogue (counts, modalities, ranges; no identifiers). Remote hubs publish none."""
+        """Each site's public catalogue (counts, modalities, ranges; no identifiers), by site name; a remote hub's
+        sites answer through it (``Federation.catalogue``)."""
         conn = self._require()
-        return conn.local.catalogue() if conn.local is not None else {}
+        return conn.local.catalogue() if conn.local is not None else conn.hub.catalogue()
 
     # -- choosing a federation ----------------------------------------------------------------------------
     def connect(self, address: str = "", *, workdir: str = "", ca_file: str = "") -> ConnectionInfo:
@@ -273,6 +274,11 @@ class FederationManager:
         try:
             rows = conn.local.sites() if conn.local is not None else conn.hub.sites()
             runs = conn.hub.jobs()[-self.max_jobs:]
+            with self._lock:
+                unknown = {str(row["site"]) for row in rows} - set(self._datasets)
+            # sites the panel has no summary of yet (a remote hub's, or ones that joined a local hub): the
+            # directory request behind sites() answered with their catalogues, so this asks the hub nothing new
+            found = (conn.local or conn.hub).catalogue() if unknown else {}
         except HubUnreachable as err:
             self._lost_contact(conn, generation, err)
             return
@@ -281,6 +287,7 @@ class FederationManager:
                 return
             if self._info["state"] != "connected":
                 self._set_state("connected", "The hub answers again. " + conn.describe())
+            self._datasets.update({name: dataset_summary(found[name]) if name in found else "" for name in unknown})
             if self._sites.update(rows, self._datasets, self._clock()):
                 self._emit({"type": "sites", "sites": self._sites.rows()})
             fresh = [run for run in runs if str(run.run_id) not in self._jobs]
