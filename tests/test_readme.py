@@ -79,6 +79,7 @@ RUN_BY = {
     "fed.job": "test_e2e_spine::test_reattach_by_id_from_a_new_connection",
     "fed.resume": "test_e2e_hub_restart::test_a_study_interrupted_by_a_hub_crash_resumes_with_identical_weights",
     "fed.catalogue": "notebooks/quickstart.ipynb",
+    "fed.sites": "test_directory::test_connect_names_the_sites_and_reads_their_catalogues",
     "fed.harmonisation_report": "notebooks/workshop/02_heterogeneity_and_harmonisation.ipynb",
     "flip_lab.plots.harmonisation_distributions": "notebooks/workshop/02_heterogeneity_and_harmonisation.ipynb",
 }
