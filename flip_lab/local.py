@@ -258,6 +258,7 @@ class LocalFederation(Federation):
         hub_command(listen_host, listen_port, hub_certs)  # refuses plain HTTP beyond loopback before anything starts
         bundles = _site_bundles(Path(certs), n_sites) if certs is not None and n_sites else []
         # absolute: the hub's processes run in its own folder, where a relative path would point elsewhere
+        temporary = not workdir
         workdir = Path(workdir).absolute() if workdir else Path(tempfile.mkdtemp(prefix="flip-federation-"))
         workdir.mkdir(parents=True, exist_ok=True)
         workdir.chmod(0o755)  # site workers run as unprivileged users and must reach their job folders
@@ -269,7 +270,7 @@ class LocalFederation(Federation):
             )
         pids: list[int] = []
         state: dict[str, Any] = {"workdir": str(workdir), "pids": pids, "sites": {}, "site_pids": {},
-                                 "started": time.time(), "owner_pid": os.getpid()}
+                                 "started": time.time(), "owner_pid": os.getpid(), "temporary": temporary}
         try:
             hub_port = listen_port or free_port(listen_host)
             dial = _dial_host(listen_host)
@@ -321,6 +322,8 @@ class LocalFederation(Federation):
         except BaseException:  # KeyboardInterrupt included: nothing half-started is left behind
             stop_pids(pids)
             (workdir / STATE).unlink(missing_ok=True)
+            if temporary:
+                remove(workdir)
             raise
 
     @classmethod
@@ -434,10 +437,14 @@ class LocalFederation(Federation):
                   "the sites did not all reconnect to the restarted hub", self.workdir / "sites")
 
     def shutdown(self) -> None:
-        """Stop the hub and every site by PID; nothing is left listening."""
+        """Stop the hub and every site by PID; nothing is left listening. A folder that ``start`` created for
+        itself (no ``workdir`` given) is removed with everything in it; a folder given by its caller is kept.
+        """
         stop_pids(list(self.state.get("pids", [])))
         (self.workdir / STATE).unlink(missing_ok=True)
         self.close()
+        if self.state.get("temporary"):
+            remove(self.workdir)
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
