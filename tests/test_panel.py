@@ -40,10 +40,27 @@ def test_no_plan_or_an_ambiguous_one_says_what_to_do(namespace, words):
 
 
 def test_study_settings_come_from_study_config_or_the_defaults():
-    assert find_config({}) == {}
-    assert find_config({"study_config": {"rounds": 4}}) == {"rounds": 4}
+    config, source = find_config({})
+    assert config == {} and source.startswith("the defaults")
+    assert find_config({"study_config": {"rounds": 4}})[0] == {"rounds": 4}
     with pytest.raises(PlanError, match="must be a dict of study settings"):
         find_config({"study_config": [("rounds", 4)]})
+
+
+def test_without_study_config_dispatch_takes_the_settings_of_the_plans_last_submit(plan, monkeypatch):
+    """A notebook that submits with keywords (fed.submit(plan, lr=3e-3, ...)) dispatches with those keywords,
+    not with the defaults; a notebook's study_config still wins."""
+    sent = []
+    monkeypatch.setattr(flip_lab.Federation, "_start", lambda self, built: sent.append(built) or "job")
+    monkeypatch.setattr(flip_lab.Federation, "_catalogues", lambda self: None)
+    fed = flip_lab.Federation("127.0.0.1:9", workdir="unused")
+    try:
+        fed.submit(plan, {"rounds": 2}, lr=3e-3, local_epochs=3)
+    finally:
+        fed.close()
+    assert find_config({"plan": plan}, plan) == ({"rounds": 2, "lr": 3e-3, "local_epochs": 3},
+                                                 "the plan's last fed.submit in this notebook")
+    assert find_config({"plan": plan, "study_config": {"rounds": 5}}, plan)[0] == {"rounds": 5}
 
 
 def test_dispatch_without_a_federation_says_to_connect_first(plan):
@@ -70,4 +87,7 @@ def test_dispatch_submits_the_plan_with_study_config_and_prints_the_job_id(plan,
     monkeypatch.setattr(LocalFederation, "attach", classmethod(lambda cls, workdir: Recording()))
     job = dispatch(workdir=str(tmp_path), namespace={"plan": plan, "study_config": {"rounds": 4}})
     assert submitted == [(plan, {"rounds": 4})] and job.id == 42
-    assert "as job 42 (4 rounds) to the hub at 127.0.0.1:9" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "as job 42 (4 rounds) to the hub at 127.0.0.1:9" in out
+    assert "Settings from the notebook's `study_config`: rounds=4" in out
+
