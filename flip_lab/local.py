@@ -30,6 +30,10 @@ STATE = "federation.json"
 HUB_START_TIMEOUT = 30.0
 HUB_DATABASE = "superlink.db"  # the hub's state (sites, runs), so that a restarted hub knows its sites
 SITE_START_TIMEOUT = 60.0
+# The Jupyter server extension names its state folder in this variable, so the kernels it starts can find the local
+# federation its panel runs; the folder's PANEL_CONNECTION says which federation that is.
+PANEL_ENV = "FLIP_LAB_PANEL_STATE"
+PANEL_CONNECTION = "connection.json"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -219,6 +223,7 @@ class LocalFederation(Federation):
         self.state = state
         self.site_dirs = {name: Path(p) for name, p in state["sites"].items()}
         self._owner = owner
+        self.joined = False  # found running by ``local_federation()`` (the Lab panel's): ``shutdown`` leaves it running
         if owner:
             atexit.register(self.shutdown)
 
@@ -439,7 +444,13 @@ class LocalFederation(Federation):
     def shutdown(self) -> None:
         """Stop the hub and every site by PID; nothing is left listening. A folder that ``start`` created for
         itself (no ``workdir`` given) is removed with everything in it; a folder given by its caller is kept.
+
+        A federation that ``flip_lab.local_federation()`` joined (the one the JupyterLab panel runs) is only let
+        go of: it keeps running for the panel, which stops it.
         """
+        if self.joined:
+            self.close()
+            return
         stop_pids(list(self.state.get("pids", [])))
         (self.workdir / STATE).unlink(missing_ok=True)
         self.close()
@@ -528,6 +539,26 @@ def _start_reaper(workdir: Path, parent: int, pids: list[int]) -> None:
     subprocess.Popen([sys.executable, "-m", "flip_lab._reaper", str(parent), str(workdir), *map(str, pids)],
                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                      start_new_session=True)
+
+
+def panel_federation() -> LocalFederation | None:
+    """The local federation that the FLIP panel of this kernel's JupyterLab runs, or None (no Lab, as under
+    papermill or plain Python; a panel connected to a remote hub; nothing running)."""
+    store = os.environ.get(PANEL_ENV)
+    if not store:
+        return None
+    try:
+        saved = json.loads((Path(store) / PANEL_CONNECTION).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(saved, dict) or saved.get("kind") != "local" or saved.get("stopped") or not saved.get("workdir"):
+        return None
+    try:
+        fed = LocalFederation.attach(saved["workdir"])
+    except FederationError:
+        return None
+    fed.joined = True
+    return fed
 
 
 def default_workdir(name: str = "default") -> Path:

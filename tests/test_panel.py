@@ -91,3 +91,61 @@ def test_dispatch_submits_the_plan_with_study_config_and_prints_the_job_id(plan,
     assert "as job 42 (4 rounds) to the hub at 127.0.0.1:9" in out
     assert "Settings from the notebook's `study_config`: rounds=4" in out
 
+
+@pytest.fixture
+def panel_store(tmp_path, monkeypatch):
+    """A Jupyter server's state folder as its kernels see it, its panel running a local federation in WORKDIR."""
+    from flip_lab.local import PANEL_CONNECTION, PANEL_ENV
+
+    store = tmp_path / "lab"
+    store.mkdir()
+    (store / PANEL_CONNECTION).write_text('{"kind": "local", "workdir": "/panel/fed", "stopped": false}')
+    monkeypatch.setenv(PANEL_ENV, str(store))
+    started, attached = [], []
+
+    def attach(cls, workdir):
+        attached.append(str(workdir))
+        state = {"hub_port": 9, "pids": [], "sites": {"a": "/a", "b": "/b"}, "site_pids": {}}
+        return LocalFederation(Path(workdir), state, owner=False)
+
+    monkeypatch.setattr(LocalFederation, "attach", classmethod(attach))
+    monkeypatch.setattr(LocalFederation, "start", classmethod(lambda cls, n, **kw: started.append((n, kw)) or "own"))
+    return SimpleNamespace(path=store, started=started, attached=attached)
+
+
+def test_a_notebook_in_lab_joins_the_federation_its_panel_runs(panel_store, capsys):
+    fed = flip_lab.local_federation(3, scale=0.5)
+    assert panel_store.attached == ["/panel/fed"] and not panel_store.started
+    assert fed.joined and fed.address == "127.0.0.1:9"
+    assert "Using the local federation of the FLIP Lab panel" in capsys.readouterr().out
+    fed.close()
+
+
+@pytest.mark.parametrize("saved, kwargs", [
+    (None, {}),  # papermill, plain Python, a Lab whose panel started nothing
+    ('{"kind": "remote", "address": "hub:9093", "workdir": ""}', {}),
+    ('{"kind": "local", "workdir": "/panel/fed", "stopped": true}', {}),
+    ('{"kind": "local", "workdir": "/panel/fed", "stopped": false}', {"workdir": "/mine"}),
+])
+def test_a_notebook_starts_its_own_federation_when_the_panel_runs_none_or_a_folder_is_given(panel_store, saved,
+                                                                                            kwargs):
+    from flip_lab.local import PANEL_CONNECTION
+
+    if saved is None:
+        (panel_store.path / PANEL_CONNECTION).unlink()
+    else:
+        (panel_store.path / PANEL_CONNECTION).write_text(saved)
+    assert flip_lab.local_federation(2, **kwargs) == "own"
+    assert panel_store.started == [(2, kwargs)] and not panel_store.attached
+
+
+def test_shutdown_of_a_joined_federation_leaves_the_panels_running(monkeypatch, tmp_path):
+    import flip_lab.local as local
+
+    stopped = []
+    monkeypatch.setattr(local, "stop_pids", lambda pids, timeout=8.0: stopped.append(pids))
+    (tmp_path / local.STATE).write_text("{}")
+    fed = LocalFederation(tmp_path, {"hub_port": 9, "pids": [1], "sites": {}, "site_pids": {}}, owner=False)
+    fed.joined = True
+    fed.shutdown()
+    assert not stopped and (tmp_path / local.STATE).exists()

@@ -192,18 +192,29 @@ export function dispatchCode(c: IConnectionInfo): string | null {
   return `import flip_lab.panel\nflip_lab.panel.dispatch(${args});`;
 }
 
+/** The federation as a notebook names it, e.g. `flip_lab.attach("/home/me/.flip-lab/lab/local")`; `null` when
+ * not connected. */
+export function federationCode(c: IConnectionInfo): string | null {
+  if (c.workdir) {
+    return `flip_lab.attach(${py(c.workdir)})`;
+  }
+  if (c.address) {
+    const ca = c.ca_file ? `, root_certificates=${py(c.ca_file)}` : '';
+    return `flip_lab.connect(${py(c.address)}${ca})`;
+  }
+  return null;
+}
+
+/** The one line a notebook pastes to use the panel's federation. */
+export function attachLine(c: IConnectionInfo): string | null {
+  const federation = federationCode(c);
+  return federation ? `fed = ${federation}` : null;
+}
+
 /** The cell "Open dashboard" inserts: re-attach to the job by id and display it. */
 export function dashboardCode(c: IConnectionInfo, jobId: string): string | null {
-  if (!/^\d+$/.test(jobId)) {
-    return null;
-  }
-  let federation: string;
-  if (c.workdir) {
-    federation = `flip_lab.attach(${py(c.workdir)})`;
-  } else if (c.address) {
-    const ca = c.ca_file ? `, root_certificates=${py(c.ca_file)}` : '';
-    federation = `flip_lab.connect(${py(c.address)}${ca})`;
-  } else {
+  const federation = federationCode(c);
+  if (!/^\d+$/.test(jobId) || federation === null) {
     return null;
   }
   return `import flip_lab\n\n${federation}.job(${jobId})`;

@@ -1,10 +1,12 @@
 /**
  * The FLIP Lab side panel: the connection, the sites and the jobs, in words a researcher can act on.
  */
+import { Clipboard } from '@jupyterlab/apputils';
 import { ReactWidget, UseSignal } from '@jupyterlab/ui-components';
 import * as React from 'react';
 
 import {
+  attachLine,
   connectionHeadline,
   errorWords,
   IHeadline,
@@ -19,7 +21,7 @@ import { flipIcon } from './icon';
 import { PanelModel } from './model';
 import { MetricSparkline } from './sparklineView';
 import { isFinal } from './state';
-import { IJobSummary, ISiteRow } from './types';
+import { IConnectionInfo, IJobSummary, ISiteRow } from './types';
 
 export interface IPanelActions {
   dispatch: () => void;
@@ -136,6 +138,7 @@ function FederationSection(props: { model: PanelModel }): JSX.Element {
         </div>
       )}
       {model.busy && <div className="jp-FlipLab-muted">{model.busy} ...</div>}
+      {connection.state === 'connected' && <AttachLine connection={connection} />}
       {canStart && (
         <div className="jp-FlipLab-form">
           <div className="jp-FlipLab-row">
@@ -200,6 +203,37 @@ function FederationSection(props: { model: PanelModel }): JSX.Element {
         </div>
       )}
     </section>
+  );
+}
+
+/** The line a notebook pastes to use this federation, with a button that copies it. */
+function AttachLine(props: { connection: IConnectionInfo }): JSX.Element | null {
+  const line = attachLine(props.connection);
+  const [copied, setCopied] = React.useState(false);
+  if (line === null) {
+    return null;
+  }
+  const hint =
+    props.connection.kind === 'local'
+      ? 'Notebooks here use it by themselves (flip_lab.local_federation()), or paste:'
+      : 'Use it from a notebook:';
+  return (
+    <div className="jp-FlipLab-attach" aria-label="Use this federation from a notebook">
+      <div className="jp-FlipLab-muted">{hint}</div>
+      <div className="jp-FlipLab-row">
+        <code className="jp-FlipLab-attachLine">{line}</code>
+        <button
+          className="jp-FlipLab-button"
+          title="Copy this line to paste it into a notebook"
+          onClick={() => {
+            Clipboard.copyToSystem(line);
+            setCopied(true);
+          }}
+        >
+          {copied ? 'Copied' : 'Copy'}
+        </button>
+      </div>
+    </div>
   );
 }
 

@@ -3,6 +3,7 @@ import assert from 'node:assert/strict';
 
 import {
   connectionHeadline,
+  attachLine,
   dashboardCode,
   dispatchCode,
   errorWords,
@@ -39,6 +40,12 @@ test('dashboard code re-attaches to the job by id and refuses ids that are not n
     'import flip_lab\n\nflip_lab.connect("hub:9093", root_certificates="/ca.pem").job(18446744073709551615)'
   );
   assert.equal(dashboardCode(local, '1); import os'), null);
+});
+
+test('attachLine is the one line a notebook pastes to use the panel\'s federation', () => {
+  assert.equal(attachLine(local), 'fed = flip_lab.attach("/tmp/fed \\"x\\"")');
+  assert.equal(attachLine(remote), 'fed = flip_lab.connect("hub:9093", root_certificates="/ca.pem")');
+  assert.equal(attachLine(DISCONNECTED), null);
 });
 
 for (const [seconds, words] of [
