@@ -79,7 +79,7 @@ class Dashboard:
         self.finalized = False
         self.headline = widgets.HTML()
         self.progress = widgets.IntProgress(value=0, min=0, max=max(1, self.view.rounds), description="round",
-                                            bar_style="info")
+                                            bar_style="info", style={"description_width": "initial"})
         self.states = widgets.HTML()
         self.curves = widgets.Image(format="png", layout=widgets.Layout(max_width="100%"))
         self.governance = widgets.HTML()
@@ -126,7 +126,7 @@ class Dashboard:
             self.headline.value = f"<b>{html.escape(_display.headline(view))}</b>"
             self.progress.max = max(1, view.rounds, view.released)
             self.progress.value = view.released
-            self.progress.description = f"{view.released}/{view.rounds or '?'}"
+            self.progress.description = f"{view.released}/{view.rounds or '?'} done"  # rounds completed
             self.states.value = _TABLE_STYLE + _display.html_table(rows, columns=states)
             self.governance.value = (
                 f"<details open><summary>governance: plan <code title='{html.escape(view.plan_hash)}'>"

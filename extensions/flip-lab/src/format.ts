@@ -113,8 +113,14 @@ export function siteStateWord(state: string): string {
   return SITE_STATE_WORDS[state] ?? state.replace(/_/g, ' ');
 }
 
+/**
+ * "round k of n" means what the notebook's dashboard means by it (`flip_lab.display.round_words`): while a job
+ * runs, k is the round in progress; once it has ended, the rounds completed.
+ */
 export function jobHeadline(job: IJobSummary): IHeadline {
   const of = job.rounds ? ` of ${job.rounds}` : '';
+  const released = job.released ?? 0;
+  const plural = (job.rounds ?? released) === 1 ? 'round' : 'rounds';
   switch (job.status) {
     case 'pending':
       return { tone: 'busy', title: 'Waiting for the hub to start it', detail: '' };
@@ -129,13 +135,13 @@ export function jobHeadline(job: IJobSummary): IHeadline {
     case 'completed':
       return {
         tone: 'ok',
-        title: `Completed · ${job.round}${of} rounds`,
+        title: `Completed · ${released}${of} ${plural}`,
         detail: job.message
       };
     case 'cancelled':
       return {
         tone: 'warn',
-        title: job.round > 0 ? `Cancelled after round ${job.round}${of}` : 'Cancelled before the first round',
+        title: released > 0 ? `Cancelled after ${released}${of} ${plural}` : 'Cancelled before a round was completed',
         detail: ''
       };
     case 'failed':
@@ -164,7 +170,7 @@ export function progress(job: IJobSummary): number {
   if (job.status === 'completed') {
     return 1;
   }
-  return job.rounds ? Math.min(1, job.round / job.rounds) : 0;
+  return job.rounds ? Math.min(1, (job.released ?? 0) / job.rounds) : 0;
 }
 
 export function formatMetric(value: number): string {

@@ -69,16 +69,18 @@ test('a flapping site says how often it dropped out; an offline one when it was 
 });
 
 const base: IJobSummary = {
-  id: '1', status: 'running', round: 1, rounds: 3, message: '', submitted: '', strategy: '',
+  id: '1', status: 'running', round: 2, released: 1, rounds: 3, message: '', submitted: '', strategy: '',
   metrics: {}, site_states: {}, errors: []
 };
 
 for (const [job, tone, title] of [
-  [{ ...base }, 'busy', 'Running · round 1 of 3'],
-  [{ ...base, round: 0 }, 'busy', 'Running · sites preparing'],
-  [{ ...base, status: 'completed', round: 3 }, 'ok', 'Completed · 3 of 3 rounds'],
+  // round 2 is in progress after round 1 was released: "round 2 of 3", as the dashboard says
+  [{ ...base }, 'busy', 'Running · round 2 of 3'],
+  [{ ...base, round: 0, released: 0 }, 'busy', 'Running · sites preparing'],
+  [{ ...base, status: 'completed', round: 3, released: 3 }, 'ok', 'Completed · 3 of 3 rounds'],
+  [{ ...base, status: 'completed', round: 1, released: 1, rounds: 1 }, 'ok', 'Completed · 1 of 1 round'],
   [{ ...base, status: 'failed', message: 'site a failed' }, 'error', 'Failed'],
-  [{ ...base, status: 'cancelled' }, 'warn', 'Cancelled after round 1 of 3'],
+  [{ ...base, status: 'cancelled' }, 'warn', 'Cancelled after 1 of 3 rounds'],
   [{ ...base, status: 'pending' }, 'busy', 'Waiting for the hub to start it']
 ] as Array<[IJobSummary, string, string]>) {
   test(`job ${job.status} at round ${job.round} reads "${title}"`, () => {
