@@ -198,6 +198,7 @@ def test_finalize_fills_the_outputs_reserved_under_the_widget(tmp_path: Path, sh
     assert "<table>" in table.data["text/html"] and "site2" in table.data["text/html"]
     assert "| site0 | done |" in table.data["text/markdown"]
     assert dash.finalized
+    assert dash.widget.layout.display == "none", "the finished job's plots show once: in the static output"
 
 
 def test_show_as_a_cells_last_expression_displays_once(tmp_path: Path, shell: InteractiveShell) -> None:
