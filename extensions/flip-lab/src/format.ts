@@ -11,10 +11,13 @@ export interface IHeadline {
   detail: string;
 }
 
-export function connectionHeadline(c: IConnectionInfo): IHeadline {
+/** `elapsedS`: seconds since the panel saw the local federation start, counted instead of a promised duration. */
+export function connectionHeadline(c: IConnectionInfo, elapsedS?: number): IHeadline {
   switch (c.state) {
-    case 'starting':
-      return { tone: 'busy', title: 'Starting the local federation', detail: c.message };
+    case 'starting': {
+      const elapsed = elapsedS === undefined ? '' : ` · ${Math.max(0, Math.floor(elapsedS))} s so far`;
+      return { tone: 'busy', title: `Starting the local federation${elapsed}`, detail: c.message };
+    }
     case 'connected':
       return {
         tone: 'ok',

@@ -110,6 +110,14 @@ test('the connection headline says every state in words', () => {
   }
 });
 
+test('a starting federation counts its seconds instead of promising a duration', () => {
+  const starting = { ...DISCONNECTED, state: 'starting' as const };
+  assert.equal(connectionHeadline(starting).title, 'Starting the local federation');
+  assert.equal(connectionHeadline(starting, 42.7).title, 'Starting the local federation · 42 s so far');
+  assert.equal(connectionHeadline({ ...DISCONNECTED, state: 'connected' as const, kind: 'local' as const }, 5).title,
+    'Local federation running');
+});
+
 test('the stream banner counts down the reconnect and disappears when live', () => {
   assert.equal(streamBanner({ kind: 'live' }), null);
   const text = streamBanner({ kind: 'reconnecting', attempt: 3, delayMs: 4000 })!;
