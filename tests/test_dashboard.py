@@ -278,3 +278,18 @@ def test_round_words_say_the_round_in_progress_then_the_rounds_completed(events:
     from flip_lab.display import headline
 
     assert headline(JobView.from_events(events, job_id=7)) == f"Job 7: {words}"
+
+
+def test_a_job_cancelled_during_round_2_reads_one_round_completed(tmp_path: Path) -> None:
+    """A cancelled run sends no final event of its own: the job settles it from the rounds released, not from the
+    round the sites had reached."""
+    job = empty_job(tmp_path, rounds=3)
+    dash = Dashboard(job)
+    for event in [{"type": "job_started", "rounds": 3, "t": T0},
+                  {"type": "aggregate", "round": 1, "phase": "train", "metrics": {"loss": 0.5}, "t": T0 + 1},
+                  {"type": "site_state", "round": 2, "site": "a", "state": "training", "t": T0 + 2}]:
+        job._apply(event)
+    assert "running, round 2 of 3" in dash.headline.value
+    job._settle("cancelled", "cancelled")
+    assert job.events[-1]["rounds_completed"] == 1
+    assert "cancelled, 1 of 3 rounds" in dash.headline.value
