@@ -4,8 +4,9 @@ One researcher's path: open Lab, open the panel, start a local federation of two
 online and the line that attaches a notebook to them, run a notebook that defines a plan, dispatch it with the
 notebook toolbar's command, open the job's live dashboard from the panel while it runs and watch its per-site curves
 grow round by round in the notebook while the panel follows the job to its last round (both saying the same round),
-reload Lab (the panel comes back where it was, with the job), and stop the federation. Screenshots go to test-artifacts/lab-ui/; the pictures of the panel and of the dashboard become
-docs/images/panel.png and docs/images/dashboard.png (the README's) when there are none yet or
+see a notebook's local_federation() join the panel's federation, reload Lab (the panel comes back where it was,
+with the job), and stop the federation. Screenshots go to test-artifacts/lab-ui/; the pictures of the panel and of
+the dashboard become docs/images/panel.png and docs/images/dashboard.png (the README's) when there are none yet or
 FLIP_LAB_UPDATE_SCREENSHOTS=1.
 """
 
@@ -158,6 +159,18 @@ def test_researcher_starts_a_federation_dispatches_a_plan_and_watches_it_finish(
             panel.get_by_role("button", name="Dismiss").click()
             expect(panel.get_by_text("Dispatched plan")).to_have_count(0)
             panel.locator(".jp-FlipLab-body").screenshot(path=str(ARTIFACTS / "panel.png"))
+
+            # A notebook of this Lab asking for a local federation gets the panel's: no second one starts.
+            cells.last.click()
+            page.keyboard.press("Escape")
+            page.keyboard.press("b")
+            expect(cells).to_have_count(3)
+            page.keyboard.press("Enter")  # edit the new cell
+            page.keyboard.type("import flip_lab; fed = flip_lab.local_federation(2); print(fed.joined, fed.workdir)")
+            page.keyboard.press("Shift+Enter")
+            joined = cells.nth(2).locator(".jp-OutputArea-output")
+            expect(joined).to_contain_text("Using the local federation of the FLIP Lab panel", timeout=60_000)
+            expect(joined).to_contain_text(f"True {server.local_workdir()}")
 
             # A reload restores the layout: the panel is open again and shows the finished job.
             page.reload()
