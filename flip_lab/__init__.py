@@ -34,9 +34,19 @@ def __getattr__(name: str) -> Any:
 
 
 def local_federation(n_sites: int = 3, **kwargs: Any) -> Any:
-    """Start a hub and ``n_sites`` simulated hospitals on 127.0.0.1 (see ``flip_lab.local.LocalFederation.start``)."""
-    from .local import LocalFederation
+    """Start a hub and ``n_sites`` simulated hospitals on 127.0.0.1 (see ``flip_lab.local.LocalFederation.start``).
 
+    In JupyterLab, while the FLIP panel runs a local federation, a notebook uses that one instead of starting a
+    second beside it (its ``shutdown()`` then leaves it running for the panel). Give ``workdir`` to start a
+    federation of your own anyway. Outside Lab (papermill, plain Python) a new federation always starts.
+    """
+    from .local import LocalFederation, panel_federation
+
+    if not kwargs.get("workdir") and (joined := panel_federation()) is not None:
+        n = len(joined.site_dirs)
+        print(f"Using the local federation of the FLIP Lab panel: a hub at {joined.address} and {n} simulated "
+              f"hospital{'s' if n != 1 else ''} (stop it from the panel).")
+        return joined
     return LocalFederation.start(n_sites, **kwargs)
 
 

@@ -12,7 +12,8 @@ Widget state renders nowhere in a notebook executed headless (papermill, nbclien
 two display outputs (``IPython.display`` handles with a ``display_id``) right under the widget; when the job
 finishes, ``finalize()`` fills them with a static PNG of the curves and an HTML/markdown summary table. nbclient
 applies display updates to the cell that created them, so the saved notebook shows the final state even when the
-job finished while a later cell (``job.wait()``) was running.
+job finished while a later cell (``job.wait()``) was running. Once they hold the final state the widget hides
+itself, so a finished job shows its curves and its table once.
 
 Nothing here raises into the researcher's cell: every failure is logged to the ``flip_lab`` logger and the
 dashboard carries on with what it has.
@@ -79,7 +80,7 @@ class Dashboard:
         self.finalized = False
         self.headline = widgets.HTML()
         self.progress = widgets.IntProgress(value=0, min=0, max=max(1, self.view.rounds), description="round",
-                                            bar_style="info")
+                                            bar_style="info", style={"description_width": "initial"})
         self.states = widgets.HTML()
         self.curves = widgets.Image(format="png", layout=widgets.Layout(max_width="100%"))
         self.governance = widgets.HTML()
@@ -126,7 +127,7 @@ class Dashboard:
             self.headline.value = f"<b>{html.escape(_display.headline(view))}</b>"
             self.progress.max = max(1, view.rounds, view.released)
             self.progress.value = view.released
-            self.progress.description = f"{view.released}/{view.rounds or '?'}"
+            self.progress.description = f"{view.released}/{view.rounds or '?'} done"  # rounds completed
             self.states.value = _TABLE_STYLE + _display.html_table(rows, columns=states)
             self.governance.value = (
                 f"<details open><summary>governance: plan <code title='{html.escape(view.plan_hash)}'>"
@@ -253,6 +254,11 @@ class Dashboard:
                     if figure is not None:
                         self._handles[0].update(figure)
                     self._handles[1].update(summary)
+                    if self.view.done:
+                        # The static picture and table under the widget now show the final state, and they are
+                        # what the saved notebook keeps: the widget would show the same plots and tables again.
+                        with self._lock:
+                            self.widget.layout.display = "none"
             self.finalized = True
         except Exception:
             log.exception("the dashboard could not write its final summary")

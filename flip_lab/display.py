@@ -93,6 +93,12 @@ class JobView:
     def done(self) -> bool:
         return self.status in FINAL
 
+    @property
+    def current_round(self) -> int:
+        """The round in progress: the highest round any site or aggregate has reached."""
+        with self.lock:
+            return max([self.released, *(site.round for site in self.sites.values())])
+
     def site(self, name: str) -> SiteView:
         if name not in self.sites:
             self.sites[name] = SiteView(name)
@@ -236,10 +242,23 @@ def html_table(rows: list[dict[str, str]], *, columns: list[str] | None = None,
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
+def round_words(view: JobView) -> str:
+    """Where a job is, in the words the side panel uses for it too (``extensions/flip-lab/src/format.ts``): while
+    it runs, the round in progress ("round 2 of 3"); once it has ended, the rounds completed ("3 of 3 rounds")."""
+    with view.lock:
+        of = f" of {view.rounds}" if view.rounds else ""
+        if view.done:
+            return f"{view.released}{of} round{'' if (view.rounds or view.released) == 1 else 's'}"
+        current = view.current_round
+        if view.status == "running":
+            return f"round {current}{of}" if current else "sites preparing"
+        return f"round {current}{of}" if current else ""
+
+
 def headline(view: JobView) -> str:
     with view.lock:
-        rounds = f"{view.released}/{view.rounds}" if view.rounds else str(view.released)
-        text = f"Job {view.job_id}: {view.status}, round {rounds}"
+        where = round_words(view)
+        text = f"Job {view.job_id}: {view.status}" + (f", {where}" if where else "")
         if view.strategy:
             text += f", {view.strategy}"
         if view.message:

@@ -64,7 +64,10 @@ class Federation:
         catalogues = self._catalogues()
         if catalogues:
             check_offered(built.spec["contract"], catalogues)
-        return self._start(built)
+        job = self._start(built)
+        if isinstance(plan, Plan):
+            plan.submitted_settings = {**(config or {}), **settings}
+        return job
 
     def _catalogues(self) -> dict[str, dict[str, Any]] | None:
         """Every online site's public catalogue, or None where some site's cannot be read (it did not answer the

@@ -39,7 +39,8 @@ class Job:
         self.store.mkdir(parents=True, exist_ok=True)
         self.plan_hash = plan_hash
         self.rounds = rounds
-        self.round = 0
+        self.round = 0  # the round in progress: the highest round any site or aggregate has reached
+        self.released = 0  # the rounds completed: the highest round with a released aggregate
         self.status = "pending"
         self.message = ""
         self.events: list[dict[str, Any]] = []
@@ -108,6 +109,7 @@ class Job:
             elif kind == "aggregate":
                 self._history.add_aggregate(event)
                 self.round = max(self.round, int(event["round"]))
+                self.released = max(self.released, int(event["round"]))
             elif kind in ("site_error", "update_rejected", "round_discarded"):
                 self.errors.append(event)
             elif kind == "job_finished":
@@ -186,7 +188,7 @@ class Job:
         """The run ended without (or before) our own final event: record Flower's verdict."""
         if self.status not in FINAL:
             self._apply({"type": "job_finished", "status": status, "message": message,
-                         "rounds_completed": self.round, "t": time.time()})
+                         "rounds_completed": self.released, "t": time.time()})
         self._finished.set()
 
     def _consume(self, text: str) -> None:

@@ -30,6 +30,10 @@ STATE = "federation.json"
 HUB_START_TIMEOUT = 30.0
 HUB_DATABASE = "superlink.db"  # the hub's state (sites, runs), so that a restarted hub knows its sites
 SITE_START_TIMEOUT = 60.0
+# The Jupyter server extension names its state folder in this variable, so the kernels it starts can find the local
+# federation its panel runs; the folder's PANEL_CONNECTION says which federation that is.
+PANEL_ENV = "FLIP_LAB_PANEL_STATE"
+PANEL_CONNECTION = "connection.json"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -219,6 +223,7 @@ class LocalFederation(Federation):
         self.state = state
         self.site_dirs = {name: Path(p) for name, p in state["sites"].items()}
         self._owner = owner
+        self.joined = False  # found running by ``local_federation()`` (the Lab panel's): ``shutdown`` leaves it running
         if owner:
             atexit.register(self.shutdown)
 
@@ -258,6 +263,7 @@ class LocalFederation(Federation):
         hub_command(listen_host, listen_port, hub_certs)  # refuses plain HTTP beyond loopback before anything starts
         bundles = _site_bundles(Path(certs), n_sites) if certs is not None and n_sites else []
         # absolute: the hub's processes run in its own folder, where a relative path would point elsewhere
+        temporary = not workdir
         workdir = Path(workdir).absolute() if workdir else Path(tempfile.mkdtemp(prefix="flip-federation-"))
         workdir.mkdir(parents=True, exist_ok=True)
         workdir.chmod(0o755)  # site workers run as unprivileged users and must reach their job folders
@@ -269,7 +275,7 @@ class LocalFederation(Federation):
             )
         pids: list[int] = []
         state: dict[str, Any] = {"workdir": str(workdir), "pids": pids, "sites": {}, "site_pids": {},
-                                 "started": time.time(), "owner_pid": os.getpid()}
+                                 "started": time.time(), "owner_pid": os.getpid(), "temporary": temporary}
         try:
             hub_port = listen_port or free_port(listen_host)
             dial = _dial_host(listen_host)
@@ -321,6 +327,8 @@ class LocalFederation(Federation):
         except BaseException:  # KeyboardInterrupt included: nothing half-started is left behind
             stop_pids(pids)
             (workdir / STATE).unlink(missing_ok=True)
+            if temporary:
+                remove(workdir)
             raise
 
     @classmethod
@@ -446,10 +454,20 @@ class LocalFederation(Federation):
                   "the sites did not all reconnect to the restarted hub", self.workdir / "sites")
 
     def shutdown(self) -> None:
-        """Stop the hub and every site by PID; nothing is left listening."""
+        """Stop the hub and every site by PID; nothing is left listening. A folder that ``start`` created for
+        itself (no ``workdir`` given) is removed with everything in it; a folder given by its caller is kept.
+
+        A federation that ``flip_lab.local_federation()`` joined (the one the JupyterLab panel runs) is only let
+        go of: it keeps running for the panel, which stops it.
+        """
+        if self.joined:
+            self.close()
+            return
         stop_pids(list(self.state.get("pids", [])))
         (self.workdir / STATE).unlink(missing_ok=True)
         self.close()
+        if self.state.get("temporary"):
+            remove(self.workdir)
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
@@ -533,6 +551,26 @@ def _start_reaper(workdir: Path, parent: int, pids: list[int]) -> None:
     subprocess.Popen([sys.executable, "-m", "flip_lab._reaper", str(parent), str(workdir), *map(str, pids)],
                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                      start_new_session=True)
+
+
+def panel_federation() -> LocalFederation | None:
+    """The local federation that the FLIP panel of this kernel's JupyterLab runs, or None (no Lab, as under
+    papermill or plain Python; a panel connected to a remote hub; nothing running)."""
+    store = os.environ.get(PANEL_ENV)
+    if not store:
+        return None
+    try:
+        saved = json.loads((Path(store) / PANEL_CONNECTION).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(saved, dict) or saved.get("kind") != "local" or saved.get("stopped") or not saved.get("workdir"):
+        return None
+    try:
+        fed = LocalFederation.attach(saved["workdir"])
+    except FederationError:
+        return None
+    fed.joined = True
+    return fed
 
 
 def default_workdir(name: str = "default") -> Path:

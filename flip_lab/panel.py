@@ -5,7 +5,9 @@ functions the researcher defined there, exactly as ``fed.submit(plan)`` in a cel
 Jupyter server: it is plain notebook API.
 
 The plan is the ``flip_lab.Plan`` named ``plan`` in the notebook, else the only ``Plan`` there. The study settings
-are the dict named ``study_config`` if the notebook has one (keys: ``flip_lab.config.SCHEMA``), else the defaults.
+are the notebook's own, as its submit cell would send them: the dict named ``study_config`` if the notebook has one
+(keys: ``flip_lab.config.SCHEMA``), else those of the plan's last ``fed.submit`` in this kernel, else the defaults.
+The message after a dispatch names the settings it used and where they came from.
 """
 
 from __future__ import annotations
@@ -36,12 +38,25 @@ def find_plan(namespace: dict[str, Any]) -> Plan | BuiltPlan:
     raise PlanError(f"this notebook defines several plans ({names}); name the one to dispatch `plan`")
 
 
-def find_config(namespace: dict[str, Any]) -> dict[str, Any]:
-    config = namespace.get(CONFIG_NAME, {})
-    if not isinstance(config, dict):
-        raise PlanError(f"`{CONFIG_NAME}` must be a dict of study settings such as {{'rounds': 3}}, "
-                        f"got {type(config).__name__}")
-    return dict(config)
+def find_config(namespace: dict[str, Any], plan: Plan | BuiltPlan | None = None) -> tuple[dict[str, Any], str]:
+    """The study settings to dispatch ``plan`` with and, in words, where they came from."""
+    if CONFIG_NAME in namespace:
+        config = namespace[CONFIG_NAME]
+        if not isinstance(config, dict):
+            raise PlanError(f"`{CONFIG_NAME}` must be a dict of study settings such as {{'rounds': 3}}, "
+                            f"got {type(config).__name__}")
+        return dict(config), f"the notebook's `{CONFIG_NAME}`"
+    submitted = getattr(plan, "submitted_settings", None)
+    if submitted is not None:
+        return dict(submitted), "the plan's last fed.submit in this notebook"
+    return {}, (f"the defaults: define `{CONFIG_NAME} = {{'rounds': 3, 'lr': 1e-3, ...}}` in the notebook "
+                "to choose them")
+
+
+def _settings_words(config: dict[str, Any]) -> str:
+    shown = {key: config[key] for key in ("rounds", "strategy", "local_epochs", "lr", "batch_size", "seed")
+             if key in config}
+    return ", ".join(f"{key}={value!r}" for key, value in shown.items())
 
 
 def dispatch(address: str = "", workdir: str = "", *, ca_file: str = "",
@@ -58,7 +73,7 @@ def dispatch(address: str = "", workdir: str = "", *, ca_file: str = "",
     if namespace is None:
         namespace = _user_namespace()
     plan = find_plan(namespace)
-    config = find_config(namespace)
+    config, source = find_config(namespace, plan)
     if workdir:
         federation: Any = LocalFederation.attach(workdir)
     elif address:
@@ -67,8 +82,9 @@ def dispatch(address: str = "", workdir: str = "", *, ca_file: str = "",
         raise PlanError("the panel is not connected to a federation: start the local one or connect to a hub")
     job = federation.submit(plan, config)
     rounds = f"{job.rounds} round{'s' if job.rounds != 1 else ''}" if job.rounds else "its rounds"
+    settings = _settings_words(config)
     print(f"Dispatched plan '{plan.name}' as job {job.id} ({rounds}) to the hub at {federation.address}. "
-          "Follow it in the FLIP Lab panel.")
+          f"Settings from {source}{': ' + settings if settings else ''}. Follow it in the FLIP Lab panel.")
     return job
 
 

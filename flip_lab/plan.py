@@ -52,6 +52,8 @@ class Plan:
         self.contract: dict[str, Any] = dict(contract or {})
         self.functions: dict[str, Callable[..., Any]] = {}
         self._source: str | None = None
+        # the study settings of this plan's last ``fed.submit`` in this process: the panel's dispatch reuses them
+        self.submitted_settings: dict[str, Any] | None = None
 
     def _register(self, role: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         def decorator(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -86,6 +86,10 @@ def learning_curves(history: pd.DataFrame, metric: str = "dice", phase: str = "e
     ax.set_title(f"{metric} ({phase}) per site" if not rows.empty else f"{metric} ({phase}): no rounds yet")
     if not rows.empty:
         ax.xaxis.get_major_locator().set_params(integer=True)  # type: ignore[call-arg]
+        first, last = int(rows["round"].min()), int(rows["round"].max())
+        if first == last:  # matplotlib pads one point by ±4 %, ticking rounds 0.96 to 1.04
+            ax.set_xlim(first - 0.5, last + 0.5)
+            ax.set_xticks([first])
         ax.legend(loc="best", fontsize="small")
         low, high = float(rows["value"].min()), float(rows["value"].max())
         if low == high and low >= 0:

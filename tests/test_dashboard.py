@@ -69,7 +69,7 @@ def test_replayed_stream_shows_final_state(tmp_path: Path) -> None:
     dash = Dashboard(replayed_job(tmp_path))
     headline, progress, states, curves, governance, problems = dash.widget.children
     assert (progress.value, progress.max, progress.bar_style) == (2, 2, "success")
-    assert "completed, round 2/2" in headline.value
+    assert "completed, 2 of 2 rounds" in headline.value
     for site in ("site0", "site1", "site2"):
         assert site in states.value
     assert states.value.count(">done<") == 3
@@ -130,7 +130,7 @@ def test_updates_from_a_background_thread_reach_the_widget(tmp_path: Path) -> No
             break
     assert dash.widget.children[1].value == 1
     assert feeder.is_alive() and busy > 0
-    assert "round 1/2" in dash.widget.children[0].value
+    assert "running, round 1 of 2" in dash.widget.children[0].value
     main_has_looked.set()
     job.wait(timeout=60)  # the final redraw renders the plots: seconds on a loaded machine
     feeder.join(5)
@@ -198,6 +198,7 @@ def test_finalize_fills_the_outputs_reserved_under_the_widget(tmp_path: Path, sh
     assert "<table>" in table.data["text/html"] and "site2" in table.data["text/html"]
     assert "| site0 | done |" in table.data["text/markdown"]
     assert dash.finalized
+    assert dash.widget.layout.display == "none", "the finished job's plots show once: in the static output"
 
 
 def test_show_as_a_cells_last_expression_displays_once(tmp_path: Path, shell: InteractiveShell) -> None:
@@ -230,7 +231,7 @@ def test_headless_notebook_keeps_the_final_state(tmp_path: Path) -> None:
     assert any("application/vnd.jupyter.widget-view+json" in d for d in data)
     assert any(d.get("image/png") for d in data)
     table = next(d["text/html"] for d in data if "text/html" in d)
-    assert "completed, round 2/2" in table and "site1" in table
+    assert "completed, 2 of 2 rounds" in table and "site1" in table
     assert "completed True" in nb.cells[3].outputs[0]["text"]
 
 
@@ -258,3 +259,37 @@ def test_a_metric_that_stays_flat_is_drawn_from_zero(tmp_path: Path, value: floa
     dice_axes, _loss = dashboard_figure(job.history, "dice").axes
     low, high = dice_axes.get_ylim()
     assert -0.05 * top < low <= 0 and high >= top
+
+
+@pytest.mark.parametrize(("events", "words"), [
+    ([{"type": "job_started", "rounds": 3}], "running, sites preparing"),
+    ([{"type": "job_started", "rounds": 3}, {"type": "site_state", "round": 1, "site": "a", "state": "training"}],
+     "running, round 1 of 3"),
+    # round 1 released, round 2 under way: the round in progress, as the side panel says it ("round 2 of 3")
+    ([{"type": "job_started", "rounds": 3}, {"type": "aggregate", "round": 1, "phase": "evaluate", "metrics": {}},
+      {"type": "site_state", "round": 2, "site": "a", "state": "training"}], "running, round 2 of 3"),
+    ([{"type": "job_started", "rounds": 3}, {"type": "site_state", "round": 2, "site": "a", "state": "training"},
+      {"type": "job_finished", "status": "cancelled", "rounds_completed": 1}], "cancelled, 1 of 3 rounds"),
+    ([{"type": "job_started", "rounds": 1}, {"type": "job_finished", "status": "completed", "rounds_completed": 1}],
+     "completed, 1 of 1 round"),
+])
+def test_round_words_say_the_round_in_progress_then_the_rounds_completed(events: list[dict], words: str) -> None:
+    """The same words as the panel's job headline (extensions/flip-lab/test/format.test.ts)."""
+    from flip_lab.display import headline
+
+    assert headline(JobView.from_events(events, job_id=7)) == f"Job 7: {words}"
+
+
+def test_a_job_cancelled_during_round_2_reads_one_round_completed(tmp_path: Path) -> None:
+    """A cancelled run sends no final event of its own: the job settles it from the rounds released, not from the
+    round the sites had reached."""
+    job = empty_job(tmp_path, rounds=3)
+    dash = Dashboard(job)
+    for event in [{"type": "job_started", "rounds": 3, "t": T0},
+                  {"type": "aggregate", "round": 1, "phase": "train", "metrics": {"loss": 0.5}, "t": T0 + 1},
+                  {"type": "site_state", "round": 2, "site": "a", "state": "training", "t": T0 + 2}]:
+        job._apply(event)
+    assert "running, round 2 of 3" in dash.headline.value
+    job._settle("cancelled", "cancelled")
+    assert job.events[-1]["rounds_completed"] == 1
+    assert "cancelled, 1 of 3 rounds" in dash.headline.value

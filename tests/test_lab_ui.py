@@ -1,11 +1,12 @@
 """The FLIP Lab panel in a real JupyterLab, driven in headless Chromium (Debian's, never a downloaded build).
 
 One researcher's path: open Lab, open the panel, start a local federation of two sites from it, see them come
-online, run a notebook that defines a plan, dispatch it with the notebook toolbar's command, open the job's live
-dashboard from the panel while it runs and watch its per-site curves grow round by round in the notebook while the
-panel follows the job to its last round, reload Lab (the panel comes back where it was, with the job), and stop the
-federation. Screenshots go to test-artifacts/lab-ui/; the pictures of the panel and of the dashboard become
-docs/images/panel.png and docs/images/dashboard.png (the README's) when there are none yet or
+online and the line that attaches a notebook to them, run a notebook that defines a plan, dispatch it with the
+notebook toolbar's command, open the job's live dashboard from the panel while it runs and watch its per-site curves
+grow round by round in the notebook while the panel follows the job to its last round (both saying the same round),
+see a notebook's local_federation() join the panel's federation, reload Lab (the panel comes back where it was,
+with the job), and stop the federation. Screenshots go to test-artifacts/lab-ui/; the pictures of the panel and of
+the dashboard become docs/images/panel.png and docs/images/dashboard.png (the README's) when there are none yet or
 FLIP_LAB_UPDATE_SCREENSHOTS=1.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -100,8 +102,18 @@ def test_researcher_starts_a_federation_dispatches_a_plan_and_watches_it_finish(
             expect(panel.get_by_text("Not connected")).to_be_visible()
             expect(panel.get_by_label("Number of simulated sites")).to_have_value("2")
             panel.get_by_role("button", name="Start local federation").click()
+            started = time.monotonic()
             expect(panel.get_by_text("Starting the local federation")).to_be_visible(timeout=15_000)
+            # No promised duration: the panel counts the seconds while the hospitals generate their data.
+            expect(panel.get_by_text(re.compile(r"Starting the local federation · [0-9]+ s so far"))).to_be_visible()
+            expect(panel).not_to_contain_text("about a minute")
             expect(panel.get_by_text("Local federation running")).to_be_visible(timeout=180_000)
+            print(f"the panel's local federation of 2 sites started in {time.monotonic() - started:.0f} s")
+            # The one line that attaches a notebook to this federation, and its copy button.
+            attach = f'fed = flip_lab.attach("{server.local_workdir()}")'
+            expect(panel.locator(".jp-FlipLab-attachLine")).to_have_text(attach)
+            panel.get_by_role("button", name="Copy").click()
+            expect(panel.get_by_role("button", name="Copied")).to_be_visible()
             expect(panel.get_by_text("Sites · 2 of 2 online")).to_be_visible(timeout=30_000)
             expect(panel.locator(".jp-FlipLab-site-online")).to_have_count(2)
             expect(panel.locator(".jp-FlipLab-siteData").first).to_contain_text("cases (")
@@ -136,7 +148,7 @@ def test_researcher_starts_a_federation_dispatches_a_plan_and_watches_it_finish(
             cells = page.locator(".jp-Notebook .jp-CodeCell")
             expect(cells).to_have_count(2, timeout=15_000)
             expect(cells.nth(1)).to_contain_text("flip_lab.attach(")
-            watch_dashboard(cells.nth(1), sites)
+            watch_dashboard(cells.nth(1), job, sites)
 
             expect(job.get_by_text("Completed · 3 of 3 rounds")).to_be_visible(timeout=300_000)
             expect(job.locator("svg.jp-FlipLab-sparkline path")).to_have_count(1)
@@ -147,6 +159,18 @@ def test_researcher_starts_a_federation_dispatches_a_plan_and_watches_it_finish(
             panel.get_by_role("button", name="Dismiss").click()
             expect(panel.get_by_text("Dispatched plan")).to_have_count(0)
             panel.locator(".jp-FlipLab-body").screenshot(path=str(ARTIFACTS / "panel.png"))
+
+            # A notebook of this Lab asking for a local federation gets the panel's: no second one starts.
+            cells.last.click()
+            page.keyboard.press("Escape")
+            page.keyboard.press("b")
+            expect(cells).to_have_count(3)
+            page.keyboard.press("Enter")  # edit the new cell
+            page.keyboard.type("import flip_lab; fed = flip_lab.local_federation(2); print(fed.joined, fed.workdir)")
+            page.keyboard.press("Shift+Enter")
+            joined = cells.nth(2).locator(".jp-OutputArea-output")
+            expect(joined).to_contain_text("Using the local federation of the FLIP Lab panel", timeout=60_000)
+            expect(joined).to_contain_text(f"True {server.local_workdir()}")
 
             # A reload restores the layout: the panel is open again and shows the finished job.
             page.reload()
@@ -175,9 +199,19 @@ def test_researcher_starts_a_federation_dispatches_a_plan_and_watches_it_finish(
     print(f"UI path took {time.monotonic() - t0:.0f} s")
 
 
-def watch_dashboard(cell: Locator, sites: list[str]) -> None:
-    """The live dashboard in ``cell``'s output, followed to the job's end: its site rows name every site, its round
-    counter climbs, and its curve image is redrawn between round 2 and round 3. Its picture is saved as
+# Both the panel's job and the notebook's dashboard, read in the same instant: "round k of n" while it runs.
+SAME_ROUND = """([job, headline]) => {
+    const panel = job.querySelector('.jp-FlipLab-headlineTitle')?.textContent ?? '';
+    const ours = panel.match(/Running · round (\\d+) of 3/);
+    const theirs = headline.textContent.match(/running, round (\\d+) of 3/);
+    return ours !== null && theirs !== null && ours[1] === theirs[1] && ours[1] !== '1' ? ours[1] : false;
+}"""
+
+
+def watch_dashboard(cell: Locator, job: Locator, sites: list[str]) -> None:
+    """The live dashboard in ``cell``'s output, followed to the job's end: its site rows name every site, it says
+    the same round as the panel, and its curve image is redrawn between round 2 and round 3. Once the job has
+    ended its curves and table show once, in the static output a saved notebook keeps; that output is saved as
     dashboard.png."""
     from playwright.sync_api import expect
 
@@ -186,28 +220,36 @@ def watch_dashboard(cell: Locator, sites: list[str]) -> None:
     headline = dashboard.locator(".flip-lab-dashboard-headline")
     states = dashboard.locator(".flip-lab-dashboard-states tbody tr")
     curves = dashboard.locator("img.flip-lab-dashboard-curves")
-    expect(headline).to_contain_text("round 2/3", timeout=240_000)  # two rounds released while it runs
-    expect(headline).to_contain_text("running")
+    expect(headline).to_contain_text("running, round 2 of 3", timeout=240_000)  # round 1 released, round 2 under way
+    # The panel and the dashboard say the same round while it runs (round 2 or 3: the round in progress).
+    same = cell.page.wait_for_function(SAME_ROUND, arg=[job.element_handle(), headline.element_handle()],
+                                       timeout=120_000).json_value()
+    assert same in ("2", "3"), same
     expect(states).to_have_count(len(sites))
     for name in sites:
         expect(states.filter(has_text=name)).to_have_count(1)
     expect(curves).to_be_visible()
     # The image's src is a blob URL made from the PNG the kernel sent: a new src is a redrawn figure.
-    drawn_at_round_2 = curves.get_attribute("src")
-    assert drawn_at_round_2
-    expect(headline).to_contain_text("completed, round 3/3", timeout=120_000)
+    drawn_before = curves.get_attribute("src")
+    assert drawn_before
+    # When the job ends the kernel draws the curves once more, then writes the static picture and summary under
+    # the widget (what a saved notebook keeps) and hides the widget, so the curves show once.
+    summary = cell.locator(".jp-OutputArea-output").filter(has_text="aggregate at round 3")
+    expect(summary).to_have_count(1, timeout=300_000)
+    expect(summary).to_contain_text("completed, 3 of 3 rounds")
+    expect(dashboard).to_be_hidden(timeout=30_000)
+    expect(curves).not_to_have_attribute("src", drawn_before)
+    expect(headline).to_contain_text("completed, 3 of 3 rounds")
     expect(dashboard.locator(".flip-lab-dashboard-progress")).to_contain_text("3/3")
-    # When the job ends the kernel draws the curves once more, then writes the static summary under the widget
-    # (what a saved notebook keeps): once that summary is here, the widget holds the final curves.
-    expect(cell.locator(".jp-OutputArea-output").filter(has_text="aggregate at round 3")).to_have_count(
-        1, timeout=30_000)
-    expect(curves).not_to_have_attribute("src", drawn_at_round_2)
     expect(states.filter(has_text="done")).to_have_count(len(sites))
-    cell.page.wait_for_function("img => img.complete", arg=curves.element_handle(), timeout=10_000)
-    size = curves.evaluate("img => [img.naturalWidth, img.naturalHeight, img.clientWidth, img.clientHeight]")
+    pictures = cell.locator(".jp-OutputArea-output img:visible")
+    expect(pictures).to_have_count(1)
+    cell.page.wait_for_function("img => img.complete", arg=pictures.element_handle(), timeout=10_000)
+    size = pictures.evaluate("img => [img.naturalWidth, img.naturalHeight, img.clientWidth, img.clientHeight]")
     assert min(size) > 100, f"the curve image did not render: natural and shown size {size}"
-    dashboard.scroll_into_view_if_needed()
-    dashboard.screenshot(path=str(ARTIFACTS / "dashboard.png"))
+    output = cell.locator(".jp-Cell-outputArea")
+    output.scroll_into_view_if_needed()
+    output.screenshot(path=str(ARTIFACTS / "dashboard.png"))
 
 
 def test_panel_says_when_the_server_is_gone_and_recovers_by_itself(lab: list[Jupyter], tmp_path):

@@ -94,6 +94,36 @@ def test_a_killed_notebook_kernel_takes_its_federation_with_it(tmp_path):
             kernel.kill()
 
 
+def test_a_federation_removes_the_temporary_folder_it_made_even_at_interpreter_exit(tmp_path):
+    """``local_federation()`` without a folder makes a temporary one: ``shutdown`` removes it, and so does a
+    plain interpreter exit (no shutdown called); a folder the caller gave is kept."""
+    script = (
+        "import flip_lab, sys\n"
+        "fed = flip_lab.local_federation(1, scale=0.1)\n"
+        "print(fed.workdir, flush=True)\n"
+        "if sys.argv[1] == 'shutdown':\n"
+        "    fed.shutdown()\n"
+        "    print('EXISTS' if fed.workdir.exists() else 'GONE', flush=True)\n"
+    )
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    for how in ("shutdown", "exit"):
+        run = subprocess.run([sys.executable, "-c", script, how], capture_output=True, text=True, timeout=300,
+                             env=env)
+        assert run.returncode == 0, run.stderr
+        lines = run.stdout.split()
+        workdir = Path(lines[0])
+        assert workdir.parent == tmp_path and workdir.name.startswith("flip-federation-")
+        assert not workdir.exists(), f"{how}: the temporary folder {workdir} was left behind"
+        if how == "shutdown":
+            assert lines[1] == "GONE"
+    given = tmp_path / "mine"
+    own_folder = script.replace("local_federation(1,", f"local_federation(1, workdir={str(given)!r},")
+    run = subprocess.run([sys.executable, "-c", own_folder, "shutdown"], capture_output=True, text=True, timeout=300,
+                         env=env)
+    assert run.returncode == 0, run.stderr
+    assert given.is_dir() and (given / "sites").is_dir(), "a folder the caller gave is kept"
+
+
 def test_a_hub_that_kept_its_state_in_memory_is_not_restarted_and_the_error_says_how(tmp_path):
     from flip_lab.errors import FederationError
     from flip_lab.local import LocalFederation

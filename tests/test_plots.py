@@ -44,6 +44,19 @@ def test_learning_curves_draw_one_line_per_site_and_the_aggregate(history: pd.Da
     assert [t.get_text() for t in ax.get_legend().get_texts()][-1] == "aggregate"
 
 
+@pytest.mark.parametrize(("rounds", "ticks"), [([1], [1.0]), ([1, 2, 3], [1.0, 2.0, 3.0])])
+def test_learning_curves_tick_whole_rounds_only(rounds: list[int], ticks: list[float]) -> None:
+    """One round is one tick at 1, not 0.96 to 1.04 around a lone point."""
+    history = pd.DataFrame([{"round": r, "site": site, "phase": "evaluate", "metric": "dice", "value": 0.5 + r / 10}
+                            for r in rounds for site in ("north", "aggregate")])
+    (ax,) = learning_curves(history).axes
+    fig = ax.get_figure()
+    fig.canvas.draw()
+    low, high = ax.get_xlim()
+    shown = [t for t in ax.get_xticks() if low <= t <= high]
+    assert shown == ticks
+
+
 def test_learning_curves_of_a_job_with_no_rounds_yet() -> None:
     empty = pd.DataFrame(columns=["round", "site", "phase", "metric", "value"])
     (ax,) = learning_curves(empty).axes

@@ -83,9 +83,22 @@ def test_fold_event_builds_the_summary_the_panel_shows():
                   {"type": "site_error", "round": 2, "site": "a", "kind": "plan_error", "message": "ValueError"},
                   {"type": "job_finished", "status": "failed", "message": "round 2 had too few sites"}]:
         fold_event(job, event)
-    assert (job["status"], job["round"], job["rounds"]) == ("failed", 1, 2)
+    assert (job["status"], job["round"], job["released"], job["rounds"]) == ("failed", 1, 1, 2)
     assert job["metrics"] == {"dice": [(1, 0.5)]}, "per-site replies are not the aggregated series"
     assert job["errors"] == [{"site": "a", "round": 2, "kind": "plan_error", "message": "ValueError"}]
+
+
+def test_round_is_the_round_in_progress_and_released_the_rounds_completed():
+    """The panel says "round 2 of 3" while round 2 runs, and "1 of 3 rounds" for a job cancelled during it, as
+    the notebook's dashboard does (flip_lab.display.round_words)."""
+    job = new_job_summary("7")
+    for event in [{"type": "job_started", "rounds": 3},
+                  {"type": "aggregate", "round": 1, "phase": "evaluate", "metrics": {"dice": 0.5}},
+                  {"type": "site_state", "round": 2, "site": "a", "state": "training"}]:
+        fold_event(job, event)
+    assert (job["round"], job["released"]) == (2, 1)
+    fold_event(job, {"type": "job_finished", "status": "cancelled", "rounds_completed": 1})
+    assert (job["round"], job["released"]) == (2, 1)
 
 
 def test_job_board_takes_flowers_status_only_until_the_hub_events_speak():

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
 from jupyter_server.extension.application import ExtensionApp
 from traitlets import Bool, Float, Int, Unicode
 
+from ..local import PANEL_ENV
 from .handlers import routes
 from .manager import FederationManager
 from .stream import EventStream
@@ -49,6 +51,9 @@ class FlipLabApp(ExtensionApp):
         from ..federation import _default_home
 
         store = Path(self.state_dir).expanduser() if self.state_dir else _default_home() / "lab"
+        # Kernels started by this server inherit the variable: `flip_lab.local_federation()` in a notebook joins
+        # the panel's federation instead of starting a second one beside it.
+        os.environ[PANEL_ENV] = str(store.absolute())
         self.manager = FederationManager(store, local_options={"scale": self.local_scale}, max_jobs=self.max_jobs,
                                          stop_local_on_exit=self.stop_local_on_exit)
         self.stream = EventStream(self.manager, poll_interval=self.poll_interval)

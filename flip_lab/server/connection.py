@@ -16,10 +16,10 @@ from typing import Any
 from ..errors import HubUnreachable
 from ..federation import Federation
 from ..job import Job
-from ..local import LocalFederation
+from ..local import PANEL_CONNECTION, LocalFederation
 from .messages import ConnectionInfo, ConnectionKind, ConnectionState
 
-SAVED = "connection.json"
+SAVED = PANEL_CONNECTION  # also read by kernels: ``flip_lab.local.panel_federation``
 
 
 @dataclass

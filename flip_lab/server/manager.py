@@ -165,8 +165,10 @@ class FederationManager:
                 local = self._conn.local if self._conn is not None else None
             if local is not None and running_state(local.workdir) is not None:
                 raise Busy(f"a local federation is already running in {local.workdir}; stop it first")
-            self._replace(None, "starting", f"Starting a hub and {n_sites} simulated hospitals on this machine; "
-                                            "this takes about a minute.")
+            # No promise of a duration: it ranges from seconds to minutes with the machine's load and the sites'
+            # size (docs/architecture.md, "Local federation"); the panel counts the seconds instead.
+            self._replace(None, "starting", f"Starting a hub and {n_sites} simulated hospitals on this machine: "
+                                            "each hospital generates its data, then its site connects to the hub.")
         except BaseException:
             self._op.release()
             raise

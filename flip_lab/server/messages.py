@@ -50,7 +50,10 @@ class SiteErrorNote(TypedDict):
 class JobSummary(TypedDict):
     id: str
     status: str  # flip_lab._protocol.JobStatus
-    round: int
+    # "round k of n" means the same in the panel and the notebook's dashboard (flip_lab.display.round_words): while
+    # a job runs, k is the round in progress; once it ends, the rounds completed.
+    round: int  # the highest round any site or aggregate has reached: the round in progress
+    released: int  # rounds whose aggregate the hub released: the rounds completed
     rounds: int | None
     message: str
     submitted: str  # ISO time the hub accepted the run

@@ -23,7 +23,8 @@ FLAP_WINDOW_S = 600.0
 
 
 def new_job_summary(job_id: str, *, status: str = "pending", submitted: str = "") -> JobSummary:
-    return {"id": job_id, "status": status, "round": 0, "rounds": None, "message": "", "submitted": submitted,
+    return {"id": job_id, "status": status, "round": 0, "released": 0, "rounds": None, "message": "",
+            "submitted": submitted,
             "strategy": "", "metrics": {}, "site_states": {}, "errors": []}
 
 
@@ -40,6 +41,7 @@ def fold_event(job: JobSummary, event: dict[str, Any]) -> None:
         job["round"] = max(job["round"], int(event.get("round", 0)))
     elif kind == "aggregate":
         job["round"] = max(job["round"], int(event["round"]))
+        job["released"] = max(job["released"], int(event["round"]))
         if event.get("phase") == "evaluate":
             for name, value in event.get("metrics", {}).items():
                 series = [p for p in job["metrics"].get(name, []) if p[0] != int(event["round"])]
@@ -56,6 +58,7 @@ def fold_event(job: JobSummary, event: dict[str, Any]) -> None:
     elif kind == "job_finished":
         job["status"] = str(event["status"])
         job["message"] = str(event.get("message", ""))
+        job["released"] = max(job["released"], int(event.get("rounds_completed") or 0))
 
 
 def dataset_summary(catalogue: dict[str, Any]) -> str:

@@ -11,10 +11,13 @@ export interface IHeadline {
   detail: string;
 }
 
-export function connectionHeadline(c: IConnectionInfo): IHeadline {
+/** `elapsedS`: seconds since the panel saw the local federation start, counted instead of a promised duration. */
+export function connectionHeadline(c: IConnectionInfo, elapsedS?: number): IHeadline {
   switch (c.state) {
-    case 'starting':
-      return { tone: 'busy', title: 'Starting the local federation', detail: c.message };
+    case 'starting': {
+      const elapsed = elapsedS === undefined ? '' : ` · ${Math.max(0, Math.floor(elapsedS))} s so far`;
+      return { tone: 'busy', title: `Starting the local federation${elapsed}`, detail: c.message };
+    }
     case 'connected':
       return {
         tone: 'ok',
@@ -113,8 +116,14 @@ export function siteStateWord(state: string): string {
   return SITE_STATE_WORDS[state] ?? state.replace(/_/g, ' ');
 }
 
+/**
+ * "round k of n" means what the notebook's dashboard means by it (`flip_lab.display.round_words`): while a job
+ * runs, k is the round in progress; once it has ended, the rounds completed.
+ */
 export function jobHeadline(job: IJobSummary): IHeadline {
   const of = job.rounds ? ` of ${job.rounds}` : '';
+  const released = job.released ?? 0;
+  const plural = (job.rounds ?? released) === 1 ? 'round' : 'rounds';
   switch (job.status) {
     case 'pending':
       return { tone: 'busy', title: 'Waiting for the hub to start it', detail: '' };
@@ -129,13 +138,13 @@ export function jobHeadline(job: IJobSummary): IHeadline {
     case 'completed':
       return {
         tone: 'ok',
-        title: `Completed · ${job.round}${of} rounds`,
+        title: `Completed · ${released}${of} ${plural}`,
         detail: job.message
       };
     case 'cancelled':
       return {
         tone: 'warn',
-        title: job.round > 0 ? `Cancelled after round ${job.round}${of}` : 'Cancelled before the first round',
+        title: released > 0 ? `Cancelled after ${released}${of} ${plural}` : 'Cancelled before a round was completed',
         detail: ''
       };
     case 'failed':
@@ -164,7 +173,7 @@ export function progress(job: IJobSummary): number {
   if (job.status === 'completed') {
     return 1;
   }
-  return job.rounds ? Math.min(1, job.round / job.rounds) : 0;
+  return job.rounds ? Math.min(1, (job.released ?? 0) / job.rounds) : 0;
 }
 
 export function formatMetric(value: number): string {
@@ -192,18 +201,29 @@ export function dispatchCode(c: IConnectionInfo): string | null {
   return `import flip_lab.panel\nflip_lab.panel.dispatch(${args});`;
 }
 
+/** The federation as a notebook names it, e.g. `flip_lab.attach("/home/me/.flip-lab/lab/local")`; `null` when
+ * not connected. */
+export function federationCode(c: IConnectionInfo): string | null {
+  if (c.workdir) {
+    return `flip_lab.attach(${py(c.workdir)})`;
+  }
+  if (c.address) {
+    const ca = c.ca_file ? `, root_certificates=${py(c.ca_file)}` : '';
+    return `flip_lab.connect(${py(c.address)}${ca})`;
+  }
+  return null;
+}
+
+/** The one line a notebook pastes to use the panel's federation. */
+export function attachLine(c: IConnectionInfo): string | null {
+  const federation = federationCode(c);
+  return federation ? `fed = ${federation}` : null;
+}
+
 /** The cell "Open dashboard" inserts: re-attach to the job by id and display it. */
 export function dashboardCode(c: IConnectionInfo, jobId: string): string | null {
-  if (!/^\d+$/.test(jobId)) {
-    return null;
-  }
-  let federation: string;
-  if (c.workdir) {
-    federation = `flip_lab.attach(${py(c.workdir)})`;
-  } else if (c.address) {
-    const ca = c.ca_file ? `, root_certificates=${py(c.ca_file)}` : '';
-    federation = `flip_lab.connect(${py(c.address)}${ca})`;
-  } else {
+  const federation = federationCode(c);
+  if (!/^\d+$/.test(jobId) || federation === null) {
     return null;
   }
   return `import flip_lab\n\n${federation}.job(${jobId})`;

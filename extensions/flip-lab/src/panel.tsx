@@ -1,10 +1,12 @@
 /**
  * The FLIP Lab side panel: the connection, the sites and the jobs, in words a researcher can act on.
  */
+import { Clipboard } from '@jupyterlab/apputils';
 import { ReactWidget, UseSignal } from '@jupyterlab/ui-components';
 import * as React from 'react';
 
 import {
+  attachLine,
   connectionHeadline,
   errorWords,
   IHeadline,
@@ -19,7 +21,7 @@ import { flipIcon } from './icon';
 import { PanelModel } from './model';
 import { MetricSparkline } from './sparklineView';
 import { isFinal } from './state';
-import { IJobSummary, ISiteRow } from './types';
+import { IConnectionInfo, IJobSummary, ISiteRow } from './types';
 
 export interface IPanelActions {
   dispatch: () => void;
@@ -54,6 +56,23 @@ function useNow(everyMs: number): number {
     return () => clearInterval(timer);
   }, [everyMs]);
   return now;
+}
+
+/** Seconds since `active` became true, ticking every second; `undefined` while it is false. */
+function useElapsed(active: boolean): number | undefined {
+  const [since, setSince] = React.useState<number | null>(null);
+  const [now, setNow] = React.useState(() => Date.now());
+  React.useEffect(() => {
+    if (!active) {
+      setSince(null);
+      return;
+    }
+    setSince(Date.now());
+    setNow(Date.now());
+    const timer = setInterval(() => setNow(Date.now()), 1000);
+    return () => clearInterval(timer);
+  }, [active]);
+  return active && since !== null ? (now - since) / 1000 : undefined;
 }
 
 function Headline(props: { headline: IHeadline; className?: string }): JSX.Element {
@@ -125,17 +144,19 @@ function FederationSection(props: { model: PanelModel }): JSX.Element {
   const [sites, setSites] = React.useState(model.settings.defaultSites);
   const [address, setAddress] = React.useState(model.settings.defaultAddress);
   const busy = model.busy !== '' || connection.state === 'starting' || connection.state === 'stopping';
+  const elapsed = useElapsed(connection.state === 'starting');
   const canStart = ['disconnected', 'stopped', 'failed'].includes(connection.state);
   return (
     <section className="jp-FlipLab-section" aria-label="Federation">
       <h3 className="jp-FlipLab-sectionTitle">Federation</h3>
-      <Headline headline={connectionHeadline(connection)} />
+      <Headline headline={connectionHeadline(connection, elapsed)} />
       {connection.address && (
         <div className="jp-FlipLab-facts">
           Hub <code>{connection.address}</code>
         </div>
       )}
       {model.busy && <div className="jp-FlipLab-muted">{model.busy} ...</div>}
+      {connection.state === 'connected' && <AttachLine connection={connection} />}
       {canStart && (
         <div className="jp-FlipLab-form">
           <div className="jp-FlipLab-row">
@@ -200,6 +221,44 @@ function FederationSection(props: { model: PanelModel }): JSX.Element {
         </div>
       )}
     </section>
+  );
+}
+
+/** The line a notebook pastes to use this federation, with a button that copies it. */
+function AttachLine(props: { connection: IConnectionInfo }): JSX.Element | null {
+  const line = attachLine(props.connection);
+  const [copied, setCopied] = React.useState(false);
+  React.useEffect(() => {
+    if (!copied) {
+      return;
+    }
+    const timer = setTimeout(() => setCopied(false), 2000);
+    return () => clearTimeout(timer);
+  }, [copied]);
+  if (line === null) {
+    return null;
+  }
+  const hint =
+    props.connection.kind === 'local'
+      ? 'Notebooks here find it by themselves (flip_lab.local_federation()), or paste this line:'
+      : 'Paste this line into a notebook to use it:';
+  return (
+    <div className="jp-FlipLab-attach" aria-label="Use this federation from a notebook">
+      <div className="jp-FlipLab-attachHead">
+        <span className="jp-FlipLab-muted">{hint}</span>
+        <button
+          className="jp-FlipLab-button"
+          title="Copy this line to paste it into a notebook"
+          onClick={() => {
+            Clipboard.copyToSystem(line);
+            setCopied(true);
+          }}
+        >
+          {copied ? 'Copied' : 'Copy'}
+        </button>
+      </div>
+      <code className="jp-FlipLab-attachLine">{line}</code>
+    </div>
   );
 }
 

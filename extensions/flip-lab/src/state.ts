@@ -55,6 +55,7 @@ export function foldEvent(job: IJobSummary, event: IHubEvent): IJobSummary {
       break;
     case 'aggregate':
       next.round = Math.max(next.round, round);
+      next.released = Math.max(next.released ?? 0, round);
       if (event.phase === 'evaluate') {
         for (const [name, value] of Object.entries(event.metrics ?? {})) {
           const series = (next.metrics[name] ?? []).filter(p => p[0] !== round);
@@ -80,6 +81,7 @@ export function foldEvent(job: IJobSummary, event: IHubEvent): IJobSummary {
     case 'job_finished':
       next.status = String(event.status);
       next.message = String(event.message ?? '');
+      next.released = Math.max(next.released ?? 0, Number(event.rounds_completed ?? 0));
       break;
     default:
       return job;

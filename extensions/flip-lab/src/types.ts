@@ -43,7 +43,10 @@ export type JobStatus = 'pending' | 'starting' | 'running' | 'completed' | 'fail
 export interface IJobSummary {
   id: string;
   status: JobStatus | string;
+  /** The round in progress: the highest round any site or aggregate has reached. */
   round: number;
+  /** Rounds whose aggregate the hub released: the rounds completed. */
+  released: number;
   rounds: number | null;
   message: string;
   submitted: string;
@@ -59,6 +62,7 @@ export interface IHubEvent {
   type: string;
   round?: number;
   rounds?: number;
+  rounds_completed?: number;
   strategy?: string;
   phase?: 'train' | 'evaluate';
   site?: string;

@@ -3,6 +3,7 @@ import assert from 'node:assert/strict';
 
 import {
   connectionHeadline,
+  attachLine,
   dashboardCode,
   dispatchCode,
   errorWords,
@@ -41,6 +42,12 @@ test('dashboard code re-attaches to the job by id and refuses ids that are not n
   assert.equal(dashboardCode(local, '1); import os'), null);
 });
 
+test('attachLine is the one line a notebook pastes to use the panel\'s federation', () => {
+  assert.equal(attachLine(local), 'fed = flip_lab.attach("/tmp/fed \\"x\\"")');
+  assert.equal(attachLine(remote), 'fed = flip_lab.connect("hub:9093", root_certificates="/ca.pem")');
+  assert.equal(attachLine(DISCONNECTED), null);
+});
+
 for (const [seconds, words] of [
   [0, 'just now'],
   [42, '42 s ago'],
@@ -62,16 +69,18 @@ test('a flapping site says how often it dropped out; an offline one when it was 
 });
 
 const base: IJobSummary = {
-  id: '1', status: 'running', round: 1, rounds: 3, message: '', submitted: '', strategy: '',
+  id: '1', status: 'running', round: 2, released: 1, rounds: 3, message: '', submitted: '', strategy: '',
   metrics: {}, site_states: {}, errors: []
 };
 
 for (const [job, tone, title] of [
-  [{ ...base }, 'busy', 'Running · round 1 of 3'],
-  [{ ...base, round: 0 }, 'busy', 'Running · sites preparing'],
-  [{ ...base, status: 'completed', round: 3 }, 'ok', 'Completed · 3 of 3 rounds'],
+  // round 2 is in progress after round 1 was released: "round 2 of 3", as the dashboard says
+  [{ ...base }, 'busy', 'Running · round 2 of 3'],
+  [{ ...base, round: 0, released: 0 }, 'busy', 'Running · sites preparing'],
+  [{ ...base, status: 'completed', round: 3, released: 3 }, 'ok', 'Completed · 3 of 3 rounds'],
+  [{ ...base, status: 'completed', round: 1, released: 1, rounds: 1 }, 'ok', 'Completed · 1 of 1 round'],
   [{ ...base, status: 'failed', message: 'site a failed' }, 'error', 'Failed'],
-  [{ ...base, status: 'cancelled' }, 'warn', 'Cancelled after round 1 of 3'],
+  [{ ...base, status: 'cancelled' }, 'warn', 'Cancelled after 1 of 3 rounds'],
   [{ ...base, status: 'pending' }, 'busy', 'Waiting for the hub to start it']
 ] as Array<[IJobSummary, string, string]>) {
   test(`job ${job.status} at round ${job.round} reads "${title}"`, () => {
@@ -99,6 +108,14 @@ test('the connection headline says every state in words', () => {
     assert.ok(headline.title.length > 5, state);
     assert.ok(!headline.title.includes('_'), state);
   }
+});
+
+test('a starting federation counts its seconds instead of promising a duration', () => {
+  const starting = { ...DISCONNECTED, state: 'starting' as const };
+  assert.equal(connectionHeadline(starting).title, 'Starting the local federation');
+  assert.equal(connectionHeadline(starting, 42.7).title, 'Starting the local federation · 42 s so far');
+  assert.equal(connectionHeadline({ ...DISCONNECTED, state: 'connected' as const, kind: 'local' as const }, 5).title,
+    'Local federation running');
 });
 
 test('the stream banner counts down the reconnect and disappears when live', () => {

@@ -9,6 +9,7 @@ function job(id: string, submitted = '2026-01-01T00:00:00'): IJobSummary {
     id,
     status: 'pending',
     round: 0,
+    released: 0,
     rounds: null,
     message: '',
     submitted,
@@ -39,6 +40,15 @@ test('a job folds from pending through its rounds to completed', () => {
   assert.equal(j.strategy, 'fedavg');
   assert.deepEqual(j.metrics.dice, [[1, 0.6], [2, 0.7]]);
   assert.equal(j.message, 'all rounds released');
+});
+
+test('round is the round in progress, released the rounds completed', () => {
+  let j = foldEvent(job('1'), { type: 'job_started', rounds: 3 });
+  j = foldEvent(j, { type: 'aggregate', round: 1, phase: 'evaluate', metrics: { dice: 0.5 } });
+  j = foldEvent(j, { type: 'site_state', round: 2, site: 'a', state: 'training' });
+  assert.deepEqual([j.round, j.released], [2, 1]);
+  j = foldEvent(j, { type: 'job_finished', status: 'cancelled', rounds_completed: 1 });
+  assert.deepEqual([j.round, j.released], [2, 1]);
 });
 
 test('train aggregates do not enter the evaluate metric series', () => {
