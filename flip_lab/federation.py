@@ -51,17 +51,22 @@ class Federation:
         self._client.close()
 
     # -- studies -----------------------------------------------------------------------------------
-    def submit(self, plan: Plan | BuiltPlan, config: dict[str, Any] | None = None, **settings: Any) -> Job:
+    def submit(self, plan: Plan | BuiltPlan, config: dict[str, Any] | None = None, *, check: bool = True,
+               **settings: Any) -> Job:
         """Send ``plan`` with the study's settings (see ``flip_lab.config.SCHEMA``); returns a ``Job`` at once.
 
         Everything that can be checked here is checked before anything leaves the notebook: settings, the plan's
         source, its imports and names, that ``model()`` builds and, where the sites' catalogues can be read
-        (a local federation), that some site offers the contract's dataset, modality, task and labels.
+        (a local federation), that some site offers the contract's dataset, modality, task and labels. Then, unless
+        ``check=False``, the plan runs here for one short step on synthetic data shaped as its contract says
+        (``BuiltPlan.check``): a plan that would fail at every site fails in this cell, with its traceback.
         """
         built = plan if isinstance(plan, BuiltPlan) else plan.build({**(config or {}), **settings})
         catalogues = self._catalogues()
         if catalogues:
             check_offered(built.spec["contract"], catalogues)
+        if check:
+            built.check()
         return self._start(built)
 
     def _catalogues(self) -> dict[str, dict[str, Any]] | None:
