@@ -14,7 +14,7 @@ from ._bundle import bundle
 from ._offer import check_offered
 from ._flower import ControlClient, NodeInfo, RunInfo
 from .errors import JobNotFound
-from .job import Job
+from .job import PLAN_LINES, Job
 from .plan import BuiltPlan, Plan
 
 
@@ -90,6 +90,8 @@ class Federation:
         if history:
             (store / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in history))
         (store / "plan.py").write_text(built.source)
+        if built.origins.spans:  # the researcher's cells as they are now, for the sites' "plan.py line N"
+            (store / PLAN_LINES).write_text(json.dumps(built.origins.lines()))
         (store / "spec.json").write_text(json.dumps(built.spec, indent=1))
         job = Job(self._client, run_id, store, rounds=int(built.spec["config"]["rounds"]), plan_hash=built.hash)
         self._jobs[run_id] = job
@@ -159,7 +161,10 @@ class Federation:
             study = int(json.loads((store / "study.json").read_text())["study"])
         except FileNotFoundError:
             study = job_id
-        return self._start(built, resume_from=job_id, study=study, history=kept)
+        job = self._start(built, resume_from=job_id, study=study, history=kept)
+        if (store / PLAN_LINES).exists():  # the same plan: its lines came from the same cells
+            (job.store / PLAN_LINES).write_text((store / PLAN_LINES).read_text())
+        return job
 
     def jobs(self) -> list[RunInfo]:
         return self._client.list_runs()

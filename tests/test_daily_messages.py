@@ -212,6 +212,26 @@ def test_a_plan_that_would_fail_at_the_sites_fails_at_submit_and_nothing_is_sent
 
 
 @pytest.mark.e2e
+def test_a_plan_failing_at_the_sites_is_told_at_the_notebook_line_with_its_text(federation) -> None:
+    plan, cells = _notebook_plan_that_flattens_images()
+    policies = {site_dir / "policy.toml": (site_dir / "policy.toml").read_text()
+                for site_dir in federation.site_dirs.values()}
+    try:  # the sites name the plan's line only where their policy allows it
+        for path, policy in policies.items():
+            path.write_text(policy.replace("\nerror_line_numbers = false", "\nerror_line_numbers = true"))
+        job = federation.submit(plan, rounds=1, round_timeout=240, check=False)  # past the dry run, to the sites
+        with pytest.raises(JobFailed) as caught:
+            job.wait(timeout=600)
+    finally:
+        for path, policy in policies.items():
+            path.write_text(policy)
+    assert all("at plan.py line " in e["message"] for e in job.errors if e["type"] == "site_error"), job.errors
+    line = line_of(MISMATCH, cells)
+    assert str(caught.value).startswith(f"job {job.id} failed: train() raised RuntimeError at a notebook cell, "
+                                        f"line {line} (`{MISMATCH}`) in train(), at site "), str(caught.value)
+
+
+@pytest.mark.e2e
 def test_sites_start_without_connection_warnings(federation) -> None:
     for site_dir in federation.site_dirs.values():
         log = (site_dir / "logs" / "site.log").read_text()

@@ -1,17 +1,20 @@
 """The dry run before submit: a plan that would fail at every site fails in the notebook, at the researcher's own
-cell and line, on synthetic data shaped as its contract says."""
+cell and line, on synthetic data shaped as its contract says; and a site's "plan.py line N" is told back as the
+cell and line the researcher wrote."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from flip_lab import Plan
+from flip_lab import Job, Plan
 from flip_lab._dryrun import SAMPLES, synthetic_data
 from flip_lab.errors import PlanCheckFailed
 from flip_lab.federation import Federation
+from flip_lab.job import PLAN_LINES
 from site_kernel.data.contract import validate_contract
 
 from test_plan import notebook
@@ -136,3 +139,43 @@ def test_synthetic_data_is_shaped_as_a_site_hands_it(change: dict, label_shape: 
     assert set(torch.cat([data.train_y.flatten(), data.test_y.flatten()]).tolist()) <= values
     assert 0.0 <= float(data.train_x.min()) and float(data.train_x.max()) <= 1.0  # a window maps to [0, 1]
     assert data.num_train == data.num_test == SAMPLES
+
+
+# -- a site's "plan.py line N", told as the researcher wrote it --------------------------------------------
+def test_each_plan_line_maps_back_to_the_cell_line_it_was_written_on() -> None:
+    plan, cells = mismatched()
+    built = plan.build({})
+    lines = built.origins.lines()
+    plan_line = line_of(MISMATCH, built.source)
+    assert lines[str(plan_line)]["line"] == line_of(MISMATCH, cells)
+    assert lines[str(plan_line)]["text"] == MISMATCH
+
+
+def _failed_job(tmp_path: Path, message: str, plan_lines: dict) -> Job:
+    (tmp_path / PLAN_LINES).write_text(json.dumps(plan_lines))
+    events = [{"type": "job_started", "rounds": 1},
+              *({"type": "site_error", "round": 1, "phase": "train", "site": site, "kind": "plan_error",
+                 "message": f"{message} at site {site}"} for site in ("northgate", "riverside")),
+              {"type": "job_finished", "status": "failed", "message": "the round is discarded"}]
+    (tmp_path / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    return Job(None, 7, tmp_path, follow=False)  # type: ignore[arg-type]
+
+
+def test_a_sites_plan_line_is_told_as_the_cell_line_with_its_text(tmp_path: Path) -> None:
+    job = _failed_job(tmp_path, "train() raised RuntimeError at plan.py line 12 in train()",
+                      {"12": {"cell": "cell In[5]", "line": 7, "text": "logits = model(x.flatten(1))"}})
+    assert job.describe_failure() == (
+        "train() raised RuntimeError at cell In[5], line 7 (`logits = model(x.flatten(1))`) in train(), at site "
+        "northgate (and 1 other site); as a result the round is discarded")
+
+
+def test_the_shown_line_escapes_what_could_hide_or_move_text(tmp_path: Path) -> None:
+    job = _failed_job(tmp_path, "train() raised ValueError at plan.py line 3 in train()",
+                      {"3": {"cell": "cell In[2]", "line": 3, "text": "x = 1  # \u202eevil\x1b[2K"}})
+    assert "(`x = 1  # <U+202E>evil\\x1b[2K`)" in job.describe_failure()
+
+
+def test_a_line_the_lab_did_not_write_down_is_left_as_the_site_said(tmp_path: Path) -> None:
+    job = _failed_job(tmp_path, "train() raised ValueError at plan.py line 99 in train()",
+                      {"3": {"cell": "cell In[2]", "line": 3, "text": "x = 1"}})
+    assert job.describe_failure().startswith("train() raised ValueError at plan.py line 99 in train(), at site")
