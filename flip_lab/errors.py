@@ -32,6 +32,10 @@ class PlanCheckFailed(PlanError):
         self.line, self.cell = line, cell
 
 
+class PlanCheckWarning(UserWarning):
+    """The dry run passed, but the plan's numbers on synthetic data were not finite (the sites would withhold them)."""
+
+
 class ConfigError(FlipError):
     """A study setting has the wrong type or value."""
 

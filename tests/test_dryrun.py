@@ -12,7 +12,7 @@ import torch
 
 from flip_lab import Job, Plan
 from flip_lab._dryrun import SAMPLES, synthetic_data
-from flip_lab.errors import PlanCheckFailed
+from flip_lab.errors import PlanCheckFailed, PlanCheckWarning
 from flip_lab.federation import Federation
 from flip_lab.job import PLAN_LINES
 from site_kernel.data.contract import validate_contract
@@ -108,7 +108,6 @@ def test_a_failing_plan_is_not_sent_and_check_false_sends_it(monkeypatch: pytest
 @pytest.mark.parametrize(("body", "words"), [
     ('return [loss.item()]', "train() returned a list, not a dict of metrics"),
     ('return {"loss": logits}', "train() returned metric 'loss' as a Tensor"),
-    ('return {"loss": float("nan")}', "train() returned 'loss' = nan on synthetic data"),
 ])
 def test_what_train_returns_is_checked_as_a_site_would(body: str, words: str) -> None:
     plan = notebook(CELLS.replace('return {"loss": loss.item()}', body))["plan"]
@@ -117,11 +116,23 @@ def test_what_train_returns_is_checked_as_a_site_would(body: str, words: str) ->
     assert str(caught.value).startswith(words), str(caught.value)
 
 
-def test_weights_train_breaks_are_caught() -> None:
-    plan = notebook(CELLS.replace("opt.step()", "opt.step()\n        model[0].weight.data.fill_(float('inf'))"))["plan"]
+def test_weights_train_changes_in_shape_are_refused() -> None:
+    plan = notebook(CELLS.replace("opt.step()", "opt.step()\n        model[0].bias.data = torch.zeros(5)"))["plan"]
     with pytest.raises(PlanCheckFailed) as caught:
         plan.check()
-    assert "'0.weight' holds values that are not finite" in str(caught.value)
+    assert str(caught.value).startswith("after train() the model's '0.bias' has shape [5], not [4]")
+
+
+def test_numbers_that_are_not_finite_on_made_up_data_are_said_not_refused() -> None:
+    # Synthetic data can make a sound plan's numbers odd, and a plan can act on the data (the workshop's
+    # poisoning plan): warn, and let the researcher decide.
+    broken = 'model[0].weight.data.fill_(float("inf"))\n    return {"loss": float("nan")}'
+    plan = notebook(CELLS.replace('return {"loss": loss.item()}', broken))["plan"]
+    with pytest.warns(PlanCheckWarning) as caught:
+        plan.check()
+    assert str(caught[0].message).startswith(
+        "on synthetic data train() returned 'loss' = nan; after train() the model's '0.weight' holds values that are "
+        "not finite")
 
 
 @pytest.mark.parametrize(("change", "label_shape", "values"), [
