@@ -21,7 +21,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "BuiltPlan": "plan", "Plan": "plan",
     "ConfigError": "errors", "FederationError": "errors", "FlipError": "errors", "HubUnreachable": "errors",
-    "JobFailed": "errors", "JobTimeout": "errors", "PlanError": "errors",
+    "JobFailed": "errors", "JobTimeout": "errors", "PlanCheckFailed": "errors", "PlanCheckWarning": "errors",
+    "PlanError": "errors",
     "Federation": "federation", "connect": "federation",
     "Job": "job",
 }

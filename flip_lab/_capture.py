@@ -18,6 +18,7 @@ import types
 from collections.abc import Callable
 from typing import Any
 
+from ._sourcemap import SourceMap, Span, cell_label
 from .errors import PlanError
 
 # Top-level packages every FLIP site kernel installs. A plan may import these and the standard library only.
@@ -42,9 +43,7 @@ def _where(obj: Any) -> tuple[str, int | None]:
     code = getattr(obj, "__code__", None)
     filename = code.co_filename if code else getattr(inspect.getmodule(obj), "__file__", "") or ""
     line = code.co_firstlineno if code else None
-    if "ipykernel" in filename or filename.startswith("<ipython-input"):
-        return "the notebook cell that defines it", line
-    return filename or "<unknown>", line
+    return (cell_label(filename) if filename else "<unknown>"), line
 
 
 def _line_of_use(obj: Any, name: str, first_line: int | None) -> int | None:
@@ -61,8 +60,9 @@ def _line_of_use(obj: Any, name: str, first_line: int | None) -> int | None:
     return first_line + min(uses) - 1 if uses else first_line
 
 
-def _class_source_from_methods(cls: type) -> str | None:
-    """Find a class's source through its methods' code: ``inspect.getsource`` cannot for classes in notebooks."""
+def _class_source_from_methods(cls: type) -> tuple[str, str, int] | None:
+    """Find a class's source (and its file and first line) through its methods' code: ``inspect.getsource``
+    cannot for classes in notebooks."""
     for member in vars(cls).values():
         code = getattr(getattr(member, "__func__", member), "__code__", None)
         if code is None:
@@ -73,8 +73,23 @@ def _class_source_from_methods(cls: type) -> str | None:
         for node in ast.walk(ast.parse(text)):
             if (isinstance(node, ast.ClassDef) and node.name == cls.__name__
                     and node.lineno <= code.co_firstlineno <= (node.end_lineno or 0)):
-                return ast.get_source_segment(text, node, padded=True)
+                segment = ast.get_source_segment(text, node, padded=True)
+                return (segment, code.co_filename, node.lineno) if segment else None
     return None
+
+
+def _origin(obj: Any) -> tuple[str, int] | None:
+    """The file and line where the text :func:`_source_of` returns for ``obj`` starts."""
+    code = getattr(obj, "__code__", None)
+    if code is not None:
+        return code.co_filename, code.co_firstlineno
+    if not inspect.isclass(obj):
+        return None
+    try:
+        return inspect.getsourcefile(obj) or inspect.getfile(obj), inspect.getsourcelines(obj)[1]
+    except (OSError, TypeError):
+        found = _class_source_from_methods(obj)
+        return (found[1], found[2]) if found else None
 
 
 def _source_of(obj: Any) -> str:
@@ -83,7 +98,7 @@ def _source_of(obj: Any) -> str:
     except (OSError, TypeError) as err:
         found = _class_source_from_methods(obj) if inspect.isclass(obj) else None
         if found:
-            return textwrap.dedent(found)
+            return textwrap.dedent(found[0])
         cell, line = _where(obj)
         raise PlanError(
             f"cannot read the source of {getattr(obj, '__qualname__', obj)!r}; define it in a notebook cell "
@@ -93,8 +108,10 @@ def _source_of(obj: Any) -> str:
     return textwrap.dedent(source)
 
 
-def _strip_plan_decorators(source: str, name: str) -> str:
-    """Remove ``@plan.train``-style decorators: the site has no ``plan`` object, the functions stand alone."""
+def _strip_plan_decorators(source: str, name: str) -> tuple[str, int]:
+    """Remove ``@plan.train``-style decorators: the site has no ``plan`` object, the functions stand alone.
+
+    Returns the source and how many lines went before its ``def``, so its lines can be traced back."""
     tree = ast.parse(source)
     node = tree.body[0]
     if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.decorator_list:
@@ -102,8 +119,8 @@ def _strip_plan_decorators(source: str, name: str) -> str:
         lines = source.splitlines()
         kept = [ast.get_source_segment(source, d) or "" for d in node.decorator_list]
         keep = [f"@{d}" for d in kept if not _is_plan_decorator(d)]
-        return "\n".join(keep + lines[first_body_line - 1 :]) + "\n"
-    return source
+        return "\n".join(keep + lines[first_body_line - 1 :]) + "\n", first_body_line - 1 - len(keep)
+    return source, 0
 
 
 def _is_plan_decorator(text: str) -> bool:
@@ -118,6 +135,7 @@ class Capture:
         self.imports: dict[str, str] = {}  # bound name -> import statement
         self.constants: dict[str, str] = {}
         self.definitions: dict[str, str] = {}  # name -> source, in dependency order
+        self.origins: dict[str, tuple[str, int, int]] = {}  # name -> (file, line of its first line, lines)
         self._visiting: set[str] = set()
 
     def add_entry(self, name: str, fn: Callable[..., Any]) -> None:
@@ -143,7 +161,10 @@ class Capture:
                 name=name, line=line, cell=cell,
             )
         self._visiting.add(name)
-        source = _strip_plan_decorators(_source_of(obj), name)
+        source, removed = _strip_plan_decorators(_source_of(obj), name)
+        origin = _origin(obj)
+        if origin is not None:
+            self.origins[name] = (origin[0], origin[1] + removed, source.rstrip().count("\n") + 1)
         try:
             tree = ast.parse(source)
         except SyntaxError as err:  # e.g. source that only compiles inside a class body
@@ -218,14 +239,22 @@ class Capture:
             name=name,
         )
 
-    def module_source(self) -> str:
+    def module_source(self) -> tuple[str, SourceMap]:
+        """The plan's text, and where each definition's lines came from."""
         parts = ["# FLIP plan: assembled from the researcher's notebook\n"]
         parts += sorted(set(self.imports.values()))
         parts.append("\n")
         parts += [self.constants[k] for k in sorted(self.constants)]
-        for source in self.definitions.values():
-            parts.append("\n\n" + source.rstrip() + "\n")
-        return "".join(parts)
+        spans = []
+        line = "".join(parts).count("\n") + 1
+        for name, source in self.definitions.items():
+            text = source.rstrip() + "\n"
+            if name in self.origins:
+                filename, first, length = self.origins[name]
+                spans.append(Span(line + 2, length, filename, first))
+            parts.append("\n\n" + text)
+            line += 2 + text.count("\n")
+        return "".join(parts), SourceMap(spans)
 
 
 def _defined_in_notebook(obj: Any) -> bool:

@@ -22,6 +22,20 @@ class PlanError(FlipError):
         super().__init__(message + where)
 
 
+class PlanCheckFailed(PlanError):
+    """The dry run before submit (``BuiltPlan.check``) failed: ``role`` is the plan function that failed, ``cell``
+    and ``line`` where in the researcher's cells; the plan's own exception, if any, is chained as the cause."""
+
+    def __init__(self, message: str, *, role: str, line: int | None = None, cell: str | None = None):
+        self.role = role
+        super().__init__(message, name=role)  # the message names the cell and line itself, with the line's text
+        self.line, self.cell = line, cell
+
+
+class PlanCheckWarning(UserWarning):
+    """The dry run passed, but the plan's numbers on synthetic data were not finite (the sites would withhold them)."""
+
+
 class ConfigError(FlipError):
     """A study setting has the wrong type or value."""
 

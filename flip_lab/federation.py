@@ -15,7 +15,7 @@ from ._directory import DIRECTORY_FAB_ID, NAMES_TTL_S, Answers, Directory
 from ._flower import ControlClient, NodeInfo, RunInfo
 from ._offer import check_offered
 from .errors import JobNotFound
-from .job import Job
+from .job import PLAN_LINES, Job
 from .plan import BuiltPlan, Plan
 
 _OPEN_JOBS: dict[Path, Job] = {}  # job folder -> its one follower in this process
@@ -52,18 +52,23 @@ class Federation:
         self._client.close()
 
     # -- studies -----------------------------------------------------------------------------------
-    def submit(self, plan: Plan | BuiltPlan, config: dict[str, Any] | None = None, **settings: Any) -> Job:
+    def submit(self, plan: Plan | BuiltPlan, config: dict[str, Any] | None = None, *, check: bool = True,
+               **settings: Any) -> Job:
         """Send ``plan`` with the study's settings (see ``flip_lab.config.SCHEMA``); returns a ``Job`` at once.
 
         Everything that can be checked here is checked before anything leaves the notebook: settings, the plan's
         source, its imports and names, that ``model()`` builds and, where every online site's catalogue can be
         read (its own folder on a local federation, else a directory request through the hub), that some site
-        offers the contract's dataset, modality, task and labels.
+        offers the contract's dataset, modality, task and labels. Then, unless ``check=False``, the plan runs here
+        for one short step on synthetic data shaped as its contract says (``BuiltPlan.check``): a plan that would
+        fail at every site fails in this cell, with its traceback.
         """
         built = plan if isinstance(plan, BuiltPlan) else plan.build({**(config or {}), **settings})
         catalogues = self._catalogues()
         if catalogues:
             check_offered(built.spec["contract"], catalogues)
+        if check:
+            built.check()
         job = self._start(built)
         if isinstance(plan, Plan):
             plan.submitted_settings = {**(config or {}), **settings}
@@ -89,6 +94,8 @@ class Federation:
         if history:
             (store / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in history))
         (store / "plan.py").write_text(built.source)
+        if built.origins.spans:  # the researcher's cells as they are now, for the sites' "plan.py line N"
+            (store / PLAN_LINES).write_text(json.dumps(built.origins.lines()))
         (store / "spec.json").write_text(json.dumps(built.spec, indent=1))
         job = Job(self._client, run_id, store, rounds=int(built.spec["config"]["rounds"]), plan_hash=built.hash)
         self._jobs[run_id] = job
@@ -158,7 +165,10 @@ class Federation:
             study = int(json.loads((store / "study.json").read_text())["study"])
         except FileNotFoundError:
             study = job_id
-        return self._start(built, resume_from=job_id, study=study, history=kept)
+        job = self._start(built, resume_from=job_id, study=study, history=kept)
+        if (store / PLAN_LINES).exists():  # the same plan: its lines came from the same cells
+            (job.store / PLAN_LINES).write_text((store / PLAN_LINES).read_text())
+        return job
 
     def jobs(self) -> list[RunInfo]:
         """The hub's studies, oldest first (directory requests, which ``sites()`` starts, are not studies)."""

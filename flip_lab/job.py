@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -20,12 +21,16 @@ from typing import Any
 
 from ._flower import ControlClient
 from ._protocol import EVENT_PREFIX, WEIGHTS_PREFIX
+from ._sourcemap import describe
 from .errors import HubUnreachable, JobFailed, JobTimeout, NoModelReleased
 from .history import History
 
 log = logging.getLogger("flip_lab")
 FINAL = ("completed", "failed", "cancelled")
 Subscriber = Callable[[dict[str, Any]], None]
+# Beside a job: each line of the plan it sent, as the cell, line and text the researcher wrote (flip_lab._sourcemap).
+PLAN_LINES = "plan_lines.json"
+_PLAN_LINE = re.compile(r"\bat plan\.py line (\d+)\b")  # how a site names a line (site_kernel.egress)
 
 
 class Job:
@@ -244,7 +249,7 @@ class Job:
             if err["type"] == "site_error":
                 cause = err.get("message") or err.get("kind", "an error")
                 # A site names itself at the end of its message; the grouping below names the sites once.
-                cause = cause.removesuffix(f" at site {err['site']}")
+                cause = self.in_cells(cause.removesuffix(f" at site {err['site']}"))
             elif err["type"] == "update_rejected":
                 cause = f"the hub rejected the update ({err.get('reason', 'no reason given')})"
             else:
@@ -260,6 +265,21 @@ class Job:
         if causes and self.message:
             return f"{'; '.join(causes)}; as a result {self.message}"
         return "; ".join(causes) or self.message
+
+    def in_cells(self, message: str) -> str:
+        """A site's message with its "at plan.py line 12" told as the researcher wrote it: "at cell In[5], line 7
+        (`loss = model(x)`)". The site sends the line number only where its policy allows (``error_line_numbers``);
+        the cells are those the plan was assembled from when it was submitted here."""
+        match = _PLAN_LINE.search(message)
+        if match is None:
+            return message
+        try:
+            where = json.loads((self.store / PLAN_LINES).read_text()).get(match.group(1))
+        except (OSError, ValueError):  # submitted elsewhere, or before the lab kept its lines
+            return message
+        if not isinstance(where, dict):
+            return message
+        return f"{message[:match.start()]}at {describe(where)}{message[match.end():]}"
 
     def cancel(self) -> None:
         """Stop the study at the hub; sites drop the job's worker when the run stops."""

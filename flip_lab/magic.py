@@ -26,6 +26,7 @@ assembled plan source.
 from __future__ import annotations
 
 import ast
+import sys
 from typing import Any
 
 from IPython.core.magic import Magics, cell_magic, magics_class
@@ -117,7 +118,17 @@ class FlipMagics(Magics):
         shell = self.shell
         if shell is None:  # pragma: no cover - a cell magic always runs inside a shell
             raise PlanRefused("%%flip_plan runs only inside IPython")
-        result = shell.run_cell(cell, store_history=False)
+        # Tracebacks and the lab's messages about plan lines should name the cell and line the researcher sees: the
+        # body runs below the magic's line (kept as a comment: IPython drops a cell's leading blank lines), and its
+        # code is filed under this cell's In[n] (IPython's compiler maps file -> n), not the next one.
+        numbers = getattr(shell.compile, "_filename_map", None)
+        this_cell = _calling_cell(numbers) if numbers else None
+        result = shell.run_cell(f"# %%flip_plan {line}\n{cell}", store_history=False)
+        if numbers is not None and this_cell is not None:
+            for role in _top_level(cell)[0]:
+                code = getattr(shell.user_ns.get(role), "__code__", None)
+                if code is not None:
+                    numbers[code.co_filename] = this_cell
         if not result.success:  # IPython has already shown the cell's own error in full
             error = result.error_in_exec or result.error_before_exec
             raise PlanRefused(f"the cell raised {type(error).__name__}; nothing was registered on {args.plan_var}")
@@ -131,6 +142,16 @@ class FlipMagics(Magics):
             raise
         except PlanError as err:  # the complete plan failed to assemble
             raise PlanRefused(str(err), name=err.name) from err
+
+
+def _calling_cell(numbers: dict[str, int]) -> int | None:
+    """The ``In[n]`` of the cell whose code is running this magic: the nearest caller compiled from a cell."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_filename in numbers:
+            return numbers[frame.f_code.co_filename]
+        frame = frame.f_back
+    return None
 
 
 def load_ipython_extension(ipython: Any) -> None:

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import types
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import config as _config
 from ._capture import Capture, check_compiles
+from ._sourcemap import SourceMap
 from .errors import PlanError
 
 ENTRIES = ("model", "train", "evaluate")
@@ -38,10 +39,23 @@ class BuiltPlan:
     source: str
     spec: dict[str, Any]
     weights: bytes  # safetensors
+    # Where each line of ``source`` was written (a notebook cell, a file): stays in the notebook, never sent.
+    origins: SourceMap = field(default_factory=SourceMap, compare=False)
 
     @property
     def hash(self) -> str:
         return str(self.spec["plan_hash"])
+
+    def check(self) -> None:
+        """Run ``model``, one short ``train`` and ``evaluate`` here, on synthetic data shaped as the contract says.
+
+        What a site's worker would hand the plan, generated from the contract alone (no site's data is read): a
+        ``PlanCheckFailed`` with the plan's own traceback, pointing at the cells, when the plan would fail at every
+        site. ``Federation.submit`` runs it before sending anything, unless ``check=False``.
+        """
+        from ._dryrun import dry_run
+
+        dry_run(self)
 
 
 class Plan:
@@ -54,11 +68,13 @@ class Plan:
         self._source: str | None = None
         # the study settings of this plan's last ``fed.submit`` in this process: the panel's dispatch reuses them
         self.submitted_settings: dict[str, Any] | None = None
+        self._origins = SourceMap()  # of ``_source``
 
     def _register(self, role: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         def decorator(fn: Callable[..., Any]) -> Callable[..., Any]:
             self.functions[role] = fn
             self._source = None
+            self._origins = SourceMap()
             return fn
 
         return decorator
@@ -93,12 +109,19 @@ class Plan:
     @classmethod
     def from_file(cls, path: str | Path, **kwargs: Any) -> Plan:
         path = Path(path)
-        return cls.from_source(path.read_text(), name=kwargs.pop("name", path.stem), **kwargs)
+        source = path.read_text()
+        plan = cls.from_source(source, name=kwargs.pop("name", path.stem), **kwargs)
+        plan._origins = SourceMap.identity(str(path), source)
+        return plan
 
     def source(self) -> str:
         """The module text that travels to the sites."""
+        return self._assemble()[0]
+
+    def _assemble(self) -> tuple[str, SourceMap]:
+        """The module text, and where each of its lines was written."""
         if self._source is not None:
-            return self._source
+            return self._source, self._origins
         missing = [r for r in ENTRIES if r not in self.functions]
         if missing:
             raise PlanError(
@@ -108,13 +131,13 @@ class Plan:
         capture = Capture()
         for role in ENTRIES:
             capture.add_entry(role, self.functions[role])
-        source = capture.module_source()
+        source, origins = capture.module_source()
         for role in ENTRIES:  # the site calls model/train/evaluate by role, whatever the functions were called
             fn_name = self.functions[role].__name__
             if fn_name != role:
                 source += f"\n{role} = {fn_name}\n"
         check_compiles(source)
-        return source
+        return source, origins
 
     def build(self, config: dict[str, Any] | None = None) -> BuiltPlan:
         """Validate the config, capture the source, initialise the model and compute the plan's hash."""
@@ -123,7 +146,7 @@ class Plan:
 
         cfg = _config.validate(dict(config or {}))
         contract = _validated_contract(self.contract)
-        source = self.source()
+        source, origins = self._assemble()
         namespace = _exec_module(source, self.name)
         torch.manual_seed(cfg["seed"])
         try:
@@ -144,7 +167,13 @@ class Plan:
             "config": cfg,
             "train_config": _config.train_config(cfg),
         }
-        return BuiltPlan(self.name, source, spec, save(state))
+        return BuiltPlan(self.name, source, spec, save(state), origins)
+
+    def check(self, config: dict[str, Any] | None = None, **settings: Any) -> BuiltPlan:
+        """Build the plan with the study's settings and dry-run it here (:meth:`BuiltPlan.check`); returns it."""
+        built = self.build({**(config or {}), **settings})
+        built.check()
+        return built
 
 
 def _validated_contract(contract: dict[str, Any]) -> dict[str, Any]:

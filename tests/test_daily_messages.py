@@ -19,6 +19,8 @@ from flip_lab.local import STATE, free_port
 from flip_lab.cli import main as flip_lab_main
 from site_kernel.data.contract import validate_contract
 
+from flip_lab.errors import PlanCheckFailed
+from test_dryrun import CELLS as DRYRUN_CELLS, MISMATCH, line_of
 from test_plan import notebook
 
 NOTEBOOKS = Path(__file__).parent / "notebooks"
@@ -179,7 +181,8 @@ def test_a_modality_no_site_offers_is_refused_at_submit(federation) -> None:
 
 @pytest.mark.e2e
 def test_a_failed_job_is_listed_as_failed_and_says_why_first(federation) -> None:
-    job = federation.submit(Plan.from_file(PLANS / "raising_plan.py"), rounds=1, round_timeout=240)
+    # check=False: the dry run would stop it here, and this is about how a failure at the sites reads
+    job = federation.submit(Plan.from_file(PLANS / "raising_plan.py"), rounds=1, round_timeout=240, check=False)
     with pytest.raises(JobFailed) as caught:
         job.wait(timeout=600)
     # The plan's line stays at the site by default (error_line_numbers = false): the cause leads all the same.
@@ -190,6 +193,42 @@ def test_a_failed_job_is_listed_as_failed_and_says_why_first(federation) -> None
     while (status := {r.run_id: r.job_status for r in federation.jobs()}[job.id]) != "failed":
         assert status in ("running", "completed") and time.monotonic() < deadline, status
         time.sleep(0.5)
+
+
+def _notebook_plan_that_flattens_images() -> tuple[Plan, str]:
+    cells = DRYRUN_CELLS.replace('"modality": "MR"', '"modality": ["CT", "MR"]').replace(
+        'logits = model(data.train_x[i:i + config["batch_size"]])', MISMATCH)
+    return notebook(cells)["plan"], cells
+
+
+@pytest.mark.e2e
+def test_a_plan_that_would_fail_at_the_sites_fails_at_submit_and_nothing_is_sent(federation) -> None:
+    plan, cells = _notebook_plan_that_flattens_images()
+    before = len(federation.jobs())
+    with pytest.raises(PlanCheckFailed) as caught:
+        federation.submit(plan, rounds=1)
+    assert caught.value.line == line_of(MISMATCH, cells) and MISMATCH in str(caught.value)
+    assert len(federation.jobs()) == before
+
+
+@pytest.mark.e2e
+def test_a_plan_failing_at_the_sites_is_told_at_the_notebook_line_with_its_text(federation) -> None:
+    plan, cells = _notebook_plan_that_flattens_images()
+    policies = {site_dir / "policy.toml": (site_dir / "policy.toml").read_text()
+                for site_dir in federation.site_dirs.values()}
+    try:  # the sites name the plan's line only where their policy allows it
+        for path, policy in policies.items():
+            path.write_text(policy.replace("\nerror_line_numbers = false", "\nerror_line_numbers = true"))
+        job = federation.submit(plan, rounds=1, round_timeout=240, check=False)  # past the dry run, to the sites
+        with pytest.raises(JobFailed) as caught:
+            job.wait(timeout=600)
+    finally:
+        for path, policy in policies.items():
+            path.write_text(policy)
+    assert all("at plan.py line " in e["message"] for e in job.errors if e["type"] == "site_error"), job.errors
+    line = line_of(MISMATCH, cells)
+    assert str(caught.value).startswith(f"job {job.id} failed: train() raised RuntimeError at a notebook cell, "
+                                        f"line {line} (`{MISMATCH}`) in train(), at site "), str(caught.value)
 
 
 @pytest.mark.e2e

@@ -132,3 +132,20 @@ def test_misuse_is_explained(shell: InteractiveShell, cell: str, message: str) -
     result = run(shell, cell)
     assert isinstance(result.error_in_exec, PlanRefused)
     assert message in str(result.error_in_exec)
+
+
+def test_a_dry_run_failure_names_the_magic_cell_and_the_line_as_the_notebook_shows_them(
+        shell: InteractiveShell) -> None:
+    from flip_lab.errors import PlanCheckFailed
+
+    run(shell, EARLIER_CELL)
+    cell = (PLAN_CELL.replace('"size": [16, 16]}', '"size": [16, 16], "spacing": [1.0, 1.0], '
+                              '"intensity": {"kind": "zscore"}, "labels": {"background": 0, "lesion": 1}}')
+            .replace('return {"loss"', 'torch.ones(2, 3) @ data.train_x.flatten(1)\n    return {"loss"'))
+    number = shell.execution_count
+    assert run(shell, cell).success
+    assert run(shell, EVALUATE_CELL).success
+    with pytest.raises(PlanCheckFailed) as caught:
+        shell.user_ns["plan"].check()
+    line = next(n for n, text in enumerate(cell.splitlines(), 1) if "flatten(1)" in text)
+    assert (caught.value.cell, caught.value.line) == (f"cell In[{number}]", line)
