@@ -20,7 +20,8 @@ os.environ.setdefault("FLIP_LAB_HOME", str(Path(__file__).resolve().parent.paren
 # order: starting the long ones first keeps one long module from running alone at the end.
 LONG_MODULES = (
     "test_notebooks", "test_e2e_hub_restart", "test_secagg", "test_multihost", "test_e2e_faults",
-    "test_governance_battery", "test_lab_ui", "test_privacy", "test_server_manager", "test_data_benchmark",
+    "test_governance_battery", "test_daily_messages", "test_governance_concurrency", "test_governance_worker",
+    "test_governance_hub", "test_directory", "test_lab_ui", "test_privacy", "test_server_manager", "test_data_benchmark",
     "test_e2e_spine", "test_e2e_approval", "test_server_handlers", "test_local_lifecycle", "test_provision",
     "test_pace", "test_sandbox",
 )

@@ -80,6 +80,7 @@ RUN_BY = {
     "fed.resume": "test_e2e_hub_restart::test_a_study_interrupted_by_a_hub_crash_resumes_with_identical_weights",
     "fed.catalogue": "notebooks/quickstart.ipynb",
     "fed.sites": "test_directory::test_connect_names_the_sites_and_reads_their_catalogues",
+    "plan.check": "test_dryrun::test_a_shape_mismatch_fails_here_at_the_cell_line_that_has_it",
     "fed.harmonisation_report": "notebooks/workshop/02_heterogeneity_and_harmonisation.ipynb",
     "flip_lab.plots.harmonisation_distributions": "notebooks/workshop/02_heterogeneity_and_harmonisation.ipynb",
 }
