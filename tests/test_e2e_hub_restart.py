@@ -70,6 +70,10 @@ def test_a_poisoned_update_from_a_real_site_is_rejected_and_the_attacker_named(f
     rejected = [e for e in job.events if e["type"] == "update_rejected"]
     assert {(e["site"], e["round"]) for e in rejected} == {(attacker, 1), (attacker, 2)}
     assert all("norm" in e["reason"] for e in rejected)
+    # completed by the others, and the message says whose data the model never saw, and why
+    assert job.status == "completed"
+    assert f"site {attacker} contributed to no round: the hub rejected its update" in job.message
+    assert not any(f"site {site} contributed" in job.message for site in set(sizes) - {attacker})
     weights = job.final_weights()
     assert all(torch.isfinite(w.float()).all() and w.float().abs().max() < 1e3 for w in weights.values())
 

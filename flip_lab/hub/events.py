@@ -35,15 +35,40 @@ class EventSink:
         self.record_dir = record_dir
         if record_dir is not None:
             record_dir.mkdir(parents=True, exist_ok=True)
+        self._updates: set[tuple[str, int]] = set()  # (site, round) of every training update received ...
+        self._rejected: set[tuple[str, int]] = set()  # ... and of those the hub rejected
+        self._first_error: dict[str, str] = {}  # site -> the first thing that went wrong there
 
     def emit(self, event_type: str, **fields: Any) -> dict[str, Any]:
         event = {"type": event_type, **{k: _finite(v) for k, v in fields.items()}, "t": time.time()}
+        self._note(event)
         line = json.dumps(event, separators=(",", ":"), default=float)
         print(EVENT_PREFIX + line, flush=True)
         if self.record_dir is not None:
             with open(self.record_dir / "events.jsonl", "a", encoding="utf-8") as fh:
                 fh.write(line + "\n")
         return event
+
+    def _note(self, event: dict[str, Any]) -> None:
+        kind, site, round_ = event["type"], str(event.get("site", "")), int(event.get("round") or 0)
+        if kind == "reply" and event.get("phase") == "train":
+            self._updates.add((site, round_))
+        elif kind == "update_rejected":
+            self._rejected.add((site, round_))
+            self._first_error.setdefault(site, f"the hub rejected its update ({event.get('reason', 'no reason')})")
+        elif kind == "site_error":
+            self._first_error.setdefault(site, str(event.get("message") or event.get("kind") or "an error"))
+
+    def absent_sites(self) -> str:
+        """The sites that failed and contributed to no round, with the first thing that went wrong at each, in
+        words ("" where every site that failed still contributed): a study completed by the others says so."""
+        contributed = {site for site, _ in self._updates - self._rejected}
+        absent = {site: why for site, why in self._first_error.items() if site not in contributed}
+        if not absent:
+            return ""
+        # A site's own message ends with its name; it is said once here.
+        return "; ".join(f"site {site} contributed to no round: {why.removesuffix(f' at site {site}')}"
+                         for site, why in sorted(absent.items()))
 
     def checkpoint(self, arrays: dict[str, np.ndarray], round_: int) -> None:
         """Keep the model released at ``round_`` in the run's folder, replacing the previous one atomically, so a

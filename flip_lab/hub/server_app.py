@@ -199,6 +199,9 @@ class HubRun:
 
     def _finish(self, strategy: Any, status: str, message: str) -> None:
         released = getattr(strategy, "released_round", 0) if strategy is not None else 0
+        absent = self.sink.absent_sites() if status == "completed" else ""
+        if absent:  # completed by the others: the researcher learns which site's data the model never saw, and why
+            message = f"{message}; {absent}"
         if strategy is not None and released:
             self.sink.emit_weights(strategy.released, released)
         self.sink.emit("job_finished", status=status, message=message, rounds_completed=released)
