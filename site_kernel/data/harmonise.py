@@ -14,7 +14,7 @@ by the fixed :data:`RAW_SCALE` instead of normalising them, and skip the site st
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -32,8 +32,9 @@ from monai.transforms import (
 from .steps import SiteStep
 from .volume import Volume
 
-Mode = Literal["full", "geometric", "none"]
-MODES: tuple[str, ...] = ("full", "geometric", "none")
+if TYPE_CHECKING:
+    from .prepare import Mode
+
 #: Raw intensities are multiplied by this when a benchmark turns intensity harmonisation off (HU / 1000).
 RAW_SCALE = 1e-3
 #: Axis-code letters of nibabel's RAS+ world, the space every reader's affine is in.

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -30,8 +30,9 @@ from .manifest import Manifest, load_case, manifest_hash, read_manifest
 from .sitelog import site_log
 from .steps import build_steps
 
-if TYPE_CHECKING:
-    from .harmonise import Mode
+#: How much of harmonisation runs: ``"geometric"`` and ``"none"`` exist for the heterogeneity benchmark.
+Mode = Literal["full", "geometric", "none"]
+MODES: tuple[str, ...] = ("full", "geometric", "none")
 
 HISTOGRAM_BINS = 32
 _SAMPLE = 4096  # voxels per case kept for the aggregate histograms
@@ -90,8 +91,6 @@ def prepare(
 def _prepare(
     site_dir: Path, contract: Mapping[str, Any], site_steps: Sequence[Mapping[str, Any]] | None, harmonise: Mode,
 ) -> PreparedData:
-    from .harmonise import MODES, harmonise_case  # torch and MONAI: only harmonising pays for their import
-
     spec = validate_contract(contract)
     if harmonise not in MODES:
         raise ContractError(f"harmonise must be one of {list(MODES)}, got {harmonise!r}", key="harmonise")
@@ -107,6 +106,9 @@ def _prepare(
     if hit is not None:
         arrays, meta = hit
         return PreparedData(**arrays, stats=meta["stats"], cache_key=key, from_cache=True)
+    # torch and MONAI (about 5 s of CPU to import): only harmonising pays for them, not a study that finds the cache
+    from .harmonise import harmonise_case
+
     parts: dict[str, list[np.ndarray]] = {name: [] for name in cache.ARRAYS}
     before: list[np.ndarray] = []
     skipped = 0
