@@ -107,6 +107,10 @@ def hub_command(host: str, port: int, certs: HubCerts | None, database: Path | N
             str(certs.ca), "--enable-supernode-auth"]
 
 
+# How the hub's runner is started: the interpreter's arguments before the runner's own.
+RUNNER: tuple[str, ...] = ("-m", "flip_lab.hub.runner")
+
+
 def _launch_hub(hub_dir: Path, host: str, port: int, certs: HubCerts | None,
                 durable: bool) -> tuple[subprocess.Popen[bytes], subprocess.Popen[bytes]]:
     """Start ``flower-superlink`` and FLIP's runner beside it, each in a session of its own; their output in the
@@ -119,7 +123,7 @@ def _launch_hub(hub_dir: Path, host: str, port: int, certs: HubCerts | None,
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
             env=_flower_env(hub_dir), cwd=hub_dir,
         )
-    cmd = [sys.executable, "-m", "flip_lab.hub.runner", "--runtime-api-address", _join(_dial_host(host), port),
+    cmd = [sys.executable, *RUNNER, "--runtime-api-address", _join(_dial_host(host), port),
            "--secret-file", str(secret), "--hub-dir", str(hub_dir)]
     if certs is not None:
         cmd += ["--root-certificates", str(certs.ca)]
