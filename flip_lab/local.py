@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from site_kernel.daemon import alive, free_port  # the site daemon's, one definition for both sides
+
 from .errors import FederationError
 from .federation import Federation, _default_home
 from .provision import HubCerts, is_loopback
@@ -34,26 +36,6 @@ SITE_START_TIMEOUT = 60.0
 # federation its panel runs; the folder's PANEL_CONNECTION says which federation that is.
 PANEL_ENV = "FLIP_LAB_PANEL_STATE"
 PANEL_CONNECTION = "connection.json"
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie child counts as gone
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().split(") ")[-1].split()[0] != "Z"
-    except OSError:
-        return True
 
 
 def _listening(port: int, host: str = "127.0.0.1") -> bool:
@@ -179,7 +161,7 @@ def stop_pids(pids: list[int], timeout: float = 8.0) -> None:
         except psutil.NoSuchProcess:
             pass
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(_alive(p) for p in procs):
+    while time.monotonic() < deadline and any(alive(p) for p in procs):
         _reap()
         time.sleep(0.1)
     for pid in pids:
@@ -212,7 +194,7 @@ def read_state(workdir: Path) -> dict[str, Any] | None:
 
 def running_state(workdir: Path) -> dict[str, Any] | None:
     state = read_state(workdir)
-    if state and any(_alive(p) for p in state.get("pids", [])):
+    if state and any(alive(p) for p in state.get("pids", [])):
         return state
     return None
 
@@ -318,7 +300,7 @@ class LocalFederation(Federation):
 
             def sites_ready() -> bool:
                 for name, pid in state["site_pids"].items():
-                    if not _alive(pid):
+                    if not alive(pid):
                         raise FederationError(f"site {name} stopped while starting; see "
                                               f"{workdir / 'sites' / name / 'logs'}. Nothing was left running.")
                 return sum(n.status == "online" for n in fed.nodes()) >= n_sites
@@ -342,7 +324,7 @@ class LocalFederation(Federation):
         if state is None:
             raise FederationError(f"no running federation in {workdir}; start one with `flip-lab up`")
         hub_pid, dial = state.get("hub_pid"), _dial_host(state.get("hub_host", "127.0.0.1"))
-        if not (hub_pid and _alive(hub_pid) and _listening(int(state["hub_port"]), dial)):
+        if not (hub_pid and alive(hub_pid) and _listening(int(state["hub_port"]), dial)):
             # Sites outlive their hub for a while (they retry), so a live site alone is no federation to use.
             raise FederationError(
                 f"the federation in {workdir} has no running hub (pid {hub_pid} is gone or not listening on "
@@ -360,7 +342,7 @@ class LocalFederation(Federation):
             node = online.get(node_id) if node_id is not None else None
             pid = self.state["site_pids"].get(name)
             rows.append({"site": name, "node_id": node_id,
-                         "online": bool(node and node.status == "online" and pid and _alive(pid)),
+                         "online": bool(node and node.status == "online" and pid and alive(pid)),
                          "last_seen": node.last_seen if node else "", "pid": pid})
         return rows + [row for row in super().sites() if row["site"] not in self.site_dirs]
 
@@ -435,7 +417,7 @@ class LocalFederation(Federation):
         """Start the hub again on its port and state (after a crash or ``kill_hub``); waits until every site is
         back online. Jobs that were running are not restarted by themselves: ``fed.resume(job_id)`` continues one from its
         last released round."""
-        if _alive(self.state["hub_pid"]):
+        if alive(self.state["hub_pid"]):
             raise FederationError(f"the hub of {self.workdir} is still running (pid {self.state['hub_pid']})")
         if self.state.get("ca"):
             raise FederationError("restarting a hub with certificates: use `flip-lab up --certs` on its folder")
@@ -446,7 +428,7 @@ class LocalFederation(Federation):
         hub_dir = self.workdir / "hub"
         port = int(self.state["hub_port"])
         old = {self.state["hub_pid"], self.state.get("runner_pid")}
-        stop_pids([p for p in old if p is not None and _alive(p)])  # a runner left without its SuperLink
+        stop_pids([p for p in old if p is not None and alive(p)])  # a runner left without its SuperLink
         hub, runner = _launch_hub(hub_dir, self.state.get("hub_host", "127.0.0.1"), port, None, durable=True)
         pids = [p for p in self.state["pids"] if p not in old] + [hub.pid, runner.pid]
         self.state.update(hub_pid=hub.pid, runner_pid=runner.pid, pids=pids)
