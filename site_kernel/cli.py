@@ -147,12 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--site", required=True)
     p.set_defaults(func=_cmd_data_catalogue)
 
-    try:
-        from .governance_cli import add_governance_commands
-    except ImportError:  # pragma: no cover - governance commands ship with the site kernel
-        pass
-    else:
-        add_governance_commands(sub)
+    from .governance_cli import add_governance_commands
+
+    add_governance_commands(sub)
     return parser
 
 
