@@ -235,7 +235,7 @@ class LocalFederation(Federation):
         SQL state costs about 3 s per round (measured with ``bench/spine_overhead.py``: 4.5 s of platform overhead
         per round instead of 1.4 s on 2 cores).
         """
-        from site_kernel.provision import create_demo_sites
+        from site_kernel.site_folders import create_demo_sites
 
         from .provision import ProvisionError
 

@@ -26,7 +26,7 @@ from .textsafe import shown
 
 
 def _cmd_init(args: argparse.Namespace) -> int:
-    from .provision import init_site
+    from .site_folders import init_site
     from .settings import DEFAULT_HUB, SettingsError, install_certs, record_identity
 
     site_dir = Path(args.site)
