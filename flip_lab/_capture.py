@@ -290,7 +290,3 @@ def check_compiles(source: str) -> None:
         compile(source, "plan.py", "exec")
     except SyntaxError as err:
         raise PlanError(f"the plan does not compile: {err.msg}", line=err.lineno, cell="plan.py") from err
-
-
-def lines_of(filename: str) -> list[str]:
-    return linecache.getlines(filename)

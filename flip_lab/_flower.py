@@ -169,17 +169,3 @@ def build_fab(files: dict[str, bytes]) -> bytes:
     from flwr.cli.build import build_fab_from_files
 
     return build_fab_from_files(files)[0]
-
-
-def fast_object_pulls(initial_backoff: float = 0.01, cap: float = 0.05) -> None:
-    """Make Flower's object pulls retry within milliseconds instead of after 1 s, 2 s, 4 s...
-
-    A message's objects are often pulled a moment before the peer has stored them; Flower then backs off starting
-    at 1 s (``PULL_INITIAL_BACKOFF``), which alone cost about a second per message on loopback. The defaults are
-    keyword-only arguments bound at definition time, hence ``__kwdefaults__``.
-    """
-    from flwr.supercore.inflatable import inflatable_utils
-
-    for fn in (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree):
-        fn.__kwdefaults__["initial_backoff"] = initial_backoff
-        fn.__kwdefaults__["backoff_cap"] = cap

@@ -17,6 +17,7 @@ WEIGHTS_PREFIX = "FLIP-WEIGHTS "
 
 Phase = Literal["train", "evaluate"]
 JobStatus = Literal["pending", "starting", "running", "completed", "failed", "cancelled"]
+FINAL: tuple[JobStatus, ...] = ("completed", "failed", "cancelled")  # a job in one of these has ended for good
 SiteState = Literal[
     "waiting_approval",
     "preparing_data",

@@ -12,12 +12,12 @@ import sys
 import time
 from pathlib import Path
 
-from .local import STATE, _alive, remove, stop_pids
+from .local import STATE, alive, remove, stop_pids
 
 
 def main() -> None:
     parent, workdir, pids = int(sys.argv[1]), Path(sys.argv[2]), [int(p) for p in sys.argv[3:]]
-    while _alive(parent):
+    while alive(parent):
         if not (workdir / STATE).exists():
             return
         time.sleep(0.5)

@@ -250,12 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     workdir(p)
     p.set_defaults(func=_cmd_cancel)
 
-    try:
-        from .study import add_study_commands
-    except ImportError:  # pragma: no cover
-        pass
-    else:
-        add_study_commands(sub)
+    from .study import add_study_commands
+
+    add_study_commands(sub)
     return parser
 
 

@@ -1,6 +1,6 @@
 """The live dashboard: a job seen from the notebook while it runs, and its final state kept in the saved notebook.
 
->>> dash = show(job)          # doctest: +SKIP   (Federation.submit(..., display=True) does this for you)
+>>> dash = show(job)          # doctest: +SKIP   (a Job left as a cell's last value does this for you)
 
 The dashboard subscribes to the job (``job.subscribe``): events arrive on the job's background thread, are folded
 into a ``flip_lab.display.JobView`` and pushed into ipywidgets traits. ipywidgets 8 sends comm messages from any

@@ -23,6 +23,7 @@ import pandas as pd
 
 from site_kernel.textsafe import shown
 
+from ._protocol import FINAL
 from .history import AGGREGATE, History
 
 STATE_LABELS = {
@@ -38,7 +39,6 @@ STATE_LABELS = {
 }
 STATE_COLOURS = {"done": "#2e7d32", "failed": "#c62828", "withheld": "#ef6c00", "waiting_approval": "#6a1b9a",
                  "training": "#1565c0", "evaluating": "#00838f", "preparing_data": "#5d4037", "offline": "#616161"}
-FINAL = ("completed", "failed", "cancelled")
 
 
 class JobLike(Protocol):

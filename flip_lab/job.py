@@ -20,13 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from ._flower import ControlClient
-from ._protocol import EVENT_PREFIX, WEIGHTS_PREFIX
+from ._protocol import EVENT_PREFIX, FINAL, WEIGHTS_PREFIX
 from ._sourcemap import describe
 from .errors import HubUnreachable, JobFailed, JobTimeout, NoModelReleased
 from .history import History
 
 log = logging.getLogger("flip_lab")
-FINAL = ("completed", "failed", "cancelled")
 Subscriber = Callable[[dict[str, Any]], None]
 # Beside a job: each line of the plan it sent, as the cell, line and text the researcher wrote (flip_lab._sourcemap).
 PLAN_LINES = "plan_lines.json"

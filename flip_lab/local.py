@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from site_kernel.daemon import alive, free_port  # the site daemon's, one definition for both sides
+
 from .errors import FederationError
 from .federation import Federation, _default_home
 from .provision import HubCerts, is_loopback
@@ -34,26 +36,6 @@ SITE_START_TIMEOUT = 60.0
 # federation its panel runs; the folder's PANEL_CONNECTION says which federation that is.
 PANEL_ENV = "FLIP_LAB_PANEL_STATE"
 PANEL_CONNECTION = "connection.json"
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie child counts as gone
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().split(") ")[-1].split()[0] != "Z"
-    except OSError:
-        return True
 
 
 def _listening(port: int, host: str = "127.0.0.1") -> bool:
@@ -107,6 +89,10 @@ def hub_command(host: str, port: int, certs: HubCerts | None, database: Path | N
             str(certs.ca), "--enable-supernode-auth"]
 
 
+# How the hub's runner is started: the interpreter's arguments before the runner's own.
+RUNNER: tuple[str, ...] = ("-m", "flip_lab.hub.runner")
+
+
 def _launch_hub(hub_dir: Path, host: str, port: int, certs: HubCerts | None,
                 durable: bool) -> tuple[subprocess.Popen[bytes], subprocess.Popen[bytes]]:
     """Start ``flower-superlink`` and FLIP's runner beside it, each in a session of its own; their output in the
@@ -119,7 +105,7 @@ def _launch_hub(hub_dir: Path, host: str, port: int, certs: HubCerts | None,
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
             env=_flower_env(hub_dir), cwd=hub_dir,
         )
-    cmd = [sys.executable, "-m", "flip_lab.hub.runner", "--runtime-api-address", _join(_dial_host(host), port),
+    cmd = [sys.executable, *RUNNER, "--runtime-api-address", _join(_dial_host(host), port),
            "--secret-file", str(secret), "--hub-dir", str(hub_dir)]
     if certs is not None:
         cmd += ["--root-certificates", str(certs.ca)]
@@ -175,7 +161,7 @@ def stop_pids(pids: list[int], timeout: float = 8.0) -> None:
         except psutil.NoSuchProcess:
             pass
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(_alive(p) for p in procs):
+    while time.monotonic() < deadline and any(alive(p) for p in procs):
         _reap()
         time.sleep(0.1)
     for pid in pids:
@@ -208,7 +194,7 @@ def read_state(workdir: Path) -> dict[str, Any] | None:
 
 def running_state(workdir: Path) -> dict[str, Any] | None:
     state = read_state(workdir)
-    if state and any(_alive(p) for p in state.get("pids", [])):
+    if state and any(alive(p) for p in state.get("pids", [])):
         return state
     return None
 
@@ -249,7 +235,7 @@ class LocalFederation(Federation):
         SQL state costs about 3 s per round (measured with ``bench/spine_overhead.py``: 4.5 s of platform overhead
         per round instead of 1.4 s on 2 cores).
         """
-        from site_kernel.provision import create_demo_sites
+        from site_kernel.site_folders import create_demo_sites
 
         from .provision import ProvisionError
 
@@ -314,7 +300,7 @@ class LocalFederation(Federation):
 
             def sites_ready() -> bool:
                 for name, pid in state["site_pids"].items():
-                    if not _alive(pid):
+                    if not alive(pid):
                         raise FederationError(f"site {name} stopped while starting; see "
                                               f"{workdir / 'sites' / name / 'logs'}. Nothing was left running.")
                 return sum(n.status == "online" for n in fed.nodes()) >= n_sites
@@ -338,7 +324,7 @@ class LocalFederation(Federation):
         if state is None:
             raise FederationError(f"no running federation in {workdir}; start one with `flip-lab up`")
         hub_pid, dial = state.get("hub_pid"), _dial_host(state.get("hub_host", "127.0.0.1"))
-        if not (hub_pid and _alive(hub_pid) and _listening(int(state["hub_port"]), dial)):
+        if not (hub_pid and alive(hub_pid) and _listening(int(state["hub_port"]), dial)):
             # Sites outlive their hub for a while (they retry), so a live site alone is no federation to use.
             raise FederationError(
                 f"the federation in {workdir} has no running hub (pid {hub_pid} is gone or not listening on "
@@ -356,7 +342,7 @@ class LocalFederation(Federation):
             node = online.get(node_id) if node_id is not None else None
             pid = self.state["site_pids"].get(name)
             rows.append({"site": name, "node_id": node_id,
-                         "online": bool(node and node.status == "online" and pid and _alive(pid)),
+                         "online": bool(node and node.status == "online" and pid and alive(pid)),
                          "last_seen": node.last_seen if node else "", "pid": pid})
         return rows + [row for row in super().sites() if row["site"] not in self.site_dirs]
 
@@ -431,7 +417,7 @@ class LocalFederation(Federation):
         """Start the hub again on its port and state (after a crash or ``kill_hub``); waits until every site is
         back online. Jobs that were running are not restarted by themselves: ``fed.resume(job_id)`` continues one from its
         last released round."""
-        if _alive(self.state["hub_pid"]):
+        if alive(self.state["hub_pid"]):
             raise FederationError(f"the hub of {self.workdir} is still running (pid {self.state['hub_pid']})")
         if self.state.get("ca"):
             raise FederationError("restarting a hub with certificates: use `flip-lab up --certs` on its folder")
@@ -442,7 +428,7 @@ class LocalFederation(Federation):
         hub_dir = self.workdir / "hub"
         port = int(self.state["hub_port"])
         old = {self.state["hub_pid"], self.state.get("runner_pid")}
-        stop_pids([p for p in old if p is not None and _alive(p)])  # a runner left without its SuperLink
+        stop_pids([p for p in old if p is not None and alive(p)])  # a runner left without its SuperLink
         hub, runner = _launch_hub(hub_dir, self.state.get("hub_host", "127.0.0.1"), port, None, durable=True)
         pids = [p for p in self.state["pids"] if p not in old] + [hub.pid, runner.pid]
         self.state.update(hub_pid=hub.pid, runner_pid=runner.pid, pids=pids)

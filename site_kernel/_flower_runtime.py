@@ -169,6 +169,8 @@ class RuntimeConnection:
 def fast_object_pulls(initial_backoff: float = 0.01, cap: float = 0.05) -> None:
     """Make Flower's object pulls retry within milliseconds instead of after 1 s, 2 s, 4 s...
 
+    Sites and the hub's study processes alike call this (the hub imports it from here, so the site needs nothing from the lab).
+
     A message's objects are often pulled a moment before the peer has stored them; Flower then backs off starting
     at 1 s (``PULL_INITIAL_BACKOFF``), which alone cost about a second per message on loopback. The defaults are
     keyword-only arguments bound at definition time, hence ``__kwdefaults__``.

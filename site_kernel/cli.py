@@ -26,7 +26,7 @@ from .textsafe import shown
 
 
 def _cmd_init(args: argparse.Namespace) -> int:
-    from .provision import init_site
+    from .site_folders import init_site
     from .settings import DEFAULT_HUB, SettingsError, install_certs, record_identity
 
     site_dir = Path(args.site)
@@ -147,12 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--site", required=True)
     p.set_defaults(func=_cmd_data_catalogue)
 
-    try:
-        from .governance_cli import add_governance_commands
-    except ImportError:  # pragma: no cover - governance commands ship with the site kernel
-        pass
-    else:
-        add_governance_commands(sub)
+    from .governance_cli import add_governance_commands
+
+    add_governance_commands(sub)
     return parser
 
 

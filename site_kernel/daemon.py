@@ -25,19 +25,25 @@ log = logging.getLogger("flip.site")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
+    """A TCP port free on ``host`` (an IPv4 or IPv6 address) at the moment of asking."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` is running (one of another user's counts; a zombie does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:  # a zombie child counts as gone
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(") ")[-1].split()[0] != "Z"
+    except OSError:
+        return True
 
 
 def is_loopback(host: str) -> bool:
@@ -168,7 +174,7 @@ def run_site(site_dir: Path, *, hub: str | None = None, parent_pid: int | None =
                 log.error("the SuperNode exited with code %s; stopping the site", supernode.returncode)
                 code = 1
                 break
-            if parent_pid is not None and not _alive(parent_pid):
+            if parent_pid is not None and not alive(parent_pid):
                 log.info("parent process %s is gone; stopping the site", parent_pid)
                 break
     finally:

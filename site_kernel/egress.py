@@ -6,8 +6,8 @@ allowlist, and it was computed on at least the policy's minimum cohort. Metrics 
 itself (:data:`SITE_METRICS`, such as the epsilon its differential privacy has spent) travel beside
 the plan's: the plan's allowlist and count limit do not apply to them, and a plan may not use their
 names. :func:`safe_error` turns an
-exception from plan code into a kind and a message that carry no exception text. :func:`cap_output`
-decides how much researcher output leaves.
+exception from plan code into a kind and a message that carry no exception text. What the plan prints
+never leaves: it stays in the site's log.
 
 Reasons and messages name only what the site or the hub already knows (the keys of the model the hub
 sent, allowlisted metric names, identifiers present in the approved plan source). Anything the plan
@@ -265,16 +265,3 @@ def _is_builtin_exception(name: str, cls: object = None) -> bool:
     is_exc = isinstance(found, type) and issubclass(found, BaseException)
     return is_exc and (cls is None or found is cls)
 
-
-def cap_output(text: str, policy: SitePolicy) -> str:
-    """What of the plan's output may leave: nothing under ``keep``, a capped head on ``release``.
-
-    Control characters other than newline and tab are replaced, so released text cannot drive the
-    researcher's terminal.
-    """
-    if policy.researcher_output != "release" or not text:
-        return ""
-    limit = policy.researcher_output_max_chars
-    head = "".join(ch if ch.isprintable() or ch in "\n\t" else "\ufffd" for ch in text[:limit])
-    cut = len(text) - limit
-    return head + (f"\n[... {cut} more characters kept in the site's log]" if cut > 0 else "")

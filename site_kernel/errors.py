@@ -1,9 +1,14 @@
-"""The site kernel's exception hierarchy.
+"""The site kernel's exception hierarchy: the errors a data owner reads.
 
-Every error the site kernel raises derives from :class:`SiteKernelError`, so the daemon can catch
-one root and keep serving. Messages say what went wrong and what to do next. They are written for
-the data owner at the site; none of them may carry patient data, and none of them is ever sent to
-the hub as is (errors that leave the site go through :func:`site_kernel.egress.safe_error`).
+Errors about the site's own state (policy, approvals, audit, sandbox, settings, and beside them
+:mod:`site_kernel.data.errors`, :class:`~site_kernel.secagg.SecAggError` and
+:class:`~site_kernel.privacy.PrivacyLedgerError`) derive from :class:`SiteKernelError`, so the
+``flip-site`` commands catch one root and print its message. Messages say what went wrong and what
+to do next. They are written for the data owner at the site; none of them may carry patient data,
+and none of them is ever sent to the hub as is (errors that leave the site go through
+:func:`site_kernel.egress.safe_error`). A job's internal signals (``executor.Refusal``,
+``jobs.WorkerFailure``, ``_flower_runtime.TaskLost``) are not part of this tree: the site turns them
+into a safe reply or a log line.
 """
 
 from __future__ import annotations

@@ -658,8 +658,3 @@ def _query_op(message: Message) -> str:
 
 def _secure(spec: dict) -> bool:
     return bool(spec.get("config", {}).get("secure_aggregation", False))
-
-
-def serve_forever(site_dir: Path, settings: SiteSettings, runtime_address: str, stop: threading.Event) -> None:
-    Executor(site_dir, settings, runtime_address).serve(stop)
-    time.sleep(0)

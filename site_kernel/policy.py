@@ -1,8 +1,8 @@
 """The site's governance policy: one TOML file per site, every key documented.
 
 ``SITE/policy.toml`` says who approves plans, which strategies the site joins, how many examples
-must stand behind a reply, which metrics may leave, the sandbox's resource limits, what happens
-to researcher output and, optionally, the differential privacy the site applies to its updates
+must stand behind a reply, which metrics may leave, the sandbox's resource limits, that researcher
+output stays at the site and, optionally, the differential privacy the site applies to its updates
 (``[dp]``, see :mod:`site_kernel.privacy`) and the norm bound it enforces under secure aggregation
 (``[secure_aggregation]``, see :mod:`site_kernel.secagg`). The shipped ``policy_default.toml`` documents every
 key and supplies the value of any key a site leaves out (``[dp]`` and ``[secure_aggregation]`` excepted: they have no
@@ -30,7 +30,6 @@ from .errors import PolicyError, PolicyMissing
 
 POLICY_FILE = "policy.toml"
 Approval = Literal["manual", "automatic"]
-ResearcherOutput = Literal["keep", "release"]
 InitialWeights = Literal["any", "approved"]
 
 
@@ -96,8 +95,6 @@ class SitePolicy:
     approval: Approval
     allowed_strategies: tuple[str, ...]
     min_cohort: int
-    researcher_output: ResearcherOutput
-    researcher_output_max_chars: int
     metrics: MetricRules
     limits: Limits
     accept_weaker_isolation: bool
@@ -215,14 +212,19 @@ def _build(t: dict[str, Any], *, source: Path | None, dp: DpRules | None = None)
             'approves each plan by hand (approval = "manual")',
             key="approval",
         )
+    if t["researcher_output"] != "keep":
+        # "release" was documented once but never sent anything: refuse it rather than let a site believe it.
+        raise PolicyError(
+            f'policy.toml: `researcher_output` must be "keep" (got {t["researcher_output"]!r}); what a plan '
+            "prints stays in the site's log (SITE/logs/) and is never sent to the researcher",
+            key="researcher_output",
+        )
     metrics, limits, sandbox = t["metrics"], t["limits"], t["sandbox"]
     return SitePolicy(
         demo=demo,
         approval=approval,  # type: ignore[arg-type]  # checked by _choice
         allowed_strategies=_names(t, "allowed_strategies"),
         min_cohort=_int(t, "min_cohort", minimum=1),
-        researcher_output=_choice(t, "researcher_output", ("keep", "release")),  # type: ignore[arg-type]
-        researcher_output_max_chars=_int(t, "researcher_output_max_chars", minimum=0),
         metrics=MetricRules(
             allow=_names(metrics, "allow", prefix="metrics."),
             max_count=_int(metrics, "max_count", minimum=0, prefix="metrics."),

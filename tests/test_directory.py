@@ -85,7 +85,7 @@ def _site_executor(tmp_path: Path, monkeypatch, name: str = "north"):
     from flwr.supercore.task_identity import TaskIdentity
 
     from site_kernel.executor import Executor
-    from site_kernel.provision import init_site
+    from site_kernel.site_folders import init_site
     from site_kernel.settings import load_settings
 
     for key, value in {"_run_id": 5, "_task_id": "t", "_node_id": 0}.items():  # as a task's process sets them
@@ -169,7 +169,7 @@ def test_the_directory_asks_again_only_for_a_new_node_or_when_too_old() -> None:
 @pytest.fixture(scope="module")
 def hub_and_sites(tmp_path_factory):
     from flip_lab.local import LocalFederation, _flower_env, stop_pids
-    from site_kernel.provision import create_demo_sites
+    from site_kernel.site_folders import create_demo_sites
 
     root = tmp_path_factory.mktemp("directory")
     root.chmod(0o755)  # sandboxed site workers run as unprivileged users

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pytest
 
-from site_kernel.egress import cap_output, check_reply, describe_failure, failure_fields, safe_error
+from site_kernel.egress import check_reply, describe_failure, failure_fields, safe_error
 from site_kernel.policy import Limits, MetricRules, SitePolicy
 
 CANARY = "SMITH^JOHN"
@@ -16,8 +14,6 @@ POLICY = SitePolicy(
     approval="manual",
     allowed_strategies=("fedavg",),
     min_cohort=10,
-    researcher_output="keep",
-    researcher_output_max_chars=20,
     metrics=MetricRules(allow=("loss", "accuracy", "dice"), max_count=2),
     limits=Limits(),
     accept_weaker_isolation=False,
@@ -227,16 +223,3 @@ def test_failure_fields_round_trip_through_describe_failure():
 
 def test_odd_kinds_become_plan_error():
     assert safe_error(CANARY, ValueError())[0] == "plan_error"
-
-
-def test_output_is_kept_at_the_site_by_default():
-    assert cap_output(f"patient {CANARY}", POLICY) == ""
-
-
-def test_released_output_is_capped_and_cleaned():
-    policy = dataclasses.replace(POLICY, researcher_output="release")
-    out = cap_output("epoch 1 \x1b[31mloss\x1b[0m 0.5\n" + "x" * 100, policy)
-    assert (
-        out.startswith("epoch 1 \ufffd[31mloss") and "more characters kept in the site's log" in out
-    )
-    assert len(out.split("\n[...")[0]) == 20

@@ -170,7 +170,7 @@ def _rogue_site(folder: Path, ca: Path) -> Path:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    from site_kernel.provision import init_site
+    from site_kernel.site_folders import init_site
     from site_kernel.settings import SiteSettings, write_settings
 
     init_site(folder, name="rogue", hub=f"{HUB_IP}:{HUB_PORT}", demo=True)
@@ -231,7 +231,7 @@ def multihost(tmp_path_factory):
     from flip_lab._bundle import bundle
     from flip_lab.local import _flower_env, stop_pids
     from flip_lab.provision import provision
-    from site_kernel.provision import create_demo_sites
+    from site_kernel.site_folders import create_demo_sites
     from site_kernel.settings import install_certs, load_settings, write_settings
 
     root = tmp_path_factory.mktemp("multihost")

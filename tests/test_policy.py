@@ -35,7 +35,7 @@ def test_default_policy_is_manual_and_secure(tmp_path):
     write_default_policy(tmp_path, demo=False)
     policy = load_policy(tmp_path)
     assert policy.approval == "manual" and not policy.demo and policy.label == "manual approval"
-    assert policy.researcher_output == "keep" and not policy.accept_weaker_isolation
+    assert not policy.accept_weaker_isolation
     assert policy.limits == Limits() and policy.min_cohort >= 1
 
 
@@ -86,7 +86,9 @@ def test_automatic_approval_needs_demo(tmp_path):
             "sandbox.accept_weaker_isolation",
             "true or false",
         ),
-        ('researcher_output = "print"\n', "researcher_output", '"keep" or "release"'),
+        ('researcher_output = "print"\n', "researcher_output", 'must be "keep"'),
+        ('researcher_output = "release"\n', "researcher_output", "never sent to the researcher"),
+        ("researcher_output_max_chars = 2000\n", "researcher_output_max_chars", "unknown key"),
         ("min_cohrt = 5\n", "min_cohrt", "unknown key"),
         ("[limits]\ngpu = 1\n", "limits.gpu", "unknown key"),
         ("limits = 3\n", "limits", "must be a table"),

@@ -230,7 +230,6 @@ def test_bad_dp_values_name_the_key(tmp_path, change, key, expected):
 
 # -- egress of the site's own metrics ----------------------------------------------------------------------------
 POLICY = SitePolicy(demo=False, approval="manual", allowed_strategies=("fedavg",), min_cohort=1,
-                    researcher_output="keep", researcher_output_max_chars=0,
                     metrics=MetricRules(allow=("loss",), max_count=1), limits=Limits(),
                     accept_weaker_isolation=False, dp=RULES)
 

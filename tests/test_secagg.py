@@ -15,6 +15,7 @@ from flip_lab.hub.secagg import SecAggDiscarded, unmask_sum
 from site_kernel import secagg as sa
 
 PLANS = Path(__file__).parent / "plans"
+RECORDING_HUB = Path(__file__).parent / "hub_recording.py"  # a hub that writes down every array it receives
 NODES = [7, 19, 23, 42, 1 << 62]  # Flower's node ids are large unsigned integers
 
 
@@ -190,6 +191,7 @@ def secure_fed(tmp_path_factory):
     """Three sites whose policies bound their updates, and the folder where the hub records what it receives.
     The dropout test kills a site, so it runs last."""
     import flip_lab
+    import flip_lab.local
 
     root = tmp_path_factory.mktemp("secure")
     # A hub started as root runs its studies as an unprivileged uid, which cannot enter pytest's 0700 folders:
@@ -197,7 +199,7 @@ def secure_fed(tmp_path_factory):
     record_dir = Path(tempfile.mkdtemp(prefix="flip-hub-received-"))
     record_dir.chmod(0o777)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FLIP_HUB_RECORD_RECEIVED", str(record_dir))  # inherited by the hub's ServerApp process
+        mp.setattr(flip_lab.local, "RUNNER", (str(RECORDING_HUB), str(record_dir), "runner"))
         fed = flip_lab.local_federation(3, workdir=root / "fed", scale=0.1)
     try:
         for site_dir in fed.site_dirs.values():  # the executor reads the policy afresh for every message

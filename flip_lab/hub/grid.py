@@ -9,13 +9,10 @@ with the key setup of ``flip_lab.hub.secagg``.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Iterable
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 from flwr.app import Message
 from flwr.serverapp import Grid
 
@@ -42,9 +39,6 @@ def pull_replies(grid: Grid, message_ids: list[str]) -> Iterable[Message]:
         delay = min(delay * 2, 2.0)
 
 POLL_S = 0.05
-# Tests set this for the hub's process: every array the hub receives from a site is written under it, so a test can
-# assert on exactly what the hub saw (e.g. that secure aggregation showed it no individual update).
-RECORD_ENV = "FLIP_HUB_RECORD_RECEIVED"
 
 
 class NotEnoughSites(RuntimeError):
@@ -144,7 +138,6 @@ class StreamingGrid:
                     for key, record in list(reply.content.array_records.items()):
                         if is_packed(record):
                             reply.content[key] = unpack(record)
-                    self._record_received(reply, node, phase, round_)
                 replies.append(reply)
                 self._report(reply, node, phase, round_)
             if waiting and time.monotonic() >= next_liveness_check:
@@ -160,17 +153,6 @@ class StreamingGrid:
                 message=f"no reply within {timeout:g} s; the round goes on without this site",
             )
         return replies
-
-    def _record_received(self, reply: Message, node: int, phase: str, round_: int) -> None:
-        folder = os.environ.get(RECORD_ENV)
-        if not folder:
-            return
-        from safetensors.numpy import save_file
-
-        out = Path(folder) / str(self._grid.run.run_id) / f"round-{round_}" / phase / self.name(node)
-        out.mkdir(parents=True, exist_ok=True)
-        for key, record in reply.content.array_records.items():
-            save_file({k: np.ascontiguousarray(v.numpy()) for k, v in record.items()}, str(out / f"{key}.safetensors"))
 
     def _drop_offline(self, waiting: dict[str, int], phase: str, round_: int) -> None:
         online = set(self._grid.get_node_ids())

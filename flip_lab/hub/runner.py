@@ -50,12 +50,16 @@ def _prepare_hub_dir(hub_dir: Path) -> None:
         os.chown(path, STUDY_UID, STUDY_UID, follow_symlinks=False)
 
 
+# How a study is started: the interpreter's arguments before the study's own.
+STUDY: tuple[str, ...] = ("-m", "flip_lab.hub.study")
+
+
 def launch_study(
     address: str, token: str, root_certificates: bytes | None, hub_dir: Path
 ) -> subprocess.Popen:
     """One study's process. The task token and the CA certificate travel on its stdin, never on a
     command line; ``-I`` keeps the working folder and ``PYTHON*`` variables out of its imports."""
-    cmd = [sys.executable, "-I", "-m", "flip_lab.hub.study", "--runtime-api-address", address]
+    cmd = [sys.executable, "-I", *STUDY, "--runtime-api-address", address]
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
     env["FLIP_HUB_DIR"] = str(hub_dir)
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, env=env, cwd="/")

@@ -36,7 +36,7 @@ def load_weights(blob: str) -> dict[str, np.ndarray]:
 
 
 class HubRun:
-    """One study on the hub. ``spec`` is the plan's JSON spec; see ``flip_lab.plan.Plan.spec``."""
+    """One study on the hub. ``spec`` is the plan's JSON spec; see ``flip_lab.plan.BuiltPlan.spec``."""
 
     def __init__(self, grid: Grid, spec: dict[str, Any], weights: dict[str, np.ndarray], sink: EventSink, *,
                  resume: tuple[dict[str, np.ndarray], int] | None = None, resume_from: int = 0):
@@ -215,7 +215,7 @@ class StudyFailed(Exception):
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    from .._flower import fast_object_pulls
+    from site_kernel._flower_runtime import fast_object_pulls
 
     fast_object_pulls()
     spec = json.loads(str(context.run_config["flip-plan-spec"]))

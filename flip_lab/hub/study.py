@@ -60,6 +60,8 @@ def _drop_privileges() -> None:
     import safetensors
     import safetensors.numpy  # noqa: F401
 
+    from site_kernel import _flower_runtime  # noqa: F401  (fast_object_pulls)
+
     from .. import _flower  # noqa: F401
     from . import directory, server_app  # noqa: F401
 

@@ -11,6 +11,9 @@ loop, translate its errors into JSON with a status code. Every handler requires 
     GET    /flip-lab/api/sites | catalogue | jobs
     POST   /flip-lab/api/jobs/ID/cancel
     WS     /flip-lab/api/events[?interval=S]  messages.StreamMessage, a snapshot first
+
+A refused request answers with jupyter_server's JSON error body, ``{"message": ..., "reason": ...}``: ``message``
+is for a person (never a traceback), ``reason`` a short word such as ``bad_request`` or ``unreachable``.
 """
 
 from __future__ import annotations

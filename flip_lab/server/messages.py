@@ -96,10 +96,3 @@ class JobEventMessage(TypedDict):
 
 
 StreamMessage = SnapshotMessage | ConnectionMessage | SitesMessage | JobMessage | JobEventMessage
-
-
-class ErrorBody(TypedDict):
-    """Every refused REST request answers with this body; ``message`` is for a person, never a traceback."""
-
-    message: str
-    reason: str  # a short machine word: not_connected, unknown_job, busy, unreachable, bad_request, internal

@@ -11,9 +11,9 @@ from collections import deque
 from datetime import datetime
 from typing import Any
 
+from .._protocol import FINAL
 from .messages import JobSummary, SiteErrorNote, SiteRow
 
-FINAL = ("completed", "failed", "cancelled")
 # The hub events the panel uses; per-site replies stay server side (the notebook dashboard shows those).
 PANEL_EVENTS = frozenset(
     {"job_started", "site_state", "aggregate", "round_discarded", "site_error", "update_rejected", "job_finished"}
