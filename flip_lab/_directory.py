@@ -20,7 +20,7 @@ from typing import Any
 
 from site_kernel.textsafe import shown
 
-from ._protocol import EVENT_PREFIX
+from ._protocol import event_of
 
 TTL_S = 30.0  # how old the catalogues that ``submit`` checks a contract against may be
 NAMES_TTL_S = 600.0  # how old the names may be: a node's name changes only with its site's settings
@@ -75,12 +75,12 @@ class Answers:
 def read_events(text: str) -> list[dict[str, Any]]:
     events = []
     for line in text.splitlines():
-        idx = line.find(EVENT_PREFIX)
-        if idx >= 0:
-            try:
-                events.append(json.loads(line[idx + len(EVENT_PREFIX):]))
-            except json.JSONDecodeError:
-                continue
+        try:
+            event = event_of(line)
+        except json.JSONDecodeError:
+            continue
+        if event is not None:
+            events.append(event)
     return events
 
 

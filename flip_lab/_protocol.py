@@ -10,10 +10,22 @@ optional safetensors payload (never a pickle).
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal, NotRequired, TypedDict
 
 EVENT_PREFIX = "FLIP-EVENT "
 WEIGHTS_PREFIX = "FLIP-WEIGHTS "
+
+
+def event_of(line: str) -> dict[str, Any] | None:
+    """The event a hub log line carries, or None for a line that carries none.
+
+    Raises ``json.JSONDecodeError`` for a line that carries an unreadable one."""
+    idx = line.find(EVENT_PREFIX)
+    if idx < 0:
+        return None
+    event = json.loads(line[idx + len(EVENT_PREFIX):])
+    return event if isinstance(event, dict) else None
 
 Phase = Literal["train", "evaluate"]
 JobStatus = Literal["pending", "starting", "running", "completed", "failed", "cancelled"]

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ._flower import ControlClient
-from ._protocol import EVENT_PREFIX, FINAL, WEIGHTS_PREFIX
+from ._protocol import FINAL, WEIGHTS_PREFIX, event_of
 from ._sourcemap import describe
 from .errors import HubUnreachable, JobFailed, JobTimeout, NoModelReleased
 from .history import History
@@ -199,12 +199,13 @@ class Job:
         self._buffer += text
         *lines, self._buffer = self._buffer.split("\n")
         for raw in lines:
-            idx = raw.find(EVENT_PREFIX)
-            if idx >= 0:
-                try:
-                    self._apply(json.loads(raw[idx + len(EVENT_PREFIX):]))
-                except json.JSONDecodeError:
-                    log.warning("unreadable event line from the hub")
+            try:
+                event = event_of(raw)
+            except json.JSONDecodeError:
+                log.warning("unreadable event line from the hub")
+                continue
+            if event is not None:
+                self._apply(event)
                 continue
             idx = raw.find(WEIGHTS_PREFIX)
             if idx >= 0:
