@@ -75,19 +75,33 @@ def load_sites(federation: list[dict[str, Any]], mode: str) -> list[SimpleNamesp
     sites = []
     for site in federation:
         data = prepare(Path(site["site_dir"]), plan.CONTRACT, site_steps=site["site_steps"], harmonise=mode)
-        sites.append(SimpleNamespace(
-            name=site["name"], train_x=torch.from_numpy(data.train_x), train_y=torch.from_numpy(data.train_y),
-            test_x=torch.from_numpy(data.test_x), test_y=torch.from_numpy(data.test_y),
-            num_train=data.num_train, num_test=data.num_test,
-        ))
+        sites.append(
+            SimpleNamespace(
+                name=site["name"],
+                train_x=torch.from_numpy(data.train_x),
+                train_y=torch.from_numpy(data.train_y),
+                test_x=torch.from_numpy(data.test_x),
+                test_y=torch.from_numpy(data.test_y),
+                num_train=data.num_train,
+                num_test=data.num_test,
+            )
+        )
     return sites
 
 
 def round_config(args: dict[str, Any], round_index: int, seed: int, **extra: Any) -> dict[str, Any]:
     """The config one site's ``train`` gets in one round, as the real federation hands it over (``server-round``
     is 1-based); the plan itself turns it into a cosine-decayed learning rate."""
-    return {"rounds": args["rounds"], "server-round": round_index + 1, "local_epochs": args["local_epochs"],
-            "lr": args["lr"], "lr_schedule": "cosine", "batch_size": args["batch_size"], "seed": seed, **extra}
+    return {
+        "rounds": args["rounds"],
+        "server-round": round_index + 1,
+        "local_epochs": args["local_epochs"],
+        "lr": args["lr"],
+        "lr_schedule": "cosine",
+        "batch_size": args["batch_size"],
+        "seed": seed,
+        **extra,
+    }
 
 
 def mean_dice(model: torch.nn.Module, sites: list[SimpleNamespace]) -> list[float]:
@@ -107,7 +121,11 @@ def weighted_average(states: list[dict[str, torch.Tensor]], weights: list[int]) 
 
 
 def fedavg(
-    sites: list[SimpleNamespace], args: dict[str, Any], seed: int, *, mu: float = 0.0,
+    sites: list[SimpleNamespace],
+    args: dict[str, Any],
+    seed: int,
+    *,
+    mu: float = 0.0,
     evaluate_on: list[SimpleNamespace] | None = None,
 ) -> tuple[torch.nn.Module, list[float]]:
     """In-process FedAvg (FedProx when ``mu`` > 0): local training at every site, weighted averaging.
@@ -132,7 +150,9 @@ def fedavg(
     return global_model, curve
 
 
-def centralised(data: SimpleNamespace, args: dict[str, Any], seed: int, sites: list[SimpleNamespace] | None = None) -> tuple[torch.nn.Module, list[float]]:
+def centralised(
+    data: SimpleNamespace, args: dict[str, Any], seed: int, sites: list[SimpleNamespace] | None = None
+) -> tuple[torch.nn.Module, list[float]]:
     """One model on one dataset with the same rounds x local epochs schedule as the federated rows."""
     torch.manual_seed(seed)
     model = plan.model()
@@ -146,7 +166,8 @@ def centralised(data: SimpleNamespace, args: dict[str, Any], seed: int, sites: l
 
 def pooled_data(sites: list[SimpleNamespace]) -> SimpleNamespace:
     return SimpleNamespace(
-        train_x=torch.cat([s.train_x for s in sites]), train_y=torch.cat([s.train_y for s in sites]),
+        train_x=torch.cat([s.train_x for s in sites]),
+        train_y=torch.cat([s.train_y for s in sites]),
         num_train=sum(s.num_train for s in sites),
     )
 
@@ -180,7 +201,9 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def run_real_federation_row(args: dict[str, Any], seed: int, sites: list[SimpleNamespace], workdir: Path) -> dict[str, Any]:
+def run_real_federation_row(
+    args: dict[str, Any], seed: int, sites: list[SimpleNamespace], workdir: Path
+) -> dict[str, Any]:
     """FedAvg with full harmonisation through the real federation: a Flower SuperLink and one site kernel per
     hospital on 127.0.0.1, each harmonising its own data in its own job worker.
 
@@ -192,13 +215,23 @@ def run_real_federation_row(args: dict[str, Any], seed: int, sites: list[SimpleN
     from flip_lab.local import LocalFederation
 
     started = time.perf_counter()
-    with LocalFederation.start(len(sites), workdir=workdir / f"federation-seed{seed}", seed=seed,
-                               scale=args["scale"]) as fed:
+    with LocalFederation.start(
+        len(sites), workdir=workdir / f"federation-seed{seed}", seed=seed, scale=args["scale"]
+    ) as fed:
         up_s = time.perf_counter() - started
-        job = fed.submit(demo_plan(), rounds=args["rounds"], strategy="fedavg", seed=seed,
-                         local_epochs=args["local_epochs"], lr=args["lr"], batch_size=args["batch_size"],
-                         min_sites=len(sites), expected_sites=len(sites), round_timeout=600,
-                         extra={"lr_schedule": "cosine"})
+        job = fed.submit(
+            demo_plan(),
+            rounds=args["rounds"],
+            strategy="fedavg",
+            seed=seed,
+            local_epochs=args["local_epochs"],
+            lr=args["lr"],
+            batch_size=args["batch_size"],
+            min_sites=len(sites),
+            expected_sites=len(sites),
+            round_timeout=600,
+            extra={"lr_schedule": "cosine"},
+        )
         job.wait(timeout=60 * 60)
         history = job.history
         model = plan.model()
@@ -206,12 +239,20 @@ def run_real_federation_row(args: dict[str, Any], seed: int, sites: list[SimpleN
     evaluated = history[(history["phase"] == "evaluate") & (history["site"] != "aggregate")]
     curve = evaluated[evaluated["metric"] == "dice"].groupby("round")["value"].mean().sort_index().tolist()
     last = evaluated[evaluated["round"] == evaluated["round"].max()]
-    reported = {metric: {row.site: float(row.value) for row in last[last["metric"] == metric].itertuples()}
-                for metric in ("dice", "loss")}
+    reported = {
+        metric: {row.site: float(row.value) for row in last[last["metric"] == metric].itertuples()}
+        for metric in ("dice", "loss")
+    }
     return {
-        "kind": "fedavg_real", "seed": seed, "rows": {"fedavg_real": mean_dice(model, sites)}, "curve": curve,
-        "model": model, "site_reported": reported["dice"], "site_reported_loss": reported["loss"],
-        "federation_up_s": round(up_s, 1), "seconds": round(time.perf_counter() - started, 1),
+        "kind": "fedavg_real",
+        "seed": seed,
+        "rows": {"fedavg_real": mean_dice(model, sites)},
+        "curve": curve,
+        "model": model,
+        "site_reported": reported["dice"],
+        "site_reported_loss": reported["loss"],
+        "federation_up_s": round(up_s, 1),
+        "seconds": round(time.perf_counter() - started, 1),
     }
 
 
@@ -224,8 +265,13 @@ def summarise(results: list[dict[str, Any]], args: dict[str, Any]) -> dict[str, 
             per_row.setdefault(row, []).append(float(np.mean(scores)))
             per_site.setdefault(row, []).append([float(s) for s in scores])
     table = {
-        row: {"label": ROW_LABELS.get(row, row), "mean_dice": float(np.mean(v)), "std_over_seeds": float(np.std(v)),
-              "per_seed": v, "per_site_mean": [float(x) for x in np.mean(per_site[row], axis=0)]}
+        row: {
+            "label": ROW_LABELS.get(row, row),
+            "mean_dice": float(np.mean(v)),
+            "std_over_seeds": float(np.std(v)),
+            "per_seed": v,
+            "per_site_mean": [float(x) for x in np.mean(per_site[row], axis=0)],
+        }
         for row, v in per_row.items()
     }
     summary: dict[str, Any] = {"config": args, "rows": table}
@@ -244,17 +290,27 @@ def summarise(results: list[dict[str, Any]], args: dict[str, Any]) -> dict[str, 
 
 def write_outputs(summary: dict[str, Any], results: list[dict[str, Any]], out: Path, site_names: list[str]) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    summary = {**summary, "sites": site_names, "curves": {
-        f"{r['kind']}/seed{r['seed']}": r["curve"] for r in results if r.get("curve")},
+    summary = {
+        **summary,
+        "sites": site_names,
+        "curves": {f"{r['kind']}/seed{r['seed']}": r["curve"] for r in results if r.get("curve")},
         "job_seconds": {f"{r['kind']}/seed{r['seed']}": r["seconds"] for r in results},
-        "real_federation": {f"seed{r['seed']}": {k: r[k] for k in ("site_reported", "federation_up_s", "seconds")}
-                            for r in results if r["kind"] == "fedavg_real"}}
+        "real_federation": {
+            f"seed{r['seed']}": {k: r[k] for k in ("site_reported", "federation_up_s", "seconds")}
+            for r in results
+            if r["kind"] == "fedavg_real"
+        },
+    }
     (out / "heterogeneity.json").write_text(json.dumps(summary, indent=1))
     lines = [
-        "# Heterogeneity benchmark", "",
-        (f"Mean over sites of each site's test Dice (lesion class, per image), {summary['config']['seeds']} seed(s); "
-         f"{summary['config']['rounds']} rounds x {summary['config']['local_epochs']} local epochs, "
-         f"batch {summary['config']['batch_size']}, lr {summary['config']['lr']} (cosine over rounds)."), "",
+        "# Heterogeneity benchmark",
+        "",
+        (
+            f"Mean over sites of each site's test Dice (lesion class, per image), {summary['config']['seeds']} seed(s); "
+            f"{summary['config']['rounds']} rounds x {summary['config']['local_epochs']} local epochs, "
+            f"batch {summary['config']['batch_size']}, lr {summary['config']['lr']} (cosine over rounds)."
+        ),
+        "",
         "| setting | mean Dice | std over seeds | " + " | ".join(site_names) + " |",
         "|---|---|---|" + "---|" * len(site_names),
     ]
@@ -264,12 +320,18 @@ def write_outputs(summary: dict[str, Any], results: list[dict[str, Any]], out: P
             sites = " | ".join(f"{v:.3f}" for v in r["per_site_mean"])
             lines.append(f"| {r['label']} | {r['mean_dice']:.3f} | {r['std_over_seeds']:.3f} | {sites} |")
     if summary["real_federation"]:
-        lines += ["", f"The real-federation row ran on {len(summary['real_federation'])} seed(s): a Flower SuperLink "
-                  "and one site kernel per hospital on 127.0.0.1, each site harmonising its own data; wall time "
-                  + ", ".join(f"{v['seconds']:.0f} s" for v in summary["real_federation"].values())
-                  + " (federation start included)."]
+        lines += [
+            "",
+            f"The real-federation row ran on {len(summary['real_federation'])} seed(s): a Flower SuperLink "
+            "and one site kernel per hospital on 127.0.0.1, each site harmonising its own data; wall time "
+            + ", ".join(f"{v['seconds']:.0f} s" for v in summary["real_federation"].values())
+            + " (federation start included).",
+        ]
     if summary.get("targets"):
-        lines += ["", "Targets: " + ", ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in summary["targets"].items())]
+        lines += [
+            "",
+            "Targets: " + ", ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in summary["targets"].items()),
+        ]
     (out / "heterogeneity.md").write_text("\n".join(lines) + "\n")
     _plot(summary, out / "heterogeneity.png")
 
@@ -310,18 +372,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--proximal-mu", type=float, default=0.01)
     parser.add_argument("--scale", type=float, default=1.0, help="patients per hospital, relative to the demo")
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--real-seeds", type=int, default=1,
-                        help="how many seeds also run harmonised FedAvg through the real federation (hub + site "
-                             "kernels on 127.0.0.1); 0 to skip")
+    parser.add_argument(
+        "--real-seeds",
+        type=int,
+        default=1,
+        help="how many seeds also run harmonised FedAvg through the real federation (hub + site "
+        "kernels on 127.0.0.1); 0 to skip",
+    )
     parser.add_argument("--data", type=Path, default=None, help="where to write the hospitals (default: a temp dir)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     ns = parser.parse_args(argv)
     if ns.quick:
         # The real federation's row has its own test (tests/test_data_benchmark.py); quick mode stays in-process.
         ns.seeds, ns.rounds, ns.scale, ns.real_seeds = 1, 6, min(ns.scale, 0.5), 0
-    args = {"rounds": ns.rounds, "local_epochs": ns.local_epochs, "lr": ns.lr, "batch_size": ns.batch_size,
-            "proximal_mu": ns.proximal_mu, "scale": ns.scale, "seeds": ns.seeds, "quick": ns.quick,
-            "real_seeds": min(ns.real_seeds, ns.seeds)}
+    args = {
+        "rounds": ns.rounds,
+        "local_epochs": ns.local_epochs,
+        "lr": ns.lr,
+        "batch_size": ns.batch_size,
+        "proximal_mu": ns.proximal_mu,
+        "scale": ns.scale,
+        "seeds": ns.seeds,
+        "quick": ns.quick,
+        "real_seeds": min(ns.real_seeds, ns.seeds),
+    }
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="flip-heterogeneity-") as scratch:
         return _run(ns, args, ns.data or Path(scratch))
@@ -338,11 +412,14 @@ def _run(ns: argparse.Namespace, args: dict[str, Any], data: Path) -> dict[str, 
     with ProcessPoolExecutor(max(1, ns.workers)) as pool:
         federations = dict(zip(seeds, pool.map(_build, [(data, seed, ns.scale) for seed in seeds]), strict=True))
         prepared_s = time.perf_counter() - started
-        jobs = [{"kind": kind, "seed": seed, "args": args, "federation": federations[seed]}
-                for seed in seeds for kind in (QUICK_JOBS if ns.quick else FULL_JOBS)]
+        jobs = [
+            {"kind": kind, "seed": seed, "args": args, "federation": federations[seed]}
+            for seed in seeds
+            for kind in (QUICK_JOBS if ns.quick else FULL_JOBS)
+        ]
         results = list(pool.map(run_job, jobs))
     # The real federation runs alone: its site kernels share the machine's cores among themselves.
-    for seed in seeds[:args["real_seeds"]]:
+    for seed in seeds[: args["real_seeds"]]:
         results.append(run_real_federation_row(args, seed, load_sites(federations[seed], "full"), data))
     summary = summarise(results, args)
     summary["wall_seconds"] = {"data": round(prepared_s, 1), "total": round(time.perf_counter() - started, 1)}

@@ -63,16 +63,24 @@ def set_policies(fed: LocalFederation, *, dp: bool) -> None:
         path.write_text(text + SECAGG_SECTION + (DP_SECTION if dp else ""))
 
 
-def measure(fed: LocalFederation, plan: flip_lab.Plan, n_sites: int, *, secagg: bool, repeats: int,
-            rounds: int) -> tuple[list[float], int]:
+def measure(
+    fed: LocalFederation, plan: flip_lab.Plan, n_sites: int, *, secagg: bool, repeats: int, rounds: int
+) -> tuple[list[float], int]:
     """Round times over ``repeats`` jobs, and how many site errors (timeouts, missed heartbeats) they had."""
     extra = {"secure_aggregation": True} if secagg else {}
     times: list[float] = []
     dropped: list[str] = []
     for _ in range(repeats):
         # On 2 cores ten site kernels can miss a heartbeat under load: a round may go on without one of them.
-        job = fed.submit(plan, rounds=rounds, local_epochs=1, min_sites=max(2, n_sites - 2), expected_sites=n_sites,
-                         round_timeout=600, **extra)
+        job = fed.submit(
+            plan,
+            rounds=rounds,
+            local_epochs=1,
+            min_sites=max(2, n_sites - 2),
+            expected_sites=n_sites,
+            round_timeout=600,
+            **extra,
+        )
         job.wait(timeout=1800)
         times += round_times(job.events)
         dropped.extend(e["site"] for e in job.errors if e["type"] == "site_error")
@@ -99,15 +107,21 @@ def run(n_sites: int, repeats: int, rounds: int) -> dict[str, Any]:
                     continue
                 set_policies(fed, dp=dp)
                 times, errors = measure(fed, plan, n_sites, secagg=secagg, repeats=repeats, rounds=rounds)
-                rows[name] = {"available": True, "median_round_s": statistics.median(times), "round_s": times,
-                              "site_errors": errors}
+                rows[name] = {
+                    "available": True,
+                    "median_round_s": statistics.median(times),
+                    "round_s": times,
+                    "site_errors": errors,
+                }
             set_policies(fed, dp=False)
     return {"sites": n_sites, "federation_up_s": round(up_s, 1), "rows": rows}
 
 
 def table(results: list[dict[str, Any]]) -> str:
-    lines = ["| setting | " + " | ".join(f"{r['sites']} sites: round time (vs plain)" for r in results) + " |",
-             "|---|" + "---|" * len(results)]
+    lines = [
+        "| setting | " + " | ".join(f"{r['sites']} sites: round time (vs plain)" for r in results) + " |",
+        "|---|" + "---|" * len(results),
+    ]
     for name in SETTINGS:
         cells = []
         for result in results:
@@ -131,15 +145,21 @@ def main(argv: list[str] | None = None) -> int:
     results: list[dict[str, Any]] = []
     for n in args.sites:  # written after each federation size, so a later failure keeps what was measured
         results.append(run(n, args.repeats, args.rounds))
-        summary = {"machine": f"{psutil.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB",
-                   "load_average_at_start": load_before, "load_average_at_end": psutil.getloadavg()[0],
-                   "repeats": args.repeats, "rounds": args.rounds, "results": results}
+        summary = {
+            "machine": f"{psutil.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB",
+            "load_average_at_start": load_before,
+            "load_average_at_end": psutil.getloadavg()[0],
+            "repeats": args.repeats,
+            "rounds": args.rounds,
+            "results": results,
+        }
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "privacy_cost.json").write_text(json.dumps(summary, indent=1))
         text = table(results)
         (args.out / "privacy_cost.md").write_text(
             text + f"\nMedian round wall time at the hub, tiny plan, {args.repeats} job(s) x {args.rounds} rounds; "
-            f"load average {load_before:.1f} at the start, {summary['load_average_at_end']:.1f} at the end.\n")
+            f"load average {load_before:.1f} at the start, {summary['load_average_at_end']:.1f} at the end.\n"
+        )
     print(text)
     return 0
 

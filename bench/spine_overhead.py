@@ -52,8 +52,11 @@ def run_job(fed: LocalFederation, plan: flip_lab.Plan, rounds: int) -> dict:
     events = job.events
     starts = [e["started_at"] for e in events if e["type"] == "reply" and e["round"] == 1 and e["phase"] == "train"]
     overheads = round_overheads(events)
-    return {"cold_start_s": min(starts) - t0, "round_overheads_s": overheads[1:] or overheads,
-            "first_round_overhead_s": overheads[0] if overheads else None}
+    return {
+        "cold_start_s": min(starts) - t0,
+        "round_overheads_s": overheads[1:] or overheads,
+        "first_round_overhead_s": overheads[0] if overheads else None,
+    }
 
 
 def site_memory_mb(fed: LocalFederation) -> float:
@@ -76,8 +79,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=4)
     args = parser.parse_args(argv)
     plan = flip_lab.Plan.from_file(PLAN)
-    results: dict = {"machine": f"{psutil.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB",
-                     "sites": 3, "repeats": args.repeats, "rounds": args.rounds}
+    results: dict = {
+        "machine": f"{psutil.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB",
+        "sites": 3,
+        "repeats": args.repeats,
+        "rounds": args.rounds,
+    }
     with tempfile.TemporaryDirectory() as tmp, LocalFederation.start(3, workdir=tmp, scale=0.3) as fed:
         run_job(fed, plan, 1)  # harmonise and cache each site's data once
         for label, sandbox in (("sandbox_on", True), ("sandbox_off", False)):

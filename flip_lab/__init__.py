@@ -19,11 +19,19 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "BuiltPlan": "plan", "Plan": "plan",
-    "ConfigError": "errors", "FederationError": "errors", "FlipError": "errors", "HubUnreachable": "errors",
-    "JobFailed": "errors", "JobTimeout": "errors", "PlanCheckFailed": "errors", "PlanCheckWarning": "errors",
+    "BuiltPlan": "plan",
+    "Plan": "plan",
+    "ConfigError": "errors",
+    "FederationError": "errors",
+    "FlipError": "errors",
+    "HubUnreachable": "errors",
+    "JobFailed": "errors",
+    "JobTimeout": "errors",
+    "PlanCheckFailed": "errors",
+    "PlanCheckWarning": "errors",
     "PlanError": "errors",
-    "Federation": "federation", "connect": "federation",
+    "Federation": "federation",
+    "connect": "federation",
     "Job": "job",
 }
 
@@ -45,8 +53,10 @@ def local_federation(n_sites: int = 3, **kwargs: Any) -> Any:
 
     if not kwargs.get("workdir") and (joined := panel_federation()) is not None:
         n = len(joined.site_dirs)
-        print(f"Using the local federation of the FLIP Lab panel: a hub at {joined.address} and {n} simulated "
-              f"hospital{'s' if n != 1 else ''} (stop it from the panel).")
+        print(
+            f"Using the local federation of the FLIP Lab panel: a hub at {joined.address} and {n} simulated "
+            f"hospital{'s' if n != 1 else ''} (stop it from the panel)."
+        )
         return joined
     return LocalFederation.start(n_sites, **kwargs)
 

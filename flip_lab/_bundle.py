@@ -24,13 +24,17 @@ def bundle(plan: BuiltPlan, *, resume_from: int = 0, study: int = 0) -> bytes:
     """The Flower bundle (FAB) of a plan; ``resume_from`` names a job whose last released round it continues, and
     ``study`` the first job of the study (sites count a study's privacy spend once, over all the jobs carrying it)."""
     slug = re.sub(r"[^a-z0-9-]+", "-", plan.name.lower()).strip("-") or "plan"
-    pyproject = _pyproject(f"flip-plan-{slug}", f"FLIP Lab plan {plan.name} ({plan.hash[:12]})", {
-        "flip-plan-source": plan.source,
-        "flip-plan-spec": json.dumps(plan.spec, sort_keys=True),
-        "flip-init-weights": base64.b64encode(plan.weights).decode(),
-        "flip-resume-from": str(resume_from),
-        "flip-study": str(study),
-    })
+    pyproject = _pyproject(
+        f"flip-plan-{slug}",
+        f"FLIP Lab plan {plan.name} ({plan.hash[:12]})",
+        {
+            "flip-plan-source": plan.source,
+            "flip-plan-spec": json.dumps(plan.spec, sort_keys=True),
+            "flip-init-weights": base64.b64encode(plan.weights).decode(),
+            "flip-resume-from": str(resume_from),
+            "flip-study": str(study),
+        },
+    )
     files = {
         "pyproject.toml": pyproject,
         "plan.py": plan.source.encode(),
@@ -50,9 +54,16 @@ def directory_bundle() -> bytes:
 
 
 def _pyproject(name: str, description: str, config: dict[str, str]) -> bytes:
-    return tomli_w.dumps({
-        "build-system": {"requires": ["hatchling"], "build-backend": "hatchling.build"},
-        "project": {"name": name, "version": "1.0.0", "description": description, "license": "Apache-2.0",
-                    "dependencies": []},
-        "tool": {"flwr": {"app": {"publisher": PUBLISHER, "components": dict(COMPONENTS), "config": config}}},
-    }).encode()
+    return tomli_w.dumps(
+        {
+            "build-system": {"requires": ["hatchling"], "build-backend": "hatchling.build"},
+            "project": {
+                "name": name,
+                "version": "1.0.0",
+                "description": description,
+                "license": "Apache-2.0",
+                "dependencies": [],
+            },
+            "tool": {"flwr": {"app": {"publisher": PUBLISHER, "components": dict(COMPONENTS), "config": config}}},
+        }
+    ).encode()

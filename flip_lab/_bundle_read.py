@@ -22,9 +22,7 @@ SERVER_APP = "flip_lab.hub.server_app:app"
 CLIENT_APP = "flip_lab.hub.client_app:app"
 COMPONENTS = {"serverapp": SERVER_APP, "clientapp": CLIENT_APP}
 PUBLISHER = "flip-lab"
-CONFIG_KEYS = frozenset(
-    {"flip-plan-source", "flip-plan-spec", "flip-init-weights", "flip-resume-from", "flip-study"}
-)
+CONFIG_KEYS = frozenset({"flip-plan-source", "flip-plan-spec", "flip-init-weights", "flip-resume-from", "flip-study"})
 
 DIRECTORY_PROJECT = "flip-directory"  # the project name of every directory request, and of no plan
 DIRECTORY_CONFIG = {"flip-request": "directory"}
@@ -139,9 +137,7 @@ def read_directory_request(fab: bytes) -> DirectoryRequest:
     if _project_name(project) != DIRECTORY_PROJECT:
         raise BundleRefused(f"a directory request's project name is {DIRECTORY_PROJECT!r}")
     if app.get("config") != DIRECTORY_CONFIG:
-        raise BundleRefused(
-            "the bundle's run config is not exactly a FLIP directory request's (flip-request)"
-        )
+        raise BundleRefused("the bundle's run config is not exactly a FLIP directory request's (flip-request)")
     return DirectoryRequest(run_config=dict(DIRECTORY_CONFIG))
 
 
@@ -154,9 +150,7 @@ def _flip_app(project: dict[str, Any]) -> dict[str, Any]:
     """``[tool.flwr.app]`` of a bundle that names FLIP's own components and publisher."""
     app: Any = project.get("tool", {}).get("flwr", {}).get("app", {})
     if not isinstance(app, dict) or app.get("components") != COMPONENTS:
-        raise BundleRefused(
-            f"the bundle asks to run components other than FLIP's own ({SERVER_APP}, {CLIENT_APP})"
-        )
+        raise BundleRefused(f"the bundle asks to run components other than FLIP's own ({SERVER_APP}, {CLIENT_APP})")
     if app.get("publisher") != PUBLISHER:
         raise BundleRefused(f"the bundle's publisher is not {PUBLISHER!r}")
     return app
@@ -169,24 +163,17 @@ def read_plan_bundle(fab: bytes) -> PlanBundle:
         project = tomllib.loads(entries["pyproject.toml"].decode())
         plan_source = entries["plan.py"].decode()
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
-        raise BundleRefused(
-            "the bundle's pyproject.toml or plan.py is not valid UTF-8 TOML/text"
-        ) from err
+        raise BundleRefused("the bundle's pyproject.toml or plan.py is not valid UTF-8 TOML/text") from err
     app = _flip_app(project)
     if _project_name(project) == DIRECTORY_PROJECT:  # it would pass for one in run lists
         raise BundleRefused(f"a plan's project name is not {DIRECTORY_PROJECT!r}")
     config = app.get("config")
     if not isinstance(config, dict) or set(config) != CONFIG_KEYS:
-        raise BundleRefused(
-            "the bundle's run config keys are not exactly FLIP's "
-            f"({', '.join(sorted(CONFIG_KEYS))})"
-        )
+        raise BundleRefused(f"the bundle's run config keys are not exactly FLIP's ({', '.join(sorted(CONFIG_KEYS))})")
     if not all(isinstance(v, str) for v in config.values()):
         raise BundleRefused("the bundle's run config values must all be text")
     if len(config["flip-plan-source"].encode()) > MAX_PLAN_BYTES:
         raise BundleRefused(f"the plan is larger than its limit of {MAX_PLAN_BYTES} bytes")
     if config["flip-plan-source"] != plan_source:
-        raise BundleRefused(
-            "the bundle's plan.py differs from the plan in its run config (flip-plan-source)"
-        )
+        raise BundleRefused("the bundle's plan.py differs from the plan in its run config (flip-plan-source)")
     return PlanBundle(run_config=dict(config), plan_source=plan_source)

@@ -23,8 +23,28 @@ from .errors import PlanError
 
 # Top-level packages every FLIP site kernel installs. A plan may import these and the standard library only.
 SITE_PACKAGES = frozenset(
-    {"torch", "numpy", "monai", "scipy", "math", "random", "collections", "functools", "itertools",
-     "dataclasses", "typing", "statistics", "time", "copy", "json", "re", "enum", "abc", "operator", "warnings"}
+    {
+        "torch",
+        "numpy",
+        "monai",
+        "scipy",
+        "math",
+        "random",
+        "collections",
+        "functools",
+        "itertools",
+        "dataclasses",
+        "typing",
+        "statistics",
+        "time",
+        "copy",
+        "json",
+        "re",
+        "enum",
+        "abc",
+        "operator",
+        "warnings",
+    }
 )
 _CONSTANT_TYPES = (int, float, str, bool, type(None), bytes)
 
@@ -55,8 +75,9 @@ def _line_of_use(obj: Any, name: str, first_line: int | None) -> int | None:
         tree = ast.parse(textwrap.dedent(inspect.getsource(obj)))
     except (OSError, TypeError, SyntaxError):
         return first_line
-    uses = [n.lineno for n in ast.walk(tree) if isinstance(n, ast.Name) and n.id == name
-            and isinstance(n.ctx, ast.Load)]
+    uses = [
+        n.lineno for n in ast.walk(tree) if isinstance(n, ast.Name) and n.id == name and isinstance(n.ctx, ast.Load)
+    ]
     return first_line + min(uses) - 1 if uses else first_line
 
 
@@ -71,8 +92,11 @@ def _class_source_from_methods(cls: type) -> tuple[str, str, int] | None:
         if not text:
             continue
         for node in ast.walk(ast.parse(text)):
-            if (isinstance(node, ast.ClassDef) and node.name == cls.__name__
-                    and node.lineno <= code.co_firstlineno <= (node.end_lineno or 0)):
+            if (
+                isinstance(node, ast.ClassDef)
+                and node.name == cls.__name__
+                and node.lineno <= code.co_firstlineno <= (node.end_lineno or 0)
+            ):
                 segment = ast.get_source_segment(text, node, padded=True)
                 return (segment, code.co_filename, node.lineno) if segment else None
     return None
@@ -103,7 +127,9 @@ def _source_of(obj: Any) -> str:
         raise PlanError(
             f"cannot read the source of {getattr(obj, '__qualname__', obj)!r}; define it in a notebook cell "
             f"or a .py file (not with exec or in an interactive console)",
-            name=getattr(obj, "__name__", None), line=line, cell=cell,
+            name=getattr(obj, "__name__", None),
+            line=line,
+            cell=cell,
         ) from err
     return textwrap.dedent(source)
 
@@ -150,7 +176,10 @@ class Capture:
             cell, line = _where(obj)
             raise PlanError(
                 f"{name!r} (used by {used_by}) is a lambda kept in a variable; its source cannot travel. "
-                f"Write it as `def {name}(...):` in a cell", name=name, line=line, cell=cell,
+                f"Write it as `def {name}(...):` in a cell",
+                name=name,
+                line=line,
+                cell=cell,
             )
         if inspect.isfunction(obj) and obj.__closure__:
             cell, line = _where(obj)
@@ -158,7 +187,9 @@ class Capture:
             raise PlanError(
                 f"{name!r} (used by {used_by}) is a closure over local variable(s) {free} that cannot travel; "
                 f"define it at the top level of a cell and pass those values through the config",
-                name=name, line=line, cell=cell,
+                name=name,
+                line=line,
+                cell=cell,
             )
         self._visiting.add(name)
         source, removed = _strip_plan_decorators(_source_of(obj), name)
@@ -169,8 +200,9 @@ class Capture:
             tree = ast.parse(source)
         except SyntaxError as err:  # e.g. source that only compiles inside a class body
             cell, line = _where(obj)
-            raise PlanError(f"the source of {name!r} does not parse on its own: {err.msg}", name=name,
-                            line=line, cell=cell) from err
+            raise PlanError(
+                f"the source of {name!r} does not parse on its own: {err.msg}", name=name, line=line, cell=cell
+            ) from err
         defined_name = getattr(tree.body[0], "name", name)
         if defined_name != name:  # ``alias = func``: keep the definition, bind the alias too
             source += f"{name} = {defined_name}\n"
@@ -190,7 +222,10 @@ class Capture:
             line = _line_of_use(obj, name, line)
             raise PlanError(
                 f"name {name!r} used in {used_by}() is not defined; define or import it in a cell before "
-                f"building the plan", name=name, line=line, cell=cell,
+                f"building the plan",
+                name=name,
+                line=line,
+                cell=cell,
             )
         value = namespace[name]
         if isinstance(value, types.ModuleType):
@@ -208,7 +243,8 @@ class Capture:
         else:
             raise PlanError(
                 f"{name!r} (used by {used_by}) is a {type(value).__name__} object, which cannot travel as "
-                f"source; build it inside model()/train() or pass plain values through the config", name=name,
+                f"source; build it inside model()/train() or pass plain values through the config",
+                name=name,
             )
 
     def _add_import(self, name: str, module: types.ModuleType, used_by: str) -> None:
@@ -259,8 +295,11 @@ class Capture:
 
 def _defined_in_notebook(obj: Any) -> bool:
     module = getattr(obj, "__module__", "")
-    return module == "__main__" or module not in sys.modules or not hasattr(sys.modules[module], "__file__") or (
-        module.startswith("flip_plan_")
+    return (
+        module == "__main__"
+        or module not in sys.modules
+        or not hasattr(sys.modules[module], "__file__")
+        or (module.startswith("flip_plan_"))
     )
 
 

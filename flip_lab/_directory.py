@@ -116,8 +116,10 @@ def ask(client: Any, timeout: float = RUN_TIMEOUT_S) -> Answers:
         try:
             node = int(event["node_id"]) if "node_id" in event else None
             if event.get("type") == "directory_site" and node is not None:
-                answers.sites[node] = {"site": clean_name(event.get("site", "")) or f"node-{node}",
-                                       "catalogue": clean_catalogue(event.get("catalogue"))}
+                answers.sites[node] = {
+                    "site": clean_name(event.get("site", "")) or f"node-{node}",
+                    "catalogue": clean_catalogue(event.get("catalogue")),
+                }
             elif event.get("type") == "directory_error" and node is not None:
                 answers.errors[node] = clean_name(event.get("message", ""))
         except (TypeError, ValueError):
@@ -138,8 +140,11 @@ class Directory:
     def answers(self, online: set[int], max_age: float | None = None) -> Answers:
         with self._lock:
             current = self._answers
-            if (current is None or time.time() - current.asked_at > (self.ttl if max_age is None else max_age)
-                    or not all(current.knows(n) for n in online)):
+            if (
+                current is None
+                or time.time() - current.asked_at > (self.ttl if max_age is None else max_age)
+                or not all(current.knows(n) for n in online)
+            ):
                 current = self._answers = ask(self._client)
                 for node in online - set(current.sites) - set(current.errors):  # asked, not answered: not again
                     current.errors[node] = "no answer to the directory request"

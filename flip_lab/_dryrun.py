@@ -77,8 +77,11 @@ def dry_run(built: BuiltPlan) -> None:
         try:
             model.load_state_dict(load(built.weights), strict=True)
         except Exception as err:
-            raise PlanCheckFailed(f"model() built a different model the second time ({type(err).__name__}); "
-                                  f"a site would refuse the study's weights. {_NEXT}", role="model") from err
+            raise PlanCheckFailed(
+                f"model() built a different model the second time ({type(err).__name__}); "
+                f"a site would refuse the study's weights. {_NEXT}",
+                role="model",
+            ) from err
         for role in ("train", "evaluate"):
             config = {**spec["train_config"], "local_epochs": 1, "op": role, "server-round": 1}
             if role == "train" and float(config.get("proximal_mu", 0.0)) > 0:  # as the site's worker adds it
@@ -88,9 +91,13 @@ def dry_run(built: BuiltPlan) -> None:
             if role == "train":
                 _check_weights(model, spec, doubts)
     if doubts:  # made-up data can make a sound plan's numbers odd: said, not refused
-        warnings.warn(PlanCheckWarning(
-            f"on synthetic data {'; '.join(doubts)}. Sites withhold non-finite replies: if real data could do this "
-            "too, fix the plan before the study runs"), stacklevel=3)
+        warnings.warn(
+            PlanCheckWarning(
+                f"on synthetic data {'; '.join(doubts)}. Sites withhold non-finite replies: if real data could do this "
+                "too, fix the plan before the study runs"
+            ),
+            stacklevel=3,
+        )
 
 
 def _load(built: BuiltPlan) -> dict[str, Any]:
@@ -139,20 +146,29 @@ def _failure(built: BuiltPlan, who: str, err: Exception, *, role: str = "plan") 
     return PlanCheckFailed(
         f"{who} raised {type(err).__name__}{at}: {err}. This was a dry run on synthetic data shaped as the "
         f"contract says ({SAMPLES} images [1, {height}, {width}], {kind} {sorted(shape['labels'].values())}); "
-        f"{_NEXT}", role=role, line=where["line"] if where else None, cell=where["cell"] if where else None)
+        f"{_NEXT}",
+        role=role,
+        line=where["line"] if where else None,
+        cell=where["cell"] if where else None,
+    )
 
 
 def _check_metrics(role: str, metrics: Any, doubts: list[str]) -> None:
     if not isinstance(metrics, dict):
-        raise PlanCheckFailed(f"{role}() returned a {type(metrics).__name__}, not a dict of metrics such as "
-                              f"{{'loss': 0.31}}; every site would refuse it. {_NEXT}", role=role)
+        raise PlanCheckFailed(
+            f"{role}() returned a {type(metrics).__name__}, not a dict of metrics such as "
+            f"{{'loss': 0.31}}; every site would refuse it. {_NEXT}",
+            role=role,
+        )
     for key, value in metrics.items():
         try:
             number = float(value)
         except (TypeError, ValueError, RuntimeError):
-            raise PlanCheckFailed(f"{role}() returned metric {key!r} as a {type(value).__name__}; a metric is one "
-                                  f"number (float(...) or .item()), else the sites refuse it. {_NEXT}",
-                                  role=role) from None
+            raise PlanCheckFailed(
+                f"{role}() returned metric {key!r} as a {type(value).__name__}; a metric is one "
+                f"number (float(...) or .item()), else the sites refuse it. {_NEXT}",
+                role=role,
+            ) from None
         if not math.isfinite(number):
             doubts.append(f"{role}() returned {key!r} = {number}")
 
@@ -164,8 +180,11 @@ def _check_weights(model: Any, spec: dict[str, Any], doubts: list[str]) -> None:
     shapes, dtypes = spec["model_shapes"], spec["model_dtypes"]
     if set(state) != set(shapes):
         changed = sorted(set(state) ^ set(shapes))
-        raise PlanCheckFailed(f"train() changed the model's parameters ({', '.join(changed[:5])}); a site sends "
-                              f"back exactly the model it received, or nothing. {_NEXT}", role="train")
+        raise PlanCheckFailed(
+            f"train() changed the model's parameters ({', '.join(changed[:5])}); a site sends "
+            f"back exactly the model it received, or nothing. {_NEXT}",
+            role="train",
+        )
     for key, tensor in state.items():
         problem = ""
         if list(tensor.shape) != shapes[key]:
@@ -175,5 +194,7 @@ def _check_weights(model: Any, spec: dict[str, Any], doubts: list[str]) -> None:
         elif tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             doubts.append(f"after train() the model's {key!r} holds values that are not finite")
         if problem:
-            raise PlanCheckFailed(f"after train() the model's {key!r} {problem}; the sites would withhold the "
-                                  f"update. {_NEXT}", role="train")
+            raise PlanCheckFailed(
+                f"after train() the model's {key!r} {problem}; the sites would withhold the update. {_NEXT}",
+                role="train",
+            )

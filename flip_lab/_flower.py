@@ -90,9 +90,7 @@ class ControlClient:
         from flwr.supercore.fab import Fab
 
         fab = Fab(hashlib.sha256(fab_bytes).hexdigest(), fab_bytes, {})
-        request = StartRunRequest(
-            fab=fab_to_proto(fab), override_config=user_config_to_proto(override_config or {})
-        )
+        request = StartRunRequest(fab=fab_to_proto(fab), override_config=user_config_to_proto(override_config or {}))
         response = self._call("StartRun", request)
         if not response.HasField("run_id"):
             raise HubUnreachable(self.address, "the hub did not accept the run")

@@ -27,7 +27,9 @@ def check_offered(contract: dict[str, Any], catalogues: dict[str, dict[str, Any]
         raise PlanError(
             f"the contract asks for dataset {name!r}; the sites offer {offered or 'no dataset yet'}: change "
             f"`dataset` in the contract, or ask a site's data owner to register one (`{_DATA_ADD}` with NAME "
-            f"{name})", name="dataset")
+            f"{name})",
+            name="dataset",
+        )
     wanted = set(contract["modality"])
     offered_modality = {site: entry.get("modality", []) for site, entry in found.items()}
     found = {site: entry for site, entry in found.items() if wanted & set(offered_modality[site])}
@@ -36,7 +38,9 @@ def check_offered(contract: dict[str, Any], catalogues: dict[str, dict[str, Any]
         raise PlanError(
             f"the contract asks for modality {_quoted(wanted)}; the sites offer {_by_value(offered_modality)} "
             f"(dataset {name!r}): change `modality` in the contract, or ask a site's data owner to register "
-            f"{asked} data (`{_DATA_ADD} --modality {sorted(wanted)[0]}`)", name="modality")
+            f"{asked} data (`{_DATA_ADD} --modality {sorted(wanted)[0]}`)",
+            name="modality",
+        )
     task = contract.get("task", "segmentation")
     offered_task = {site: [entry.get("task", "segmentation")] for site, entry in found.items()}
     found = {site: entry for site, entry in found.items() if entry.get("task", "segmentation") == task}
@@ -44,7 +48,9 @@ def check_offered(contract: dict[str, Any], catalogues: dict[str, dict[str, Any]
         raise PlanError(
             f"the contract asks for a {task} dataset; the sites offer {_by_value(offered_task)} (dataset "
             f"{name!r}, modality {_quoted(wanted)}): change `task` in the contract, or ask a site's data owner "
-            f"to register {task} data", name="task")
+            f"to register {task} data",
+            name="task",
+        )
     _check_labels(contract, found, task)
 
 
@@ -60,17 +66,28 @@ def _check_labels(contract: dict[str, Any], found: dict[str, dict[str, Any]], ta
     if task == "classification":
         missing = [label for label in labels if label not in values]
     else:
-        missing = [label for label, value in labels.items()
-                   if value != 0 and str(value) not in values and label.lower() not in names]
+        missing = [
+            label
+            for label, value in labels.items()
+            if value != 0 and str(value) not in values and label.lower() not in names
+        ]
     if missing:
-        offered = _by_value({site: [*map(str, entry.get("label_classes", [])),
-                                    *(n for ns in entry.get("label_names", {}).values() for n in ns)]
-                             for site, entry in found.items()})
+        offered = _by_value(
+            {
+                site: [
+                    *map(str, entry.get("label_classes", [])),
+                    *(n for ns in entry.get("label_names", {}).values() for n in ns),
+                ]
+                for site, entry in found.items()
+            }
+        )
         what = ", ".join(f"{label!r} ({labels[label]})" for label in missing)
         raise PlanError(
             f"the contract asks for label {what}; no site's matching data has it (labels offered: {offered}): "
             f"change `labels` in the contract, or ask a site's data owner to register labelled data "
-            f"(`{_DATA_ADD} --labels PATH`)", name="labels")
+            f"(`{_DATA_ADD} --labels PATH`)",
+            name="labels",
+        )
 
 
 def _by_value(offers: dict[str, list[Any]]) -> str:

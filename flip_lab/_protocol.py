@@ -24,8 +24,9 @@ def event_of(line: str) -> dict[str, Any] | None:
     idx = line.find(EVENT_PREFIX)
     if idx < 0:
         return None
-    event = json.loads(line[idx + len(EVENT_PREFIX):])
+    event = json.loads(line[idx + len(EVENT_PREFIX) :])
     return event if isinstance(event, dict) else None
+
 
 Phase = Literal["train", "evaluate"]
 JobStatus = Literal["pending", "starting", "running", "completed", "failed", "cancelled"]

@@ -1,14 +1,14 @@
 """``flip-lab``: the researcher's and teacher's command line.
 
-    flip-lab demo [--sites 4 --rounds 3]      start a local federation, run the demo study, print the metrics
-    flip-lab up [--sites 3] [--workdir DIR]   start a local federation in the background
-    flip-lab up --sites 0 --listen HOST:PORT --certs DIR/hub   a hub alone, for sites on other machines (TLS)
-    flip-lab provision DIR --hub-address HOST:PORT --site NAME ...   CA, hub certificate, site key pairs
-    flip-lab status [--workdir DIR]           hub, sites and jobs of a local federation
-    flip-lab down [--workdir DIR]             stop it by PID; nothing is left running
-    flip-lab jobs / cancel JOB                list or stop studies on the local federation
-    flip-lab study run NOTEBOOK -p NAME VALUE  run a parameterised study notebook and keep a run record
-    flip-lab study verify RECORD              re-check every checksum of a run record
+flip-lab demo [--sites 4 --rounds 3]      start a local federation, run the demo study, print the metrics
+flip-lab up [--sites 3] [--workdir DIR]   start a local federation in the background
+flip-lab up --sites 0 --listen HOST:PORT --certs DIR/hub   a hub alone, for sites on other machines (TLS)
+flip-lab provision DIR --hub-address HOST:PORT --site NAME ...   CA, hub certificate, site key pairs
+flip-lab status [--workdir DIR]           hub, sites and jobs of a local federation
+flip-lab down [--workdir DIR]             stop it by PID; nothing is left running
+flip-lab jobs / cancel JOB                list or stop studies on the local federation
+flip-lab study run NOTEBOOK -p NAME VALUE  run a parameterised study notebook and keep a run record
+flip-lab study verify RECORD              re-check every checksum of a run record
 """
 
 from __future__ import annotations
@@ -34,9 +34,16 @@ def _cmd_up(args: argparse.Namespace) -> int:
     workdir = _workdir(args)
     listen = args.listen or _default_listen(args.sites)
     print(f"starting a hub and {args.sites} simulated hospitals in {workdir} ...", flush=True)
-    fed = LocalFederation.start(args.sites, workdir=workdir, seed=args.seed, watch_parent=False,
-                                approval="manual" if args.manual else "automatic", listen=listen,
-                                certs=args.certs, durable=True if args.durable else None)
+    fed = LocalFederation.start(
+        args.sites,
+        workdir=workdir,
+        seed=args.seed,
+        watch_parent=False,
+        approval="manual" if args.manual else "automatic",
+        listen=listen,
+        certs=args.certs,
+        durable=True if args.durable else None,
+    )
     transport = "TLS, node authentication" if fed.state.get("ca") else "plain HTTP, loopback only"
     print(f"hub:   {fed.address} listening on {fed.state['hub_host']}:{fed.state['hub_port']} ({transport})")
     if args.sites == 0:
@@ -73,10 +80,14 @@ def _cmd_provision(args: argparse.Namespace) -> int:
 
     result = provision(args.dir, hub_address=args.hub_address, sites=args.site, force=args.force)
     print(f"federation CA:     {result.root / 'ca'}  (keep ca.key offline)")
-    print(f"hub:               {result.hub}  -> the hub machine: flip-lab up --sites 0 --listen HOST:PORT "
-          f"--certs {result.hub.name}")
-    print(f"researcher:        {result.researcher_ca}  -> flip_lab.connect('{result.hub_address}', "
-          f"root_certificates='ca.pem')")
+    print(
+        f"hub:               {result.hub}  -> the hub machine: flip-lab up --sites 0 --listen HOST:PORT "
+        f"--certs {result.hub.name}"
+    )
+    print(
+        f"researcher:        {result.researcher_ca}  -> flip_lab.connect('{result.hub_address}', "
+        f"root_certificates='ca.pem')"
+    )
     for name, folder in result.sites.items():
         print(f"site {name + ':':<12} {folder}  -> that hospital: flip-site init SITE --certs {folder.name}")
     return 0
@@ -144,12 +155,20 @@ def progress_bar(job: Any, stream: Any = None) -> None:
         elif kind == "aggregate":
             metrics = "  ".join(f"{k}={v:.4f}" for k, v in sorted(event["metrics"].items()))
             bar = "#" * event["round"] + "." * max(0, (job.rounds or 0) - event["round"])
-            print(f"  [{bar}] round {event['round']}/{job.rounds} {event['phase']:<8} {metrics}  "
-                  f"({len(event['contributors'])} sites)", file=stream, flush=True)
+            print(
+                f"  [{bar}] round {event['round']}/{job.rounds} {event['phase']:<8} {metrics}  "
+                f"({len(event['contributors'])} sites)",
+                file=stream,
+                flush=True,
+            )
         elif kind in ("site_error", "update_rejected", "round_discarded"):
             where = event.get("site", "")
-            print(f"  ! round {event['round']} {where}: {event.get('kind', kind)}: "
-                  f"{event.get('message') or event.get('reason')}", file=stream, flush=True)
+            print(
+                f"  ! round {event['round']} {where}: {event.get('kind', kind)}: "
+                f"{event.get('message') or event.get('reason')}",
+                file=stream,
+                flush=True,
+            )
         elif kind == "job_finished":
             print(f"job {job.id} {event['status']}: {event['message']}", file=stream, flush=True)
 
@@ -171,17 +190,30 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     workdir = Path(args.workdir) if args.workdir else None
     print(f"starting a local federation: 1 hub + {args.sites} simulated hospitals on 127.0.0.1 ...", flush=True)
     with LocalFederation.start(args.sites, workdir=workdir, seed=args.seed) as fed:
-        print(f"federation up in {time.monotonic() - t0:.1f} s (hub 127.0.0.1:{fed.state['hub_port']}, "
-              f"work folder {fed.workdir})", flush=True)
+        print(
+            f"federation up in {time.monotonic() - t0:.1f} s (hub 127.0.0.1:{fed.state['hub_port']}, "
+            f"work folder {fed.workdir})",
+            flush=True,
+        )
         for name, cat in fed.catalogue().items():
             print(f"  {name}: {_catalogue_line(cat)}")
-        job = fed.submit(demo_plan(), rounds=args.rounds, strategy=args.strategy, seed=args.seed, lr=args.lr,
-                         min_sites=min(2, args.sites), expected_sites=args.sites)
+        job = fed.submit(
+            demo_plan(),
+            rounds=args.rounds,
+            strategy=args.strategy,
+            seed=args.seed,
+            lr=args.lr,
+            min_sites=min(2, args.sites),
+            expected_sites=args.sites,
+        )
         progress_bar(job)
         job.wait(timeout=args.timeout)
         table = job.history
-        final = table[(table["round"] == table["round"].max()) & (table["phase"] == "evaluate")
-                      & (table["metric"] != "num_examples")]
+        final = table[
+            (table["round"] == table["round"].max())
+            & (table["phase"] == "evaluate")
+            & (table["metric"] != "num_examples")
+        ]
         print("\nfinal round, evaluation on each site's held-out test set:")
         print(final.pivot_table(index="site", columns="metric", values="value").round(4).to_string())
         print(f"\ndone in {time.monotonic() - t0:.1f} s; history and final model in {job.store}")
@@ -193,8 +225,10 @@ def _catalogue_line(cat: dict[str, Any]) -> str:
     for name, info in cat.get("datasets", {}).items():
         modality = "/".join(info.get("modality", [])) or "?"
         vendors = ", ".join(info.get("vendors", [])) or "vendor not shown"
-        parts.append(f"{name}: {modality}, {info.get('cases', '?')} cases ({info.get('train_cases', '?')} train / "
-                     f"{info.get('test_cases', '?')} test), {vendors}")
+        parts.append(
+            f"{name}: {modality}, {info.get('cases', '?')} cases ({info.get('train_cases', '?')} train / "
+            f"{info.get('test_cases', '?')} test), {vendors}"
+        )
     return "; ".join(parts) or "no datasets registered"
 
 
@@ -219,29 +253,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sites", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--manual", action="store_true", help="sites require manual approval (flip-site plans approve)")
-    p.add_argument("--listen", metavar="HOST:PORT",
-                   help="the hub's address (default: 127.0.0.1:9093, where sites look, for a hub alone (--sites 0) "
-                        "if free, else a free port on 127.0.0.1); beyond loopback --certs is required")
-    p.add_argument("--certs", metavar="DIR",
-                   help="a folder from `flip-lab provision` (or its hub/ subfolder): TLS, node authentication, and "
-                        "registration of the provisioned sites")
-    p.add_argument("--durable", action="store_true",
-                   help="keep the hub's state in WORKDIR/hub so that a restarted hub gets its sites back and its jobs "
-                        "can resume (the default with --certs; costs about 3 s per round)")
+    p.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        help="the hub's address (default: 127.0.0.1:9093, where sites look, for a hub alone (--sites 0) "
+        "if free, else a free port on 127.0.0.1); beyond loopback --certs is required",
+    )
+    p.add_argument(
+        "--certs",
+        metavar="DIR",
+        help="a folder from `flip-lab provision` (or its hub/ subfolder): TLS, node authentication, and "
+        "registration of the provisioned sites",
+    )
+    p.add_argument(
+        "--durable",
+        action="store_true",
+        help="keep the hub's state in WORKDIR/hub so that a restarted hub gets its sites back and its jobs "
+        "can resume (the default with --certs; costs about 3 s per round)",
+    )
     workdir(p)
     p.set_defaults(func=_cmd_up)
 
     p = sub.add_parser("provision", help="create a federation's CA, hub certificate and site key pairs")
     p.add_argument("dir", help="where to write them (ca/, hub/, sites/NAME/, researcher/)")
-    p.add_argument("--hub-address", required=True, metavar="HOST:PORT",
-                   help="the address sites and researchers dial (named in the hub's certificate)")
+    p.add_argument(
+        "--hub-address",
+        required=True,
+        metavar="HOST:PORT",
+        help="the address sites and researchers dial (named in the hub's certificate)",
+    )
     p.add_argument("--site", action="append", default=[], metavar="NAME", help="a site to provision (repeat)")
-    p.add_argument("--force", action="store_true",
-                   help="start over: a new CA, hub certificate and site keys (every bundle handed out is void)")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="start over: a new CA, hub certificate and site keys (every bundle handed out is void)",
+    )
     p.set_defaults(func=_cmd_provision)
-    for name, func, help_ in (("status", _cmd_status, "show the local federation"),
-                              ("down", _cmd_down, "stop the local federation"),
-                              ("jobs", _cmd_jobs, "list jobs")):
+    for name, func, help_ in (
+        ("status", _cmd_status, "show the local federation"),
+        ("down", _cmd_down, "stop the local federation"),
+        ("jobs", _cmd_jobs, "list jobs"),
+    ):
         p = sub.add_parser(name, help=help_)
         workdir(p)
         p.set_defaults(func=func)

@@ -36,8 +36,11 @@ SCHEMA: dict[str, Key] = {
     "strategy_options": Key(dict, {}, "extra keyword arguments for the strategy class"),
     "robust": Key(dict, {}, "update screening: norm_factor (default 5), weight_cap_factor (default 3)"),
     "secure_aggregation": Key(
-        bool, False, "the hub sees only the sum of the sites' masked updates (fedavg and fedprox only; the sites "
-        "bound their own updates, the hub screens none)"),
+        bool,
+        False,
+        "the hub sees only the sum of the sites' masked updates (fedavg and fedprox only; the sites "
+        "bound their own updates, the hub screens none)",
+    ),
     "extra": Key(dict, {}, "any further plain values handed to train()/evaluate() in their config"),
 }
 
@@ -86,8 +89,10 @@ def strategy_names() -> list[str]:
     point group installed here (the hub resolves the same group; ``flip_lab.hub.strategies.available``)."""
     from importlib.metadata import entry_points
 
-    return [*BUILTIN_STRATEGIES, *sorted(ep.name for ep in entry_points(group="flip_lab.strategies")
-                                         if ep.name not in BUILTIN_STRATEGIES)]
+    return [
+        *BUILTIN_STRATEGIES,
+        *sorted(ep.name for ep in entry_points(group="flip_lab.strategies") if ep.name not in BUILTIN_STRATEGIES),
+    ]
 
 
 def train_config(config: dict[str, Any]) -> dict[str, Any]:

@@ -39,8 +39,10 @@ _CURVE_EVENTS = ("reply", "aggregate")
 _PARTS = ("headline", "progress", "states", "curves", "governance", "problems")  # the VBox's children, in order
 # The tables are plain HTML in HTML widgets, outside JupyterLab's rendered-HTML styles: without padding their
 # columns run together. Scoped to the dashboard by its class.
-_TABLE_STYLE = ("<style>.flip-lab-dashboard table th, .flip-lab-dashboard table td "
-                "{padding: 2px 14px 2px 0; vertical-align: top}</style>")
+_TABLE_STYLE = (
+    "<style>.flip-lab-dashboard table th, .flip-lab-dashboard table td "
+    "{padding: 2px 14px 2px 0; vertical-align: top}</style>"
+)
 
 
 def _in_ipython() -> bool:
@@ -74,19 +76,29 @@ class Dashboard:
         self.min_interval = min_interval
         self.dpi = dpi
         self.pixel_ratio = max(1, pixel_ratio)
-        self.view = JobView(job_id=job.id, rounds=int(getattr(job, "rounds", 0) or 0),
-                            plan_hash=str(getattr(job, "plan_hash", "") or ""))
+        self.view = JobView(
+            job_id=job.id,
+            rounds=int(getattr(job, "rounds", 0) or 0),
+            plan_hash=str(getattr(job, "plan_hash", "") or ""),
+        )
         self.renders = 0
         self.finalized = False
         self.headline = widgets.HTML()
-        self.progress = widgets.IntProgress(value=0, min=0, max=max(1, self.view.rounds), description="round",
-                                            bar_style="info", style={"description_width": "initial"})
+        self.progress = widgets.IntProgress(
+            value=0,
+            min=0,
+            max=max(1, self.view.rounds),
+            description="round",
+            bar_style="info",
+            style={"description_width": "initial"},
+        )
         self.states = widgets.HTML()
         self.curves = widgets.Image(format="png", layout=widgets.Layout(max_width="100%"))
         self.governance = widgets.HTML()
         self.problems = widgets.HTML()
-        self.widget = widgets.VBox([self.headline, self.progress, self.states, self.curves, self.governance,
-                                    self.problems])
+        self.widget = widgets.VBox(
+            [self.headline, self.progress, self.states, self.curves, self.governance, self.problems]
+        )
         self.widget.add_class("flip-lab-dashboard")
         for part, child in zip(_PARTS, self.widget.children, strict=True):
             child.add_class(f"flip-lab-dashboard-{part}")
@@ -132,11 +144,15 @@ class Dashboard:
             self.governance.value = (
                 f"<details open><summary>governance: plan <code title='{html.escape(view.plan_hash)}'>"
                 f"{html.escape(view.plan_hash[:16] or 'unknown')}</code></summary>"
-                + (_display.html_table(rows, columns=governance) if rows else "") + "</details>"
+                + (_display.html_table(rows, columns=governance) if rows else "")
+                + "</details>"
             )
             lines = _display.error_lines(view)
-            self.problems.value = ("<ul style='color:#c62828'>" + "".join(
-                f"<li>{html.escape(line)}</li>" for line in lines) + "</ul>") if lines else ""
+            self.problems.value = (
+                ("<ul style='color:#c62828'>" + "".join(f"<li>{html.escape(line)}</li>" for line in lines) + "</ul>")
+                if lines
+                else ""
+            )
             if view.done:
                 self.progress.bar_style = "success" if view.status == "completed" else "danger"
 
@@ -216,8 +232,10 @@ class Dashboard:
             bundle = dict(self.widget._repr_mimebundle_())
             bundle["text/plain"] = f"FLIP Lab dashboard for job {self.view.job_id} (a live Jupyter widget)"
             display(bundle, raw=True)
-            handles = (display({"text/plain": ""}, raw=True, display_id=True),
-                       display({"text/plain": ""}, raw=True, display_id=True))
+            handles = (
+                display({"text/plain": ""}, raw=True, display_id=True),
+                display({"text/plain": ""}, raw=True, display_id=True),
+            )
             with self._lock:
                 self._handles = handles
                 self._shown_in = _execution_count()

@@ -37,8 +37,16 @@ STATE_LABELS = {
     "withheld": "withheld by policy",
     "offline": "offline",
 }
-STATE_COLOURS = {"done": "#2e7d32", "failed": "#c62828", "withheld": "#ef6c00", "waiting_approval": "#6a1b9a",
-                 "training": "#1565c0", "evaluating": "#00838f", "preparing_data": "#5d4037", "offline": "#616161"}
+STATE_COLOURS = {
+    "done": "#2e7d32",
+    "failed": "#c62828",
+    "withheld": "#ef6c00",
+    "waiting_approval": "#6a1b9a",
+    "training": "#1565c0",
+    "evaluating": "#00838f",
+    "preparing_data": "#5d4037",
+    "offline": "#616161",
+}
 
 
 class JobLike(Protocol):
@@ -132,8 +140,7 @@ class JobView:
                 site.audit_head = str(event.get("audit_head") or site.audit_head)
                 site.approval = str(event.get("approval") or site.approval)
                 if event.get("phase") == "evaluate":
-                    site.metrics = {str(k): float(v) for k, v in (event.get("metrics") or {}).items()
-                                    if v is not None}
+                    site.metrics = {str(k): float(v) for k, v in (event.get("metrics") or {}).items() if v is not None}
                 self.history.add_reply(event)
                 self._note_metrics(event)
             elif kind == "aggregate":
@@ -171,9 +178,16 @@ class JobView:
                 "plan_hash": self.plan_hash,
                 "strategy": self.strategy,
                 "min_sites": self.min_sites,
-                "sites": {name: {"approval": s.approval, "policy": s.policy, "audit_head": s.audit_head,
-                                 "state": s.state, "replies": s.replies}
-                          for name, s in sorted(self.sites.items())},
+                "sites": {
+                    name: {
+                        "approval": s.approval,
+                        "policy": s.policy,
+                        "audit_head": s.audit_head,
+                        "state": s.state,
+                        "replies": s.replies,
+                    }
+                    for name, s in sorted(self.sites.items())
+                },
             }
 
 
@@ -206,21 +220,24 @@ def site_rows(view: JobView) -> list[dict[str, str]]:
             value = s.metrics.get(metric) if metric else None
             # Every text here comes from a site or the hub: shown with visible escapes, so a reply
             # cannot move the cursor or reorder what the researcher reads in a terminal.
-            rows.append({
-                "site": shown(name),
-                "state": shown(STATE_LABELS.get(s.state, s.state)),
-                "round": str(s.round),
-                (shown(metric) if metric else "metric"): "" if value is None else f"{value:.4f}",
-                "detail": shown(s.detail) if s.state not in ("preparing_data",) else "",
-                "approval": shown(s.approval),
-                "policy": shown(s.policy),
-                "audit head": shown(s.audit_head),
-            })
+            rows.append(
+                {
+                    "site": shown(name),
+                    "state": shown(STATE_LABELS.get(s.state, s.state)),
+                    "round": str(s.round),
+                    (shown(metric) if metric else "metric"): "" if value is None else f"{value:.4f}",
+                    "detail": shown(s.detail) if s.state not in ("preparing_data",) else "",
+                    "approval": shown(s.approval),
+                    "policy": shown(s.policy),
+                    "audit head": shown(s.audit_head),
+                }
+            )
     return rows
 
 
-def html_table(rows: list[dict[str, str]], *, columns: list[str] | None = None,
-               short: tuple[str, ...] = ("audit head",)) -> str:
+def html_table(
+    rows: list[dict[str, str]], *, columns: list[str] | None = None, short: tuple[str, ...] = ("audit head",)
+) -> str:
     """Rows as an HTML table (cell text escaped; long hashes shortened, in full in the cell's tooltip)."""
     if not rows:
         return "<p><em>no site has reported yet</em></p>"
@@ -268,10 +285,14 @@ def headline(view: JobView) -> str:
 
 def error_lines(view: JobView) -> list[str]:
     with view.lock:
-        return [shown(f"round {e.get('round', '?')} {e.get('site', '')} {e.get('phase', '')}: "
-                      f"{e.get('kind', e.get('type'))}: "
-                      f"{e.get('message') or e.get('reason') or ''}").replace("  ", " ")
-                for e in view.errors]
+        return [
+            shown(
+                f"round {e.get('round', '?')} {e.get('site', '')} {e.get('phase', '')}: "
+                f"{e.get('kind', e.get('type'))}: "
+                f"{e.get('message') or e.get('reason') or ''}"
+            ).replace("  ", " ")
+            for e in view.errors
+        ]
 
 
 def aggregate_line(view: JobView) -> str:
@@ -286,10 +307,12 @@ def aggregate_line(view: JobView) -> str:
 
 def summary_html(view: JobView) -> str:
     errors = error_lines(view)
-    parts = [f"<h4>{html.escape(headline(view))}</h4>",
-             f"<p>{html.escape(aggregate_line(view))}; plan hash <code>{html.escape(view.plan_hash or 'unknown')}"
-             "</code></p>",
-             html_table(site_rows(view))]
+    parts = [
+        f"<h4>{html.escape(headline(view))}</h4>",
+        f"<p>{html.escape(aggregate_line(view))}; plan hash <code>{html.escape(view.plan_hash or 'unknown')}"
+        "</code></p>",
+        html_table(site_rows(view)),
+    ]
     if errors:
         parts.append("<ul>" + "".join(f"<li>{html.escape(e)}</li>" for e in errors) + "</ul>")
     return "<div class='flip-summary'>" + "".join(parts) + "</div>"
@@ -316,8 +339,12 @@ def summary_markdown(view: JobView, *, escape: bool = True) -> str:
     md = md_escape if escape else str
     cell = md_escape if escape else (lambda text: text.replace("|", "\\|"))
     rows = site_rows(view)
-    lines = [f"**{md(headline(view))}**", "",
-             f"{md(aggregate_line(view))}; plan hash {_md_code(view.plan_hash or 'unknown')}", ""]
+    lines = [
+        f"**{md(headline(view))}**",
+        "",
+        f"{md(aggregate_line(view))}; plan hash {_md_code(view.plan_hash or 'unknown')}",
+        "",
+    ]
     if rows:
         keys = list(rows[0])
         lines.append("| " + " | ".join(md(k) for k in keys) + " |")
@@ -335,8 +362,11 @@ class StaticSummary:
         self.view = view
 
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, str]:
-        return {"text/html": summary_html(self.view), "text/markdown": summary_markdown(self.view),
-                "text/plain": summary_markdown(self.view, escape=False)}
+        return {
+            "text/html": summary_html(self.view),
+            "text/markdown": summary_markdown(self.view),
+            "text/plain": summary_markdown(self.view, escape=False),
+        }
 
     def __repr__(self) -> str:
         return summary_markdown(self.view, escape=False)

@@ -87,6 +87,5 @@ class JobTimeout(FlipError):
     def __init__(self, job_id: int, timeout: float, status: str):
         self.job_id = job_id
         super().__init__(
-            f"job {job_id} is still {status} after {timeout:g} s; it keeps running: "
-            f"wait again, or `job.cancel()`"
+            f"job {job_id} is still {status} after {timeout:g} s; it keeps running: wait again, or `job.cancel()`"
         )

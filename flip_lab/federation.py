@@ -28,8 +28,9 @@ def _default_home() -> Path:
 class Federation:
     """A hub to submit plans to. The same API serves a local federation, papermill runs and remote hubs."""
 
-    def __init__(self, address: str, *, root_certificates: str | bytes | None = None,
-                 workdir: str | Path | None = None) -> None:
+    def __init__(
+        self, address: str, *, root_certificates: str | bytes | None = None, workdir: str | Path | None = None
+    ) -> None:
         self.address = address
         if isinstance(root_certificates, str) and Path(root_certificates).exists():
             root_certificates = Path(root_certificates).read_bytes()
@@ -52,8 +53,9 @@ class Federation:
         self._client.close()
 
     # -- studies -----------------------------------------------------------------------------------
-    def submit(self, plan: Plan | BuiltPlan, config: dict[str, Any] | None = None, *, check: bool = True,
-               **settings: Any) -> Job:
+    def submit(
+        self, plan: Plan | BuiltPlan, config: dict[str, Any] | None = None, *, check: bool = True, **settings: Any
+    ) -> Job:
         """Send ``plan`` with the study's settings (see ``flip_lab.config.SCHEMA``); returns a ``Job`` at once.
 
         Everything that can be checked here is checked before anything leaves the notebook: settings, the plan's
@@ -80,8 +82,9 @@ class Federation:
         catalogues, complete = self._foreign_catalogues(self.nodes())
         return catalogues if complete and catalogues else None
 
-    def _start(self, built: BuiltPlan, *, resume_from: int = 0, study: int = 0,
-               history: list[dict[str, Any]] | None = None) -> Job:
+    def _start(
+        self, built: BuiltPlan, *, resume_from: int = 0, study: int = 0, history: list[dict[str, Any]] | None = None
+    ) -> Job:
         """Start a run of ``built`` at the hub and follow it from a job folder holding its plan (and ``history``,
         the events it carries over from an interrupted job of ``study``)."""
         import json
@@ -144,13 +147,15 @@ class Federation:
         try:
             source, spec = (store / "plan.py").read_text(), json.loads((store / "spec.json").read_text())
         except FileNotFoundError as err:
-            raise FlipError(f"job {job_id} was not submitted from here ({store} has no plan): resume it where it "
-                            "was submitted") from err
+            raise FlipError(
+                f"job {job_id} was not submitted from here ({store} has no plan): resume it where it was submitted"
+            ) from err
         built = Plan.from_source(source, name=spec["name"], contract=spec["contract"]).build(spec["config"])
         if built.hash != spec["plan_hash"]:
             raise FlipError(f"job {job_id}'s plan no longer builds to its hash here; submit the study again")
-        released = max((int(e["round"]) for e in old.events if e["type"] == "aggregate" and e["phase"] == "train"),
-                       default=0)
+        released = max(
+            (int(e["round"]) for e in old.events if e["type"] == "aggregate" and e["phase"] == "train"), default=0
+        )
         if not old.done:
             import httpx
 
@@ -159,8 +164,11 @@ class Federation:
             except httpx.HTTPError:
                 pass
             old._settle("failed", "interrupted: the hub stopped; resumed as a new job")
-        kept = [e for e in old.events if e["type"] not in ("job_started", "job_finished", "site_state")
-                and int(e.get("round", 0)) <= released]
+        kept = [
+            e
+            for e in old.events
+            if e["type"] not in ("job_started", "job_finished", "site_state") and int(e.get("round", 0)) <= released
+        ]
         try:  # the study's first job: a resumed job may be resumed again
             study = int(json.loads((store / "study.json").read_text())["study"])
         except FileNotFoundError:
@@ -183,8 +191,16 @@ class Federation:
         that did not answer is listed as ``node-ID``."""
         nodes = self.nodes()
         answers, own = self._answers(nodes, NAMES_TTL_S), self._own_nodes()
-        return [{"site": self._name(n.node_id, answers), "node_id": n.node_id, "online": n.status == "online",
-                 "last_seen": n.last_seen} for n in nodes if n.node_id not in own]
+        return [
+            {
+                "site": self._name(n.node_id, answers),
+                "node_id": n.node_id,
+                "online": n.status == "online",
+                "last_seen": n.last_seen,
+            }
+            for n in nodes
+            if n.node_id not in own
+        ]
 
     def catalogue(self) -> dict[str, Any]:
         """Each online site's public catalogue, by site name: counts (small ones suppressed), modality, shapes,
@@ -215,8 +231,9 @@ class Federation:
         return found, len(found) == len(online)
 
 
-def connect(address: str, *, root_certificates: str | bytes | None = None,
-            workdir: str | Path | None = None) -> Federation:
+def connect(
+    address: str, *, root_certificates: str | bytes | None = None, workdir: str | Path | None = None
+) -> Federation:
     """Connect to a running hub (a FLIP hub is a Flower SuperLink) at ``host:port``.
 
     Beyond loopback, pass the federation's CA certificate (``root_certificates``) so traffic is encrypted.

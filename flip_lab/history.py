@@ -26,16 +26,29 @@ class History:
         return len(self._rows)
 
     def add_reply(self, event: dict[str, Any]) -> None:
-        rows = [(int(event["round"]), str(event["site"]), str(event["phase"]), str(k), float(v))
-                for k, v in event.get("metrics", {}).items() if v is not None]
-        rows.append((int(event["round"]), str(event["site"]), str(event["phase"]), "num_examples",
-                     float(event.get("num_examples", 0))))
+        rows = [
+            (int(event["round"]), str(event["site"]), str(event["phase"]), str(k), float(v))
+            for k, v in event.get("metrics", {}).items()
+            if v is not None
+        ]
+        rows.append(
+            (
+                int(event["round"]),
+                str(event["site"]),
+                str(event["phase"]),
+                "num_examples",
+                float(event.get("num_examples", 0)),
+            )
+        )
         with self._lock:
             self._rows.extend(rows)
 
     def add_aggregate(self, event: dict[str, Any]) -> None:
-        rows = [(int(event["round"]), AGGREGATE, str(event["phase"]), str(k), float(v))
-                for k, v in event.get("metrics", {}).items() if v is not None]
+        rows = [
+            (int(event["round"]), AGGREGATE, str(event["phase"]), str(k), float(v))
+            for k, v in event.get("metrics", {}).items()
+            if v is not None
+        ]
         with self._lock:
             self._rows.extend(rows)
 

@@ -35,8 +35,16 @@ _PLAN_LINE = re.compile(r"\bat plan\.py line (\d+)\b")  # how a site names a lin
 class Job:
     """A study on a federation. See ``status``, ``round``, ``history``, ``wait``, ``cancel``, ``final_weights``."""
 
-    def __init__(self, client: ControlClient, job_id: int, store: Path, *, rounds: int | None = None,
-                 plan_hash: str = "", follow: bool = True) -> None:
+    def __init__(
+        self,
+        client: ControlClient,
+        job_id: int,
+        store: Path,
+        *,
+        rounds: int | None = None,
+        plan_hash: str = "",
+        follow: bool = True,
+    ) -> None:
         self._client = client
         self.id = job_id
         self.store = store
@@ -191,8 +199,15 @@ class Job:
     def _settle(self, status: str, message: str) -> None:
         """The run ended without (or before) our own final event: record Flower's verdict."""
         if self.status not in FINAL:
-            self._apply({"type": "job_finished", "status": status, "message": message,
-                         "rounds_completed": self.released, "t": time.time()})
+            self._apply(
+                {
+                    "type": "job_finished",
+                    "status": status,
+                    "message": message,
+                    "rounds_completed": self.released,
+                    "t": time.time(),
+                }
+            )
         self._finished.set()
 
     def _consume(self, text: str) -> None:
@@ -209,7 +224,7 @@ class Job:
                 continue
             idx = raw.find(WEIGHTS_PREFIX)
             if idx >= 0:
-                self._weights_line(raw[idx + len(WEIGHTS_PREFIX):])
+                self._weights_line(raw[idx + len(WEIGHTS_PREFIX) :])
 
     def _weights_line(self, rest: str) -> None:
         _round, index, total, chunk = (rest.split(" ", 3) + [""])[:4]
@@ -279,7 +294,7 @@ class Job:
             return message
         if not isinstance(where, dict):
             return message
-        return f"{message[:match.start()]}at {describe(where)}{message[match.end():]}"
+        return f"{message[: match.start()]}at {describe(where)}{message[match.end() :]}"
 
     def cancel(self) -> None:
         """Stop the study at the hub; sites drop the job's worker when the run stops."""
@@ -307,24 +322,38 @@ class Job:
         return JobView.from_events(events).audit_heads()
 
     def _why_no_model(self) -> str:
-        released = max((int(e["round"]) for e in self.events
-                        if e.get("type") == "aggregate" and e.get("phase") == "train"), default=0)
+        released = max(
+            (int(e["round"]) for e in self.events if e.get("type") == "aggregate" and e.get("phase") == "train"),
+            default=0,
+        )
         of = f" of {self.rounds}" if self.rounds else ""
         if self.status == "pending":
-            return (f"job {self.id} has not started yet (it waits for the sites and their approval): "
-                    "wait for it with job.wait()")
+            return (
+                f"job {self.id} has not started yet (it waits for the sites and their approval): "
+                "wait for it with job.wait()"
+            )
         if self.status == "running":
             return f"job {self.id} is still running (round {max(self.round, 1)}{of}): wait for it with job.wait()"
         if self.status == "cancelled":
             if not released:
                 return f"job {self.id} was cancelled before any round was released: there is no global model"
-            return (f"job {self.id} was cancelled after round {released}{of} was released; the hub sends the "
-                    "model when a job finishes on its own, so a cancelled job's model does not come back: "
-                    "submit the study again to get one")
-        return (f"job {self.id} {self.status} but its global model has not reached this notebook: "
-                f"re-attach with fed.job({self.id})")
+            return (
+                f"job {self.id} was cancelled after round {released}{of} was released; the hub sends the "
+                "model when a job finishes on its own, so a cancelled job's model does not come back: "
+                "submit the study again to get one"
+            )
+        return (
+            f"job {self.id} {self.status} but its global model has not reached this notebook: "
+            f"re-attach with fed.job({self.id})"
+        )
 
     def summary(self) -> dict[str, Any]:
-        return {"job": self.id, "status": self.status, "round": self.round, "rounds": self.rounds,
-                "plan_hash": self.plan_hash, "message": self.message,
-                "sites": {k: v.get("state") for k, v in self.site_states.items()}}
+        return {
+            "job": self.id,
+            "status": self.status,
+            "round": self.round,
+            "rounds": self.rounds,
+            "plan_hash": self.plan_hash,
+            "message": self.message,
+            "sites": {k: v.get("state") for k, v in self.site_states.items()},
+        }

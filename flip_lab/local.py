@@ -47,8 +47,9 @@ def _listening(port: int, host: str = "127.0.0.1") -> bool:
 def _parse_listen(listen: str) -> tuple[str, int]:
     host, sep, port = listen.rpartition(":")
     if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise FederationError(f"listen address {listen!r} must be HOST:PORT (port 0: any free port), "
-                              f"e.g. 127.0.0.1:0 or 10.0.0.5:9093")
+        raise FederationError(
+            f"listen address {listen!r} must be HOST:PORT (port 0: any free port), e.g. 127.0.0.1:0 or 10.0.0.5:9093"
+        )
     return host.strip("[]"), int(port)
 
 
@@ -61,8 +62,9 @@ def _join(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def hub_command(host: str, port: int, certs: HubCerts | None, database: Path | None = None,
-                secret_file: Path | None = None) -> list[str]:
+def hub_command(
+    host: str, port: int, certs: HubCerts | None, database: Path | None = None, secret_file: Path | None = None
+) -> list[str]:
     """``flower-superlink`` for a hub on ``host:port``: TLS and node authentication with ``certs``, plain HTTP only
     on loopback.
 
@@ -74,9 +76,17 @@ def hub_command(host: str, port: int, certs: HubCerts | None, database: Path | N
         raise FederationError(
             f"refusing to listen on {host} without TLS: beyond loopback a hub needs the federation's certificates "
             f"and node authentication. Create them with `flip-lab provision DIR --hub-address {_join(host, port)} "
-            f"--site NAME ...` and start the hub with `--certs DIR/hub`")
-    cmd = [str(Path(sys.executable).with_name("flower-superlink")), "--host", host, "--port", str(port),
-           "--isolation", "process"]
+            f"--site NAME ...` and start the hub with `--certs DIR/hub`"
+        )
+    cmd = [
+        str(Path(sys.executable).with_name("flower-superlink")),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--isolation",
+        "process",
+    ]
     if secret_file is not None:
         cmd += ["--superexec-auth-secret-file", str(secret_file)]
     if database is not None:
@@ -85,16 +95,25 @@ def hub_command(host: str, port: int, certs: HubCerts | None, database: Path | N
         cmd += ["--database", str(database)]
     if certs is None:
         return [*cmd, "--insecure"]
-    return [*cmd, "--ssl-certfile", str(certs.cert), "--ssl-keyfile", str(certs.key), "--ssl-ca-certfile",
-            str(certs.ca), "--enable-supernode-auth"]
+    return [
+        *cmd,
+        "--ssl-certfile",
+        str(certs.cert),
+        "--ssl-keyfile",
+        str(certs.key),
+        "--ssl-ca-certfile",
+        str(certs.ca),
+        "--enable-supernode-auth",
+    ]
 
 
 # How the hub's runner is started: the interpreter's arguments before the runner's own.
 RUNNER: tuple[str, ...] = ("-m", "flip_lab.hub.runner")
 
 
-def _launch_hub(hub_dir: Path, host: str, port: int, certs: HubCerts | None,
-                durable: bool) -> tuple[subprocess.Popen[bytes], subprocess.Popen[bytes]]:
+def _launch_hub(
+    hub_dir: Path, host: str, port: int, certs: HubCerts | None, durable: bool
+) -> tuple[subprocess.Popen[bytes], subprocess.Popen[bytes]]:
     """Start ``flower-superlink`` and FLIP's runner beside it, each in a session of its own; their output in the
     hub's one log, superlink.log (as when Flower ran the ServerApps), and, when ``durable``, the SuperLink's state
     in ``hub_dir``."""
@@ -102,16 +121,35 @@ def _launch_hub(hub_dir: Path, host: str, port: int, certs: HubCerts | None,
     with open(hub_dir / "superlink.log", "ab") as out:
         hub = subprocess.Popen(
             hub_command(host, port, certs, hub_dir / HUB_DATABASE if durable else None, secret),
-            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-            env=_flower_env(hub_dir), cwd=hub_dir,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env=_flower_env(hub_dir),
+            cwd=hub_dir,
         )
-    cmd = [sys.executable, *RUNNER, "--runtime-api-address", _join(_dial_host(host), port),
-           "--secret-file", str(secret), "--hub-dir", str(hub_dir)]
+    cmd = [
+        sys.executable,
+        *RUNNER,
+        "--runtime-api-address",
+        _join(_dial_host(host), port),
+        "--secret-file",
+        str(secret),
+        "--hub-dir",
+        str(hub_dir),
+    ]
     if certs is not None:
         cmd += ["--root-certificates", str(certs.ca)]
     with open(hub_dir / "superlink.log", "ab") as out:
-        runner = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                  start_new_session=True, env=_flower_env(hub_dir), cwd=hub_dir)
+        runner = subprocess.Popen(
+            cmd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env=_flower_env(hub_dir),
+            cwd=hub_dir,
+        )
     return hub, runner
 
 
@@ -128,10 +166,16 @@ def _runtime_secret(hub_dir: Path) -> Path:
 def _flower_env(hub_dir: Path | None = None) -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    env.update({"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-                "PYTHONUNBUFFERED": "1",
-                # A model travels as one object per array; Flower moves two at a time by default.
-                "FLWR_PRIVATE_MAX_CONCURRENT_OBJ_PULLS": "8", "FLWR_PRIVATE_MAX_CONCURRENT_OBJ_PUSHES": "8"})
+    env.update(
+        {
+            "FLWR_TELEMETRY_ENABLED": "0",
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "PYTHONUNBUFFERED": "1",
+            # A model travels as one object per array; Flower moves two at a time by default.
+            "FLWR_PRIVATE_MAX_CONCURRENT_OBJ_PULLS": "8",
+            "FLWR_PRIVATE_MAX_CONCURRENT_OBJ_PUSHES": "8",
+        }
+    )
     if hub_dir is not None:
         env["FLIP_HUB_DIR"] = str(hub_dir)
     return env
@@ -204,8 +248,11 @@ class LocalFederation(Federation):
 
     def __init__(self, workdir: Path, state: dict[str, Any], *, owner: bool) -> None:
         ca = state.get("ca")
-        super().__init__(state.get("hub_address") or f"127.0.0.1:{state['hub_port']}", workdir=workdir,
-                         root_certificates=Path(ca).read_bytes() if ca else None)
+        super().__init__(
+            state.get("hub_address") or f"127.0.0.1:{state['hub_port']}",
+            workdir=workdir,
+            root_certificates=Path(ca).read_bytes() if ca else None,
+        )
         self.state = state
         self.site_dirs = {name: Path(p) for name, p in state["sites"].items()}
         self._owner = owner
@@ -214,10 +261,19 @@ class LocalFederation(Federation):
             atexit.register(self.shutdown)
 
     @classmethod
-    def start(cls, n_sites: int = 3, *, workdir: str | Path | None = None, seed: int = 0,
-              approval: str = "automatic", watch_parent: bool = True, scale: float = 1.0,
-              listen: str = "127.0.0.1:0", certs: str | Path | None = None,
-              durable: bool | None = None) -> LocalFederation:
+    def start(
+        cls,
+        n_sites: int = 3,
+        *,
+        workdir: str | Path | None = None,
+        seed: int = 0,
+        approval: str = "automatic",
+        watch_parent: bool = True,
+        scale: float = 1.0,
+        listen: str = "127.0.0.1:0",
+        certs: str | Path | None = None,
+        durable: bool | None = None,
+    ) -> LocalFederation:
         """Start the hub and ``n_sites`` simulated hospitals (``scale`` < 1 makes each hospital smaller).
 
         ``approval="manual"`` gives every site the secure default policy: each plan waits for its data owner
@@ -260,14 +316,25 @@ class LocalFederation(Federation):
                 f"use it with `flip_lab.attach('{workdir}')`, or stop it with `flip-lab down --workdir {workdir}`"
             )
         pids: list[int] = []
-        state: dict[str, Any] = {"workdir": str(workdir), "pids": pids, "sites": {}, "site_pids": {},
-                                 "started": time.time(), "owner_pid": os.getpid(), "temporary": temporary}
+        state: dict[str, Any] = {
+            "workdir": str(workdir),
+            "pids": pids,
+            "sites": {},
+            "site_pids": {},
+            "started": time.time(),
+            "owner_pid": os.getpid(),
+            "temporary": temporary,
+        }
         try:
             hub_port = listen_port or free_port(listen_host)
             dial = _dial_host(listen_host)
             address = _join(dial, hub_port)
-            state.update(hub_port=hub_port, hub_host=listen_host, hub_address=address,
-                         ca=str(hub_certs.ca.resolve()) if hub_certs else None)
+            state.update(
+                hub_port=hub_port,
+                hub_host=listen_host,
+                hub_address=address,
+                ca=str(hub_certs.ca.resolve()) if hub_certs else None,
+            )
             hub_dir = workdir / "hub"
             hub_dir.mkdir(exist_ok=True)
             durable = hub_certs is not None if durable is None else durable
@@ -276,13 +343,23 @@ class LocalFederation(Federation):
             pids += [hub.pid, runner.pid]
             state.update(hub_pid=hub.pid, runner_pid=runner.pid)
             _write_state(workdir, state)
-            _wait_for(lambda: _listening(hub_port, dial), HUB_START_TIMEOUT, hub,
-                      f"the hub did not start listening on {_join(listen_host, hub_port)}", hub_dir / "superlink.log")
+            _wait_for(
+                lambda: _listening(hub_port, dial),
+                HUB_START_TIMEOUT,
+                hub,
+                f"the hub did not start listening on {_join(listen_host, hub_port)}",
+                hub_dir / "superlink.log",
+            )
             if hub_certs is not None:
                 state["registered"] = _register(address, hub_certs, hub, hub_dir)
                 _write_state(workdir, state)
-            site_dirs = create_demo_sites(workdir / "sites", n_sites=n_sites, seed=seed, approval=approval,
-                                          hub=address, scale=scale) if n_sites else []
+            site_dirs = (
+                create_demo_sites(
+                    workdir / "sites", n_sites=n_sites, seed=seed, approval=approval, hub=address, scale=scale
+                )
+                if n_sites
+                else []
+            )
             for i, site_dir in enumerate(site_dirs):
                 if bundles:
                     _adopt_bundle(site_dir, bundles[i])
@@ -290,8 +367,14 @@ class LocalFederation(Federation):
                 if watch_parent:
                     cmd += ["--parent-pid", str(os.getpid())]
                 with open(site_dir / "daemon.log", "ab") as out:
-                    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                            start_new_session=True, env=_flower_env())
+                    proc = subprocess.Popen(
+                        cmd,
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                        stdin=subprocess.DEVNULL,
+                        start_new_session=True,
+                        env=_flower_env(),
+                    )
                 pids.append(proc.pid)
                 state["sites"][site_dir.name] = str(site_dir)
                 state["site_pids"][site_dir.name] = proc.pid
@@ -301,12 +384,19 @@ class LocalFederation(Federation):
             def sites_ready() -> bool:
                 for name, pid in state["site_pids"].items():
                     if not alive(pid):
-                        raise FederationError(f"site {name} stopped while starting; see "
-                                              f"{workdir / 'sites' / name / 'logs'}. Nothing was left running.")
+                        raise FederationError(
+                            f"site {name} stopped while starting; see "
+                            f"{workdir / 'sites' / name / 'logs'}. Nothing was left running."
+                        )
                 return sum(n.status == "online" for n in fed.nodes()) >= n_sites
 
-            _wait_for(sites_ready, SITE_START_TIMEOUT, hub, f"{n_sites} sites did not all connect to the hub",
-                      workdir / "sites")
+            _wait_for(
+                sites_ready,
+                SITE_START_TIMEOUT,
+                hub,
+                f"{n_sites} sites did not all connect to the hub",
+                workdir / "sites",
+            )
             if watch_parent:
                 _start_reaper(workdir, os.getpid(), pids)
             return fed
@@ -329,7 +419,8 @@ class LocalFederation(Federation):
             raise FederationError(
                 f"the federation in {workdir} has no running hub (pid {hub_pid} is gone or not listening on "
                 f"{_join(dial, int(state['hub_port']))}): stop what is left with `flip-lab down --workdir "
-                f"{workdir}` and start it again with `flip-lab up`")
+                f"{workdir}` and start it again with `flip-lab up`"
+            )
         return cls(workdir, state, owner=False)
 
     def sites(self) -> list[dict[str, Any]]:
@@ -341,9 +432,15 @@ class LocalFederation(Federation):
             node_id = _node_id(site_dir)
             node = online.get(node_id) if node_id is not None else None
             pid = self.state["site_pids"].get(name)
-            rows.append({"site": name, "node_id": node_id,
-                         "online": bool(node and node.status == "online" and pid and alive(pid)),
-                         "last_seen": node.last_seen if node else "", "pid": pid})
+            rows.append(
+                {
+                    "site": name,
+                    "node_id": node_id,
+                    "online": bool(node and node.status == "online" and pid and alive(pid)),
+                    "last_seen": node.last_seen if node else "",
+                    "pid": pid,
+                }
+            )
         return rows + [row for row in super().sites() if row["site"] not in self.site_dirs]
 
     def catalogue(self) -> dict[str, Any]:
@@ -378,8 +475,10 @@ class LocalFederation(Federation):
         from site_kernel.settings import load_settings
 
         contract = getattr(plan_or_contract, "contract", plan_or_contract)
-        return {name: harmonisation_report(site_dir, contract, site_steps=load_settings(site_dir).site_steps)
-                for name, site_dir in self.site_dirs.items()}
+        return {
+            name: harmonisation_report(site_dir, contract, site_steps=load_settings(site_dir).site_steps)
+            for name, site_dir in self.site_dirs.items()
+        }
 
     def kill_site(self, name: str) -> None:
         """Stop one site kernel abruptly (SIGKILL), as a crash would: for fault drills and tests."""
@@ -424,7 +523,8 @@ class LocalFederation(Federation):
         if not self.state.get("durable"):
             raise FederationError(
                 f"the hub of {self.workdir} kept its state in memory, so a new hub would not know its sites; start "
-                "the federation with `durable=True` (`flip-lab up --durable`) to restart its hub and resume its jobs")
+                "the federation with `durable=True` (`flip-lab up --durable`) to restart its hub and resume its jobs"
+            )
         hub_dir = self.workdir / "hub"
         port = int(self.state["hub_port"])
         old = {self.state["hub_pid"], self.state.get("runner_pid")}
@@ -434,10 +534,20 @@ class LocalFederation(Federation):
         self.state.update(hub_pid=hub.pid, runner_pid=runner.pid, pids=pids)
         _write_state(self.workdir, self.state)
         dial = _dial_host(self.state.get("hub_host", "127.0.0.1"))
-        _wait_for(lambda: _listening(port, dial), HUB_START_TIMEOUT, hub, "the hub did not start listening again",
-                  hub_dir / "superlink.log")
-        _wait_for(lambda: all(site["online"] for site in self.sites()), timeout, hub,
-                  "the sites did not all reconnect to the restarted hub", self.workdir / "sites")
+        _wait_for(
+            lambda: _listening(port, dial),
+            HUB_START_TIMEOUT,
+            hub,
+            "the hub did not start listening again",
+            hub_dir / "superlink.log",
+        )
+        _wait_for(
+            lambda: all(site["online"] for site in self.sites()),
+            timeout,
+            hub,
+            "the sites did not all reconnect to the restarted hub",
+            self.workdir / "sites",
+        )
 
     def shutdown(self) -> None:
         """Stop the hub and every site by PID; nothing is left listening. A folder that ``start`` created for
@@ -467,7 +577,8 @@ def _site_bundles(certs: Path, n_sites: int) -> list[Path]:
         raise FederationError(
             f"{n_sites} simulated sites need {n_sites} provisioned site bundles, {root / 'sites'} holds "
             f"{len(bundles)}: provision more sites (`flip-lab provision {root} --hub-address ... --site NAME`), or "
-            f"start the hub alone (n_sites=0) and run each site with `flip-site run`")
+            f"start the hub alone (n_sites=0) and run each site with `flip-site run`"
+        )
     return bundles[:n_sites]
 
 
@@ -486,6 +597,7 @@ def _register(address: str, certs: HubCerts, hub: subprocess.Popen[bytes], hub_d
     client = ControlClient(address, root_certificates=certs.ca.read_bytes())
     registered: dict[str, int] = {}
     try:
+
         def attempt() -> bool:
             try:
                 registered.update(register_sites(client, certs))
@@ -493,8 +605,13 @@ def _register(address: str, certs: HubCerts, hub: subprocess.Popen[bytes], hub_d
                 raise FederationError(f"{err}; see {hub_dir / 'superlink.log'}. Nothing was left running.") from err
             return True
 
-        _wait_for(attempt, HUB_START_TIMEOUT, hub, f"the hub at {address} did not accept the sites' keys",
-                  hub_dir / "superlink.log")
+        _wait_for(
+            attempt,
+            HUB_START_TIMEOUT,
+            hub,
+            f"the hub at {address} did not accept the sites' keys",
+            hub_dir / "superlink.log",
+        )
     finally:
         client.close()
     return registered
@@ -534,9 +651,13 @@ def _wait_for(ready: Any, timeout: float, proc: subprocess.Popen[bytes], what: s
 
 
 def _start_reaper(workdir: Path, parent: int, pids: list[int]) -> None:
-    subprocess.Popen([sys.executable, "-m", "flip_lab._reaper", str(parent), str(workdir), *map(str, pids)],
-                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                     start_new_session=True)
+    subprocess.Popen(
+        [sys.executable, "-m", "flip_lab._reaper", str(parent), str(workdir), *map(str, pids)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
 
 
 def panel_federation() -> LocalFederation | None:

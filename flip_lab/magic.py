@@ -52,8 +52,12 @@ def _top_level(source: str) -> tuple[list[str], bool]:
     except SyntaxError:  # the cell already ran, so this is IPython-only syntax that survived transformation
         return [], False
     roles = [n.name for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in ENTRIES]
-    targets = [t for n in tree.body if isinstance(n, (ast.Assign, ast.AnnAssign))
-               for t in (n.targets if isinstance(n, ast.Assign) else [n.target])]
+    targets = [
+        t
+        for n in tree.body
+        if isinstance(n, (ast.Assign, ast.AnnAssign))
+        for t in (n.targets if isinstance(n, ast.Assign) else [n.target])
+    ]
     contract = any(isinstance(t, ast.Name) and t.id == "CONTRACT" for t in targets)
     return roles, contract
 
@@ -66,12 +70,16 @@ def register_cell(namespace: dict[str, Any], plan_var: str, source: str, *, name
     """
     roles, has_contract = _top_level(source)
     if not roles:
-        raise PlanRefused(f"the cell defines none of {', '.join(r + '()' for r in ENTRIES)} at its top level; "
-                          f"define them with `def` in a %%flip_plan cell")
+        raise PlanRefused(
+            f"the cell defines none of {', '.join(r + '()' for r in ENTRIES)} at its top level; "
+            f"define them with `def` in a %%flip_plan cell"
+        )
     existing = namespace.get(plan_var)
     if existing is not None and not isinstance(existing, Plan):
-        raise PlanRefused(f"{plan_var!r} already holds a {type(existing).__name__}, not a flip_lab.Plan; "
-                          f"pick another variable name", name=plan_var)
+        raise PlanRefused(
+            f"{plan_var!r} already holds a {type(existing).__name__}, not a flip_lab.Plan; pick another variable name",
+            name=plan_var,
+        )
     functions = {role: namespace[role] for role in roles}
     for role, fn in functions.items():
         try:
@@ -80,8 +88,9 @@ def register_cell(namespace: dict[str, Any], plan_var: str, source: str, *, name
             raise PlanRefused(str(err), name=err.name) from err
     contract = namespace.get("CONTRACT") if has_contract else None
     if contract is not None and not isinstance(contract, dict):
-        raise PlanRefused(f"CONTRACT must be a dict (the plan's data contract), got {type(contract).__name__}",
-                          name="CONTRACT")
+        raise PlanRefused(
+            f"CONTRACT must be a dict (the plan's data contract), got {type(contract).__name__}", name="CONTRACT"
+        )
     plan = existing if existing is not None else Plan(name or plan_var)
     if name:
         plan.name = name
@@ -133,8 +142,7 @@ class FlipMagics(Magics):
             error = result.error_in_exec or result.error_before_exec
             raise PlanRefused(f"the cell raised {type(error).__name__}; nothing was registered on {args.plan_var}")
         try:
-            plan = register_cell(shell.user_ns, args.plan_var, shell.transform_cell(cell),
-                                 name=args.name)
+            plan = register_cell(shell.user_ns, args.plan_var, shell.transform_cell(cell), name=args.name)
             print(describe(plan, args.plan_var))
             if args.show and all(r in plan.functions for r in ENTRIES):
                 print(plan.source())

@@ -26,14 +26,19 @@ def find_plan(namespace: dict[str, Any]) -> Plan | BuiltPlan:
     named = namespace.get(PLAN_NAME)
     if isinstance(named, Plan | BuiltPlan):
         return named
-    found = {name: value for name, value in namespace.items()
-             if isinstance(value, Plan | BuiltPlan) and not name.startswith("_")}
+    found = {
+        name: value
+        for name, value in namespace.items()
+        if isinstance(value, Plan | BuiltPlan) and not name.startswith("_")
+    }
     distinct = {id(value): name for name, value in found.items()}
     if len(distinct) == 1:
         return found[next(iter(distinct.values()))]
     if not distinct:
-        raise PlanError("this notebook defines no flip_lab.Plan yet: run the cells that create it "
-                        "(e.g. plan = flip_lab.Plan.from_file('my_plan.py')) and dispatch again")
+        raise PlanError(
+            "this notebook defines no flip_lab.Plan yet: run the cells that create it "
+            "(e.g. plan = flip_lab.Plan.from_file('my_plan.py')) and dispatch again"
+        )
     names = ", ".join(sorted(distinct.values()))
     raise PlanError(f"this notebook defines several plans ({names}); name the one to dispatch `plan`")
 
@@ -43,24 +48,28 @@ def find_config(namespace: dict[str, Any], plan: Plan | BuiltPlan | None = None)
     if CONFIG_NAME in namespace:
         config = namespace[CONFIG_NAME]
         if not isinstance(config, dict):
-            raise PlanError(f"`{CONFIG_NAME}` must be a dict of study settings such as {{'rounds': 3}}, "
-                            f"got {type(config).__name__}")
+            raise PlanError(
+                f"`{CONFIG_NAME}` must be a dict of study settings such as {{'rounds': 3}}, got {type(config).__name__}"
+            )
         return dict(config), f"the notebook's `{CONFIG_NAME}`"
     submitted = getattr(plan, "submitted_settings", None)
     if submitted is not None:
         return dict(submitted), "the plan's last fed.submit in this notebook"
-    return {}, (f"the defaults: define `{CONFIG_NAME} = {{'rounds': 3, 'lr': 1e-3, ...}}` in the notebook "
-                "to choose them")
+    return {}, (
+        f"the defaults: define `{CONFIG_NAME} = {{'rounds': 3, 'lr': 1e-3, ...}}` in the notebook to choose them"
+    )
 
 
 def _settings_words(config: dict[str, Any]) -> str:
-    shown = {key: config[key] for key in ("rounds", "strategy", "local_epochs", "lr", "batch_size", "seed")
-             if key in config}
+    shown = {
+        key: config[key] for key in ("rounds", "strategy", "local_epochs", "lr", "batch_size", "seed") if key in config
+    }
     return ", ".join(f"{key}={value!r}" for key, value in shown.items())
 
 
-def dispatch(address: str = "", workdir: str = "", *, ca_file: str = "",
-             namespace: dict[str, Any] | None = None) -> Any:
+def dispatch(
+    address: str = "", workdir: str = "", *, ca_file: str = "", namespace: dict[str, Any] | None = None
+) -> Any:
     """Submit the notebook's plan to the federation the panel shows and print the job's id.
 
     ``workdir`` names a local federation's folder (``flip_lab.attach``); otherwise ``address`` is a hub
@@ -83,8 +92,10 @@ def dispatch(address: str = "", workdir: str = "", *, ca_file: str = "",
     job = federation.submit(plan, config)
     rounds = f"{job.rounds} round{'s' if job.rounds != 1 else ''}" if job.rounds else "its rounds"
     settings = _settings_words(config)
-    print(f"Dispatched plan '{plan.name}' as job {job.id} ({rounds}) to the hub at {federation.address}. "
-          f"Settings from {source}{': ' + settings if settings else ''}. Follow it in the FLIP Lab panel.")
+    print(
+        f"Dispatched plan '{plan.name}' as job {job.id} ({rounds}) to the hub at {federation.address}. "
+        f"Settings from {source}{': ' + settings if settings else ''}. Follow it in the FLIP Lab panel."
+    )
     return job
 
 
@@ -97,4 +108,3 @@ def _user_namespace() -> dict[str, Any]:
     if shell is None:
         raise PlanError("dispatch() without a namespace runs inside a notebook kernel; pass namespace=globals()")
     return shell.user_ns  # type: ignore[no-any-return]
-

@@ -195,6 +195,7 @@ def _exec_module(source: str, name: str) -> dict[str, Any]:
         exec(compile(source, "plan.py", "exec"), module.__dict__)
     except Exception as err:
         line = getattr(err, "lineno", None)
-        raise PlanError(f"the plan fails when run on its own: {type(err).__name__}: {err}", line=line,
-                        cell="plan.py") from err
+        raise PlanError(
+            f"the plan fails when run on its own: {type(err).__name__}: {err}", line=line, cell="plan.py"
+        ) from err
     return module.__dict__

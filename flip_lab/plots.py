@@ -57,8 +57,10 @@ def new_figure(ncols: int = 1, *, width: float = 6.0, height: float = 4.0) -> tu
 def _check_history(history: pd.DataFrame) -> None:
     missing = {"round", "site", "phase", "metric", "value"} - set(getattr(history, "columns", []))
     if missing:
-        raise PlotError(f"expected a job history table (job.history) with columns round, site, phase, metric, "
-                        f"value; missing {sorted(missing)}")
+        raise PlotError(
+            f"expected a job history table (job.history) with columns round, site, phase, metric, "
+            f"value; missing {sorted(missing)}"
+        )
 
 
 def _select(history: pd.DataFrame, metric: str, phase: str) -> pd.DataFrame:
@@ -67,8 +69,9 @@ def _select(history: pd.DataFrame, metric: str, phase: str) -> pd.DataFrame:
     return rows
 
 
-def learning_curves(history: pd.DataFrame, metric: str = "dice", phase: str = "evaluate", *,
-                    ax: Axes | None = None) -> Figure:
+def learning_curves(
+    history: pd.DataFrame, metric: str = "dice", phase: str = "evaluate", *, ax: Axes | None = None
+) -> Figure:
     """``metric`` over rounds: one thin line per site, the aggregate as a thick black line labelled ``aggregate``.
 
     ``history`` is ``job.history``. With ``ax``, draws into that Axes and returns its figure. An empty selection
@@ -102,13 +105,16 @@ def learning_curves(history: pd.DataFrame, metric: str = "dice", phase: str = "e
     return fig
 
 
-def site_comparison(history: pd.DataFrame, metric: str = "dice", phase: str = "evaluate", *,
-                    at_round: int | None = None) -> Figure:
+def site_comparison(
+    history: pd.DataFrame, metric: str = "dice", phase: str = "evaluate", *, at_round: int | None = None
+) -> Figure:
     """A bar per site (and the aggregate, hatched) for ``metric`` at the final round (or ``at_round``)."""
     rows = _select(history, metric, phase)
     if rows.empty:
-        raise PlotError(f"the history has no {metric!r} values for phase {phase!r}; metrics present: "
-                        f"{sorted(set(history['metric']))}")
+        raise PlotError(
+            f"the history has no {metric!r} values for phase {phase!r}; metrics present: "
+            f"{sorted(set(history['metric']))}"
+        )
     at = int(rows["round"].max()) if at_round is None else int(at_round)
     rows = rows[rows["round"] == at]
     if rows.empty:
@@ -116,8 +122,11 @@ def site_comparison(history: pd.DataFrame, metric: str = "dice", phase: str = "e
     values = rows.groupby("site")["value"].mean()
     order = sorted(values.index, key=lambda s: (s == AGGREGATE, str(s)))
     fig, (ax,) = new_figure(width=max(4.0, 1.0 + 0.9 * len(order)))
-    bars = ax.bar([str(s) for s in order], [float(values[s]) for s in order],
-                  color=["#455a64" if s == AGGREGATE else "#1e88e5" for s in order])
+    bars = ax.bar(
+        [str(s) for s in order],
+        [float(values[s]) for s in order],
+        color=["#455a64" if s == AGGREGATE else "#1e88e5" for s in order],
+    )
     for bar, site in zip(bars, order, strict=True):
         if site == AGGREGATE:
             bar.set_hatch("//")
@@ -143,8 +152,15 @@ def cross_site_matrix(matrix: pd.DataFrame, *, metric: str = "dice", fmt: str = 
     middle = float(finite.min() + finite.max()) / 2 if finite.size else 0.0
     for (i, j), value in np.ndenumerate(values):
         if np.isfinite(value):
-            ax.text(j, i, format(value, fmt), ha="center", va="center",
-                    color="white" if value < middle else "black", fontsize="small")
+            ax.text(
+                j,
+                i,
+                format(value, fmt),
+                ha="center",
+                va="center",
+                color="white" if value < middle else "black",
+                fontsize="small",
+            )
     fig.colorbar(image, ax=ax, label=metric)
     ax.set_title(f"{metric}: model (row) on test site (column)")
     return fig
@@ -171,8 +187,10 @@ def harmonisation_distributions(report: Mapping[str, Mapping[str, Any]]) -> Figu
             if edges.size == 0 and counts.size == 0:
                 continue  # a site with no cases has an empty histogram: nothing to draw
             if edges.size != counts.size + 1:
-                raise PlotError(f"site {site!r} {side}: {edges.size} edges for {counts.size} counts; "
-                                f"a histogram needs one edge more than counts")
+                raise PlotError(
+                    f"site {site!r} {side}: {edges.size} edges for {counts.size} counts; "
+                    f"a histogram needs one edge more than counts"
+                )
             area = float((counts * np.diff(edges)).sum())
             ax.stairs(counts / area if area > 0 else counts, edges, label=str(site), linewidth=1.4)
         ax.set_title(f"{side} harmonisation")

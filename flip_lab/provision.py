@@ -67,12 +67,18 @@ class HubCerts:
         paths = {name: folder / name for name in ("ca.pem", "hub.pem", "hub.key", "sites.toml")}
         missing = [name for name, path in paths.items() if not path.is_file()]
         if missing:
-            raise ProvisionError(f"{folder} is not a hub folder made by `flip-lab provision` (missing "
-                                 f"{', '.join(missing)}); run `flip-lab provision DIR --hub-address HOST:PORT "
-                                 f"--site NAME ...` and pass DIR/hub")
+            raise ProvisionError(
+                f"{folder} is not a hub folder made by `flip-lab provision` (missing "
+                f"{', '.join(missing)}); run `flip-lab provision DIR --hub-address HOST:PORT "
+                f"--site NAME ...` and pass DIR/hub"
+            )
         registry = tomllib.loads(paths["sites.toml"].read_text()).get("sites", {})
-        return cls(ca=paths["ca.pem"], cert=paths["hub.pem"], key=paths["hub.key"],
-                   sites={name: entry["public_key"].encode() for name, entry in registry.items()})
+        return cls(
+            ca=paths["ca.pem"],
+            cert=paths["hub.pem"],
+            key=paths["hub.key"],
+            sites={name: entry["public_key"].encode() for name, entry in registry.items()},
+        )
 
 
 @dataclass(frozen=True)
@@ -97,8 +103,10 @@ def provision(root: str | Path, *, hub_address: str, sites: list[str], force: bo
     host, _port = split_address(hub_address)
     for name in sites:
         if not SITE_NAME.match(name):
-            raise ProvisionError(f"site name {name!r} must be letters, digits, '-', '_' or '.' (at most 63), "
-                                 f"starting with a letter or digit: it names the site's folder and key files")
+            raise ProvisionError(
+                f"site name {name!r} must be letters, digits, '-', '_' or '.' (at most 63), "
+                f"starting with a letter or digit: it names the site's folder and key files"
+            )
     if len(set(sites)) != len(sites):
         raise ProvisionError("each --site name must be given once")
     meta_path = root / "federation.toml"
@@ -109,9 +117,11 @@ def provision(root: str | Path, *, hub_address: str, sites: list[str], force: bo
     elif meta_path.exists():
         recorded = tomllib.loads(meta_path.read_text()).get("hub_address")
         if recorded != hub_address:
-            raise ProvisionError(f"{root} was provisioned for hub {recorded}, not {hub_address}; a new address "
-                                 f"needs a new hub certificate: rerun with --force (every site then needs its new "
-                                 f"bundle) or use another folder")
+            raise ProvisionError(
+                f"{root} was provisioned for hub {recorded}, not {hub_address}; a new address "
+                f"needs a new hub certificate: rerun with --force (every site then needs its new "
+                f"bundle) or use another folder"
+            )
     for sub in ("ca", "hub", "sites", "researcher"):
         (root / sub).mkdir(parents=True, exist_ok=True)
 
@@ -122,14 +132,23 @@ def provision(root: str | Path, *, hub_address: str, sites: list[str], force: bo
     for name in sites:
         _ensure_site(root / "sites" / name, name, hub_address, root / "ca" / "ca.pem")
     all_sites = sorted(p.name for p in (root / "sites").iterdir() if (p / f"{p.name}.pub").is_file())
-    registry = {"sites": {name: {"public_key": (root / "sites" / name / f"{name}.pub").read_text().strip()}
-                          for name in all_sites}}
+    registry = {
+        "sites": {
+            name: {"public_key": (root / "sites" / name / f"{name}.pub").read_text().strip()} for name in all_sites
+        }
+    }
     (root / "hub" / "sites.toml").write_text(
         "# Sites this hub admits (written by `flip-lab provision`): the hub registers each public key at start.\n"
-        + tomli_w.dumps(registry))
+        + tomli_w.dumps(registry)
+    )
     meta_path.write_text(tomli_w.dumps({"hub_address": hub_address, "sites": all_sites}))
-    return Provision(root=root, hub_address=hub_address, hub=root / "hub", researcher_ca=root / "researcher" / "ca.pem",
-                     sites={name: root / "sites" / name for name in all_sites})
+    return Provision(
+        root=root,
+        hub_address=hub_address,
+        hub=root / "hub",
+        researcher_ca=root / "researcher" / "ca.pem",
+        sites={name: root / "sites" / name for name in all_sites},
+    )
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -150,8 +169,9 @@ def _write_private(path: Path, data: bytes) -> None:
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def _ensure_ca(folder: Path) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
@@ -161,19 +181,39 @@ def _ensure_ca(folder: Path) -> tuple[ec.EllipticCurvePrivateKey, x509.Certifica
         assert isinstance(key, ec.EllipticCurvePrivateKey)
         return key, x509.load_pem_x509_certificate(cert_path.read_bytes())
     key = ec.generate_private_key(ec.SECP384R1())
-    name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "FLIP Lab federation"),
-                      x509.NameAttribute(NameOID.COMMON_NAME, "FLIP Lab federation CA")])
+    name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "FLIP Lab federation"),
+            x509.NameAttribute(NameOID.COMMON_NAME, "FLIP Lab federation CA"),
+        ]
+    )
     now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=3650))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
-                                         data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                                         crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-            .sign(key, hashes.SHA384()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=3650))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA384())
+    )
     _write_private(key_path, _pem_key(key))
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return key, cert
@@ -200,17 +240,20 @@ def _ensure_hub_cert(folder: Path, host: str, ca_key: ec.EllipticCurvePrivateKey
         raise ProvisionError(f"{cert_path} does not name {host} or was signed by another CA; rerun with --force")
     key = ec.generate_private_key(ec.SECP384R1())
     now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)]))
-            .issuer_name(ca_cert.subject).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=VALID_DAYS))
-            .add_extension(x509.SubjectAlternativeName(wanted), critical=False)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
-            .sign(ca_key, hashes.SHA384()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=VALID_DAYS))
+        .add_extension(x509.SubjectAlternativeName(wanted), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA384())
+    )
     _write_private(key_path, _pem_key(key))
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
@@ -220,15 +263,19 @@ def _ensure_site(folder: Path, name: str, hub_address: str, ca_pem: Path) -> Non
     key_path, pub_path = folder / f"{name}.key", folder / f"{name}.pub"
     if not (key_path.exists() and pub_path.exists()):
         key = ec.generate_private_key(ec.SECP384R1())
-        _write_private(key_path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                                   serialization.NoEncryption()))
+        _write_private(
+            key_path,
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+            ),
+        )
         public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
         pub_path.write_bytes(public + f" flip-site-{name}\n".encode())
     shutil.copyfile(ca_pem, folder / "ca.pem")
     (folder / "bundle.toml").write_text(
         "# Copy this folder to the hospital and run: flip-site init SITE --certs THIS_FOLDER\n"
-        + tomli_w.dumps({"name": name, "hub": hub_address, "root_certificates": "ca.pem",
-                         "auth_key": f"{name}.key"}))
+        + tomli_w.dumps({"name": name, "hub": hub_address, "root_certificates": "ca.pem", "auth_key": f"{name}.key"})
+    )
 
 
 def register_sites(client: ControlClient, certs: HubCerts) -> dict[str, int]:
@@ -256,6 +303,7 @@ def register_sites(client: ControlClient, certs: HubCerts) -> dict[str, int]:
             if flower is not None and flower.code == ApiErrorCode.PUBLIC_KEY_ALREADY_IN_USE:
                 node_ids[name] = 0
                 continue
-            raise ProvisionError(f"the hub refused to register site {name}: "
-                                 f"{flower.message if flower else err}") from err
+            raise ProvisionError(
+                f"the hub refused to register site {name}: {flower.message if flower else err}"
+            ) from err
     return node_ids

@@ -76,15 +76,33 @@ class StudyParameterError(StudyError):
 class StudyCellError(StudyError):
     """The notebook stopped in a cell; ``record`` holds the partial run record, ``status.json`` says where."""
 
-    def __init__(self, notebook: str, cell_index: int, execution_count: int | None, ename: str, evalue: str,
-                 record: Path, first_line: str = ""):
+    def __init__(
+        self,
+        notebook: str,
+        cell_index: int,
+        execution_count: int | None,
+        ename: str,
+        evalue: str,
+        record: Path,
+        first_line: str = "",
+    ):
         self.cell_index, self.execution_count, self.ename, self.evalue, self.record = (
-            cell_index, execution_count, ename, evalue, record)
-        where = f"cell {cell_index + 1} (index {cell_index}" + (
-            f", In [{execution_count}]" if execution_count else "") + ")"
+            cell_index,
+            execution_count,
+            ename,
+            evalue,
+            record,
+        )
+        where = (
+            f"cell {cell_index + 1} (index {cell_index}"
+            + (f", In [{execution_count}]" if execution_count else "")
+            + ")"
+        )
         code = f" `{first_line}`" if first_line else ""
-        super().__init__(f"{notebook} stopped at {where}{code}: {ename}: {evalue}. The partial run record is in "
-                         f"{record} (status.json says where it stopped)")
+        super().__init__(
+            f"{notebook} stopped at {where}{code}: {ename}: {evalue}. The partial run record is in "
+            f"{record} (status.json says where it stopped)"
+        )
 
 
 # -- parameters ----------------------------------------------------------------------------------------
@@ -110,13 +128,17 @@ def check_parameters(notebook: str | Path, parameters: dict[str, Any]) -> dict[s
     """Check ``parameters`` against the notebook's defaults: known names, same types (an int may fill a float)."""
     defaults = notebook_parameters(notebook)
     if parameters and not defaults:
-        raise StudyParameterError(next(iter(parameters)), f"{Path(notebook).name} has no cell tagged 'parameters'; "
-                                  "tag the cell holding the defaults with 'parameters'")
+        raise StudyParameterError(
+            next(iter(parameters)),
+            f"{Path(notebook).name} has no cell tagged 'parameters'; "
+            "tag the cell holding the defaults with 'parameters'",
+        )
     checked: dict[str, Any] = {}
     for name, value in parameters.items():
         if name not in defaults:
-            raise StudyParameterError(name, f"{Path(notebook).name} has no such parameter; it has "
-                                      f"{', '.join(sorted(defaults))}")
+            raise StudyParameterError(
+                name, f"{Path(notebook).name} has no such parameter; it has {', '.join(sorted(defaults))}"
+            )
         default = defaults[name]
         if default is ... or default is None:
             checked[name] = value
@@ -129,8 +151,9 @@ def check_parameters(notebook: str | Path, parameters: dict[str, Any]) -> dict[s
         elif isinstance(default, (list, tuple)) and isinstance(value, (list, tuple)):
             checked[name] = list(value)
         elif not isinstance(value, type(default)):
-            raise StudyParameterError(name, f"expected {_type_name(default)} (the default is {default!r}), "
-                                      f"got {_type_name(value)} {value!r}")
+            raise StudyParameterError(
+                name, f"expected {_type_name(default)} (the default is {default!r}), got {_type_name(value)} {value!r}"
+            )
         else:
             checked[name] = value
     return checked
@@ -154,8 +177,9 @@ def parse_cli_value(notebook: str | Path, name: str, text: str) -> Any:
         if isinstance(default, (list, dict, tuple)):
             return json.loads(text)
     except ValueError as err:
-        raise StudyParameterError(name, f"expected {_type_name(default)} (the default is {default!r}), "
-                                  f"got {text!r}") from err
+        raise StudyParameterError(
+            name, f"expected {_type_name(default)} (the default is {default!r}), got {text!r}"
+        ) from err
     with contextlib.suppress(ValueError, SyntaxError):  # no typed default: a literal if it reads as one
         return ast.literal_eval(text)
     return text
@@ -183,8 +207,12 @@ def environment() -> dict[str, Any]:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             versions[package] = None
-    return {"python": platform.python_version(), "implementation": platform.python_implementation(),
-            "platform": platform.platform(), "packages": versions}
+    return {
+        "python": platform.python_version(),
+        "implementation": platform.python_implementation(),
+        "platform": platform.platform(),
+        "packages": versions,
+    }
 
 
 def record(job: JobLike, record_dir: str | Path | None = None) -> Path | None:
@@ -200,16 +228,23 @@ def record(job: JobLike, record_dir: str | Path | None = None) -> Path | None:
         log.info("no run record: %s is not set (this is not a study run)", RECORD_ENV)
         return None
     if not getattr(job, "done", True):
-        log.warning("job %s is still %s: recording what it holds now; call job.wait() before record(job)",
-                    job.id, getattr(job, "status", "running"))
+        log.warning(
+            "job %s is still %s: recording what it holds now; call job.wait() before record(job)",
+            job.id,
+            getattr(job, "status", "running"),
+        )
     root = Path(target)
     folder = root / "jobs" / str(job.id)
     if folder.exists():
         shutil.rmtree(folder)
     (folder / "plots").mkdir(parents=True)
     events = list(job.events)
-    view = JobView.from_events(events, job_id=job.id, rounds=int(getattr(job, "rounds", 0) or 0),
-                               plan_hash=str(getattr(job, "plan_hash", "") or ""))
+    view = JobView.from_events(
+        events,
+        job_id=job.id,
+        rounds=int(getattr(job, "rounds", 0) or 0),
+        plan_hash=str(getattr(job, "plan_hash", "") or ""),
+    )
     store = Path(getattr(job, "store", folder))
     for name in ("plan.py", "spec.json", "final_weights.safetensors"):
         if (store / name).is_file():
@@ -221,12 +256,20 @@ def record(job: JobLike, record_dir: str | Path | None = None) -> Path | None:
     _write_json(folder / "history.json", frame.to_dict(orient="records"))
     _write_json(folder / "governance.json", view.governance())
     weights = folder / "final_weights.safetensors"
-    _write_json(folder / "summary.json", {
-        "job": job.id, "status": view.status, "message": view.message, "rounds": view.rounds,
-        "rounds_released": view.released, "plan_hash": view.plan_hash, "final_metrics": final_metrics(view),
-        "errors": view.errors,
-        "model": {"file": weights.name, "sha256": _sha256(weights)} if weights.exists() else None,
-    })
+    _write_json(
+        folder / "summary.json",
+        {
+            "job": job.id,
+            "status": view.status,
+            "message": view.message,
+            "rounds": view.rounds,
+            "rounds_released": view.released,
+            "plan_hash": view.plan_hash,
+            "final_metrics": final_metrics(view),
+            "errors": view.errors,
+            "model": {"file": weights.name, "sha256": _sha256(weights)} if weights.exists() else None,
+        },
+    )
     _write_plots(frame, folder / "plots")
     _write_json(root / "environment.json", environment())
     seal(root)
@@ -238,8 +281,10 @@ def _write_plots(frame: Any, folder: Path) -> None:
     from .display import primary_metric
 
     metric = primary_metric(frame)
-    figures = {"learning_curves.png": lambda: plots.learning_curves(frame, metric or "loss", "evaluate"),
-               "train_loss.png": lambda: plots.learning_curves(frame, "loss", "train")}
+    figures = {
+        "learning_curves.png": lambda: plots.learning_curves(frame, metric or "loss", "evaluate"),
+        "train_loss.png": lambda: plots.learning_curves(frame, "loss", "train"),
+    }
     if metric:
         figures["site_comparison.png"] = lambda: plots.site_comparison(frame, metric)
     for name, make in figures.items():
@@ -249,8 +294,11 @@ def _write_plots(frame: Any, folder: Path) -> None:
 def seal(record_dir: str | Path) -> dict[str, str]:
     """Write ``MANIFEST.json``: the sha256 of every file in the record. Returns {relative path: sha256}."""
     root = Path(record_dir)
-    files = {p.relative_to(root).as_posix(): _sha256(p) for p in sorted(root.rglob("*"))
-             if p.is_file() and p.relative_to(root).as_posix() != MANIFEST}
+    files = {
+        p.relative_to(root).as_posix(): _sha256(p)
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.relative_to(root).as_posix() != MANIFEST
+    }
     _write_json(root / MANIFEST, {"format": "flip-lab-record/1", "algorithm": "sha256", "files": files})
     return files
 
@@ -274,8 +322,10 @@ def verify_record(path: str | Path) -> list[str]:
         elif _sha256(file) != digest:
             problems.append(f"{name}: sha256 differs from {MANIFEST} (changed after the record was written)")
     present = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()} - {MANIFEST}
-    problems += [f"{name}: not covered by {MANIFEST} (added after the record was sealed)"
-                 for name in sorted(present - set(listed))]
+    problems += [
+        f"{name}: not covered by {MANIFEST} (added after the record was sealed)"
+        for name in sorted(present - set(listed))
+    ]
     for job in sorted((root / "jobs").glob("*")) if (root / "jobs").is_dir() else []:
         problems += _check_plan_hash(job, root)
     return problems
@@ -311,9 +361,14 @@ def _record_env(record_dir: Path) -> Iterator[None]:
             os.environ[RECORD_ENV] = previous
 
 
-def run_study(notebook: str | Path, parameters: dict[str, Any] | None = None,
-              record_dir: str | Path | None = None, *, kernel_name: str | None = None,
-              timeout: float | None = None) -> Path:
+def run_study(
+    notebook: str | Path,
+    parameters: dict[str, Any] | None = None,
+    record_dir: str | Path | None = None,
+    *,
+    kernel_name: str | None = None,
+    timeout: float | None = None,
+) -> Path:
     """Execute ``notebook`` with papermill and ``parameters``; return the sealed run record folder.
 
     Parameters are checked against the notebook's ``parameters`` cell first (``StudyParameterError`` names the
@@ -327,8 +382,11 @@ def run_study(notebook: str | Path, parameters: dict[str, Any] | None = None,
     if not notebook.is_file():
         raise StudyError(f"no notebook at {notebook}")
     checked = check_parameters(notebook, dict(parameters or {}))
-    root = Path(record_dir) if record_dir else notebook.parent / "records" / (
-        f"{notebook.stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+    root = (
+        Path(record_dir)
+        if record_dir
+        else notebook.parent / "records" / (f"{notebook.stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+    )
     if root.exists() and any(root.iterdir()):
         raise StudyError(f"the record folder {root} is not empty; pick a new one (--record DIR)")
     root.mkdir(parents=True, exist_ok=True)
@@ -343,18 +401,32 @@ def run_study(notebook: str | Path, parameters: dict[str, Any] | None = None,
             # The study's kernel shares this process's stderr; inside a notebook that is the calling cell's output,
             # where the kernel's start-up warnings (e.g. "running over TCP without encryption", about a kernel
             # that listens on loopback only) would land. Errors still show.
-            papermill.execute_notebook(str(notebook), str(output), parameters=checked, kernel_name=kernel_name,
-                                       cwd=str(notebook.parent), progress_bar=False, execution_timeout=timeout,
-                                       extra_arguments=["--IPKernelApp.log_level=ERROR"])
+            papermill.execute_notebook(
+                str(notebook),
+                str(output),
+                parameters=checked,
+                kernel_name=kernel_name,
+                cwd=str(notebook.parent),
+                progress_bar=False,
+                execution_timeout=timeout,
+                extra_arguments=["--IPKernelApp.log_level=ERROR"],
+            )
             status["status"] = "completed"
         except PapermillExecutionError as err:
             failure = _cell_failure(notebook, output, err, root)
-            status.update(status="failed", cell_index=failure.cell_index, cell_number=failure.cell_index + 1,
-                          execution_count=failure.execution_count, ename=err.ename, evalue=err.evalue)
+            status.update(
+                status="failed",
+                cell_index=failure.cell_index,
+                cell_number=failure.cell_index + 1,
+                execution_count=failure.execution_count,
+                ename=err.ename,
+                evalue=err.evalue,
+            )
         except Exception as err:  # the kernel died or could not start: still leave a record of that
             status.update(status="failed", ename=type(err).__name__, evalue=str(err))
-            raise StudyError(f"{notebook.name} could not run: {type(err).__name__}: {err}. The partial run "
-                             f"record is in {root}") from err
+            raise StudyError(
+                f"{notebook.name} could not run: {type(err).__name__}: {err}. The partial run record is in {root}"
+            ) from err
         finally:
             status["finished"] = time.time()
             _write_json(root / "status.json", status)
@@ -379,8 +451,9 @@ def _cell_failure(notebook: Path, output: Path, err: Any, root: Path) -> StudyCe
         if injected and injected[0] < index:
             index -= 1
     source = str(err.source or "").strip().splitlines()
-    return StudyCellError(notebook.name, index, err.exec_count, err.ename, err.evalue, root,
-                          source[0][:80] if source else "")
+    return StudyCellError(
+        notebook.name, index, err.exec_count, err.ename, err.evalue, root, source[0][:80] if source else ""
+    )
 
 
 # -- command line ---------------------------------------------------------------------------------------
@@ -410,13 +483,13 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 def audit_heads(record_dir: str | Path) -> dict[str, str]:
     """Per site, the last audit head a run record holds (the newest job that heard from it wins)."""
     heads: dict[str, str] = {}
-    jobs = sorted((Path(record_dir) / "jobs").glob("*/governance.json"),
-                  key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else -1)
+    jobs = sorted(
+        (Path(record_dir) / "jobs").glob("*/governance.json"),
+        key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else -1,
+    )
     for path in jobs:
         sites = json.loads(path.read_text(encoding="utf-8")).get("sites", {})
-        heads.update(
-            {str(k): str(v["audit_head"]) for k, v in sites.items() if v.get("audit_head")}
-        )
+        heads.update({str(k): str(v["audit_head"]) for k, v in sites.items() if v.get("audit_head")})
     return heads
 
 
@@ -446,12 +519,13 @@ def study_failure(path: str | Path) -> str | None:
     if status.get("status") == "completed":
         return None
     if status.get("status") == "running":
-        return ("the study never finished (status.json still says running): its results are partial; run the "
-                "study again")
+        return "the study never finished (status.json still says running): its results are partial; run the study again"
     where = f" at cell {status['cell_number']}" if "cell_number" in status else ""
     error = f" ({status['ename']}: {status.get('evalue', '')})" if status.get("ename") else ""
-    return (f"the study failed{where}{error}: its results are partial; see notebook.ipynb, fix the cell and run "
-            "the study again")
+    return (
+        f"the study failed{where}{error}: its results are partial; see notebook.ipynb, fix the cell and run "
+        "the study again"
+    )
 
 
 def _cmd_seal(args: argparse.Namespace) -> int:
@@ -465,8 +539,15 @@ def add_study_commands(subparsers: Any) -> None:
     sub = study.add_subparsers(dest="study_command", required=True)
     run = sub.add_parser("run", help="run a notebook with papermill and keep a run record")
     run.add_argument("notebook")
-    run.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
-                     help="a parameter, converted to the type of its default in the notebook")
+    run.add_argument(
+        "-p",
+        "--parameter",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("NAME", "VALUE"),
+        help="a parameter, converted to the type of its default in the notebook",
+    )
     run.add_argument("--record", help="the run record folder (default: records/NOTEBOOK-TIME beside it)")
     run.add_argument("--kernel", help="the Jupyter kernel (default: the notebook's own)")
     run.add_argument("--timeout", type=float, help="seconds any one cell may run")

@@ -106,7 +106,9 @@ class RuntimeConnection:
     def __init__(self, address: str) -> None:
         self.address = address
         self._client = RuntimeHttpClient.from_server_address(
-            server_address=address, insecure=True, root_certificates=None,
+            server_address=address,
+            insecure=True,
+            root_certificates=None,
             interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")],
             retry_invoker=_retry_invoker(),
         )
@@ -121,8 +123,9 @@ class RuntimeConnection:
         return None
 
     @contextmanager
-    def task(self, token: str, on_lost: Callable[[int], None] = lambda run_id: None,
-             beat_s: float = TASK_BEAT_S) -> Iterator[Task]:
+    def task(
+        self, token: str, on_lost: Callable[[int], None] = lambda run_id: None, beat_s: float = TASK_BEAT_S
+    ) -> Iterator[Task]:
         """Pull one task's inputs; beat its heartbeat every ``beat_s`` while the site works on it.
 
         When the SuperNode ends the task first (its run was stopped, see :mod:`site_kernel._supernode`), the
@@ -131,9 +134,13 @@ class RuntimeConnection:
         the site at once.
         """
         client = RuntimeHttpClient.from_server_address(
-            server_address=self.address, insecure=True, root_certificates=None,
-            interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
-                          RuntimeTokenHttpInterceptor(token)],
+            server_address=self.address,
+            insecure=True,
+            root_certificates=None,
+            interceptors=[
+                RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
+                RuntimeTokenHttpInterceptor(token),
+            ],
             retry_invoker=_retry_invoker(),
         )
         beat = _task_heartbeat(client)

@@ -64,9 +64,7 @@ def _check(result: int, what: str) -> int:
 
 def abi_version() -> int:
     """The kernel's Landlock ABI version, or 0 when Landlock is absent or disabled."""
-    result = _libc().syscall(
-        _SYS_CREATE_RULESET, None, ctypes.c_size_t(0), ctypes.c_uint32(_CREATE_RULESET_VERSION)
-    )
+    result = _libc().syscall(_SYS_CREATE_RULESET, None, ctypes.c_size_t(0), ctypes.c_uint32(_CREATE_RULESET_VERSION))
     return max(int(result), 0)
 
 
@@ -99,9 +97,7 @@ def create_ruleset(abi: int, *, read: Iterable[Path], write: Iterable[Path]) -> 
     size = 8 if abi < 4 else 16 if abi < 6 else 24
     libc = _libc()
     fd = _check(
-        libc.syscall(
-            _SYS_CREATE_RULESET, ctypes.byref(attr), ctypes.c_size_t(size), ctypes.c_uint32(0)
-        ),
+        libc.syscall(_SYS_CREATE_RULESET, ctypes.byref(attr), ctypes.c_size_t(size), ctypes.c_uint32(0)),
         "landlock_create_ruleset",
     )
     try:

@@ -17,8 +17,7 @@ OUTPUT_CAP = 16 << 20  # bytes of one job's output kept in the site's log
 
 def copy_to_log(fd: int, log_path: Path, *, cap: int = OUTPUT_CAP) -> threading.Thread:
     """Start a thread that appends what arrives on ``fd`` to ``log_path`` until EOF, then closes ``fd``."""
-    thread = threading.Thread(target=_copy, args=(fd, log_path, cap), name=f"output-{log_path.name}",
-                              daemon=True)
+    thread = threading.Thread(target=_copy, args=(fd, log_path, cap), name=f"output-{log_path.name}", daemon=True)
     thread.start()
     return thread
 
@@ -34,7 +33,6 @@ def _copy(fd: int, log_path: Path, cap: int) -> None:
                     kept += min(room, len(chunk))
                 dropped += max(0, len(chunk) - room)
             if dropped:
-                log.write(f"\n[site: {dropped} more bytes of output dropped beyond the cap of {cap} bytes]\n"
-                          .encode())
+                log.write(f"\n[site: {dropped} more bytes of output dropped beyond the cap of {cap} bytes]\n".encode())
     finally:
         os.close(fd)

@@ -176,8 +176,11 @@ def _pull_or_flush(pull: Callable[..., int | None], loop: _Loop) -> Callable[...
             state.delete_messages(message_ids=[receipt.message_id])
             kwargs["object_store"].delete(receipt.message_id)
             if receipt.task_id is not None:
-                state.finish_task(receipt.task_id, sub_status=SubStatus.FAILED,
-                                  details="the run stopped while its message was being received")
+                state.finish_task(
+                    receipt.task_id,
+                    sub_status=SubStatus.FAILED,
+                    details="the run stopped while its message was being received",
+                )
         if run_id is None and (ready := _ready_replies(state)):
             return int(ready[0].metadata.run_id)
         return run_id

@@ -51,9 +51,7 @@ def plan_hash(source: str, contract: dict[str, Any], model_shapes: dict[str, lis
     """
     body = {"source": source, "contract": contract, "model_shapes": _shapes(model_shapes)}
     try:
-        text = json.dumps(
-            body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-        )
+        text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     except (TypeError, ValueError) as err:
         raise ApprovalError(f"a plan's data contract must be plain, finite JSON ({err})") from err
     try:
@@ -88,9 +86,7 @@ class ApprovalStore:
     on arrival.
     """
 
-    def __init__(
-        self, site_dir: Path, *, policy: SitePolicy | None = None, audit: AuditLog | None = None
-    ):
+    def __init__(self, site_dir: Path, *, policy: SitePolicy | None = None, audit: AuditLog | None = None):
         self.site_dir = Path(site_dir)
         self.root = self.site_dir / "approvals"
         self.policy = policy
@@ -106,9 +102,7 @@ class ApprovalStore:
     ) -> State:
         """Record a plan as pending (idempotent) and return its state; the hash must match."""
         if plan_hash(source, contract, model_shapes) != hash:
-            raise ApprovalError(
-                "the plan's hash does not match its source, contract and shapes; refusing it"
-            )
+            raise ApprovalError("the plan's hash does not match its source, contract and shapes; refusing it")
         if self.state(hash) != "unknown":
             return self.state(hash)
         self.root.mkdir(parents=True, exist_ok=True)
@@ -122,9 +116,7 @@ class ApprovalStore:
         staging = Path(tempfile.mkdtemp(prefix=".incoming-", dir=self.root))
         # newline="" keeps line endings as sent: the stored file is exactly what was hashed.
         (staging / "plan.py").write_text(source, encoding="utf-8", newline="")
-        (staging / "request.json").write_text(
-            json.dumps(request, indent=2, sort_keys=True), encoding="utf-8"
-        )
+        (staging / "request.json").write_text(json.dumps(request, indent=2, sort_keys=True), encoding="utf-8")
         try:
             staging.chmod(0o755)
             # Atomic: of two concurrent submissions of one plan, the second fails here cleanly.
@@ -187,9 +179,7 @@ class ApprovalStore:
                 json.dump(body, fh, indent=2, sort_keys=True)
         except FileExistsError:  # every message of a run passes here; the first one records it
             return False
-        self.audit.append(
-            "study_settings", plan=hash, run_id=int(run_id), settings_hash=digest, settings=settings
-        )
+        self.audit.append("study_settings", plan=hash, run_id=int(run_id), settings_hash=digest, settings=settings)
         return True
 
     def runs(self, hash: str) -> list[dict[str, Any]]:
@@ -220,19 +210,13 @@ class ApprovalStore:
         """The one full hash starting with ``hash_or_prefix``, else UnknownPlan or AmbiguousPlan."""
         prefix = hash_or_prefix.strip().lower()
         if not re.fullmatch(r"[0-9a-f]{4,64}", prefix):
-            raise UnknownPlan(
-                f"{hash_or_prefix!r} is not a plan hash or a prefix of at least 4 hex digits"
-            )
+            raise UnknownPlan(f"{hash_or_prefix!r} is not a plan hash or a prefix of at least 4 hex digits")
         names = [p.name for p in self.root.iterdir()] if self.root.is_dir() else []
         matches = sorted(n for n in names if _HEX64.fullmatch(n) and n.startswith(prefix))
         if not matches:
-            raise UnknownPlan(
-                f"no plan starts with {prefix}; `flip-site plans list` shows them all"
-            )
+            raise UnknownPlan(f"no plan starts with {prefix}; `flip-site plans list` shows them all")
         if len(matches) > 1:
-            raise AmbiguousPlan(
-                f"{prefix} matches {len(matches)} plans; give more digits", matches=matches
-            )
+            raise AmbiguousPlan(f"{prefix} matches {len(matches)} plans; give more digits", matches=matches)
         return matches[0]
 
     def _decide(
@@ -253,9 +237,7 @@ class ApprovalStore:
         tmp.write_text(json.dumps(decision, indent=2, sort_keys=True), encoding="utf-8")
         os.replace(tmp, path)
         event = "plan_approved" if state == "approved" else "plan_rejected"
-        self.audit.append(
-            event, plan=hash, by=by, note=note, previous=previous, settings=sorted(settings or {})
-        )
+        self.audit.append(event, plan=hash, by=by, note=note, previous=previous, settings=sorted(settings or {}))
         return self._record(hash)
 
     def _decision(self, hash: str) -> dict[str, Any] | None:

@@ -97,9 +97,7 @@ class AuditLog:
                 try:
                     entry["hash"] = entry_hash(entry)
                 except (TypeError, ValueError) as err:
-                    raise AuditError(
-                        f"audit event {event!r}: fields must be finite JSON values ({err})"
-                    ) from err
+                    raise AuditError(f"audit event {event!r}: fields must be finite JSON values ({err})") from err
                 f.write(_canonical(entry) + b"\n")
                 f.flush()
                 if self.fsync:
@@ -127,17 +125,14 @@ class AuditLog:
                     yield json.loads(raw)
                 except ValueError as err:
                     raise AuditError(
-                        f"line {number} of {self.path} is not JSON; `flip-site audit verify` "
-                        "says what else is wrong"
+                        f"line {number} of {self.path} is not JSON; `flip-site audit verify` says what else is wrong"
                     ) from err
 
     def tail(self, n: int) -> list[dict[str, Any]]:
         """The last ``n`` entries."""
         return list(deque(self.entries(), maxlen=max(n, 0)))
 
-    def verify(
-        self, *, expected_head: str | None = None, known_plans: Iterable[str] = ()
-    ) -> VerifyResult:
+    def verify(self, *, expected_head: str | None = None, known_plans: Iterable[str] = ()) -> VerifyResult:
         """Check the chain, the sidecar head and, when given, a head hash known from outside.
 
         ``expected_head`` is a head seen earlier (e.g. the last one a researcher received); the log
@@ -160,9 +155,7 @@ class AuditLog:
                     if not ok_shape:
                         return VerifyResult(False, n - 1, prev, "line is not an audit entry", n)
                     if entry_hash(entry) != entry["hash"]:
-                        return VerifyResult(
-                            False, n - 1, prev, "entry was edited (its hash does not match)", n
-                        )
+                        return VerifyResult(False, n - 1, prev, "entry was edited (its hash does not match)", n)
                     if entry.get("prev") != prev or entry.get("seq") != seq + 1:
                         return VerifyResult(
                             False,
@@ -207,10 +200,7 @@ class AuditLog:
         except (ValueError, KeyError, TypeError):
             return f"{self.head_path.name} is unreadable"
         if side_seq > last_seq:
-            return (
-                f"the log ends at entry {last_seq} but {self.head_path.name} records entry "
-                f"{side_seq}: truncated"
-            )
+            return f"the log ends at entry {last_seq} but {self.head_path.name} records entry {side_seq}: truncated"
         # A sidecar behind the log is what a crash between the two writes leaves: not tampering.
         if side_seq and by_seq.get(side_seq) != side_hash:
             return f"entry {side_seq} differs from the hash in {self.head_path.name}: rewritten"
@@ -218,9 +208,7 @@ class AuditLog:
 
     def _write_head(self, entry: dict[str, Any]) -> None:
         tmp = self.head_path.with_suffix(".head.tmp")
-        tmp.write_text(
-            json.dumps({"seq": entry["seq"], "hash": entry["hash"]}) + "\n", encoding="utf-8"
-        )
+        tmp.write_text(json.dumps({"seq": entry["seq"], "hash": entry["hash"]}) + "\n", encoding="utf-8")
         os.replace(tmp, self.head_path)
 
 
@@ -229,11 +217,7 @@ def _parse_last(last: bytes, path: Path) -> dict[str, Any] | None:
         return None
     try:
         entry = json.loads(last)
-        if (
-            isinstance(entry, dict)
-            and isinstance(entry.get("seq"), int)
-            and isinstance(entry.get("hash"), str)
-        ):
+        if isinstance(entry, dict) and isinstance(entry.get("seq"), int) and isinstance(entry.get("hash"), str):
             return entry
     except ValueError:
         pass
@@ -244,9 +228,7 @@ def _parse_last(last: bytes, path: Path) -> dict[str, Any] | None:
 
 
 def _canonical(obj: Any) -> bytes:
-    return json.dumps(
-        obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
-    ).encode()
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
 
 
 def _last_line(f: Any, chunk: int = 4096) -> bytes:

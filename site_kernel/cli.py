@@ -1,16 +1,16 @@
 """``flip-site``: what a hospital's data owner runs.
 
-    flip-site init SITE --name NAME --hub HOST:PORT    lay out a site folder (manual approval by default)
-    flip-site init SITE --certs BUNDLE                 ... for a provisioned hub: TLS + the site's own key
-    flip-site data add NAME PATH --site SITE           register a folder of DICOM series or NIfTI images
-        [--labels DIR|CSV] [--modality M] [--test-fraction F] [--seed N]
-    flip-site data catalogue --site SITE               what researchers may see of the site's data
-    flip-site run SITE                                 serve the hub: SuperNode + the site's executor
-    flip-site status SITE                              is the site running, and under which policy
-    flip-site plans list|show|approve|reject ...       decide which plans may run
-    flip-site audit show|verify ...                    read and check the hash-chained audit log
-    flip-site policy show|init ...                     the site's governance policy
-    flip-site privacy --site SITE                      differential privacy budget, spent and per job
+flip-site init SITE --name NAME --hub HOST:PORT    lay out a site folder (manual approval by default)
+flip-site init SITE --certs BUNDLE                 ... for a provisioned hub: TLS + the site's own key
+flip-site data add NAME PATH --site SITE           register a folder of DICOM series or NIfTI images
+    [--labels DIR|CSV] [--modality M] [--test-fraction F] [--seed N]
+flip-site data catalogue --site SITE               what researchers may see of the site's data
+flip-site run SITE                                 serve the hub: SuperNode + the site's executor
+flip-site status SITE                              is the site running, and under which policy
+flip-site plans list|show|approve|reject ...       decide which plans may run
+flip-site audit show|verify ...                    read and check the hash-chained audit log
+flip-site policy show|init ...                     the site's governance policy
+flip-site privacy --site SITE                      differential privacy budget, spent and per job
 """
 
 from __future__ import annotations
@@ -84,13 +84,20 @@ def _cmd_data_add(args: argparse.Namespace) -> int:
     from .data.errors import REASON_TEXT
 
     summary = register_dataset(
-        Path(args.site), args.name, Path(args.path), labels=Path(args.labels) if args.labels else None,
-        seed=args.seed, test_fraction=args.test_fraction, modality=args.modality,
+        Path(args.site),
+        args.name,
+        Path(args.path),
+        labels=Path(args.labels) if args.labels else None,
+        seed=args.seed,
+        test_fraction=args.test_fraction,
+        modality=args.modality,
     )
     # Modalities and label classes are read from the files: shown with visible escapes.
-    print(f"dataset {shown(summary.name)}: {summary.num_cases} cases ({summary.num_train} train, "
-          f"{summary.num_test} test), {shown('/'.join(summary.modalities))}, {shown(summary.task)}"
-          f"{'' if summary.labelled else ', unlabelled'}")
+    print(
+        f"dataset {shown(summary.name)}: {summary.num_cases} cases ({summary.num_train} train, "
+        f"{summary.num_test} test), {shown('/'.join(summary.modalities))}, {shown(summary.task)}"
+        f"{'' if summary.labelled else ', unlabelled'}"
+    )
     if summary.label_classes:
         classes = ", ".join(f"{shown(c)} ({n})" for c, n in summary.label_classes.items())
         print("label classes (cases): " + classes)
@@ -115,9 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("site")
     p.add_argument("--name", help="shown to researchers (default: the name in --certs' bundle)")
     p.add_argument("--hub", help="the hub's HOST:PORT (default: the bundle's hub, else 127.0.0.1:9093)")
-    p.add_argument("--certs", metavar="BUNDLE",
-                   help="this site's folder from `flip-lab provision` (CA certificate and key pair): copied into "
-                        "SITE/certs and used for TLS and node authentication")
+    p.add_argument(
+        "--certs",
+        metavar="BUNDLE",
+        help="this site's folder from `flip-lab provision` (CA certificate and key pair): copied into "
+        "SITE/certs and used for TLS and node authentication",
+    )
     p.add_argument("--demo", action="store_true", help="demo policy: automatic approval, labelled as such")
     p.set_defaults(func=_cmd_init)
 
@@ -136,9 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="the dataset's name, which plans ask for (e.g. default, liver_ct)")
     p.add_argument("path", help="folder of DICOM series and/or NIfTI images (and DICOM SEG files)")
     p.add_argument("--site", required=True)
-    p.add_argument("--labels", metavar="PATH",
-                   help="folder of NIfTI label maps / DICOM SEG files, or a CSV 'case,label' of per-case classes "
-                        "(a classification dataset)")
+    p.add_argument(
+        "--labels",
+        metavar="PATH",
+        help="folder of NIfTI label maps / DICOM SEG files, or a CSV 'case,label' of per-case classes "
+        "(a classification dataset)",
+    )
     p.add_argument("--modality", help="modality of images whose files do not say (NIfTI without sidecar): CT, MR, ...")
     p.add_argument("--test-fraction", type=float, default=0.25, help="share of cases held out for testing")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/test split")

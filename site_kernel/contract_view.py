@@ -33,8 +33,10 @@ def applied_lines(contract: Mapping[str, Any]) -> list[str]:
     """The contract that applies, one key a line, every value shown with visible escapes."""
     values, problem = _normalised(contract)
     lines = [HEADING]
-    lines += [f"  {shown(key):<12}{shown(json.dumps(values[key], sort_keys=True, ensure_ascii=False))}"
-              for key in sorted(values)]
+    lines += [
+        f"  {shown(key):<12}{shown(json.dumps(values[key], sort_keys=True, ensure_ascii=False))}"
+        for key in sorted(values)
+    ]
     if problem:
         lines.append(f"  ({shown(problem)})")
     return lines
@@ -47,9 +49,15 @@ def source_constant(source: str, contract: Mapping[str, Any]) -> tuple[int, str]
         tree = ast.parse(source)
     except (SyntaxError, ValueError, RecursionError, MemoryError):
         return None
-    found = [node for node in tree.body if isinstance(node, ast.Assign | ast.AnnAssign)
-             and any(isinstance(t, ast.Name) and t.id == "CONTRACT"
-                     for t in (node.targets if isinstance(node, ast.Assign) else [node.target]))]
+    found = [
+        node
+        for node in tree.body
+        if isinstance(node, ast.Assign | ast.AnnAssign)
+        and any(
+            isinstance(t, ast.Name) and t.id == "CONTRACT"
+            for t in (node.targets if isinstance(node, ast.Assign) else [node.target])
+        )
+    ]
     if not found or found[-1].value is None:
         return None
     node = found[-1]
@@ -66,5 +74,7 @@ def source_constant(source: str, contract: Mapping[str, Any]) -> tuple[int, str]
     differ = sorted(k for k in set(theirs) | set(applied) if theirs.get(k) != applied.get(k))
     if not differ:
         return end, "^ the source's own CONTRACT: the same as the contract that applies"
-    return end, (f"^ the source's own CONTRACT does NOT apply: the contract above does "
-                 f"(they differ in {shown(', '.join(differ))})")
+    return end, (
+        f"^ the source's own CONTRACT does NOT apply: the contract above does "
+        f"(they differ in {shown(', '.join(differ))})"
+    )

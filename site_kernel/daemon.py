@@ -60,21 +60,47 @@ def _is_loopback(hub: str) -> bool:
     return is_loopback(hub.rpartition(":")[0].strip("[]") or hub)
 
 
-def supernode_command(site_dir: Path, hub: str, runtime_port: int, poll_s: float, name: str,
-                      root_certificates: str = "", auth_key: str = "") -> list[str]:
+def supernode_command(
+    site_dir: Path,
+    hub: str,
+    runtime_port: int,
+    poll_s: float,
+    name: str,
+    root_certificates: str = "",
+    auth_key: str = "",
+) -> list[str]:
     """The SuperNode's command line. With a CA certificate it dials the hub over TLS, with a key it authenticates
     as the site; without them only a hub on loopback is allowed (the local demo). The SuperNode only ever connects
     out to the hub: a site opens no port beyond its own loopback."""
     if not root_certificates and not _is_loopback(hub):
-        raise SettingsError(f"the hub {hub} is not on this machine, and the site has no CA certificate: traffic "
-                            f"would travel unencrypted. Provision the federation (`flip-lab provision`) and run "
-                            f"`flip-site init {site_dir} --certs BUNDLE`")
+        raise SettingsError(
+            f"the hub {hub} is not on this machine, and the site has no CA certificate: traffic "
+            f"would travel unencrypted. Provision the federation (`flip-lab provision`) and run "
+            f"`flip-site init {site_dir} --certs BUNDLE`"
+        )
     if not auth_key and not _is_loopback(hub):
-        raise SettingsError(f"the hub {hub} is not on this machine, and the site has no key to authenticate with; "
-                            f"run `flip-site init {site_dir} --certs BUNDLE` with the site's bundle")
-    cmd = [sys.executable, "-m", "site_kernel._supernode", str(poll_s), "--superlink", hub,
-           "--isolation", "process", "--host", "127.0.0.1", "--port", str(runtime_port),
-           "--node-config", f'site-name="{name}"', "--max-wait-time", "60"]
+        raise SettingsError(
+            f"the hub {hub} is not on this machine, and the site has no key to authenticate with; "
+            f"run `flip-site init {site_dir} --certs BUNDLE` with the site's bundle"
+        )
+    cmd = [
+        sys.executable,
+        "-m",
+        "site_kernel._supernode",
+        str(poll_s),
+        "--superlink",
+        hub,
+        "--isolation",
+        "process",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(runtime_port),
+        "--node-config",
+        f'site-name="{name}"',
+        "--max-wait-time",
+        "60",
+    ]
     if root_certificates:
         cmd += ["--root-certificates", str(site_path(site_dir, root_certificates))]
     else:
@@ -114,8 +140,11 @@ def _announce(hub: str, name: str, supernode_pid: int, stop: threading.Event) ->
     """Log that the site serves ``hub`` once the hub answers; until then, one line saying that the site waits for
     it (the SuperNode retries on its own, and its log says the same in one line per outage)."""
     if not _hub_answers(hub):
-        log.warning("waiting for the hub at %s: nothing answers there yet. The site connects as soon as it does; "
-                    "if the hub runs, check the address (site.toml, or `flip-site run SITE --hub HOST:PORT`)", hub)
+        log.warning(
+            "waiting for the hub at %s: nothing answers there yet. The site connects as soon as it does; "
+            "if the hub runs, check the address (site.toml, or `flip-site run SITE --hub HOST:PORT`)",
+            hub,
+        )
         wait = 0.2
         while not stop.wait(wait):
             if _hub_answers(hub):
@@ -136,12 +165,20 @@ def run_site(site_dir: Path, *, hub: str | None = None, parent_pid: int | None =
     hub = hub or settings.hub
     check_identity(site_dir, settings)
     runtime_port = free_port()
-    command = supernode_command(site_dir, hub, runtime_port, settings.poll_interval, settings.name,
-                                settings.root_certificates, settings.auth_key)  # refuses before anything starts
+    command = supernode_command(
+        site_dir,
+        hub,
+        runtime_port,
+        settings.poll_interval,
+        settings.name,
+        settings.root_certificates,
+        settings.auth_key,
+    )  # refuses before anything starts
     (site_dir / "logs").mkdir(parents=True, exist_ok=True)
     (site_dir / "run").mkdir(parents=True, exist_ok=True)
-    logging.basicConfig(filename=site_dir / "logs" / "site.log", level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        filename=site_dir / "logs" / "site.log", level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s"
+    )
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll would drown the site's own log
     one_line_retries(f"the site's SuperNode at 127.0.0.1:{runtime_port}")
     stop = threading.Event()
@@ -149,11 +186,20 @@ def run_site(site_dir: Path, *, hub: str | None = None, parent_pid: int | None =
         signal.signal(sig, lambda *_: stop.set())
     with open(site_dir / "logs" / "supernode.log", "ab") as out:
         supernode = subprocess.Popen(
-            command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,  # same group: dies with us
+            command,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,  # same group: dies with us
             env=supernode_env(),
         )
-    state = {"pid": os.getpid(), "supernode_pid": supernode.pid, "runtime_port": runtime_port, "hub": hub,
-             "name": settings.name, "started": time.time()}
+    state = {
+        "pid": os.getpid(),
+        "supernode_pid": supernode.pid,
+        "runtime_port": runtime_port,
+        "hub": hub,
+        "name": settings.name,
+        "started": time.time(),
+    }
     (site_dir / "run" / "state.json").write_text(json.dumps(state))
     executor = Executor(site_dir, settings, f"127.0.0.1:{runtime_port}")
 
@@ -165,8 +211,9 @@ def run_site(site_dir: Path, *, hub: str | None = None, parent_pid: int | None =
 
     serving = threading.Thread(target=serve, name="executor", daemon=True)
     serving.start()
-    threading.Thread(target=_announce, args=(hub, settings.name, supernode.pid, stop), name="announce",
-                     daemon=True).start()
+    threading.Thread(
+        target=_announce, args=(hub, settings.name, supernode.pid, stop), name="announce", daemon=True
+    ).start()
     code = 0
     try:
         while not stop.wait(0.5):

@@ -107,9 +107,7 @@ def _check_arrays(
 ) -> str | None:
     extra = [k for k in arrays if k not in sent_shapes]
     if extra:
-        return (
-            f"the reply carries {len(extra)} array(s) that were not in the model sent to this site"
-        )
+        return f"the reply carries {len(extra)} array(s) that were not in the model sent to this site"
     missing = sorted(k for k in sent_shapes if k not in arrays)
     if missing:
         return f"the reply lacks array(s) of the model sent: {', '.join(missing[:5])}"
@@ -127,9 +125,7 @@ def _check_arrays(
     return None
 
 
-def _check_metrics(
-    metrics: Mapping[str, Any], policy: SitePolicy
-) -> tuple[dict[str, int | float], str | None]:
+def _check_metrics(metrics: Mapping[str, Any], policy: SitePolicy) -> tuple[dict[str, int | float], str | None]:
     rules = policy.metrics
     if not isinstance(metrics, Mapping):
         return {}, "metrics are not a name-to-number mapping"
@@ -204,9 +200,7 @@ def failure_fields(exc: BaseException, *, plan_filename: str = "plan.py") -> dic
             frames.append((code.co_name, tb.tb_lineno))
         tb = tb.tb_next
     cls = type(exc)
-    base = next(
-        (c.__name__ for c in cls.__mro__ if _is_builtin_exception(c.__name__, c)), "BaseException"
-    )
+    base = next((c.__name__ for c in cls.__mro__ if _is_builtin_exception(c.__name__, c)), "BaseException")
     top = str(cls.__module__).split(".")[0]
     return {
         "function": frames[0][0] if frames else None,
@@ -235,11 +229,7 @@ def describe_failure(
     if isinstance(exc_type, str) and (_is_builtin_exception(exc_type) or exc_type in idents):
         type_name = exc_type
     else:
-        base = (
-            exc_base
-            if isinstance(exc_base, str) and _is_builtin_exception(exc_base)
-            else "BaseException"
-        )
+        base = exc_base if isinstance(exc_base, str) and _is_builtin_exception(exc_base) else "BaseException"
         origin = f" from {library}" if library in _LIBRARIES else ""
         article = "an" if base[0] in "AEIOU" else "a"
         type_name = f"{article} {base} subclass{origin}"
@@ -264,4 +254,3 @@ def _is_builtin_exception(name: str, cls: object = None) -> bool:
     found = getattr(builtins, name, None)
     is_exc = isinstance(found, type) and issubclass(found, BaseException)
     return is_exc and (cls is None or found is cls)
-

@@ -106,8 +106,7 @@ class Executor:
                     stop.wait(pacer.next_wait())
                     continue
                 pacer.active()
-                threading.Thread(target=self._serve_task, args=(conn, token), name="task",
-                                 daemon=True).start()
+                threading.Thread(target=self._serve_task, args=(conn, token), name="task", daemon=True).start()
         finally:
             conn.close()
             self.close()
@@ -119,16 +118,22 @@ class Executor:
                 run_id = task.run.run_id
                 with self._in_order(run_id):
                     t1 = time.perf_counter()
-                    reply = self.handle(task.message, task.context.run_config, task.fab.content,
-                                        run_id)
+                    reply = self.handle(task.message, task.context.run_config, task.fab.content, run_id)
                     t2 = time.perf_counter()
                     self._capture(reply)
                     task.reply(reply)
-            log.debug("task %s: pull %.3f s, handle %.3f s, reply %.3f s",
-                      task.message.metadata.message_type, t1 - t0, t2 - t1, time.perf_counter() - t2)
+            log.debug(
+                "task %s: pull %.3f s, handle %.3f s, reply %.3f s",
+                task.message.metadata.message_type,
+                t1 - t0,
+                t2 - t1,
+                time.perf_counter() - t2,
+            )
         except rt.TaskLost:  # e.g. its run stopped while the SuperNode was receiving it
-            log.warning("a task ended before the site could finish it (its run stopped or its "
-                        "token expired); the site keeps serving")
+            log.warning(
+                "a task ended before the site could finish it (its run stopped or its "
+                "token expired); the site keeps serving"
+            )
         except Exception:  # never let one task take the site down
             log.exception("task failed outside the plan; the site keeps serving")
 
@@ -176,9 +181,11 @@ class Executor:
             self._last_refresh = now
             self._refresh_settings()
         with self._lock:
-            idle = [run_id for run_id, worker in self.workers.items()
-                    if now - worker.last_used > self.settings.worker_idle_s
-                    and not self._busy.get(run_id)]
+            idle = [
+                run_id
+                for run_id, worker in self.workers.items()
+                if now - worker.last_used > self.settings.worker_idle_s and not self._busy.get(run_id)
+            ]
             stopping = [self.workers.pop(run_id) for run_id in idle]
             for run_id in idle:
                 self._secagg.pop(run_id, None)
@@ -217,54 +224,63 @@ class Executor:
             study = _study(run_config, run_id)
             if op == "query":
                 if hold is not None:
-                    return self._reply(message, config={"approval": "pending", "detail": hold,
-                                                        "policy": policy.label})
+                    return self._reply(message, config={"approval": "pending", "detail": hold, "policy": policy.label})
                 if state == "approved" and _query_op(message).startswith("secagg_"):
                     return self._secagg_step(message, policy, spec, run_id)
                 if state == "approved":
-                    refused = (self._settings_refusal(settings, policy, run_id)
-                               or self._dp_refusal_at_hello(policy, spec, run_id, study)
-                               or self._secagg_refusal_at_hello(policy, spec, run_id))
+                    refused = (
+                        self._settings_refusal(settings, policy, run_id)
+                        or self._dp_refusal_at_hello(policy, spec, run_id, study)
+                        or self._secagg_refusal_at_hello(policy, spec, run_id)
+                    )
                     if refused is not None:
-                        return self._reply(message, config={"approval": "refused", "detail": refused,
-                                                            "policy": policy.label})
+                        return self._reply(
+                            message, config={"approval": "refused", "detail": refused, "policy": policy.label}
+                        )
                     self._worker(run_id, source, spec, digest, policy, prewarm=True)
                 return self._reply(message, config={"approval": state, "policy": policy.label})
             if state != "approved":
                 raise Refusal("not_approved", f"plan {digest[:12]} is {state} at site {self.settings.name}")
             if hold is not None:
-                raise Refusal("not_approved",
-                              f"plan {digest[:12]} at site {self.settings.name}: {hold}")
+                raise Refusal("not_approved", f"plan {digest[:12]} at site {self.settings.name}: {hold}")
             problem = run_settings.policy_problem(settings, policy)
             if problem is not None:
-                raise Refusal("policy", f"site {self.settings.name}: {problem}",
-                              audit="settings_refused")
+                raise Refusal("policy", f"site {self.settings.name}: {problem}", audit="settings_refused")
             strategy = str(spec["config"].get("strategy", ""))
             if not policy.allows_strategy(strategy):
-                raise Refusal("policy", f"strategy {strategy!r} is not allowed by site {self.settings.name}",
-                              audit="strategy_refused")
+                raise Refusal(
+                    "policy",
+                    f"strategy {strategy!r} is not allowed by site {self.settings.name}",
+                    audit="strategy_refused",
+                )
             # A resumed study starts from released weights, not from its initial ones.
             fresh = str(run_config.get("flip-resume-from", "0") or "0") == "0"
             init = str(run_config.get("flip-init-weights", "")) if fresh else None
-            return self._run_phase(message, op, source, spec, digest, policy, run_id, study,
-                                   init_b64=init)
+            return self._run_phase(message, op, source, spec, digest, policy, run_id, study, init_b64=init)
         except Refusal as refusal:
-            self.audit.append(refusal.audit or "refused", run_id=run_id, kind=refusal.kind, op=op,
-                              reason=refusal.message)
+            self.audit.append(
+                refusal.audit or "refused", run_id=run_id, kind=refusal.kind, op=op, reason=refusal.message
+            )
             return self._error(message, refusal.kind, refusal.message)
         except SiteKernelError as err:  # the site's own trouble: said in the site's words, kept short
             self.audit.append("site_error", run_id=run_id, op=op, error=type(err).__name__)
             log.error("site error: %s", err)
-            return self._error(message, "site_error", f"site {self.settings.name} could not serve this request: "
-                                                      f"{type(err).__name__}; its data owner has the details")
+            return self._error(
+                message,
+                "site_error",
+                f"site {self.settings.name} could not serve this request: "
+                f"{type(err).__name__}; its data owner has the details",
+            )
 
     def _policy(self) -> SitePolicy:
         try:
             return load_policy(self.site_dir)
         except PolicyError as err:
             log.error("%s", err)
-            raise Refusal("no_policy", f"site {self.settings.name} has no valid policy; nothing runs until its "
-                                       "data owner writes one") from err
+            raise Refusal(
+                "no_policy",
+                f"site {self.settings.name} has no valid policy; nothing runs until its data owner writes one",
+            ) from err
 
     def _read_bundle(self, fab_content: bytes) -> PlanBundle | DirectoryRequest:
         # Tasks of different studies run on threads side by side: read the cache once into a local, so that
@@ -275,8 +291,9 @@ class Executor:
         try:
             bundle = read_bundle(fab_content)
         except BundleRefused as err:
-            raise Refusal("bundle_refused", f"site {self.settings.name} refused the bundle: {err.reason}",
-                          audit="bundle_refused") from err
+            raise Refusal(
+                "bundle_refused", f"site {self.settings.name} refused the bundle: {err.reason}", audit="bundle_refused"
+            ) from err
         if isinstance(bundle, PlanBundle):  # a directory request, tiny, must not evict a study's plan
             self._bundle = (fab_content, bundle)
         return bundle
@@ -287,8 +304,11 @@ class Executor:
         from .data import public_catalogue
 
         if op != "query" or _query_op(message) != "directory":
-            raise Refusal("bundle_refused", f"site {self.settings.name} answers a directory request's "
-                                            "directory query only", audit="bundle_refused")
+            raise Refusal(
+                "bundle_refused",
+                f"site {self.settings.name} answers a directory request's directory query only",
+                audit="bundle_refused",
+            )
         catalogue = public_catalogue(self.site_dir)
         self.audit.append("directory_answered", run_id=run_id, datasets=sorted(catalogue["datasets"]))
         info = {"site": self.settings.name, "catalogue": json.dumps(catalogue, sort_keys=True, default=str)}
@@ -308,21 +328,26 @@ class Executor:
             raise Refusal("bundle_refused", "the bundle carries no readable FLIP plan", audit="bundle_refused") from err
         digest = plan_hash(source, contract, shapes)
         if digest != spec.get("plan_hash"):
-            raise Refusal("bundle_refused", "the plan's declared hash does not match its content",
-                          audit="bundle_refused")
+            raise Refusal(
+                "bundle_refused", "the plan's declared hash does not match its content", audit="bundle_refused"
+            )
         return source, spec, digest
 
     def _approval_state(self, digest: str, source: str, spec: dict, policy: SitePolicy, run_id: int) -> str:
         state = self.approvals.state(digest)
         if state == "unknown":
             store = ApprovalStore(self.site_dir, policy=policy, audit=self.audit)
-            state = store.submit(digest, source, spec["contract"], spec["model_shapes"],
-                                 {"name": str(spec.get("name", ""))[:100], "run_id": run_id})
+            state = store.submit(
+                digest,
+                source,
+                spec["contract"],
+                spec["model_shapes"],
+                {"name": str(spec.get("name", ""))[:100], "run_id": run_id},
+            )
         return state
 
     # -- run settings (site_kernel.run_settings: what an approved plan is run with) --------------
-    def _run_settings(self, run_id: int, spec: dict,
-                      run_config: dict[str, Any]) -> dict[str, Any]:
+    def _run_settings(self, run_id: int, spec: dict, run_config: dict[str, Any]) -> dict[str, Any]:
         """This run's settings, computed once per run (hashing the initial weights is not free)."""
         settings = self._settings_cache.get(run_id)
         if settings is None:
@@ -331,8 +356,7 @@ class Executor:
             self._settings_cache = {**recent, run_id: settings}
         return settings
 
-    def _settings_hold(self, digest: str, settings: dict[str, Any],
-                       policy: SitePolicy) -> str | None:
+    def _settings_hold(self, digest: str, settings: dict[str, Any], policy: SitePolicy) -> str | None:
         """Why an approved plan must wait for approval again with these settings, else ``None``."""
         if policy.approval == "automatic":
             return None
@@ -341,7 +365,8 @@ class Executor:
             if run_settings.settings_hash(settings) in approved:
                 return None
         elif policy.initial_weights != "approved" or settings["init_weights"] in {
-                s["init_weights"] for s in approved.values()}:
+            s["init_weights"] for s in approved.values()
+        }:
             return None
         what = "initial weights" if not policy.reapprove_on_settings_change else "settings"
         if not approved:
@@ -364,12 +389,14 @@ class Executor:
             self.audit.append("first_weights_unchecked", run_id=run_id)
             return
         if weights_digest(arrays) != announced:
-            raise Refusal("not_approved", f"site {self.settings.name}: the weights of round 1 are "
-                          "not the initial weights this study announced (and the site recorded)",
-                          audit="first_weights_refused")
+            raise Refusal(
+                "not_approved",
+                f"site {self.settings.name}: the weights of round 1 are "
+                "not the initial weights this study announced (and the site recorded)",
+                audit="first_weights_refused",
+            )
 
-    def _settings_refusal(self, settings: dict[str, Any], policy: SitePolicy,
-                          run_id: int) -> str | None:
+    def _settings_refusal(self, settings: dict[str, Any], policy: SitePolicy, run_id: int) -> str | None:
         problem = run_settings.policy_problem(settings, policy)
         if problem is None:
             return None
@@ -377,8 +404,9 @@ class Executor:
         self.audit.append("settings_refused", run_id=run_id, op="query", reason=reason)
         return reason
 
-    def _worker(self, run_id: int, source: str, spec: dict, digest: str, policy: SitePolicy,
-                prewarm: bool = False) -> JobWorker | None:
+    def _worker(
+        self, run_id: int, source: str, spec: dict, digest: str, policy: SitePolicy, prewarm: bool = False
+    ) -> JobWorker | None:
         """This run's worker, started when needed. At most ``[jobs] concurrent`` runs hold one: an
         idle worker of another run makes room, one in the middle of a phase never does. Without room, a
         prewarm is skipped (``None``) and a phase refused."""
@@ -389,8 +417,7 @@ class Executor:
                 if worker is not None and worker.alive:
                     return worker
                 others = [r for r in self.workers if r != run_id]
-                idle = sorted((r for r in others if not self._busy.get(r)),
-                              key=lambda r: self.workers[r].last_used)
+                idle = sorted((r for r in others if not self._busy.get(r)), key=lambda r: self.workers[r].last_used)
                 while len(others) >= policy.concurrent_jobs and idle:
                     old_run = idle.pop(0)
                     others.remove(old_run)
@@ -399,11 +426,14 @@ class Executor:
                 if len(others) >= policy.concurrent_jobs:
                     if prewarm:
                         return None
-                    raise Refusal("site_busy", f"site {self.settings.name} is running as many jobs as "
-                                               f"its policy allows ({policy.concurrent_jobs}); try again "
-                                               "when one finishes", audit="site_busy")
-                worker = JobWorker(self.site_dir, self.settings, run_id, source, spec, digest, policy,
-                                   self.audit)
+                    raise Refusal(
+                        "site_busy",
+                        f"site {self.settings.name} is running as many jobs as "
+                        f"its policy allows ({policy.concurrent_jobs}); try again "
+                        "when one finishes",
+                        audit="site_busy",
+                    )
+                worker = JobWorker(self.site_dir, self.settings, run_id, source, spec, digest, policy, self.audit)
                 self.workers[run_id] = worker
                 worker.start()
                 return worker
@@ -411,9 +441,19 @@ class Executor:
             for old in evicted:
                 old.stop()
 
-    def _run_phase(self, message: Message, op: str, source: str, spec: dict, digest: str,
-                   policy: SitePolicy, run_id: int, study: int, *,
-                   init_b64: str | None = None) -> Message:
+    def _run_phase(
+        self,
+        message: Message,
+        op: str,
+        source: str,
+        spec: dict,
+        digest: str,
+        policy: SitePolicy,
+        run_id: int,
+        study: int,
+        *,
+        init_b64: str | None = None,
+    ) -> Message:
         config = dict(message.content.config_records.get("config", {}))
         round_ = int(config.get("server-round", 0))
         declared = spec["model_shapes"]
@@ -435,8 +475,7 @@ class Executor:
                 with self._phase(run_id):
                     result = worker.step(op, arrays, {**spec.get("train_config", {}), **config})
             except WorkerFailure as failure:
-                self.audit.append("plan_failed", run_id=run_id, round=round_, op=op, kind=failure.kind,
-                                  plan=digest)
+                self.audit.append("plan_failed", run_id=run_id, round=round_, op=op, kind=failure.kind, plan=digest)
                 raise Refusal(failure.kind, failure.message) from None
             num_examples = worker.num_train if op == "train" else worker.num_test
         site_metrics: dict[str, float] = {}
@@ -453,10 +492,20 @@ class Executor:
             sent_shapes={k: tuple(v.shape) for k, v in arrays.items()},
             sent_dtypes={k: str(v.dtype) for k, v in arrays.items()},
             reply_arrays=result.arrays if op == "train" else None,
-            metrics=result.metrics, num_examples=num_examples, policy=policy, site_metrics=site_metrics,
+            metrics=result.metrics,
+            num_examples=num_examples,
+            policy=policy,
+            site_metrics=site_metrics,
         )
-        self.audit.append("egress", run_id=run_id, round=round_, op=op, plan=digest,
-                          allowed=decision.allowed, reason=decision.reason or "")
+        self.audit.append(
+            "egress",
+            run_id=run_id,
+            round=round_,
+            op=op,
+            plan=digest,
+            allowed=decision.allowed,
+            reason=decision.reason or "",
+        )
         if not decision.allowed:
             raise Refusal("withheld", f"site {self.settings.name} withheld its {op} reply: {decision.reason}")
         if ledger is not None and again is None:
@@ -470,8 +519,11 @@ class Executor:
             content["arrays"] = pack(ArrayRecord({secagg.MASKED: Array(masked)}))
         elif op == "train":
             content["arrays"] = pack(ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in result.arrays.items()}))
-        return self._reply(message, config={"approval": "approved", "compute_s": result.compute_s,
-                                            "started_at": result.started_at}, **content)
+        return self._reply(
+            message,
+            config={"approval": "approved", "compute_s": result.compute_s, "started_at": result.started_at},
+            **content,
+        )
 
     @contextmanager
     def _phase(self, run_id: int) -> Iterator[None]:
@@ -494,15 +546,20 @@ class Executor:
             return PrivacyLedger(self.site_dir, policy.dp)
         except PrivacyLedgerError as err:
             log.error("%s", err)  # the repair instructions are for the data owner, not the hub
-            raise Refusal("dp_ledger", f"site {self.settings.name} cannot account for differential privacy "
-                                       "until its data owner repairs the site's privacy ledger",
-                          audit="dp_refused") from err
+            raise Refusal(
+                "dp_ledger",
+                f"site {self.settings.name} cannot account for differential privacy "
+                "until its data owner repairs the site's privacy ledger",
+                audit="dp_refused",
+            ) from err
 
     def _dp_budget_message(self, ledger: PrivacyLedger, rounds: int) -> str:
-        return (f"site {self.settings.name}: this study's {rounds} round(s) would take its privacy spend to epsilon "
-                f"{ledger.epsilon_after(rounds):.3g} (budget {ledger.rules.epsilon_budget:g}, already spent "
-                f"{ledger.spent():.3g}; {ledger.rounds_that_fit(rounds)} round(s) would fit); ask the data owner "
-                "or run fewer rounds")
+        return (
+            f"site {self.settings.name}: this study's {rounds} round(s) would take its privacy spend to epsilon "
+            f"{ledger.epsilon_after(rounds):.3g} (budget {ledger.rules.epsilon_budget:g}, already spent "
+            f"{ledger.spent():.3g}; {ledger.rounds_that_fit(rounds)} round(s) would fit); ask the data owner "
+            "or run fewer rounds"
+        )
 
     def _dp_refusal_at_hello(self, policy: SitePolicy, spec: dict, run_id: int, study: int) -> str | None:
         """Why this job cannot run under the site's privacy budget, or ``None`` when it can (or there is no [dp]).
@@ -520,8 +577,9 @@ class Executor:
         self.audit.append("dp_refused", run_id=run_id, op="query", reason=reason)
         return reason
 
-    def _dp_before_train(self, policy: SitePolicy, spec: dict, study: int, round_: int,
-                         arrays: dict) -> tuple[PrivacyLedger | None, Release | None]:
+    def _dp_before_train(
+        self, policy: SitePolicy, spec: dict, study: int, round_: int, arrays: dict
+    ) -> tuple[PrivacyLedger | None, Release | None]:
         """The ledger to charge, and the update to send again when this round of the study was released before
         from the same weights; a refusal when the budget cannot pay for the round, or when it was released from
         other weights (fresh noise would spend again)."""
@@ -539,19 +597,30 @@ class Executor:
         return ledger, None
 
     def _dp_repeat_message(self, round_: int) -> str:
-        return (f"site {self.settings.name} already sent its update for round {round_} of this study, from other "
-                "weights; it trains each round once, since a second noisy update would spend privacy budget")
+        return (
+            f"site {self.settings.name} already sent its update for round {round_} of this study, from other "
+            "weights; it trains each round once, since a second noisy update would spend privacy budget"
+        )
 
-    def _dp_record(self, ledger: PrivacyLedger, study: int, round_: int, digest: str, *, clipped: bool,
-                   release: Release) -> None:
+    def _dp_record(
+        self, ledger: PrivacyLedger, study: int, round_: int, digest: str, *, clipped: bool, release: Release
+    ) -> None:
         """Record the spend before the reply leaves: a crash in between can only over-count. Another reply to the
         same round recorded first (a request repeated while this one trained) means this one must not leave."""
         if not ledger.record(study, round_, plan=digest, release=release):
             raise Refusal("dp_repeat", self._dp_repeat_message(round_), audit="dp_refused")
         rules = ledger.rules
-        self.audit.append("dp_spend", study=study, round=round_, plan=digest, epsilon=ledger.spent(),
-                          budget=rules.epsilon_budget, noise_multiplier=rules.noise_multiplier,
-                          clip_norm=rules.clip_norm, clipped=clipped)
+        self.audit.append(
+            "dp_spend",
+            study=study,
+            round=round_,
+            plan=digest,
+            epsilon=ledger.spent(),
+            budget=rules.epsilon_budget,
+            noise_multiplier=rules.noise_multiplier,
+            clip_norm=rules.clip_norm,
+            clipped=clipped,
+        )
 
     # -- secure aggregation (site_kernel.secagg; the study's setting, the site's bound) ---------------
     def _secagg_limit(self, policy: SitePolicy, spec: dict) -> float | None:
@@ -562,8 +631,10 @@ class Executor:
         """Why this site cannot join a secure-aggregation job (it has no update bound), else ``None``."""
         if not _secure(spec) or self._secagg_limit(policy, spec) is not None:
             return None
-        reason = (f"site {self.settings.name} has no update bound for secure aggregation (under it the hub "
-                  "cannot screen updates); its data owner can set [secure_aggregation] max_update_norm or [dp]")
+        reason = (
+            f"site {self.settings.name} has no update bound for secure aggregation (under it the hub "
+            "cannot screen updates); its data owner can set [secure_aggregation] max_update_norm or [dp]"
+        )
         self.audit.append("secagg_refused", run_id=run_id, op="query", reason=reason)
         return reason
 
@@ -583,8 +654,11 @@ class Executor:
         op = _query_op(message)
         round_ = int(message.content.config_records["config"].get("server-round", 0))
         if not _secure(spec):
-            raise Refusal("secure_aggregation", f"site {self.settings.name}: this job does not use secure "
-                                                "aggregation", audit="secagg_refused")
+            raise Refusal(
+                "secure_aggregation",
+                f"site {self.settings.name}: this job does not use secure aggregation",
+                audit="secagg_refused",
+            )
         client = self._secagg_client(policy, spec, run_id, message.metadata.dst_node_id)
         record = dict(message.content.config_records.get("secagg", {}))
         try:
@@ -592,13 +666,18 @@ class Executor:
         except secagg.SecAggError as err:
             raise Refusal("secure_aggregation", f"site {self.settings.name}: {err}", audit="secagg_refused") from None
         if op == "secagg_unmask":  # what the hub may now rebuild, for the data owner's record
-            self.audit.append("secagg_reveal", run_id=run_id, round=round_,
-                              seeds=sum(k.startswith("seed.") for k in answer),
-                              keys=sum(k.startswith("key.") for k in answer))
+            self.audit.append(
+                "secagg_reveal",
+                run_id=run_id,
+                round=round_,
+                seeds=sum(k.startswith("seed.") for k in answer),
+                keys=sum(k.startswith("key.") for k in answer),
+            )
         return self._reply(message, config={"approval": "approved"}, secagg=ConfigRecord(answer))
 
-    def _secagg_bound(self, policy: SitePolicy, spec: dict, sent: dict, trained: dict, run_id: int,
-                      round_: int) -> tuple[dict, dict]:
+    def _secagg_bound(
+        self, policy: SitePolicy, spec: dict, sent: dict, trained: dict, run_id: int, round_: int
+    ) -> tuple[dict, dict]:
         bound = self._secagg_limit(policy, spec)
         if bound is None:
             raise Refusal("secure_aggregation", self._secagg_refusal_at_hello(policy, spec, run_id) or "")
@@ -606,16 +685,25 @@ class Executor:
         self.audit.append("secagg_bound", run_id=run_id, round=round_, bound=bound, clipped=clipped)
         return arrays, update
 
-    def _secagg_mask(self, message: Message, spec: dict, sent: dict, update: dict, weight: int, run_id: int,
-                     round_: int) -> np.ndarray:
+    def _secagg_mask(
+        self, message: Message, spec: dict, sent: dict, update: dict, weight: int, run_id: int, round_: int
+    ) -> np.ndarray:
         client = self._secagg.get(run_id)
         record = dict(message.content.config_records.get("secagg", {}))
         if client is None or not record:
-            raise Refusal("secure_aggregation", f"site {self.settings.name}: no secure-aggregation key setup "
-                                                f"for round {round_}; nothing was sent", audit="secagg_refused")
+            raise Refusal(
+                "secure_aggregation",
+                f"site {self.settings.name}: no secure-aggregation key setup for round {round_}; nothing was sent",
+                audit="secagg_refused",
+            )
         try:
-            return client.mask(round_, secagg.parse_nodes(record.get("participants", "")), secagg.unkeyed("ct", record),
-                               secagg.flatten(update, secagg.float_keys(sent)), weight)
+            return client.mask(
+                round_,
+                secagg.parse_nodes(record.get("participants", "")),
+                secagg.unkeyed("ct", record),
+                secagg.flatten(update, secagg.float_keys(sent)),
+                weight,
+            )
         except secagg.SecAggError as err:
             raise Refusal("secure_aggregation", f"site {self.settings.name}: {err}", audit="secagg_refused") from None
 

@@ -55,9 +55,7 @@ def add_governance_commands(subparsers: Any) -> None:
     p.add_argument("--by", default=None, help="who decides (default: the current user)")
     p = _leaf(plans, "reject", "reject (or revoke) a plan", _plans_reject)
     p.add_argument("hash", help="plan hash or a unique prefix of it")
-    p.add_argument(
-        "--reason", required=True, help="why; the researcher is told the plan was refused"
-    )
+    p.add_argument("--reason", required=True, help="why; the researcher is told the plan was refused")
     p.add_argument("--by", default=None, help="who decides (default: the current user)")
 
     audit = subparsers.add_parser("audit", help="read and check the audit log").add_subparsers(
@@ -66,18 +64,14 @@ def add_governance_commands(subparsers: Any) -> None:
     p = _leaf(audit, "show", "print the audit log", _audit_show)
     p.add_argument("--tail", type=int, default=None, metavar="N", help="only the last N entries")
     p = _leaf(audit, "verify", "check the hash chain", _audit_verify)
-    p.add_argument(
-        "--expected-head", default=None, help="a head hash known from outside, e.g. a researcher's"
-    )
+    p.add_argument("--expected-head", default=None, help="a head hash known from outside, e.g. a researcher's")
 
     policy = subparsers.add_parser("policy", help="the site's governance policy").add_subparsers(
         dest="policy_command", required=True
     )
     _leaf(policy, "show", "the policy in force", _policy_show)
     p = _leaf(policy, "init", "write the documented default policy", _policy_init)
-    p.add_argument(
-        "--demo", action="store_true", help="demo site: automatic approval, labelled as such"
-    )
+    p.add_argument("--demo", action="store_true", help="demo site: automatic approval, labelled as such")
     p.add_argument("--force", action="store_true", help="replace an existing policy.toml")
 
     p = subparsers.add_parser("privacy", help="the differential privacy budget and what was spent")
@@ -123,9 +117,7 @@ def _plans_list(args: argparse.Namespace) -> int:
     print(f"{'HASH':14}{'STATE':10}{'SUBMITTED':31}{'DECIDED BY':14}FROM")
     hidden = 0
     for r in records:
-        origin = ", ".join(
-            f"{k}={v}" for k, v in sorted(r.meta.items()) if isinstance(v, (str, int, float))
-        )
+        origin = ", ".join(f"{k}={v}" for k, v in sorted(r.meta.items()) if isinstance(v, (str, int, float)))
         flag = "! " if _hides_text(r, store.runs(r.hash)) else ""
         hidden += bool(flag)
         print(
@@ -164,10 +156,7 @@ def _plans_show(args: argparse.Namespace) -> int:
             "reject the plan."
         )
     print(f"plan      {r.hash}")
-    print(
-        f"state     {r.state}"
-        + (f" by {shown(r.decided_by)} at {shown(r.decided_at)}" if r.decided_by else "")
-    )
+    print(f"state     {r.state}" + (f" by {shown(r.decided_by)} at {shown(r.decided_at)}" if r.decided_by else ""))
     if r.note:
         print(f"note      {shown(r.note)}")
     meta = json.dumps(r.meta, sort_keys=True, ensure_ascii=False)
@@ -219,9 +208,7 @@ def _plans_approve(args: argparse.Namespace) -> int:
 
 
 def _plans_reject(args: argparse.Namespace) -> int:
-    r = ApprovalStore(args.site).reject(
-        args.hash, by=args.by or getpass.getuser(), reason=args.reason
-    )
+    r = ApprovalStore(args.site).reject(args.hash, by=args.by or getpass.getuser(), reason=args.reason)
     print(f"rejected plan {r.hash} (by {r.decided_by}): {r.note}")
     return 0
 
@@ -243,9 +230,7 @@ def _audit_show(args: argparse.Namespace) -> int:
 def _audit_verify(args: argparse.Namespace) -> int:
     # Plans under approvals/ were each logged on arrival: they are evidence the log cannot lack.
     plans = [r.hash for r in ApprovalStore(args.site).list()]
-    result = AuditLog(args.site / "audit.jsonl").verify(
-        expected_head=args.expected_head, known_plans=plans
-    )
+    result = AuditLog(args.site / "audit.jsonl").verify(expected_head=args.expected_head, known_plans=plans)
     print(result)
     return 0 if result.ok else 1
 
@@ -256,14 +241,10 @@ def _policy_show(args: argparse.Namespace) -> int:
     for key, value in asdict(policy).items():
         if key == "source":
             continue
-        key = (
-            "sandbox.accept_weaker_isolation" if key == "accept_weaker_isolation" else key
-        )  # as in the file
+        key = "sandbox.accept_weaker_isolation" if key == "accept_weaker_isolation" else key  # as in the file
         if isinstance(value, dict):
             for sub, item in value.items():
-                print(
-                    f"  {key}.{sub} = {json.dumps(list(item) if isinstance(item, tuple) else item)}"
-                )
+                print(f"  {key}.{sub} = {json.dumps(list(item) if isinstance(item, tuple) else item)}")
         else:
             print(f"  {key} = {json.dumps(list(value) if isinstance(value, tuple) else value)}")
     return 0
@@ -295,9 +276,7 @@ def _privacy_show(args: argparse.Namespace) -> int:
     fit = ledger.rounds_that_fit(10_000)
     print(f"remaining  {ledger.remaining():.4g} (the next job may train {fit} round(s))")
     if jobs:
-        print(
-            f"{'JOB':>20}  {'ROUNDS':>6}  EPSILON (this job alone; jobs compose to the total above)"
-        )
+        print(f"{'JOB':>20}  {'ROUNDS':>6}  EPSILON (this job alone; jobs compose to the total above)")
         for job in jobs:
             print(f"{job.run_id:>20}  {job.rounds:>6}  {job.epsilon:.4g}")
     return 0

@@ -60,8 +60,10 @@ def _describe(site: str, reply: dict[str, Any], source: str, *, lines: bool) -> 
     if kind == "model_mismatch":
         return WorkerFailure("model_mismatch", f"the weights sent do not fit model() at site {site}")
     if kind == "sandbox_unavailable":
-        return WorkerFailure("sandbox_unavailable", f"site {site} cannot isolate plans on this host and its "
-                                                    "policy does not accept weaker isolation")
+        return WorkerFailure(
+            "sandbox_unavailable",
+            f"site {site} cannot isolate plans on this host and its policy does not accept weaker isolation",
+        )
     if reply.get("not_a_dict"):
         return WorkerFailure("plan_error", f"{role}() must return a dict of metrics (at site {site})")
     fields = reply.get("fields") if isinstance(reply.get("fields"), dict) else {}
@@ -69,8 +71,9 @@ def _describe(site: str, reply: dict[str, Any], source: str, *, lines: bool) -> 
     if not lines:
         allowed["line"] = None
     safe_kind, message = describe_failure("plan_error", **allowed, plan_source=source)
-    return WorkerFailure(safe_kind, f"{message} in {role}() at site {site}" if role != "the plan"
-                         else f"{message} at site {site}")
+    return WorkerFailure(
+        safe_kind, f"{message} in {role}() at site {site}" if role != "the plan" else f"{message} at site {site}"
+    )
 
 
 def _preparation_failure(site: str, answer: bytes) -> WorkerFailure:
@@ -82,20 +85,32 @@ def _preparation_failure(site: str, answer: bytes) -> WorkerFailure:
         failure = json.loads(answer)["failure"]
         fixed_by, message = str(failure["fixed_by"]), shown(str(failure["message"]))[:180]
     except (ValueError, KeyError, TypeError):
-        return WorkerFailure("site_error", f"site {site} could not prepare its data for this plan's contract; its "
-                                           "data owner has the details")
+        return WorkerFailure(
+            "site_error",
+            f"site {site} could not prepare its data for this plan's contract; its data owner has the details",
+        )
     # The hub keeps 300 characters of a site's message; each ends "at site NAME" so the lab can group sites.
     if fixed_by == "researcher":
         return WorkerFailure("contract_error", f"{message} (for the researcher to fix) at site {site}")
-    return WorkerFailure("data_error", f"{message} (for the data owner to fix; cause in the site's data.log) "
-                                       f"at site {site}")
+    return WorkerFailure(
+        "data_error", f"{message} (for the data owner to fix; cause in the site's data.log) at site {site}"
+    )
 
 
 class JobWorker:
     """The sandboxed process serving one run at this site."""
 
-    def __init__(self, site_dir: Path, settings: SiteSettings, run_id: int, source: str, spec: dict[str, Any],
-                 digest: str, policy: SitePolicy, audit: AuditLog) -> None:
+    def __init__(
+        self,
+        site_dir: Path,
+        settings: SiteSettings,
+        run_id: int,
+        source: str,
+        spec: dict[str, Any],
+        digest: str,
+        policy: SitePolicy,
+        audit: AuditLog,
+    ) -> None:
         self.site_dir = site_dir
         self.settings = settings
         self.run_id = run_id
@@ -134,8 +149,11 @@ class JobWorker:
             self.stop()  # a worker still waiting for its data would wait for ever
         except Exception as err:  # site-side trouble (e.g. unreadable dataset): a safe, generic message
             log.exception("preparing job %s failed", self.run_id)
-            self._failure = WorkerFailure("site_error", f"site {self.settings.name} could not prepare its data "
-                                                        f"({type(err).__name__}); its data owner has the details")
+            self._failure = WorkerFailure(
+                "site_error",
+                f"site {self.settings.name} could not prepare its data "
+                f"({type(err).__name__}); its data owner has the details",
+            )
             self.stop()
         finally:
             self._ready.set()
@@ -149,8 +167,13 @@ class JobWorker:
         from_r, from_w = os.pipe()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "site_kernel.worker", str(to_r), str(from_w)],
-            pass_fds=(to_r, from_w), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            cwd=scratch, env=_worker_env(scratch), start_new_session=True,  # stop() ends every process it made
+            pass_fds=(to_r, from_w),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=scratch,
+            env=_worker_env(scratch),
+            start_new_session=True,  # stop() ends every process it made
         )
         assert self.proc.stdout is not None
         copy_to_log(os.dup(self.proc.stdout.fileno()), self.site_dir / "logs" / f"researcher-{self.run_id}.log")
@@ -164,47 +187,68 @@ class JobWorker:
         self.num_train, self.num_test = int(prepared["num_train"]), int(prepared["num_test"])
         limits = self.policy.limits
         header = {
-            "op": "load", "source": self.source, "arrays": prepared["arrays"], "scratch": str(scratch),
-            "readable": [], "threads": self.settings.threads, "seed": int(self.spec["config"].get("seed", 0)),
+            "op": "load",
+            "source": self.source,
+            "arrays": prepared["arrays"],
+            "scratch": str(scratch),
+            "readable": [],
+            "threads": self.settings.threads,
+            "seed": int(self.spec["config"].get("seed", 0)),
             "limits": {k: getattr(limits, k) for k in limits.__dataclass_fields__},
             "confine": self.settings.sandbox or not self.policy.demo,
-            "accept_weaker": self.policy.accept_weaker_isolation, "uid": self.uid,
-            "protected": [str(self.site_dir / p) for p in ("policy.toml", "approvals", "audit.jsonl", "audit.head",
-                                                           "site.toml", "keys")],
+            "accept_weaker": self.policy.accept_weaker_isolation,
+            "uid": self.uid,
+            "protected": [
+                str(self.site_dir / p)
+                for p in ("policy.toml", "approvals", "audit.jsonl", "audit.head", "site.toml", "keys")
+            ],
         }
         # First frame: the arrays loaded by trusted code, before the sandbox and the plan exist.
         loaded, _ = self._exchange(header, b"", timeout=600.0, what="loading the prepared data")
         if not loaded.get("ok"):
-            raise WorkerFailure("site_error", f"site {self.settings.name} could not prepare its data for this "
-                                              "plan's contract; its data owner has the details")
+            raise WorkerFailure(
+                "site_error",
+                f"site {self.settings.name} could not prepare its data for this "
+                "plan's contract; its data owner has the details",
+            )
         reply = self._receive(timeout=120.0, what="model()")
         if not reply.get("ok"):
             raise _describe(self.settings.name, reply, self.source, lines=self.policy.error_line_numbers)
         if reply.get("model_shapes") != self.spec["model_shapes"]:
-            raise WorkerFailure("model_mismatch", f"model() at site {self.settings.name} does not build the "
-                                                  "shapes the plan declared")
-        self.audit.append("job_started", run_id=self.run_id, plan=self.digest,
-                          confinement=reply.get("confinement", {}))
+            raise WorkerFailure(
+                "model_mismatch", f"model() at site {self.settings.name} does not build the shapes the plan declared"
+            )
+        self.audit.append("job_started", run_id=self.run_id, plan=self.digest, confinement=reply.get("confinement", {}))
 
     def _prepare_data(self) -> dict[str, Any]:
         """Run :mod:`site_kernel._prepare_job` for this job's contract; its answer, or a safe WorkerFailure."""
         contract = {**self.spec["contract"], "dataset": self.spec["contract"].get("dataset", self.settings.dataset)}
-        request = json.dumps({"site_dir": str(self.site_dir), "contract": contract,
-                              "site_steps": self.settings.site_steps})
+        request = json.dumps(
+            {"site_dir": str(self.site_dir), "contract": contract, "site_steps": self.settings.site_steps}
+        )
         self._preparing = subprocess.Popen(
-            [sys.executable, "-m", "site_kernel._prepare_job"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, env=_trusted_env(), start_new_session=True,
+            [sys.executable, "-m", "site_kernel._prepare_job"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=_trusted_env(),
+            start_new_session=True,
         )
         try:
             out, err = self._preparing.communicate(request.encode(), timeout=1800.0)
         except subprocess.TimeoutExpired:
             self._preparing.kill()
             self._preparing.communicate()
-            raise WorkerFailure("resource_limit", f"data preparation exceeded site {self.settings.name}'s time "
-                                                  "limit of 1800 s") from None
+            raise WorkerFailure(
+                "resource_limit", f"data preparation exceeded site {self.settings.name}'s time limit of 1800 s"
+            ) from None
         if self._preparing.returncode != 0:
-            log.error("preparing the data of job %s failed (exit status %s):\n%s", self.run_id,
-                      self._preparing.returncode, err.decode(errors="replace")[-8000:])
+            log.error(
+                "preparing the data of job %s failed (exit status %s):\n%s",
+                self.run_id,
+                self._preparing.returncode,
+                err.decode(errors="replace")[-8000:],
+            )
             raise _preparation_failure(self.settings.name, out)
         return dict(json.loads(out))
 
@@ -217,8 +261,9 @@ class JobWorker:
         os.chown(scratch, self.uid, self.uid)
         os.chmod(scratch, 0o700)
 
-    def _exchange(self, header: dict[str, Any], payload: bytes, *, timeout: float, what: str
-                  ) -> tuple[dict[str, Any], bytes]:
+    def _exchange(
+        self, header: dict[str, Any], payload: bytes, *, timeout: float, what: str
+    ) -> tuple[dict[str, Any], bytes]:
         assert self.proc is not None
         _pipe.send(self._to_worker, header, payload)
         return self._receive_frame(timeout=timeout, what=what)
@@ -234,18 +279,20 @@ class JobWorker:
             ready = [self._from_worker]
         if not ready:
             self.stop()
-            raise WorkerFailure("resource_limit", f"{what} exceeded site {self.settings.name}'s time limit of "
-                                                  f"{timeout:g} s")
+            raise WorkerFailure(
+                "resource_limit", f"{what} exceeded site {self.settings.name}'s time limit of {timeout:g} s"
+            )
         try:
             return _pipe.recv(self._from_worker)
         except (_pipe.PipeClosed, _pipe.FrameTooLarge, ValueError, OSError):
             if self._stopping:  # the site stopped it (its run was cancelled): no limit, no violation
-                raise WorkerFailure("stopped",
-                                    f"{what} was stopped at site {self.settings.name}") from None
+                raise WorkerFailure("stopped", f"{what} was stopped at site {self.settings.name}") from None
             code = self.proc.wait(timeout=5)
             self.audit.append("sandbox_violation", run_id=self.run_id, plan=self.digest, exit_code=code)
-            raise WorkerFailure("resource_limit", f"{what} was stopped at site {self.settings.name} "
-                                                  f"(exceeded a limit or broke the sandbox)") from None
+            raise WorkerFailure(
+                "resource_limit",
+                f"{what} was stopped at site {self.settings.name} (exceeded a limit or broke the sandbox)",
+            ) from None
 
     def step(self, op: str, arrays: dict[str, np.ndarray], config: dict[str, Any]) -> StepResult:
         from safetensors.numpy import load, save
@@ -260,8 +307,9 @@ class JobWorker:
             # Timed here, not by the worker: a plan can patch the clocks of its own process, and a timing it
             # reported would leave the site beside the egress checks (an accession number fits in a float).
             started_at, started = time.time(), time.monotonic()
-            reply, payload = self._exchange(header, save(arrays), what=f"{op}()",
-                                            timeout=float(self.policy.limits.phase_seconds(op)))
+            reply, payload = self._exchange(
+                header, save(arrays), what=f"{op}()", timeout=float(self.policy.limits.phase_seconds(op))
+            )
             compute_s = time.monotonic() - started
         if not reply.get("ok"):
             failure = _describe(self.settings.name, reply, self.source, lines=self.policy.error_line_numbers)
@@ -295,8 +343,9 @@ class JobWorker:
                     pass
         self._to_worker = self._from_worker = -1
         if self._failure is None:
-            self._failure = WorkerFailure("resource_limit", f"the plan's process at site {self.settings.name} "
-                                                            "was stopped")
+            self._failure = WorkerFailure(
+                "resource_limit", f"the plan's process at site {self.settings.name} was stopped"
+            )
         shutil.rmtree(self.job_dir / "scratch", ignore_errors=True)
 
 
@@ -336,7 +385,8 @@ def coarse(seconds: float) -> float:
 
 def _jsonable(value: Any) -> bool:
     return isinstance(value, (int, float, str, bool)) or (
-        isinstance(value, list) and all(isinstance(v, (int, float, str, bool)) for v in value))
+        isinstance(value, list) and all(isinstance(v, (int, float, str, bool)) for v in value)
+    )
 
 
 def _trusted_env() -> dict[str, str]:
@@ -353,12 +403,20 @@ def _worker_env(scratch: Path) -> dict[str, str]:
     """A minimal environment: nothing of the site's own (keys, tokens, paths) is inherited by researcher code."""
     keep = ("PATH", "LANG", "LC_ALL", "PYTHONPATH", "VIRTUAL_ENV", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
     env = {k: os.environ[k] for k in keep if k in os.environ}
-    env.update({"HOME": str(scratch), "TMPDIR": str(scratch), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
-                "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1"})
+    env.update(
+        {
+            "HOME": str(scratch),
+            "TMPDIR": str(scratch),
+            "OMP_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1",
+            "OPENBLAS_NUM_THREADS": "1",
+            "PYTHONDONTWRITEBYTECODE": "1",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     env["PYTHONSAFEPATH"] = "1"
     # The worker's uid has no passwd entry; getpass.getuser() (called by MONAI at import) reads these first.
     env["USER"] = env["LOGNAME"] = "flip-plan"
     site_root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = site_root + (os.pathsep + env["PYTHONPATH"] if "PYTHONPATH" in env else "")
     return env
-

@@ -51,8 +51,7 @@ class Limits:
 
     def phase_seconds(self, op: str) -> int:
         """The wall-clock limit of one phase: ``train``, ``evaluate``, or another (``wall_seconds``)."""
-        own = {"train": self.train_seconds, "evaluate": self.evaluate_seconds}.get(op,
-                                                                                 self.wall_seconds)
+        own = {"train": self.train_seconds, "evaluate": self.evaluate_seconds}.get(op, self.wall_seconds)
         return min(own, self.wall_seconds)
 
 
@@ -117,9 +116,7 @@ class SitePolicy:
     @property
     def label(self) -> str:
         """How the site's approval mode is shown in every status line."""
-        return (
-            "automatic approval (demo only)" if self.approval == "automatic" else "manual approval"
-        )
+        return "automatic approval (demo only)" if self.approval == "automatic" else "manual approval"
 
     def allows_strategy(self, name: str) -> bool:
         return name.strip().lower() in {s.lower() for s in self.allowed_strategies}
@@ -138,9 +135,7 @@ def write_default_policy(site_dir: Path, *, demo: bool, overwrite: bool = False)
     """
     path = Path(site_dir) / POLICY_FILE
     if path.exists() and not overwrite:
-        raise PolicyError(
-            f"{path} already exists; edit it, or remove it first to start from the defaults"
-        )
+        raise PolicyError(f"{path} already exists; edit it, or remove it first to start from the defaults")
     text = default_policy_text()
     if demo:
         text = _replace_line(text, "demo = false", "demo = true")
@@ -189,14 +184,10 @@ def _merge(defaults: Mapping[str, Any], given: Mapping[str, Any], *, prefix: str
         dotted = f"{prefix}{key}"
         if key not in defaults:
             known = ", ".join(sorted(defaults))
-            raise PolicyError(
-                f"policy.toml: unknown key `{dotted}` (known here: {known})", key=dotted
-            )
+            raise PolicyError(f"policy.toml: unknown key `{dotted}` (known here: {known})", key=dotted)
         if isinstance(defaults[key], dict):
             if not isinstance(value, dict):
-                raise PolicyError(
-                    f"policy.toml: `{dotted}` must be a table ([{dotted}])", key=dotted
-                )
+                raise PolicyError(f"policy.toml: `{dotted}` must be a table ([{dotted}])", key=dotted)
             merged[key] = _merge(defaults[key], value, prefix=f"{dotted}.")
         else:
             merged[key] = value
@@ -229,9 +220,7 @@ def _build(t: dict[str, Any], *, source: Path | None, dp: DpRules | None = None)
             allow=_names(metrics, "allow", prefix="metrics."),
             max_count=_int(metrics, "max_count", minimum=0, prefix="metrics."),
         ),
-        limits=Limits(
-            **{k: _int(limits, k, minimum=1, prefix="limits.") for k in Limits.__dataclass_fields__}
-        ),
+        limits=Limits(**{k: _int(limits, k, minimum=1, prefix="limits.") for k in Limits.__dataclass_fields__}),
         accept_weaker_isolation=_bool(sandbox, "accept_weaker_isolation", prefix="sandbox."),
         error_line_numbers=_bool(t, "error_line_numbers"),
         source=source,
@@ -248,8 +237,7 @@ def _build(t: dict[str, Any], *, source: Path | None, dp: DpRules | None = None)
 def _allowed_config(section: Any) -> dict[str, dict[str, Any]]:
     """Validate ``[allowed_config]``: each key maps to ``{min, max}`` (numbers) or ``{values}``."""
     if not isinstance(section, dict):
-        raise PolicyError("policy.toml: `allowed_config` must be a table ([allowed_config])",
-                          key="allowed_config")
+        raise PolicyError("policy.toml: `allowed_config` must be a table ([allowed_config])", key="allowed_config")
     out: dict[str, dict[str, Any]] = {}
     for key, bound in section.items():
         dotted = f"allowed_config.{key}"
@@ -296,8 +284,9 @@ def _dp_rules(section: Any) -> DpRules:
 def _secagg_bound(section: Any) -> float | None:
     """Validate ``[secure_aggregation]``: only ``max_update_norm``, a positive finite number, optional."""
     if not isinstance(section, dict):
-        raise PolicyError("policy.toml: `secure_aggregation` must be a table ([secure_aggregation])",
-                          key="secure_aggregation")
+        raise PolicyError(
+            "policy.toml: `secure_aggregation` must be a table ([secure_aggregation])", key="secure_aggregation"
+        )
     unknown = sorted(set(section) - {"max_update_norm"})
     if unknown:
         raise PolicyError(
@@ -328,12 +317,7 @@ def _int(t: Mapping[str, Any], key: str, *, minimum: int, prefix: str = "") -> i
 
 def _positive(t: Mapping[str, Any], key: str, *, prefix: str = "") -> float:
     value = t[key]
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or value <= 0
-    ):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise _wrong(prefix + key, "a positive finite number", value)
     return float(value)
 

@@ -179,10 +179,7 @@ class PrivacyLedger:
         jobs: dict[int, list[float]] = {}
         for r in self._releases:
             jobs.setdefault(r["run_id"], []).append(r["noise_multiplier"])
-        return [
-            JobSpend(run, len(noise), _epsilon(noise, self.rules.delta))
-            for run, noise in jobs.items()
-        ]
+        return [JobSpend(run, len(noise), _epsilon(noise, self.rules.delta)) for run, noise in jobs.items()]
 
     # -- writing ------------------------------------------------------------------------------
     def record(self, run_id: int, round_: int, *, plan: str = "", release: Release | None = None) -> bool:
@@ -223,10 +220,7 @@ def clip_update(
 ) -> tuple[dict[str, np.ndarray], float]:
     """The update of every floating tensor sent and returned with one shape and dtype, in float64,
     scaled jointly to L2 norm at most ``clip_norm``; returns ``(update, norm before clipping)``."""
-    update = {
-        k: trained[k].astype(np.float64) - sent[k].astype(np.float64)
-        for k in _private_keys(sent, trained)
-    }
+    update = {k: trained[k].astype(np.float64) - sent[k].astype(np.float64) for k in _private_keys(sent, trained)}
     norm = math.sqrt(sum(float(np.vdot(d, d)) for d in update.values()))
     scale = min(1.0, clip_norm / norm) if norm > 0 else 1.0
     return {k: d * scale for k, d in update.items()}, norm
@@ -261,9 +255,7 @@ def _private_keys(sent: Mapping[str, np.ndarray], trained: Mapping[str, np.ndarr
     return [k for k in trained if _same_tensor(sent, trained, k) and sent[k].dtype.kind == "f"]
 
 
-def _same_tensor(
-    sent: Mapping[str, np.ndarray], trained: Mapping[str, np.ndarray], key: str
-) -> bool:
+def _same_tensor(sent: Mapping[str, np.ndarray], trained: Mapping[str, np.ndarray], key: str) -> bool:
     a, b = sent.get(key), trained[key]
     return (
         isinstance(a, np.ndarray)
@@ -329,8 +321,7 @@ def _read(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         if (path.parent / _MARKER).exists():
             raise PrivacyLedgerError(
-                f"the privacy ledger {path} is missing although this site has spent "
-                f"epsilon before; {repair}"
+                f"the privacy ledger {path} is missing although this site has spent epsilon before; {repair}"
             )
         return []
     try:
@@ -348,9 +339,7 @@ def _read(path: Path) -> list[dict[str, Any]]:
             if not ok:
                 raise ValueError("an entry lacks run_id, round or a positive noise_multiplier")
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise PrivacyLedgerError(
-            f"the privacy ledger {path} cannot be read ({err}); {repair}"
-        ) from err
+        raise PrivacyLedgerError(f"the privacy ledger {path} cannot be read ({err}); {repair}") from err
     return releases
 
 
@@ -368,16 +357,18 @@ def _keep(privacy_dir: Path, run_id: int, round_: int, release: Release) -> None
     tmp = path.with_suffix(".tmp")
     meta = {"weights": release.weights, "metrics": release.metrics, "num_examples": int(release.num_examples)}
     try:
-        save_file({k: np.ascontiguousarray(v).reshape(np.shape(v)) for k, v in release.arrays.items()}, str(tmp),
-                  metadata={"flip": json.dumps(meta)})
+        save_file(
+            {k: np.ascontiguousarray(v).reshape(np.shape(v)) for k, v in release.arrays.items()},
+            str(tmp),
+            metadata={"flip": json.dumps(meta)},
+        )
         os.replace(tmp, path)
         for old in folder.glob(f"{run_id}-*.safetensors"):
             if int(old.stem.split("-")[1]) <= round_ - _KEEP_ROUNDS:
                 old.unlink(missing_ok=True)
     except OSError as err:
         raise PrivacyLedgerError(
-            f"the released update {path} could not be written ({err}); free disk space or fix the "
-            "folder's permissions"
+            f"the released update {path} could not be written ({err}); free disk space or fix the folder's permissions"
         ) from err
 
 
@@ -396,8 +387,7 @@ def _write_atomically(path: Path, data: dict[str, Any]) -> None:
             os.close(dir_fd)
     except OSError as err:
         raise PrivacyLedgerError(
-            f"the privacy ledger {path} could not be written ({err}); free disk space or "
-            "fix the folder's permissions"
+            f"the privacy ledger {path} could not be written ({err}); free disk space or fix the folder's permissions"
         ) from err
 
 
@@ -406,9 +396,4 @@ def _is_int(value: Any) -> bool:
 
 
 def _is_positive(value: Any) -> bool:
-    return (
-        isinstance(value, (int, float))
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-        and value > 0
-    )
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0

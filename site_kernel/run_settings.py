@@ -25,9 +25,7 @@ from typing import Any
 from .policy import SitePolicy
 
 # Settings that change when a study waits or gives up, never what it computes on the site's data.
-_NOT_SETTINGS = frozenset(
-    {"round_timeout", "approval_timeout", "connect_timeout", "expected_sites"}
-)
+_NOT_SETTINGS = frozenset({"round_timeout", "approval_timeout", "connect_timeout", "expected_sites"})
 # FLIP's standard training keys (flip_lab.config.train_config): [allowed_config] bounds them only
 # when it lists them; any other key is the researcher's own and must be listed.
 STANDARD_KEYS = frozenset({"rounds", "local_epochs", "lr", "batch_size", "seed", "proximal_mu"})
@@ -63,10 +61,7 @@ def policy_problem(settings: dict[str, Any], policy: SitePolicy) -> str | None:
     """Why the policy refuses these settings, or ``None``. The text names keys and bounds only."""
     rounds = rounds_of(settings)
     if rounds > policy.max_rounds:
-        return (
-            f"the study asks for {rounds} rounds; this site's policy allows at most "
-            f"{policy.max_rounds}"
-        )
+        return f"the study asks for {rounds} rounds; this site's policy allows at most {policy.max_rounds}"
     if not policy.allowed_config:
         return None
     for key, value in settings["train_config"].items():
@@ -93,8 +88,7 @@ def changes(old: dict[str, Any], new: dict[str, Any], limit: int = 3) -> list[st
     for key in sorted(a.keys() | b.keys()):
         if a.get(key) != b.get(key):
             before, after = _brief(a.get(key)), _brief(b.get(key))
-            out.append(f"{key.removeprefix('config.').replace('init_weights', 'initial weights')} "
-                       f"{before} -> {after}")
+            out.append(f"{key.removeprefix('config.').replace('init_weights', 'initial weights')} {before} -> {after}")
     # A config key appears under config and train_config alike: say it once.
     seen, unique = set(), []
     for line in out:
@@ -127,9 +121,16 @@ def _brief(value: Any) -> str:
 
 
 def _same(value: Any, allowed: Any) -> bool:
-    return type(value) is type(allowed) and value == allowed or (
-        isinstance(value, (int, float)) and not isinstance(value, bool)
-        and isinstance(allowed, (int, float)) and not isinstance(allowed, bool) and value == allowed
+    return (
+        type(value) is type(allowed)
+        and value == allowed
+        or (
+            isinstance(value, (int, float))
+            and not isinstance(value, bool)
+            and isinstance(allowed, (int, float))
+            and not isinstance(allowed, bool)
+            and value == allowed
+        )
     )
 
 

@@ -218,11 +218,7 @@ def confine(
     masks: dict[Path, list[Path]] = {}
     if switch:
         assert uid is not None and gid is not None
-        checks = (
-            [(p, True, True) for p in readable]
-            + [(scratch, False, True)]
-            + [(p, True, False) for p in python]
-        )
+        checks = [(p, True, True) for p in readable] + [(scratch, False, True)] + [(p, True, False) for p in python]
         for path, read, required in checks:
             blocker = _blocker(path, uid, gid, read=read)
             if blocker is None:
@@ -230,9 +226,7 @@ def confine(
             if blocker != path:
                 masks.setdefault(blocker, []).append(path)
             elif required:
-                raise SandboxError(
-                    f"user {uid} cannot read {path}; grant it with chmod -R o+rX {path}"
-                )
+                raise SandboxError(f"user {uid} cannot read {path}; grant it with chmod -R o+rX {path}")
             else:
                 notes.append(f"user {uid} cannot read {path}: later imports from it will fail")
 
@@ -241,9 +235,7 @@ def confine(
         if masks:
             _expose_beneath_masks(masks)
             shown = ", ".join(str(p) for paths in masks.values() for p in paths)
-            notes.append(
-                f"hid {', '.join(map(str, masks))} except {shown} (private mount namespace)"
-            )
+            notes.append(f"hid {', '.join(map(str, masks))} except {shown} (private mount namespace)")
         ruleset = (
             _landlock.create_ruleset(
                 _landlock.abi_version(),
@@ -277,9 +269,7 @@ def confine(
             _seccomp.install()
             applied.append("seccomp")
     except OSError as err:
-        raise SandboxError(
-            f"confinement failed after {applied or 'nothing'}: {err}; the worker must exit"
-        ) from err
+        raise SandboxError(f"confinement failed after {applied or 'nothing'}: {err}; the worker must exit") from err
     return ConfinementReport(
         applied=tuple(applied),
         missing=tuple(m for m in MECHANISMS if m not in applied),
@@ -329,11 +319,7 @@ def _blocker(path: Path, uid: int, gid: int, *, read: bool) -> Path | None:
         last = i == len(parts)
         if last and not read:
             return None
-        want = (
-            (stat.S_IROTH | (stat.S_IXOTH if stat.S_ISDIR(st.st_mode) else 0))
-            if last
-            else stat.S_IXOTH
-        )
+        want = (stat.S_IROTH | (stat.S_IXOTH if stat.S_ISDIR(st.st_mode) else 0)) if last else stat.S_IXOTH
         # the owner's, the group's or everyone else's bits, as the kernel would pick them
         shift = 6 if st.st_uid == uid else 3 if st.st_gid == gid else 0
         if (st.st_mode >> shift) & want != want:
@@ -384,9 +370,7 @@ def _expose_beneath_masks(masks: dict[Path, list[Path]]) -> None:
                 os.close(fd)
 
 
-def _mount(
-    source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None
-) -> None:
+def _mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
     def enc(text: str | None) -> bytes | None:
         return text.encode() if text is not None else None
 
@@ -400,9 +384,7 @@ def _refuse_protected(paths: Sequence[Path], protected: Sequence[Path]) -> None:
     for path in paths:
         for guarded in protected:
             if guarded == path or path in guarded.parents:
-                raise SandboxError(
-                    f"sandbox path {path} would expose {guarded}; pass a narrower folder"
-                )
+                raise SandboxError(f"sandbox path {path} would expose {guarded}; pass a narrower folder")
 
 
 def _ok(result: int, what: str) -> None:

@@ -127,8 +127,9 @@ def load_public(data: bytes) -> ec.EllipticCurvePublicKey:
 
 
 def private_bytes(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def load_private(data: bytes) -> ec.EllipticCurvePrivateKey:
@@ -153,7 +154,7 @@ def keyed(prefix: str, mapping: Mapping[int, bytes]) -> dict[str, bytes]:
 
 def unkeyed(prefix: str, record: Mapping[str, Any]) -> dict[int, bytes]:
     lead = prefix + "."
-    return {int(k[len(lead):]): bytes(v) for k, v in record.items() if k.startswith(lead)}
+    return {int(k[len(lead) :]): bytes(v) for k, v in record.items() if k.startswith(lead)}
 
 
 # -- one site ---------------------------------------------------------------------------------------------------
@@ -189,22 +190,29 @@ class SecAggClient:
         """Step 1: fresh key pairs and seed for ``round_``; returns what the hub relays."""
         sites = sorted(set(sites))
         if self.node_id not in sites or len(sites) < 2 or not len(sites) / 2 < t <= len(sites):
-            raise SecAggError(f"secure aggregation needs at least 2 participants including this site and a "
-                              f"threshold above half of them; got {len(sites)} participant(s), threshold {t}")
+            raise SecAggError(
+                f"secure aggregation needs at least 2 participants including this site and a "
+                f"threshold above half of them; got {len(sites)} participant(s), threshold {t}"
+            )
         for old in [r for r in self._rounds if r < round_ - 1]:  # a round nobody finished keeps no secrets
             del self._rounds[old]
         state = _Round(sites, t, ec.generate_private_key(_CURVE), ec.generate_private_key(_CURVE), os.urandom(32))
         self._rounds[round_] = state
         return {"mask_pk": public_bytes(state.mask_key), "enc_pk": public_bytes(state.enc_key), "bound": self.bound}
 
-    def share(self, round_: int, mask_pks: Mapping[int, bytes], enc_pks: Mapping[int, bytes],
-              scale: float) -> dict[int, bytes]:
+    def share(
+        self, round_: int, mask_pks: Mapping[int, bytes], enc_pks: Mapping[int, bytes], scale: float
+    ) -> dict[int, bytes]:
         """Step 2: Shamir shares of the masking key and seed, one encrypted pair per peer."""
         state = self._round(round_, "sharing")
         peers = sorted(mask_pks)
-        if (set(peers) != set(enc_pks) or not set(peers) <= set(state.sites) or len(peers) < state.threshold
-                or mask_pks.get(self.node_id) != public_bytes(state.mask_key)
-                or enc_pks.get(self.node_id) != public_bytes(state.enc_key)):
+        if (
+            set(peers) != set(enc_pks)
+            or not set(peers) <= set(state.sites)
+            or len(peers) < state.threshold
+            or mask_pks.get(self.node_id) != public_bytes(state.mask_key)
+            or enc_pks.get(self.node_id) != public_bytes(state.enc_key)
+        ):
             raise SecAggError("secure aggregation: the hub relayed an inconsistent set of public keys")
         if not 0 < scale * len(peers) * WEIGHT_CAP * self.bound <= (HEADROOM - len(peers)) * (1 + 1e-12):
             raise SecAggError("secure aggregation: the hub's fixed-point scale would overflow the masked sum")
@@ -220,13 +228,23 @@ class SecAggClient:
             out[peer] = encrypt(generate_shared_key(state.enc_key, load_public(enc_pks[peer])), plain)
         return out
 
-    def mask(self, round_: int, participants: Sequence[int], ciphertexts: Mapping[int, bytes],
-             update: np.ndarray, weight: int) -> np.ndarray:
+    def mask(
+        self,
+        round_: int,
+        participants: Sequence[int],
+        ciphertexts: Mapping[int, bytes],
+        update: np.ndarray,
+        weight: int,
+    ) -> np.ndarray:
         """Step 3: store the peers' shares, return the masked fixed-point update (the only thing that leaves)."""
         state = self._round(round_, "masking")
         participants = sorted(set(participants))
-        if (state.participants or self.node_id not in participants or not set(participants) <= set(state.mask_pks)
-                or len(participants) < state.threshold):
+        if (
+            state.participants
+            or self.node_id not in participants
+            or not set(participants) <= set(state.mask_pks)
+            or len(participants) < state.threshold
+        ):
             raise SecAggError("secure aggregation: the hub named an inconsistent set of participants")
         for peer in participants:
             if peer == self.node_id:
@@ -251,15 +269,23 @@ class SecAggClient:
                 masked = masked + mask if peer > self.node_id else masked - mask
         return masked
 
-    def reveal(self, round_: int, survivors: Sequence[int], dropped: Sequence[int]
-               ) -> tuple[dict[int, bytes], dict[int, bytes]]:
+    def reveal(
+        self, round_: int, survivors: Sequence[int], dropped: Sequence[int]
+    ) -> tuple[dict[int, bytes], dict[int, bytes]]:
         """Step 4: shares of survivors' seeds and dropped sites' masking keys, never both for one site, once."""
         state = self._round(round_, "unmasking")
         alive, gone = set(survivors), set(dropped)
-        if (not state.participants or alive & gone or alive | gone != set(state.participants)
-                or self.node_id not in alive or len(alive) < state.threshold):
-            raise SecAggError("secure aggregation: this site reveals shares once per round, for a split of the "
-                              "round's participants into at least threshold survivors and the dropped ones")
+        if (
+            not state.participants
+            or alive & gone
+            or alive | gone != set(state.participants)
+            or self.node_id not in alive
+            or len(alive) < state.threshold
+        ):
+            raise SecAggError(
+                "secure aggregation: this site reveals shares once per round, for a split of the "
+                "round's participants into at least threshold survivors and the dropped ones"
+            )
         seeds = {j: state.shares[j][0] for j in sorted(alive)}
         keys = {k: state.shares[k][1] for k in sorted(gone)}
         del self._rounds[round_]  # forget the round's secrets: a second request for it finds nothing to reveal
@@ -277,8 +303,9 @@ def update_bound(max_update_norm: float | None, dp: DpRules | None, dims: int) -
     return None
 
 
-def bound_update(sent: Mapping[str, np.ndarray], trained: Mapping[str, np.ndarray], bound: float
-                 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], bool]:
+def bound_update(
+    sent: Mapping[str, np.ndarray], trained: Mapping[str, np.ndarray], bound: float
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], bool]:
     """Scale the update (trained minus sent, floating tensors together) to norm ``bound`` at most.
 
     Returns ``(arrays for the egress check, the bounded update in float64, was_clipped)``. Integer tensors and
@@ -301,8 +328,10 @@ def answer(client: SecAggClient, op: str, round_: int, record: Mapping[str, Any]
         if op == "secagg_keys":
             return client.advertise(round_, parse_nodes(record["sites"]), int(record["threshold"]))
         if op == "secagg_shares":
-            return keyed("ct", client.share(round_, unkeyed("mask_pk", record), unkeyed("enc_pk", record),
-                                             float(record["scale"])))
+            return keyed(
+                "ct",
+                client.share(round_, unkeyed("mask_pk", record), unkeyed("enc_pk", record), float(record["scale"])),
+            )
         if op == "secagg_unmask":
             seeds, keys = client.reveal(round_, parse_nodes(record["survivors"]), parse_nodes(record["dropped"]))
             return {**keyed("seed", seeds), **keyed("key", keys)}

@@ -92,13 +92,17 @@ def check_identity(site_dir: Path, settings: SiteSettings) -> None:
     a key readable by other accounts on the site's machine lets them pose as the site."""
     for key, value in (("root_certificates", settings.root_certificates), ("auth_key", settings.auth_key)):
         if value and not site_path(site_dir, value).is_file():
-            raise SettingsError(f"{site_dir / FILE}: {key} = {value!r} is not a file; copy the site's bundle from "
-                                f"`flip-lab provision` and run `flip-site init {site_dir} --certs BUNDLE`")
+            raise SettingsError(
+                f"{site_dir / FILE}: {key} = {value!r} is not a file; copy the site's bundle from "
+                f"`flip-lab provision` and run `flip-site init {site_dir} --certs BUNDLE`"
+            )
     if settings.auth_key:
         mode = site_path(site_dir, settings.auth_key).stat().st_mode
         if mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise SettingsError(f"the site's private key {settings.auth_key} can be read by other accounts; "
-                                f"run `chmod 600 {site_path(site_dir, settings.auth_key)}`")
+            raise SettingsError(
+                f"the site's private key {settings.auth_key} can be read by other accounts; "
+                f"run `chmod 600 {site_path(site_dir, settings.auth_key)}`"
+            )
 
 
 def install_certs(site_dir: Path, bundle: Path) -> dict[str, str]:
@@ -109,8 +113,10 @@ def install_certs(site_dir: Path, bundle: Path) -> dict[str, str]:
     """
     meta_path = bundle / "bundle.toml"
     if not meta_path.is_file():
-        raise SettingsError(f"{bundle} is not a site bundle (no bundle.toml): pass the folder `flip-lab provision` "
-                            f"wrote for this site, DIR/sites/NAME")
+        raise SettingsError(
+            f"{bundle} is not a site bundle (no bundle.toml): pass the folder `flip-lab provision` "
+            f"wrote for this site, DIR/sites/NAME"
+        )
     meta = tomllib.loads(meta_path.read_text())
     target = site_dir / CERTS_DIR
     target.mkdir(parents=True, exist_ok=True)
@@ -128,15 +134,18 @@ def install_certs(site_dir: Path, bundle: Path) -> dict[str, str]:
     public = Path(names["auth_key"]).with_suffix(".pub").name
     if (bundle / public).is_file():
         shutil.copyfile(bundle / public, target / public)
-    return {"name": str(meta["name"]), "hub": str(meta["hub"]),
-            "root_certificates": f"{CERTS_DIR}/{names['root_certificates']}",
-            "auth_key": f"{CERTS_DIR}/{names['auth_key']}"}
+    return {
+        "name": str(meta["name"]),
+        "hub": str(meta["hub"]),
+        "root_certificates": f"{CERTS_DIR}/{names['root_certificates']}",
+        "auth_key": f"{CERTS_DIR}/{names['auth_key']}",
+    }
 
 
 def record_identity(site_dir: Path, identity: dict[str, str]) -> SiteSettings:
     """Point ``site.toml`` at the certificates that :func:`install_certs` copied (``identity`` is what it returned)."""
-    settings = replace(load_settings(site_dir), root_certificates=identity["root_certificates"],
-                       auth_key=identity["auth_key"])
+    settings = replace(
+        load_settings(site_dir), root_certificates=identity["root_certificates"], auth_key=identity["auth_key"]
+    )
     write_settings(site_dir, settings)
     return settings
-

@@ -26,8 +26,9 @@ def init_site(site_dir: Path, *, name: str, hub: str, demo: bool = False) -> Pat
     return site_dir
 
 
-def create_demo_sites(root: Path, *, n_sites: int, seed: int, hub: str, approval: str = "automatic",
-                      scale: float = 1.0) -> list[Path]:
+def create_demo_sites(
+    root: Path, *, n_sites: int, seed: int, hub: str, approval: str = "automatic", scale: float = 1.0
+) -> list[Path]:
     """Generate ``n_sites`` simulated hospitals under ``root`` and make each a ready site folder.
 
     ``approval="automatic"`` writes the demo policy (labelled "automatic approval (demo only)" everywhere);

@@ -58,8 +58,15 @@ class Jupyter:
             stop_pids(list(state.get("pids", [])))
 
 
-def start_jupyter(root: Path, *, app: str = "server", extra: list[str] | None = None,
-                  env: dict[str, str] | None = None, port: int | None = None, timeout: float = 90.0) -> Jupyter:
+def start_jupyter(
+    root: Path,
+    *,
+    app: str = "server",
+    extra: list[str] | None = None,
+    env: dict[str, str] | None = None,
+    port: int | None = None,
+    timeout: float = 90.0,
+) -> Jupyter:
     """Start ``jupyter server`` (or ``jupyter lab``) serving ``root`` and wait until it answers.
 
     Starting again with the same ``root`` and ``port`` is a server restart: same token, same cookie secret, same
@@ -68,18 +75,33 @@ def start_jupyter(root: Path, *, app: str = "server", extra: list[str] | None = 
     root.mkdir(parents=True, exist_ok=True)
     home = root / ".flip-home"
     port, token = port or free_port(), "flip-test-token"
-    env = dict(os.environ, FLIP_LAB_HOME=str(home), JUPYTER_CONFIG_DIR=str(root / ".jupyter-config"),
-               JUPYTER_RUNTIME_DIR=str(root / ".jupyter-runtime"), FLWR_TELEMETRY_ENABLED="0",
-               FLWR_DISABLE_UPDATE_CHECK="1", PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **(env or {}))
+    env = dict(
+        os.environ,
+        FLIP_LAB_HOME=str(home),
+        JUPYTER_CONFIG_DIR=str(root / ".jupyter-config"),
+        JUPYTER_RUNTIME_DIR=str(root / ".jupyter-runtime"),
+        FLWR_TELEMETRY_ENABLED="0",
+        FLWR_DISABLE_UPDATE_CHECK="1",
+        PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        **(env or {}),
+    )
     log = root / f"jupyter-{app}.log"
-    cmd = [str(BIN / "jupyter"), app, "--no-browser", "--ip=127.0.0.1", f"--port={port}", "--allow-root",
-           f"--ServerApp.root_dir={root}",
-           f"--IdentityProvider.token={token}", "--ServerApp.jpserver_extensions=flip_lab.server=True",
-           "--FlipLabApp.local_scale=0.3", "--ServerApp.shutdown_no_activity_timeout=0",
-           *(extra or [])]
+    cmd = [
+        str(BIN / "jupyter"),
+        app,
+        "--no-browser",
+        "--ip=127.0.0.1",
+        f"--port={port}",
+        "--allow-root",
+        f"--ServerApp.root_dir={root}",
+        f"--IdentityProvider.token={token}",
+        "--ServerApp.jpserver_extensions=flip_lab.server=True",
+        "--FlipLabApp.local_scale=0.3",
+        "--ServerApp.shutdown_no_activity_timeout=0",
+        *(extra or []),
+    ]
     with open(log, "ab") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                cwd=root)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=root)
     jupyter = Jupyter(proc, f"http://127.0.0.1:{port}", token, root, home, log)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

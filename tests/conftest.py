@@ -12,18 +12,37 @@ PLANS = Path(__file__).parent / "plans"
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 # One home per xdist worker: modules run in parallel processes and must not share job stores or federations.
-os.environ.setdefault("FLIP_LAB_HOME", str(Path(__file__).resolve().parent.parent / ".flip" / "home"
-                                          / os.environ.get("PYTEST_XDIST_WORKER", "main")))
+os.environ.setdefault(
+    "FLIP_LAB_HOME",
+    str(Path(__file__).resolve().parent.parent / ".flip" / "home" / os.environ.get("PYTEST_XDIST_WORKER", "main")),
+)
 
 # Modules that start real federations, Jupyter or Chromium, longest first. ``./run test`` runs the suite in parallel
 # processes, one module per process at a time (xdist's ``--dist loadfile``), and hands modules out in collection
 # order: starting the long ones first keeps one long module from running alone at the end.
 LONG_MODULES = (
-    "test_notebooks", "test_e2e_hub_restart", "test_secagg", "test_multihost", "test_e2e_faults",
-    "test_governance_battery", "test_daily_messages", "test_governance_concurrency", "test_governance_worker",
-    "test_governance_hub", "test_directory", "test_lab_ui", "test_privacy", "test_server_manager", "test_data_benchmark",
-    "test_e2e_spine", "test_e2e_approval", "test_server_handlers", "test_local_lifecycle", "test_provision",
-    "test_pace", "test_sandbox",
+    "test_notebooks",
+    "test_e2e_hub_restart",
+    "test_secagg",
+    "test_multihost",
+    "test_e2e_faults",
+    "test_governance_battery",
+    "test_daily_messages",
+    "test_governance_concurrency",
+    "test_governance_worker",
+    "test_governance_hub",
+    "test_directory",
+    "test_lab_ui",
+    "test_privacy",
+    "test_server_manager",
+    "test_data_benchmark",
+    "test_e2e_spine",
+    "test_e2e_approval",
+    "test_server_handlers",
+    "test_local_lifecycle",
+    "test_provision",
+    "test_pace",
+    "test_sandbox",
 )
 
 

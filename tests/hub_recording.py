@@ -35,7 +35,9 @@ def _record_replies(folder: Path) -> None:
         for reply in replies:
             if reply.has_error():
                 continue
-            out = folder / str(self._grid.run.run_id) / f"round-{round_}" / phase / self.name(reply.metadata.src_node_id)
+            out = (
+                folder / str(self._grid.run.run_id) / f"round-{round_}" / phase / self.name(reply.metadata.src_node_id)
+            )
             out.mkdir(parents=True, exist_ok=True)
             for key, record in reply.content.array_records.items():
                 arrays = {k: np.ascontiguousarray(v.numpy()) for k, v in record.items()}

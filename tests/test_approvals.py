@@ -31,9 +31,7 @@ def cli(*argv):
 
 def test_hash_ignores_key_order_but_not_content():
     base = plan_hash(SOURCE, CONTRACT, SHAPES)
-    assert (
-        plan_hash(SOURCE, dict(reversed(CONTRACT.items())), dict(reversed(SHAPES.items()))) == base
-    )
+    assert plan_hash(SOURCE, dict(reversed(CONTRACT.items())), dict(reversed(SHAPES.items()))) == base
     assert len(base) == 64
 
 
@@ -107,9 +105,7 @@ def test_rejection_needs_a_reason(tmp_path):
 
 def two_sources_sharing_a_hash_prefix():
     seen = {}
-    for i in range(
-        100_000
-    ):  # a birthday search: two 4-digit prefixes collide within a few hundred tries
+    for i in range(100_000):  # a birthday search: two 4-digit prefixes collide within a few hundred tries
         source = SOURCE + f"# {i}\n"
         prefix = plan_hash(source, CONTRACT, SHAPES)[:4]
         if prefix in seen:
@@ -174,12 +170,7 @@ def test_plans_commands(tmp_path, capsys):
     site = str(tmp_path)
     assert cli("plans", "list", "--site", site) == 0
     out = capsys.readouterr().out
-    assert (
-        "manual approval" in out
-        and digest[:12] in out
-        and "pending" in out
-        and "researcher=alice" in out
-    )
+    assert "manual approval" in out and digest[:12] in out and "pending" in out and "researcher=alice" in out
     assert cli("plans", "show", digest[:8], "--site", site) == 0
     out = capsys.readouterr().out
     assert "   2 | def model():" in out and digest in out

@@ -101,9 +101,7 @@ def test_truncation_with_forged_sidecar_is_detected_by_an_outside_head(tmp_path)
     log.head_path.write_text(json.dumps({"seq": last["seq"], "hash": last["hash"]}))
     assert log.verify().ok  # locally consistent...
     result = log.verify(expected_head=head_seen_by_researcher)
-    assert (
-        not result.ok and "truncated" in result.problem
-    )  # ...but not what the researcher was told
+    assert not result.ok and "truncated" in result.problem  # ...but not what the researcher was told
 
 
 def test_outside_head_from_before_later_appends_still_verifies(tmp_path):
@@ -126,9 +124,7 @@ def test_missing_sidecar_is_reported(tmp_path):
     assert not log.verify().ok
 
 
-@pytest.mark.parametrize(
-    "fields", [{"seq": 3}, {"hash": "x"}, {"value": float("nan")}, {"value": object()}]
-)
+@pytest.mark.parametrize("fields", [{"seq": 3}, {"hash": "x"}, {"value": float("nan")}, {"value": object()}])
 def test_bad_fields_are_refused(tmp_path, fields):
     log = AuditLog(tmp_path / "audit.jsonl")
     with pytest.raises(AuditError):

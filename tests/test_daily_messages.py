@@ -25,15 +25,35 @@ from test_plan import notebook
 
 NOTEBOOKS = Path(__file__).parent / "notebooks"
 RECORDED = NOTEBOOKS / "recorded_job"
-CONTRACT = {"modality": ["CT", "MR"], "dims": 2, "size": [32, 32], "spacing": [6.0, 6.0],
-            "intensity": {"kind": "zscore"}, "labels": {"background": 0, "lesion": 1}}
+CONTRACT = {
+    "modality": ["CT", "MR"],
+    "dims": 2,
+    "size": [32, 32],
+    "spacing": [6.0, 6.0],
+    "intensity": {"kind": "zscore"},
+    "labels": {"background": 0, "lesion": 1},
+}
 CATALOGUES = {  # what three demo sites publish, trimmed to the keys the check reads
-    "st-aldhelm": {"datasets": {"default": {"modality": ["CT"], "task": "segmentation", "label_classes": [0, 1],
-                                            "label_names": {}}}},
-    "northgate": {"datasets": {"default": {"modality": ["MR"], "task": "segmentation", "label_classes": [0, 1],
-                                           "label_names": {"1": ["Liver lesion"]}}}},
-    "riverside": {"datasets": {"default": {"modality": ["CT"], "task": "segmentation", "label_classes": [0, 1],
-                                           "label_names": {}}}},
+    "st-aldhelm": {
+        "datasets": {
+            "default": {"modality": ["CT"], "task": "segmentation", "label_classes": [0, 1], "label_names": {}}
+        }
+    },
+    "northgate": {
+        "datasets": {
+            "default": {
+                "modality": ["MR"],
+                "task": "segmentation",
+                "label_classes": [0, 1],
+                "label_names": {"1": ["Liver lesion"]},
+            }
+        }
+    },
+    "riverside": {
+        "datasets": {
+            "default": {"modality": ["CT"], "task": "segmentation", "label_classes": [0, 1], "label_names": {}}
+        }
+    },
 }
 
 
@@ -43,18 +63,32 @@ def _job(tmp_path: Path, events: list[dict]) -> Job:
 
 
 # -- final_weights() says why there is no model --------------------------------------------------------
-@pytest.mark.parametrize(("events", "expected"), [
-    ([], "job 7 has not started yet"),
-    ([{"type": "job_started", "rounds": 3}, {"type": "site_state", "site": "a", "round": 2, "state": "training"}],
-     "job 7 is still running (round 2 of 3): wait for it with job.wait()"),
-    ([{"type": "job_started", "rounds": 3}, {"type": "job_finished", "status": "cancelled", "message": "x"}],
-     "job 7 was cancelled before any round was released"),
-    ([{"type": "job_started", "rounds": 3}, {"type": "aggregate", "round": 1, "phase": "train", "metrics": {}},
-      {"type": "job_finished", "status": "cancelled", "message": "x"}],
-     "job 7 was cancelled after round 1 of 3 was released"),
-])
-def test_final_weights_of_a_job_without_a_model_says_why(tmp_path: Path, events: list[dict],
-                                                        expected: str) -> None:
+@pytest.mark.parametrize(
+    ("events", "expected"),
+    [
+        ([], "job 7 has not started yet"),
+        (
+            [
+                {"type": "job_started", "rounds": 3},
+                {"type": "site_state", "site": "a", "round": 2, "state": "training"},
+            ],
+            "job 7 is still running (round 2 of 3): wait for it with job.wait()",
+        ),
+        (
+            [{"type": "job_started", "rounds": 3}, {"type": "job_finished", "status": "cancelled", "message": "x"}],
+            "job 7 was cancelled before any round was released",
+        ),
+        (
+            [
+                {"type": "job_started", "rounds": 3},
+                {"type": "aggregate", "round": 1, "phase": "train", "metrics": {}},
+                {"type": "job_finished", "status": "cancelled", "message": "x"},
+            ],
+            "job 7 was cancelled after round 1 of 3 was released",
+        ),
+    ],
+)
+def test_final_weights_of_a_job_without_a_model_says_why(tmp_path: Path, events: list[dict], expected: str) -> None:
     job = _job(tmp_path, events)
     with pytest.raises(NoModelReleased) as caught:
         job.final_weights()
@@ -64,24 +98,42 @@ def test_final_weights_of_a_job_without_a_model_says_why(tmp_path: Path, events:
 # -- a failed job leads with the cause ----------------------------------------------------------------
 def test_a_failed_job_leads_with_the_sites_errors(tmp_path: Path) -> None:
     error = "train() raised RuntimeError at plan.py line 9"
-    job = _job(tmp_path, [
-        {"type": "job_started", "rounds": 1},
-        *({"type": "site_error", "round": 1, "phase": "train", "site": site, "kind": "plan_error",
-           "message": error} for site in ("northgate", "riverside")),
-        {"type": "round_discarded", "round": 1},
-        {"type": "job_finished", "status": "failed",
-         "message": "0 accepted contributor(s), fewer than the minimum of 2: the round is discarded"},
-    ])
+    job = _job(
+        tmp_path,
+        [
+            {"type": "job_started", "rounds": 1},
+            *(
+                {
+                    "type": "site_error",
+                    "round": 1,
+                    "phase": "train",
+                    "site": site,
+                    "kind": "plan_error",
+                    "message": error,
+                }
+                for site in ("northgate", "riverside")
+            ),
+            {"type": "round_discarded", "round": 1},
+            {
+                "type": "job_finished",
+                "status": "failed",
+                "message": "0 accepted contributor(s), fewer than the minimum of 2: the round is discarded",
+            },
+        ],
+    )
     with pytest.raises(JobFailed) as caught:
         job.wait(timeout=1)
     assert str(caught.value) == (
         f"job 7 failed: {error}, at site northgate (and 1 other site); as a result 0 accepted contributor(s), "
-        "fewer than the minimum of 2: the round is discarded")
+        "fewer than the minimum of 2: the round is discarded"
+    )
 
 
 def test_an_undefined_name_is_reported_at_its_own_line() -> None:
-    ns = notebook("import torch\nfrom flip_lab import Plan\nplan = Plan()\n"
-                  "@plan.model\ndef model():\n    layer = torch.nn.Linear(1, 1)\n    return layr\n")
+    ns = notebook(
+        "import torch\nfrom flip_lab import Plan\nplan = Plan()\n"
+        "@plan.model\ndef model():\n    layer = torch.nn.Linear(1, 1)\n    return layr\n"
+    )
     plan = ns["plan"]
     for role in ("train", "evaluate"):
         plan.functions[role] = plan.functions["model"]
@@ -103,15 +155,24 @@ def test_the_known_strategy_names_are_the_hubs() -> None:
     assert set(BUILTIN_STRATEGIES) == set(BUILTIN)
 
 
-@pytest.mark.parametrize(("change", "key", "words"), [
-    ({"modality": "PET"}, "modality",
-     ["modality 'PET'", "CT (riverside, st-aldhelm), MR (northgate)", "--modality PET"]),
-    ({"dataset": "liver_pet"}, "dataset", ["dataset 'liver_pet'", "default (northgate, riverside, st-aldhelm)"]),
-    ({"labels": {"background": 0, "lesion": 1, "vessel": 2}}, "labels", ["'vessel' (2)", "change `labels`"]),
-    ({"modality": "MR", "labels": {"background": 0, "cyst": 1, "liver lesion": 2}}, None, []),
-    ({"task": "classification", "labels": {"normal": 0, "abnormal": 1}}, "task",
-     ["a classification dataset", "segmentation (northgate, riverside, st-aldhelm)"]),
-])
+@pytest.mark.parametrize(
+    ("change", "key", "words"),
+    [
+        (
+            {"modality": "PET"},
+            "modality",
+            ["modality 'PET'", "CT (riverside, st-aldhelm), MR (northgate)", "--modality PET"],
+        ),
+        ({"dataset": "liver_pet"}, "dataset", ["dataset 'liver_pet'", "default (northgate, riverside, st-aldhelm)"]),
+        ({"labels": {"background": 0, "lesion": 1, "vessel": 2}}, "labels", ["'vessel' (2)", "change `labels`"]),
+        ({"modality": "MR", "labels": {"background": 0, "cyst": 1, "liver lesion": 2}}, None, []),
+        (
+            {"task": "classification", "labels": {"normal": 0, "abnormal": 1}},
+            "task",
+            ["a classification dataset", "segmentation (northgate, riverside, st-aldhelm)"],
+        ),
+    ],
+)
 def test_a_contract_no_site_offers_is_named_by_key(change: dict, key: str | None, words: list[str]) -> None:
     contract = validate_contract({**CONTRACT, **change})
     if key is None:  # offered: a SEG segment named as the contract's label counts, whatever its value
@@ -125,8 +186,7 @@ def test_a_contract_no_site_offers_is_named_by_key(change: dict, key: str | None
 
 
 # -- the command line and attach() ----------------------------------------------------------------------
-def test_verify_of_a_failed_study_fails_and_names_the_cell(tmp_path: Path,
-                                                           capsys: pytest.CaptureFixture) -> None:
+def test_verify_of_a_failed_study_fails_and_names_the_cell(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from flip_lab.errors import FlipError
     from flip_lab.study import run_study
 
@@ -143,8 +203,15 @@ def test_attach_to_a_federation_whose_hub_is_gone_says_so(tmp_path: Path) -> Non
     gone.wait()
     site = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        state = {"workdir": str(tmp_path), "pids": [gone.pid, site.pid], "hub_pid": gone.pid,
-                 "hub_port": free_port(), "hub_host": "127.0.0.1", "sites": {}, "site_pids": {"a": site.pid}}
+        state = {
+            "workdir": str(tmp_path),
+            "pids": [gone.pid, site.pid],
+            "hub_pid": gone.pid,
+            "hub_port": free_port(),
+            "hub_host": "127.0.0.1",
+            "sites": {},
+            "site_pids": {"a": site.pid},
+        }
         (tmp_path / STATE).write_text(json.dumps(state))
         with pytest.raises(FederationError) as caught:
             flip_lab.attach(tmp_path)
@@ -164,8 +231,7 @@ def test_an_unknown_job_id_is_named_with_the_hub(federation) -> None:
 
     with pytest.raises(JobNotFound) as caught:
         federation.job(987654)
-    assert str(caught.value) == (f"no job 987654 on the hub at {federation.address}; fed.jobs() lists the jobs "
-                                 "there")
+    assert str(caught.value) == (f"no job 987654 on the hub at {federation.address}; fed.jobs() lists the jobs there")
 
 
 @pytest.mark.e2e
@@ -197,7 +263,8 @@ def test_a_failed_job_is_listed_as_failed_and_says_why_first(federation) -> None
 
 def _notebook_plan_that_flattens_images() -> tuple[Plan, str]:
     cells = DRYRUN_CELLS.replace('"modality": "MR"', '"modality": ["CT", "MR"]').replace(
-        'logits = model(data.train_x[i:i + config["batch_size"]])', MISMATCH)
+        'logits = model(data.train_x[i:i + config["batch_size"]])', MISMATCH
+    )
     return notebook(cells)["plan"], cells
 
 
@@ -214,8 +281,9 @@ def test_a_plan_that_would_fail_at_the_sites_fails_at_submit_and_nothing_is_sent
 @pytest.mark.e2e
 def test_a_plan_failing_at_the_sites_is_told_at_the_notebook_line_with_its_text(federation) -> None:
     plan, cells = _notebook_plan_that_flattens_images()
-    policies = {site_dir / "policy.toml": (site_dir / "policy.toml").read_text()
-                for site_dir in federation.site_dirs.values()}
+    policies = {
+        site_dir / "policy.toml": (site_dir / "policy.toml").read_text() for site_dir in federation.site_dirs.values()
+    }
     try:  # the sites name the plan's line only where their policy allows it
         for path, policy in policies.items():
             path.write_text(policy.replace("\nerror_line_numbers = false", "\nerror_line_numbers = true"))
@@ -227,8 +295,10 @@ def test_a_plan_failing_at_the_sites_is_told_at_the_notebook_line_with_its_text(
             path.write_text(policy)
     assert all("at plan.py line " in e["message"] for e in job.errors if e["type"] == "site_error"), job.errors
     line = line_of(MISMATCH, cells)
-    assert str(caught.value).startswith(f"job {job.id} failed: train() raised RuntimeError at a notebook cell, "
-                                        f"line {line} (`{MISMATCH}`) in train(), at site "), str(caught.value)
+    assert str(caught.value).startswith(
+        f"job {job.id} failed: train() raised RuntimeError at a notebook cell, "
+        f"line {line} (`{MISMATCH}`) in train(), at site "
+    ), str(caught.value)
 
 
 @pytest.mark.e2e
@@ -258,8 +328,11 @@ def test_a_site_whose_hub_is_down_says_so_once_and_serves_when_it_comes(tmp_path
     def text(name: str) -> str:
         return (logs / name).read_text() if (logs / name).exists() else ""
 
-    site = subprocess.Popen([sys.executable, "-m", "site_kernel.cli", "run", str(tmp_path / "site")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    site = subprocess.Popen(
+        [sys.executable, "-m", "site_kernel.cli", "run", str(tmp_path / "site")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         _wait_for(lambda: "waiting for the hub at" in text("supernode.log"), 60, text("supernode.log"))
         time.sleep(5)  # Flower retries after about 0.2, 0.9, 0.4 and 3 s: several retries, one line each log
@@ -281,8 +354,7 @@ def test_a_site_whose_hub_is_down_says_so_once_and_serves_when_it_comes(tmp_path
 
 
 @pytest.mark.e2e
-def test_a_hub_alone_listens_where_sites_look_by_default(tmp_path: Path,
-                                                         capsys: pytest.CaptureFixture) -> None:
+def test_a_hub_alone_listens_where_sites_look_by_default(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from flip_lab.local import _listening, read_state
     from site_kernel.settings import DEFAULT_HUB, SiteSettings
 
@@ -293,8 +365,11 @@ def test_a_hub_alone_listens_where_sites_look_by_default(tmp_path: Path,
         out = capsys.readouterr().out
         address = read_state(tmp_path)["hub_address"]
         if taken:
-            assert address != DEFAULT_HUB and f"{DEFAULT_HUB}, where sites look for their hub by default, was " \
-                "taken" in out and f"flip-site init SITE --hub {address}`" in out
+            assert (
+                address != DEFAULT_HUB
+                and f"{DEFAULT_HUB}, where sites look for their hub by default, was taken" in out
+                and f"flip-site init SITE --hub {address}`" in out
+            )
         else:
             assert address == DEFAULT_HUB and "a site joins with `flip-site init SITE`, then" in out
     finally:

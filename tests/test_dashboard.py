@@ -42,26 +42,79 @@ def empty_job(tmp_path: Path, rounds: int = 2) -> Job:
 def troubled_stream() -> list[dict]:
     """A job where one site waits for approval, one withholds its reply and one fails, as the hub reports them."""
     return [
-        {"type": "job_started", "rounds": 3, "strategy": "fedprox", "min_sites": 2, "sites": [],
-         "plan_hash": "ab" * 32, "t": T0},
-        {"type": "site_state", "round": 0, "site": "north", "state": "waiting_approval",
-         "detail": "waiting for approval at site north", "t": T0 + 1},
-        {"type": "site_state", "round": 0, "site": "east", "state": "preparing_data", "detail": "strict v2",
-         "t": T0 + 1},
-        {"type": "site_state", "round": 0, "site": "west", "state": "preparing_data", "detail": "strict v2",
-         "t": T0 + 1},
+        {
+            "type": "job_started",
+            "rounds": 3,
+            "strategy": "fedprox",
+            "min_sites": 2,
+            "sites": [],
+            "plan_hash": "ab" * 32,
+            "t": T0,
+        },
+        {
+            "type": "site_state",
+            "round": 0,
+            "site": "north",
+            "state": "waiting_approval",
+            "detail": "waiting for approval at site north",
+            "t": T0 + 1,
+        },
+        {
+            "type": "site_state",
+            "round": 0,
+            "site": "east",
+            "state": "preparing_data",
+            "detail": "strict v2",
+            "t": T0 + 1,
+        },
+        {
+            "type": "site_state",
+            "round": 0,
+            "site": "west",
+            "state": "preparing_data",
+            "detail": "strict v2",
+            "t": T0 + 1,
+        },
         {"type": "site_state", "round": 1, "site": "east", "state": "training", "t": T0 + 2},
         {"type": "site_state", "round": 1, "site": "west", "state": "training", "t": T0 + 2},
-        {"type": "reply", "round": 1, "phase": "train", "site": "east", "metrics": {"loss": 0.7},
-         "num_examples": 40, "compute_s": 1.0, "audit_head": "e1" * 32, "approval": "approved", "t": T0 + 3},
-        {"type": "site_error", "round": 1, "phase": "train", "site": "west", "kind": "withheld",
-         "message": "metric 'hist' is not allowed by the site's egress policy", "t": T0 + 3},
-        {"type": "site_state", "round": 1, "site": "west", "state": "withheld",
-         "detail": "metric 'hist' is not allowed by the site's egress policy", "t": T0 + 3},
-        {"type": "site_state", "round": 1, "site": "east", "state": "failed", "detail": "worker ran out of memory",
-         "t": T0 + 4},
-        {"type": "round_discarded", "round": 1, "phase": "train", "reason": "1 contributor, fewer than 2",
-         "t": T0 + 4},
+        {
+            "type": "reply",
+            "round": 1,
+            "phase": "train",
+            "site": "east",
+            "metrics": {"loss": 0.7},
+            "num_examples": 40,
+            "compute_s": 1.0,
+            "audit_head": "e1" * 32,
+            "approval": "approved",
+            "t": T0 + 3,
+        },
+        {
+            "type": "site_error",
+            "round": 1,
+            "phase": "train",
+            "site": "west",
+            "kind": "withheld",
+            "message": "metric 'hist' is not allowed by the site's egress policy",
+            "t": T0 + 3,
+        },
+        {
+            "type": "site_state",
+            "round": 1,
+            "site": "west",
+            "state": "withheld",
+            "detail": "metric 'hist' is not allowed by the site's egress policy",
+            "t": T0 + 3,
+        },
+        {
+            "type": "site_state",
+            "round": 1,
+            "site": "east",
+            "state": "failed",
+            "detail": "worker ran out of memory",
+            "t": T0 + 4,
+        },
+        {"type": "round_discarded", "round": 1, "phase": "train", "reason": "1 contributor, fewer than 2", "t": T0 + 4},
     ]
 
 
@@ -83,11 +136,14 @@ def test_replayed_stream_shows_final_state(tmp_path: Path) -> None:
     assert bytes(curves.value).startswith(PNG)
 
 
-@pytest.mark.parametrize(("site", "label", "detail"), [
-    ("north", "waiting for approval", "waiting for approval at site north"),
-    ("west", "withheld by policy", "metric 'hist' is not allowed by the site's egress policy"),
-    ("east", "failed", "worker ran out of memory"),
-])
+@pytest.mark.parametrize(
+    ("site", "label", "detail"),
+    [
+        ("north", "waiting for approval", "waiting for approval at site north"),
+        ("west", "withheld by policy", "metric 'hist' is not allowed by the site's egress policy"),
+        ("east", "failed", "worker ran out of memory"),
+    ],
+)
 def test_site_states_carry_the_sites_detail(site: str, label: str, detail: str) -> None:
     rows = {row["site"]: row for row in site_rows(JobView.from_events(troubled_stream()))}
     assert rows[site]["state"] == label
@@ -146,12 +202,38 @@ def test_curves_are_throttled(tmp_path: Path) -> None:
     start = time.monotonic()
     for r in range(1, rounds + 1):
         for site in ("a", "b", "c"):
-            job._apply({"type": "reply", "round": r, "phase": "evaluate", "site": site,
-                        "metrics": {"dice": r / rounds}, "num_examples": 4, "compute_s": 0.1, "t": T0 + r})
-        job._apply({"type": "aggregate", "round": r, "phase": "evaluate", "metrics": {"dice": r / rounds},
-                    "contributors": ["a", "b", "c"], "wall_s": 0.0, "t": T0 + r})
-    job._apply({"type": "job_finished", "status": "completed", "message": "all rounds released",
-                "rounds_completed": rounds, "t": T0 + 99})
+            job._apply(
+                {
+                    "type": "reply",
+                    "round": r,
+                    "phase": "evaluate",
+                    "site": site,
+                    "metrics": {"dice": r / rounds},
+                    "num_examples": 4,
+                    "compute_s": 0.1,
+                    "t": T0 + r,
+                }
+            )
+        job._apply(
+            {
+                "type": "aggregate",
+                "round": r,
+                "phase": "evaluate",
+                "metrics": {"dice": r / rounds},
+                "contributors": ["a", "b", "c"],
+                "wall_s": 0.0,
+                "t": T0 + r,
+            }
+        )
+    job._apply(
+        {
+            "type": "job_finished",
+            "status": "completed",
+            "message": "all rounds released",
+            "rounds_completed": rounds,
+            "t": T0 + 99,
+        }
+    )
     elapsed = time.monotonic() - start
     assert dash.renders <= 2 + elapsed / 0.5  # 160 curve events, a handful of renders
     assert dash.progress.value == rounds
@@ -254,25 +336,60 @@ def test_a_metric_that_stays_flat_is_drawn_from_zero(tmp_path: Path, value: floa
     job = empty_job(tmp_path, rounds=3)
     for r in (1, 2, 3):
         for site in ("north", "east"):
-            job._apply({"type": "reply", "round": r, "phase": "evaluate", "site": site,
-                        "metrics": {"dice": value, "loss": 1 / r}, "num_examples": 4, "compute_s": 0.1, "t": T0 + r})
+            job._apply(
+                {
+                    "type": "reply",
+                    "round": r,
+                    "phase": "evaluate",
+                    "site": site,
+                    "metrics": {"dice": value, "loss": 1 / r},
+                    "num_examples": 4,
+                    "compute_s": 0.1,
+                    "t": T0 + r,
+                }
+            )
     dice_axes, _loss = dashboard_figure(job.history, "dice").axes
     low, high = dice_axes.get_ylim()
     assert -0.05 * top < low <= 0 and high >= top
 
 
-@pytest.mark.parametrize(("events", "words"), [
-    ([{"type": "job_started", "rounds": 3}], "running, sites preparing"),
-    ([{"type": "job_started", "rounds": 3}, {"type": "site_state", "round": 1, "site": "a", "state": "training"}],
-     "running, round 1 of 3"),
-    # round 1 released, round 2 under way: the round in progress, as the side panel says it ("round 2 of 3")
-    ([{"type": "job_started", "rounds": 3}, {"type": "aggregate", "round": 1, "phase": "evaluate", "metrics": {}},
-      {"type": "site_state", "round": 2, "site": "a", "state": "training"}], "running, round 2 of 3"),
-    ([{"type": "job_started", "rounds": 3}, {"type": "site_state", "round": 2, "site": "a", "state": "training"},
-      {"type": "job_finished", "status": "cancelled", "rounds_completed": 1}], "cancelled, 1 of 3 rounds"),
-    ([{"type": "job_started", "rounds": 1}, {"type": "job_finished", "status": "completed", "rounds_completed": 1}],
-     "completed, 1 of 1 round"),
-])
+@pytest.mark.parametrize(
+    ("events", "words"),
+    [
+        ([{"type": "job_started", "rounds": 3}], "running, sites preparing"),
+        (
+            [
+                {"type": "job_started", "rounds": 3},
+                {"type": "site_state", "round": 1, "site": "a", "state": "training"},
+            ],
+            "running, round 1 of 3",
+        ),
+        # round 1 released, round 2 under way: the round in progress, as the side panel says it ("round 2 of 3")
+        (
+            [
+                {"type": "job_started", "rounds": 3},
+                {"type": "aggregate", "round": 1, "phase": "evaluate", "metrics": {}},
+                {"type": "site_state", "round": 2, "site": "a", "state": "training"},
+            ],
+            "running, round 2 of 3",
+        ),
+        (
+            [
+                {"type": "job_started", "rounds": 3},
+                {"type": "site_state", "round": 2, "site": "a", "state": "training"},
+                {"type": "job_finished", "status": "cancelled", "rounds_completed": 1},
+            ],
+            "cancelled, 1 of 3 rounds",
+        ),
+        (
+            [
+                {"type": "job_started", "rounds": 1},
+                {"type": "job_finished", "status": "completed", "rounds_completed": 1},
+            ],
+            "completed, 1 of 1 round",
+        ),
+    ],
+)
 def test_round_words_say_the_round_in_progress_then_the_rounds_completed(events: list[dict], words: str) -> None:
     """The same words as the panel's job headline (extensions/flip-lab/test/format.test.ts)."""
     from flip_lab.display import headline
@@ -285,9 +402,11 @@ def test_a_job_cancelled_during_round_2_reads_one_round_completed(tmp_path: Path
     round the sites had reached."""
     job = empty_job(tmp_path, rounds=3)
     dash = Dashboard(job)
-    for event in [{"type": "job_started", "rounds": 3, "t": T0},
-                  {"type": "aggregate", "round": 1, "phase": "train", "metrics": {"loss": 0.5}, "t": T0 + 1},
-                  {"type": "site_state", "round": 2, "site": "a", "state": "training", "t": T0 + 2}]:
+    for event in [
+        {"type": "job_started", "rounds": 3, "t": T0},
+        {"type": "aggregate", "round": 1, "phase": "train", "metrics": {"loss": 0.5}, "t": T0 + 1},
+        {"type": "site_state", "round": 2, "site": "a", "state": "training", "t": T0 + 2},
+    ]:
         job._apply(event)
     assert "running, round 2 of 3" in dash.headline.value
     job._settle("cancelled", "cancelled")

@@ -22,8 +22,13 @@ torch.set_num_threads(1)
 
 AFFINE = np.diag([2.0, 2.0, 3.0, 1.0])
 CONTRACT = {
-    "dataset": "d", "modality": ["CT"], "dims": 2, "size": [16, 16], "spacing": [2.0, 2.0],
-    "intensity": {"kind": "percentile", "lower": 1.0, "upper": 99.0}, "labels": {"background": 0, "lesion": 1},
+    "dataset": "d",
+    "modality": ["CT"],
+    "dims": 2,
+    "size": [16, 16],
+    "spacing": [2.0, 2.0],
+    "intensity": {"kind": "percentile", "lower": 1.0, "upper": 99.0},
+    "labels": {"background": 0, "lesion": 1},
 }
 
 
@@ -61,7 +66,8 @@ def test_an_image_with_nan_voxels_is_quarantined_at_registration(tmp_path: Path)
 
     assert summary.num_cases == 1 and summary.skipped == {"non_finite": 1}
     assert public_catalogue(tmp_path / "site")["datasets"]["d"]["skipped"] == [
-        "1 file skipped: image with non-finite voxels (NaN or infinity)"]
+        "1 file skipped: image with non-finite voxels (NaN or infinity)"
+    ]
     assert "reason=non_finite" in _log(tmp_path / "site") and "3 of 576 voxels" in _log(tmp_path / "site")
     data = prepare(tmp_path / "site", {**CONTRACT, "labels": {"background": 0}})
     assert np.isfinite(data.train_x).all() and data.num_train + data.num_test == 4
@@ -80,8 +86,9 @@ def test_an_image_that_gains_nan_voxels_after_registration_is_skipped_by_prepare
 
 
 @pytest.mark.parametrize("how", ["python", "flip-site"])
-def test_a_relative_source_is_stored_as_an_absolute_resolved_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                                  how: str) -> None:
+def test_a_relative_source_is_stored_as_an_absolute_resolved_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
     _image(tmp_path / "work" / "export", "a")
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "work")
@@ -100,8 +107,7 @@ def test_a_relative_source_is_stored_as_an_absolute_resolved_path(tmp_path: Path
 @pytest.mark.parametrize(
     ("label", "affine", "reason", "detail"),
     [
-        ((np.linspace(0, 255, 576).reshape(12, 12, 4)).astype(np.uint8), AFFINE, "not_a_label_map",
-         "distinct values"),
+        ((np.linspace(0, 255, 576).reshape(12, 12, 4)).astype(np.uint8), AFFINE, "not_a_label_map", "distinct values"),
         (_mask().astype(np.float32) * 0.7, AFFINE, "not_a_label_map", "not integers"),
         (_mask().astype(np.int16) * 300, AFFINE, "not_a_label_map", "outside the class indices"),
         (_mask(), np.diag([2.0, 2.0, 2.0, 1.0]), "label_mismatch", "label map: label affine differs"),
@@ -110,7 +116,8 @@ def test_a_relative_source_is_stored_as_an_absolute_resolved_path(tmp_path: Path
     ids=["probability-map-0-255", "fractions", "values-above-255", "other-spacing", "other-grid"],
 )
 def test_a_label_file_that_is_no_label_map_of_its_image_is_refused_with_its_reason(
-        tmp_path: Path, label: np.ndarray, affine: np.ndarray, reason: str, detail: str) -> None:
+    tmp_path: Path, label: np.ndarray, affine: np.ndarray, reason: str, detail: str
+) -> None:
     _image(tmp_path / "export", "good")
     _label(tmp_path / "export", "good", _mask())
     _image(tmp_path / "export", "bad")
@@ -167,8 +174,13 @@ def test_the_prepare_process_reports_whose_action_fixes_a_failure(tmp_path: Path
     register_dataset(tmp_path / "site", "d", tmp_path / "export")
     request = {"site_dir": str(tmp_path / "site"), "contract": {**CONTRACT, "labels": {"background": 0}}}
 
-    done = subprocess.run([sys.executable, "-m", "site_kernel._prepare_job"], input=json.dumps(request).encode(),
-                          capture_output=True, timeout=300, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "site_kernel._prepare_job"],
+        input=json.dumps(request).encode(),
+        capture_output=True,
+        timeout=300,
+        check=False,
+    )
 
     assert done.returncode == 1 and b"ContractError" in done.stderr
     failure = _preparation_failure("north", done.stdout)
@@ -180,10 +192,16 @@ def test_the_prepare_process_reports_whose_action_fixes_a_failure(tmp_path: Path
 @pytest.mark.parametrize(
     ("answer", "kind", "words"),
     [
-        (b'{"failure": {"fixed_by": "researcher", "message": "no such thing"}}', "contract_error",
-         "no such thing (for the researcher to fix) at site north"),
-        (b'{"failure": {"fixed_by": "data_owner", "message": "gone\\u001b[2K"}}', "data_error",
-         "gone\\x1b[2K (for the data owner to fix"),
+        (
+            b'{"failure": {"fixed_by": "researcher", "message": "no such thing"}}',
+            "contract_error",
+            "no such thing (for the researcher to fix) at site north",
+        ),
+        (
+            b'{"failure": {"fixed_by": "data_owner", "message": "gone\\u001b[2K"}}',
+            "data_error",
+            "gone\\x1b[2K (for the data owner to fix",
+        ),
         (b"Traceback: /pacs/SMITH^JOHN/IM0001", "site_error", "its data owner has the details"),
         (b"", "site_error", "its data owner has the details"),
     ],

@@ -62,8 +62,19 @@ def test_nothing_identifying_reaches_the_catalogue(site: Path) -> None:
     text = json.dumps(public_catalogue(site, min_count=1))
     dicom_files = sorted((site / "raw" / "images").rglob("*.dcm"))
     first = pydicom.dcmread(dicom_files[0])
-    secrets = [str(first.PatientName), str(first.PatientID), str(first.StudyInstanceUID), str(first.StudyDate),
-               first.SeriesInstanceUID, dicom_files[0].parent.name, str(site), ".dcm", ".nii", "CANARY", "case-"]
+    secrets = [
+        str(first.PatientName),
+        str(first.PatientID),
+        str(first.StudyInstanceUID),
+        str(first.StudyDate),
+        first.SeriesInstanceUID,
+        dicom_files[0].parent.name,
+        str(site),
+        ".dcm",
+        ".nii",
+        "CANARY",
+        "case-",
+    ]
     for secret in secrets:
         assert secret not in text, secret
     assert str(first.PatientName).startswith("CANARY^")  # the canary really is in the files

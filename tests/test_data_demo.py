@@ -19,14 +19,21 @@ from site_kernel.data.manifest import read_manifest
 torch.set_num_threads(1)
 
 CONTRACT = {
-    "modality": ["CT", "MR"], "dims": 2, "size": [64, 64], "spacing": [3.0, 3.0],
-    "intensity": {"kind": "percentile", "lower": 1.0, "upper": 99.0}, "labels": {"background": 0, "lesion": 1},
+    "modality": ["CT", "MR"],
+    "dims": 2,
+    "size": [64, 64],
+    "spacing": [3.0, 3.0],
+    "intensity": {"kind": "percentile", "lower": 1.0, "upper": 99.0},
+    "labels": {"background": 0, "lesion": 1},
 }
 
 
 def _tree(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +52,10 @@ def test_the_same_seed_writes_identical_files(tmp_path: Path) -> None:
 
 def test_sites_differ_in_modality_format_vendor_size_and_orientation(federation: list) -> None:
     assert [(s.name, s.modality, s.file_format) for s in federation] == [
-        ("st-aldhelm", "CT", "dicom"), ("northgate", "MR", "nifti"),
-        ("riverside", "CT", "nifti"), ("westmoor", "MR", "dicom"),
+        ("st-aldhelm", "CT", "dicom"),
+        ("northgate", "MR", "nifti"),
+        ("riverside", "CT", "nifti"),
+        ("westmoor", "MR", "dicom"),
     ]
     manifests = [read_manifest(s.site_dir, "default") for s in federation]
     assert len({s.vendor for s in federation}) == 4
@@ -72,7 +81,9 @@ def test_nifti_sites_have_sidecars_and_labels_beside_the_images(federation: list
     site = federation[1]
     image = next(p for p in sorted(site.images_dir.glob("*.nii.gz")) if "_seg" not in p.name)
     assert json.loads(image.with_name(image.name.replace(".nii.gz", ".json")).read_text()) == {
-        "Manufacturer": "Philips", "Modality": "MR"}
+        "Manufacturer": "Philips",
+        "Modality": "MR",
+    }
     assert image.with_name(image.name.replace(".nii.gz", "_seg.nii.gz")).is_file()
     assert nib.load(image).header["descrip"].item().startswith(b"CANARY^")
 
@@ -93,7 +104,7 @@ def test_lesions_are_not_separable_by_an_intensity_threshold(federation: list) -
     edges = np.quantile(values[lesion], np.linspace(0, 1, 21))
     best = 0.0
     for i, low in enumerate(edges):
-        for high in edges[i + 1:]:
+        for high in edges[i + 1 :]:
             hit = (values >= low) & (values <= high)
             best = max(best, 2 * np.sum(hit & lesion) / (hit.sum() + lesion.sum()))
     assert lesion.mean() > 0.005

@@ -24,8 +24,13 @@ PYDICOM_DATA = Path(get_testdata_file("CT_small.dcm")).parent
 NIBABEL_DATA = Path(nib.__file__).parent / "tests" / "data"
 SERIES_CT5N = PYDICOM_DATA / "dicomdirtests" / "98892001" / "CT5N"
 CONTRACT = {
-    "modality": ["CT", "MR"], "dims": 2, "size": [32, 32], "spacing": [2.0, 2.0], "orientation": "RAS",
-    "intensity": {"kind": "percentile", "lower": 1.0, "upper": 99.0}, "labels": {"background": 0, "lesion": 1},
+    "modality": ["CT", "MR"],
+    "dims": 2,
+    "size": [32, 32],
+    "spacing": [2.0, 2.0],
+    "orientation": "RAS",
+    "intensity": {"kind": "percentile", "lower": 1.0, "upper": 99.0},
+    "labels": {"background": 0, "lesion": 1},
 }
 
 
@@ -134,8 +139,15 @@ def test_series_stored_flipped_transposed_and_reversed_harmonises_to_the_same_sl
     results = {}
     for name, (values, mask, grid, reverse) in variants.items():
         source, labels = tmp_path / name / "dicom", tmp_path / name / "labels"
-        write_series(source / "series1", values, grid, modality="CT", tags={"Manufacturer": "TEST"},
-                     uid_seed=name, reverse_file_order=reverse)
+        write_series(
+            source / "series1",
+            values,
+            grid,
+            modality="CT",
+            tags={"Manufacturer": "TEST"},
+            uid_seed=name,
+            reverse_file_order=reverse,
+        )
         labels.mkdir(parents=True)
         nib.save(nib.Nifti1Image(mask, grid), labels / "series1_seg.nii.gz")
         register_dataset(tmp_path / name / "site", "default", source, labels=labels, test_fraction=0.0)
@@ -160,8 +172,14 @@ def test_registration_keeps_raw_files_and_records_their_paths(tmp_path: Path) ->
 
 
 def _patient_series(source: Path, patient: str, number: int) -> None:
-    write_series(source / f"{patient}-{number}", _smooth_integer_volume((8, 8, 3)), np.eye(4), modality="MR",
-                 tags={"PatientID": patient}, uid_seed=f"{patient}{number}")
+    write_series(
+        source / f"{patient}-{number}",
+        _smooth_integer_volume((8, 8, 3)),
+        np.eye(4),
+        modality="MR",
+        tags={"PatientID": patient},
+        uid_seed=f"{patient}{number}",
+    )
 
 
 def test_split_is_seeded_and_keeps_each_patient_on_one_side(tmp_path: Path) -> None:

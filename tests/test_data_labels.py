@@ -25,8 +25,13 @@ from site_kernel.data.manifest import read_manifest
 torch.set_num_threads(1)
 
 CONTRACT = {
-    "modality": "MR", "dims": 2, "size": [16, 16], "spacing": [2.0, 2.0], "intensity": {"kind": "zscore"},
-    "task": "classification", "labels": {"normal": 0, "pneumonia": 1},
+    "modality": "MR",
+    "dims": 2,
+    "size": [16, 16],
+    "spacing": [2.0, 2.0],
+    "intensity": {"kind": "zscore"},
+    "task": "classification",
+    "labels": {"normal": 0, "pneumonia": 1},
 }
 #: case -> (number of axial slices, CSV label)
 CASES = {"case_a": (3, "normal"), "case_b": (4, "Pneumonia"), "case_c": (2, "1"), "case_d": (5, "normal")}
@@ -55,13 +60,17 @@ def test_a_csv_makes_a_classification_dataset(tmp_path: Path, source: Path) -> N
     rows = {stem: label for stem, (_, label) in CASES.items() if stem != "case_d"}
     rows["nobody"] = "normal"  # a row naming no image is left aside
     # The CSV may sit in the source folder: it is read as labels, not quarantined as an unreadable image.
-    summary = register_dataset(tmp_path / "site", "xr", source, labels=_csv(source / "classes.csv", rows),
-                               modality="MR")
+    summary = register_dataset(
+        tmp_path / "site", "xr", source, labels=_csv(source / "classes.csv", rows), modality="MR"
+    )
 
     manifest = read_manifest(tmp_path / "site", "xr")
     assert manifest["task"] == "classification" and summary.task == "classification"
     assert {Path(c["files"][0]).name: c["class_name"] for c in manifest["cases"]} == {
-        "case_a.nii.gz": "normal", "case_b.nii.gz": "Pneumonia", "case_c.nii.gz": "1"}
+        "case_a.nii.gz": "normal",
+        "case_b.nii.gz": "Pneumonia",
+        "case_c.nii.gz": "1",
+    }
     assert summary.label_classes == {"1": 1, "Pneumonia": 1, "normal": 1}
     assert summary.skipped == {"missing_label": 1}  # case_d has no row
     assert [q["paths"] for q in manifest["quarantine"]] == [[str(source / "case_d.nii.gz")]]
@@ -69,16 +78,18 @@ def test_a_csv_makes_a_classification_dataset(tmp_path: Path, source: Path) -> N
 
 def test_each_slice_carries_its_case_s_class_index(tmp_path: Path, source: Path) -> None:
     rows = {stem: label for stem, (_, label) in CASES.items()}
-    register_dataset(tmp_path / "site", "default", source, labels=_csv(tmp_path / "c.csv", rows), modality="MR",
-                     test_fraction=0.0)
+    register_dataset(
+        tmp_path / "site", "default", source, labels=_csv(tmp_path / "c.csv", rows), modality="MR", test_fraction=0.0
+    )
 
     data = prepare(tmp_path / "site", CONTRACT)
 
     index = {"normal": 0, "Pneumonia": 1, "1": 1}  # names case-insensitively, integers as they are
     cases = read_manifest(tmp_path / "site", "default")["cases"]
     slices = {stem: n for stem, (n, _) in CASES.items()}
-    expected = np.concatenate([np.full(slices[Path(c["files"][0]).name[:6]], index[str(c.get("class_name"))])
-                               for c in cases])
+    expected = np.concatenate(
+        [np.full(slices[Path(c["files"][0]).name[:6]], index[str(c.get("class_name"))]) for c in cases]
+    )
     assert data.train_y.dtype == np.int64 and data.train_y.shape == (sum(n for n, _ in CASES.values()),)
     np.testing.assert_array_equal(data.train_y, expected)
     assert data.train_x.shape == (len(expected), 1, 16, 16) and data.test_y.shape == (0,)
@@ -146,8 +157,9 @@ def test_dicom_series_take_their_class_by_folder_or_series_uid(tmp_path: Path) -
     source = tmp_path / "export"
     uids = {}
     for name in ("by_folder", "by_uid", "unlisted"):
-        paths = write_series(source / name, np.ones((8, 8, 2), np.int16), np.eye(4), modality="MR", tags={},
-                             uid_seed=name)
+        paths = write_series(
+            source / name, np.ones((8, 8, 2), np.int16), np.eye(4), modality="MR", tags={}, uid_seed=name
+        )
         uids[name] = str(pydicom.dcmread(paths[0]).SeriesInstanceUID)
     csv = _csv(tmp_path / "c.csv", {"by_folder": "normal", uids["by_uid"]: "pneumonia"})
     summary = register_dataset(tmp_path / "site", "d", source, labels=csv)
@@ -165,12 +177,29 @@ def test_the_catalogue_shows_classes_with_small_counts_hidden(tmp_path: Path, so
     assert "case_" not in str(entry)
 
 
-def test_flip_site_data_add_registers_and_prints_the_summary(tmp_path: Path, source: Path,
-                                                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_flip_site_data_add_registers_and_prints_the_summary(
+    tmp_path: Path, source: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     rows = {stem: label for stem, (_, label) in CASES.items() if stem != "case_d"}
     (source / "notes.txt").write_text("exported on Monday\n")
-    code = main(["data", "add", "xr", str(source), "--site", str(tmp_path / "site"), "--labels",
-                 str(_csv(tmp_path / "c.csv", rows)), "--modality", "MR", "--test-fraction", "0.34", "--seed", "3"])
+    code = main(
+        [
+            "data",
+            "add",
+            "xr",
+            str(source),
+            "--site",
+            str(tmp_path / "site"),
+            "--labels",
+            str(_csv(tmp_path / "c.csv", rows)),
+            "--modality",
+            "MR",
+            "--test-fraction",
+            "0.34",
+            "--seed",
+            "3",
+        ]
+    )
 
     out = capsys.readouterr().out
     manifest = read_manifest(tmp_path / "site", "xr")
@@ -181,8 +210,10 @@ def test_flip_site_data_add_registers_and_prints_the_summary(tmp_path: Path, sou
     assert "skipped: 1 file, unreadable (neither DICOM nor NIfTI) (unreadable)" in out
 
 
-def test_flip_site_data_add_reports_a_bad_labels_path(tmp_path: Path, source: Path,
-                                                      capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(["data", "add", "xr", str(source), "--site", str(tmp_path / "site"), "--labels",
-                 str(tmp_path / "missing.csv")])
+def test_flip_site_data_add_reports_a_bad_labels_path(
+    tmp_path: Path, source: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(
+        ["data", "add", "xr", str(source), "--site", str(tmp_path / "site"), "--labels", str(tmp_path / "missing.csv")]
+    )
     assert code == 2 and "labels folder or CSV" in capsys.readouterr().err

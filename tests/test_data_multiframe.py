@@ -20,16 +20,22 @@ from site_kernel.data.multiframe import read_enhanced, write_enhanced
 torch.set_num_threads(1)
 
 CONTRACT = {
-    "dataset": "default", "modality": ["CT", "MR"], "dims": 2, "size": [24, 24], "spacing": [2.0, 2.0],
-    "orientation": "RAS", "intensity": {"kind": "window", "center": 0.0, "width": 2000.0},
+    "dataset": "default",
+    "modality": ["CT", "MR"],
+    "dims": 2,
+    "size": [24, 24],
+    "spacing": [2.0, 2.0],
+    "orientation": "RAS",
+    "intensity": {"kind": "window", "center": 0.0, "width": 2000.0},
     "labels": {"background": 0},
 }
 
 
 def _volume(shape: tuple[int, int, int] = (20, 16, 6)) -> np.ndarray:
     grid = np.stack(np.meshgrid(*(np.linspace(-1, 1, n) for n in shape), indexing="ij"))
-    return (800 * np.exp(-((grid[0] - 0.2) ** 2 + (grid[1] + 0.3) ** 2) * 3) + 150 * grid[2] + 90 * grid[0]
-            + 300).astype(np.int16)
+    return (
+        800 * np.exp(-((grid[0] - 0.2) ** 2 + (grid[1] + 0.3) ** 2) * 3) + 150 * grid[2] + 90 * grid[0] + 300
+    ).astype(np.int16)
 
 
 def _grid() -> np.ndarray:
@@ -53,10 +59,28 @@ def _register_and_prepare(root: Path) -> np.ndarray:
 def test_a_flipped_reversed_series_and_an_enhanced_file_harmonise_to_the_same_array(tmp_path: Path) -> None:
     stored = _volume()
     flipped, flipped_affine = _flipped(stored, _grid())
-    write_series(tmp_path / "series" / "export" / "s1", flipped, flipped_affine, modality="CT", tags={},
-                 slope=2.0, intercept=-1024.0, uid_seed="series", reverse_file_order=True)
-    write_enhanced(tmp_path / "enhanced" / "export" / "volume.dcm", stored, _grid(), modality="CT", tags={},
-                   slope=2.0, intercept=-1024.0, uid_seed="enhanced", frame_order=[3, 0, 5, 1, 4, 2])
+    write_series(
+        tmp_path / "series" / "export" / "s1",
+        flipped,
+        flipped_affine,
+        modality="CT",
+        tags={},
+        slope=2.0,
+        intercept=-1024.0,
+        uid_seed="series",
+        reverse_file_order=True,
+    )
+    write_enhanced(
+        tmp_path / "enhanced" / "export" / "volume.dcm",
+        stored,
+        _grid(),
+        modality="CT",
+        tags={},
+        slope=2.0,
+        intercept=-1024.0,
+        uid_seed="enhanced",
+        frame_order=[3, 0, 5, 1, 4, 2],
+    )
 
     from_series = _register_and_prepare(tmp_path / "series")
     from_enhanced = _register_and_prepare(tmp_path / "enhanced")
@@ -69,8 +93,11 @@ def test_a_flipped_reversed_series_and_an_enhanced_file_harmonise_to_the_same_ar
 
 def test_an_enhanced_file_reads_onto_the_world_grid_of_its_series(tmp_path: Path) -> None:
     paths = write_series(tmp_path / "s", _volume(), _grid(), modality="MR", tags={}, uid_seed="s")
-    enhanced = read_enhanced(write_enhanced(tmp_path / "e.dcm", _volume(), _grid(), modality="MR", tags={},
-                                            uid_seed="e", frame_order=[5, 4, 3, 2, 1, 0]))
+    enhanced = read_enhanced(
+        write_enhanced(
+            tmp_path / "e.dcm", _volume(), _grid(), modality="MR", tags={}, uid_seed="e", frame_order=[5, 4, 3, 2, 1, 0]
+        )
+    )
     series = read_series(paths)
     world = np.array([[3, 7, 2, 1]]).T
     # The same voxel of each (found through its own affine) lies at the same point and holds the same value.
@@ -82,8 +109,9 @@ def test_an_enhanced_file_reads_onto_the_world_grid_of_its_series(tmp_path: Path
 
 def test_per_frame_rescale_is_applied_frame_by_frame(tmp_path: Path) -> None:
     real = _volume((8, 8, 4)).astype(np.int32) * 6  # divisible by every slope below
-    path = write_enhanced(tmp_path / "e.dcm", (real // 6).astype(np.int16), _grid(), modality="CT", tags={},
-                          uid_seed="rescale")
+    path = write_enhanced(
+        tmp_path / "e.dcm", (real // 6).astype(np.int16), _grid(), modality="CT", tags={}, uid_seed="rescale"
+    )
     ds = pydicom.dcmread(path)
     slopes = [1.0, 2.0, 3.0, 6.0]
     del ds.SharedFunctionalGroupsSequence[0].PixelValueTransformationSequence
@@ -103,8 +131,15 @@ def test_per_frame_rescale_is_applied_frame_by_frame(tmp_path: Path) -> None:
 
 
 def test_an_enhanced_file_with_two_frames_at_one_position_is_quarantined(tmp_path: Path) -> None:
-    write_enhanced(tmp_path / "export" / "bad.dcm", _volume(), _grid(), modality="CT", tags={}, uid_seed="bad",
-                   frame_order=[0, 1, 2, 2, 3, 4])
+    write_enhanced(
+        tmp_path / "export" / "bad.dcm",
+        _volume(),
+        _grid(),
+        modality="CT",
+        tags={},
+        uid_seed="bad",
+        frame_order=[0, 1, 2, 2, 3, 4],
+    )
     write_enhanced(tmp_path / "export" / "good.dcm", _volume(), _grid(), modality="CT", tags={}, uid_seed="good")
 
     summary = register_dataset(tmp_path / "site", "d", tmp_path / "export")
@@ -135,8 +170,9 @@ def test_a_slice_exported_twice_is_read_once_and_the_series_kept(tmp_path: Path)
     assert summary.num_cases == 1 and summary.skipped == {"duplicate_instance": 1}
     (case,) = read_manifest(tmp_path / "site", "d")["cases"]
     assert case["shape"] == [20, 16, 6] and len(case["files"]) == 6
-    assert "1 file skipped: second copy of a slice" in " ".join(public_catalogue(tmp_path / "site")["datasets"]["d"]
-                                                                  ["skipped"])
+    assert "1 file skipped: second copy of a slice" in " ".join(
+        public_catalogue(tmp_path / "site")["datasets"]["d"]["skipped"]
+    )
 
 
 def test_two_different_slices_at_one_position_still_sink_the_series(tmp_path: Path) -> None:
@@ -171,8 +207,9 @@ def _secondary_capture(path: Path) -> None:
         (None, "secondary_capture", "secondary capture without patient geometry"),
     ],
 )
-def test_images_that_are_not_read_say_so_in_the_catalogue(tmp_path: Path, file_name: str | None, reason: str,
-                                                           shown: str) -> None:
+def test_images_that_are_not_read_say_so_in_the_catalogue(
+    tmp_path: Path, file_name: str | None, reason: str, shown: str
+) -> None:
     source = tmp_path / "export"
     source.mkdir()
     shutil.copy(get_testdata_file("CT_small.dcm"), source / "fine.dcm")

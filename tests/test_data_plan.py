@@ -26,8 +26,9 @@ def _data(n: int = 24, seed: int = 0) -> SimpleNamespace:
         y[i][disc] = 1
         x[i, 0][disc] += 1.0
     half = n // 2
-    return SimpleNamespace(train_x=x[:half], train_y=y[:half], test_x=x[half:], test_y=y[half:],
-                           num_train=half, num_test=n - half)
+    return SimpleNamespace(
+        train_x=x[:half], train_y=y[:half], test_x=x[half:], test_y=y[half:], num_train=half, num_test=n - half
+    )
 
 
 def test_the_contract_is_valid() -> None:
@@ -60,8 +61,11 @@ def test_the_proximal_term_keeps_weights_near_the_global_model() -> None:
         torch.manual_seed(0)
         model = plan.model()
         anchors = [p.detach().clone() for p in model.parameters()]
-        plan.train(model, data, {"local_epochs": 2, "lr": 3e-3, "batch_size": 4, "seed": 0, "proximal_mu": mu,
-                                 "global_params": anchors})
+        plan.train(
+            model,
+            data,
+            {"local_epochs": 2, "lr": 3e-3, "batch_size": 4, "seed": 0, "proximal_mu": mu, "global_params": anchors},
+        )
         distances[mu] = sum(float(((p - a) ** 2).sum()) for p, a in zip(model.parameters(), anchors, strict=True))
     assert distances[10.0] < 0.5 * distances[0.0]
 

@@ -26,8 +26,13 @@ from site_kernel.data.volume import Volume
 torch.set_num_threads(1)
 
 CONTRACT = {
-    "modality": ["CT", "MR"], "dims": 2, "size": [48, 48], "spacing": [4.0, 4.0], "orientation": "RAS",
-    "intensity": {"kind": "percentile", "lower": 1.0, "upper": 99.0}, "labels": {"background": 0, "lesion": 1},
+    "modality": ["CT", "MR"],
+    "dims": 2,
+    "size": [48, 48],
+    "spacing": [4.0, 4.0],
+    "orientation": "RAS",
+    "intensity": {"kind": "percentile", "lower": 1.0, "upper": 99.0},
+    "labels": {"background": 0, "lesion": 1},
 }
 
 
@@ -69,8 +74,12 @@ def test_a_second_prepare_loads_the_cache(sites: list) -> None:
 def test_the_cache_key_covers_contract_site_steps_and_mode(sites: list, change: dict) -> None:
     site = sites[0]
     base = prepare(site.site_dir, CONTRACT, site_steps=site.site_steps)
-    changed = prepare(site.site_dir, change.get("contract", CONTRACT),
-                      site_steps=change.get("site_steps", site.site_steps), harmonise=change.get("harmonise", "full"))
+    changed = prepare(
+        site.site_dir,
+        change.get("contract", CONTRACT),
+        site_steps=change.get("site_steps", site.site_steps),
+        harmonise=change.get("harmonise", "full"),
+    )
     assert changed.cache_key != base.cache_key and not changed.from_cache
 
 
@@ -89,8 +98,11 @@ def test_re_registering_with_another_split_invalidates_the_cache(sites: list, tm
 def test_site_steps_run_before_the_contract(sites: list) -> None:
     site = sites[0]  # CT: a narrow window changes the harmonised intensities
     wide = prepare(site.site_dir, {**CONTRACT, "intensity": {"kind": "zscore"}}, site_steps=[])
-    narrow = prepare(site.site_dir, {**CONTRACT, "intensity": {"kind": "zscore"}},
-                     site_steps=[{"kind": "ct_window", "center": 60, "width": 100}])
+    narrow = prepare(
+        site.site_dir,
+        {**CONTRACT, "intensity": {"kind": "zscore"}},
+        site_steps=[{"kind": "ct_window", "center": 60, "width": 100}],
+    )
     assert not np.allclose(wide.train_x, narrow.train_x)
     np.testing.assert_array_equal(wide.train_y, narrow.train_y)
 

@@ -21,8 +21,12 @@ from site_kernel.data.nifti import read_nifti
 torch.set_num_threads(1)
 
 CONTRACT = {
-    "modality": ["CT", "MR"], "dims": 2, "size": [16, 16], "spacing": [2.0, 2.0],
-    "intensity": {"kind": "percentile", "lower": 1.0, "upper": 99.0}, "labels": {"background": 0, "lesion": 1},
+    "modality": ["CT", "MR"],
+    "dims": 2,
+    "size": [16, 16],
+    "spacing": [2.0, 2.0],
+    "intensity": {"kind": "percentile", "lower": 1.0, "upper": 99.0},
+    "labels": {"background": 0, "lesion": 1},
 }
 
 
@@ -30,7 +34,9 @@ def _volume(shape: tuple[int, int, int] = (12, 12, 4), seed: int = 0) -> np.ndar
     return np.random.default_rng(seed).integers(0, 1000, shape).astype(np.int16)
 
 
-def _nifti_case(folder: Path, stem: str, *, label: bool = True, label_shape: tuple[int, int, int] | None = None) -> None:
+def _nifti_case(
+    folder: Path, stem: str, *, label: bool = True, label_shape: tuple[int, int, int] | None = None
+) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     image = _volume(seed=len(stem))
     nib.save(nib.Nifti1Image(image, np.diag([2.0, 2.0, 3.0, 1.0])), folder / f"{stem}.nii.gz")
@@ -72,8 +78,14 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     _nifti_case(source / "nifti", "good2")
     labels = root / "labels"
     labels.mkdir()
-    write_series(source / "dicom" / "goodseries", _volume((12, 12, 4)), np.diag([-2.0, -2.0, 3.0, 1.0]),
-                 modality="CT", tags={"PatientName": "CANARY^QUARANTINE"}, uid_seed="good")
+    write_series(
+        source / "dicom" / "goodseries",
+        _volume((12, 12, 4)),
+        np.diag([-2.0, -2.0, 3.0, 1.0]),
+        modality="CT",
+        tags={"PatientName": "CANARY^QUARANTINE"},
+        uid_seed="good",
+    )
     mask = np.zeros((12, 12, 4), np.uint8)
     mask[2:5, 2:5, 1] = 1
     nib.save(nib.Nifti1Image(mask, np.diag([-2.0, -2.0, 3.0, 1.0])), labels / "goodseries.nii.gz")
@@ -132,9 +144,16 @@ def test_each_bad_input_is_quarantined_with_its_reason(corpus: tuple[Path, Path]
 def test_quarantine_is_counted_by_file_and_reason(corpus: tuple[Path, Path]) -> None:
     site, _ = corpus
     assert read_manifest(site, "mixed_bag")["skipped"] == {
-        "absurd_dimensions": 1, "corrupt": 1, "empty_file": 1, "header_size_mismatch": 2,
-        "inconsistent_spacing": 4, "label_mismatch": 1, "missing_label": 1, "mixed_series": 3,
-        "truncated": 2, "unreadable": 1,
+        "absurd_dimensions": 1,
+        "corrupt": 1,
+        "empty_file": 1,
+        "header_size_mismatch": 2,
+        "inconsistent_spacing": 4,
+        "label_mismatch": 1,
+        "missing_label": 1,
+        "mixed_series": 3,
+        "truncated": 2,
+        "unreadable": 1,
     }
 
 

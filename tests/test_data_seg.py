@@ -22,13 +22,24 @@ torch.set_num_threads(1)
 SHAPE = (14, 12, 6)  # [column, row, slice]
 #: What highdicom copies from the source images into a SEG (patient and study modules).
 PATIENT = {
-    "PatientName": "CANARY^SEG", "PatientID": "P-SEG-1", "PatientBirthDate": "19700101", "PatientSex": "O",
-    "StudyID": "1", "StudyDate": "20240101", "StudyTime": "120000", "ReferringPhysicianName": "",
-    "AccessionNumber": "", "Manufacturer": "TEST",
+    "PatientName": "CANARY^SEG",
+    "PatientID": "P-SEG-1",
+    "PatientBirthDate": "19700101",
+    "PatientSex": "O",
+    "StudyID": "1",
+    "StudyDate": "20240101",
+    "StudyTime": "120000",
+    "ReferringPhysicianName": "",
+    "AccessionNumber": "",
+    "Manufacturer": "TEST",
 }
 CONTRACT = {
-    "modality": "CT", "dims": 2, "size": [16, 16], "spacing": [1.5, 2.0],
-    "intensity": {"kind": "window", "center": 200, "width": 600}, "labels": {"background": 0, "lesion": 1},
+    "modality": "CT",
+    "dims": 2,
+    "size": [16, 16],
+    "spacing": [1.5, 2.0],
+    "intensity": {"kind": "window", "center": 200, "width": 600},
+    "labels": {"background": 0, "lesion": 1},
 }
 
 
@@ -36,8 +47,15 @@ def _series(folder: Path, seed: str, *, reverse: bool = False) -> list[Path]:
     stored = np.random.default_rng(len(seed)).integers(0, 400, SHAPE).astype(np.int16)
     affine = np.diag([-1.5, -2.0, 3.0, 1.0])
     affine[:3, 3] = [10.0, 5.0, -20.0]
-    return write_series(folder, stored, affine, modality="CT", tags={**PATIENT, "PatientID": f"P-{seed}"},
-                        uid_seed=seed, reverse_file_order=reverse)
+    return write_series(
+        folder,
+        stored,
+        affine,
+        modality="CT",
+        tags={**PATIENT, "PatientID": f"P-{seed}"},
+        uid_seed=seed,
+        reverse_file_order=reverse,
+    )
 
 
 def _mask() -> np.ndarray:
@@ -53,15 +71,27 @@ def _write_seg(series: list[Path], mask: np.ndarray, path: Path, names: tuple[st
     frames = np.stack([mask[:, :, int(ds.InstanceNumber) - 1].T for ds in sources])  # rows x columns per slice
     descriptions = [
         hd.seg.SegmentDescription(
-            segment_number=number, segment_label=name, segmented_property_category=codes.SCT.Tissue,
-            segmented_property_type=codes.SCT.Organ, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL,
+            segment_number=number,
+            segment_label=name,
+            segmented_property_category=codes.SCT.Tissue,
+            segmented_property_type=codes.SCT.Organ,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL,
         )
         for number, name in enumerate(names, start=1)
     ]
     seg = hd.seg.Segmentation(
-        source_images=sources, pixel_array=frames, segmentation_type="BINARY", segment_descriptions=descriptions,
-        series_instance_uid=hd.UID(), series_number=9, sop_instance_uid=hd.UID(), instance_number=1,
-        manufacturer="test", manufacturer_model_name="test", software_versions="1", device_serial_number="1",
+        source_images=sources,
+        pixel_array=frames,
+        segmentation_type="BINARY",
+        segment_descriptions=descriptions,
+        series_instance_uid=hd.UID(),
+        series_number=9,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer="test",
+        manufacturer_model_name="test",
+        software_versions="1",
+        device_serial_number="1",
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     seg.save_as(path)
@@ -92,8 +122,9 @@ def test_segments_take_the_contract_s_value_by_segment_label(tmp_path: Path) -> 
     _write_seg(series, _mask(), tmp_path / "segs" / "seg.dcm")
     register_dataset(tmp_path / "site", "seg", source, labels=tmp_path / "segs", test_fraction=0.0)
     # The same series with a NIfTI map of the lesion alone, numbered 1 as the contract numbers it.
-    lesion = nib.Nifti1Image((_mask() == 2).astype(np.uint8), load_case(read_manifest(tmp_path / "site", "seg")
-                                                                           ["cases"][0])[0].affine)
+    lesion = nib.Nifti1Image(
+        (_mask() == 2).astype(np.uint8), load_case(read_manifest(tmp_path / "site", "seg")["cases"][0])[0].affine
+    )
     (tmp_path / "maps").mkdir()
     nib.save(lesion, tmp_path / "maps" / "ct_seg.nii.gz")
     register_dataset(tmp_path / "site", "nifti", source, labels=tmp_path / "maps", test_fraction=0.0)
@@ -119,8 +150,9 @@ def _shift(path: Path, offset_mm: tuple[float, float, float]) -> None:
     ds = pydicom.dcmread(path)
     for frame in ds.PerFrameFunctionalGroupsSequence:
         position = frame.PlanePositionSequence[0]
-        position.ImagePositionPatient = [float(v) + d for v, d in zip(position.ImagePositionPatient, offset_mm,
-                                                                       strict=True)]
+        position.ImagePositionPatient = [
+            float(v) + d for v, d in zip(position.ImagePositionPatient, offset_mm, strict=True)
+        ]
     ds.save_as(path)
 
 
@@ -130,10 +162,13 @@ def bad_corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     source = root / "export"
     _write_seg(_series(source / "good", "good"), _mask(), source / "segs" / "good.dcm")
     _write_seg(_series(root / "elsewhere", "absent"), _mask(), source / "segs" / "orphan.dcm")
-    _shift(_write_seg(_series(source / "halfvoxel", "halfvoxel"), _mask(), source / "segs" / "halfvoxel.dcm"),
-           (0.75, 0.0, 0.0))
-    _shift(_write_seg(_series(source / "outside", "outside"), _mask(), source / "segs" / "outside.dcm"),
-           (0.0, 0.0, 9.0))  # three slices up: the lesion slice lands above the series
+    _shift(
+        _write_seg(_series(source / "halfvoxel", "halfvoxel"), _mask(), source / "segs" / "halfvoxel.dcm"),
+        (0.75, 0.0, 0.0),
+    )
+    _shift(
+        _write_seg(_series(source / "outside", "outside"), _mask(), source / "segs" / "outside.dcm"), (0.0, 0.0, 9.0)
+    )  # three slices up: the lesion slice lands above the series
     data = _write_seg(_series(source / "cut", "cut"), _mask(), source / "segs" / "cut.dcm").read_bytes()
     (source / "segs" / "cut.dcm").write_bytes(data[: len(data) - 200])
     twice = _series(source / "twice", "twice")
@@ -155,8 +190,9 @@ def bad_corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         ("segs/twice_b.dcm", {"duplicate_label"}),
     ],
 )
-def test_each_bad_seg_is_quarantined_with_its_reason(bad_corpus: tuple[Path, Path], file_name: str,
-                                                     reasons: set[str]) -> None:
+def test_each_bad_seg_is_quarantined_with_its_reason(
+    bad_corpus: tuple[Path, Path], file_name: str, reasons: set[str]
+) -> None:
     site, source = bad_corpus
     quarantine = {p: e["reason"] for e in read_manifest(site, "d")["quarantine"] for p in e["paths"]}
     assert quarantine[str(source / file_name)] in reasons

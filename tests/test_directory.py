@@ -51,19 +51,32 @@ def test_a_directory_request_is_read_as_flips_own_kind() -> None:
     assert read_bundle(directory_bundle()) == DirectoryRequest(run_config={"flip-request": "directory"})
 
 
-@pytest.mark.parametrize("fab", [
-    pytest.param(_with(directory_bundle(), add={"plan.py": b"import os\n"}), id="an extra file"),
-    pytest.param(_with(directory_bundle(), add={"evil.py": b"import os\n"}), id="a foreign file"),
-    pytest.param(_with(directory_bundle(), edit=_pyproject_edit(b'flip-request = "directory"',
-                                                                 b'flip-request = "directory"\nx = "1"')),
-                 id="an extra config key"),
-    pytest.param(_with(directory_bundle(), edit=_pyproject_edit(b'flip-request = "directory"',
-                                                                 b'flip-request = "train"')), id="another request"),
-    pytest.param(_with(directory_bundle(), edit=_pyproject_edit(b'name = "flip-directory"', b'name = "other"')),
-                 id="another project name"),
-    pytest.param(_with(directory_bundle(), edit=_pyproject_edit(b"flip_lab.hub.server_app:app", b"evil:app")),
-                 id="foreign components"),
-])
+@pytest.mark.parametrize(
+    "fab",
+    [
+        pytest.param(_with(directory_bundle(), add={"plan.py": b"import os\n"}), id="an extra file"),
+        pytest.param(_with(directory_bundle(), add={"evil.py": b"import os\n"}), id="a foreign file"),
+        pytest.param(
+            _with(
+                directory_bundle(),
+                edit=_pyproject_edit(b'flip-request = "directory"', b'flip-request = "directory"\nx = "1"'),
+            ),
+            id="an extra config key",
+        ),
+        pytest.param(
+            _with(directory_bundle(), edit=_pyproject_edit(b'flip-request = "directory"', b'flip-request = "train"')),
+            id="another request",
+        ),
+        pytest.param(
+            _with(directory_bundle(), edit=_pyproject_edit(b'name = "flip-directory"', b'name = "other"')),
+            id="another project name",
+        ),
+        pytest.param(
+            _with(directory_bundle(), edit=_pyproject_edit(b"flip_lab.hub.server_app:app", b"evil:app")),
+            id="foreign components",
+        ),
+    ],
+)
 def test_anything_but_exactly_a_directory_request_is_refused(fab: bytes) -> None:
     with pytest.raises(BundleRefused):
         read_bundle(fab)
@@ -108,7 +121,9 @@ def test_a_site_answers_a_directory_request_with_its_public_catalogue_only(tmp_p
     assert not reply.has_error()
     assert list(reply.content.keys()) == ["flip"]
     assert dict(reply.content.config_records["flip"]) == {
-        "site": "north", "catalogue": json.dumps(public_catalogue(site), sort_keys=True)}
+        "site": "north",
+        "catalogue": json.dumps(public_catalogue(site), sort_keys=True),
+    }
     audit = [json.loads(line) for line in (site / "audit.jsonl").read_text().splitlines()]
     assert [(e["event"], e["run_id"]) for e in audit] == [("directory_answered", 5)]
 
@@ -142,8 +157,10 @@ class _Hub:
         return self.started
 
     def stream_logs(self, run_id: int, after: float = 0.0):
-        lines = [{"type": "directory_site", "node_id": n, "site": name, "catalogue": {"datasets": {}}}
-                 for n, name in self.names.items()] + [{"type": "directory_finished"}]
+        lines = [
+            {"type": "directory_site", "node_id": n, "site": name, "catalogue": {"datasets": {}}}
+            for n, name in self.names.items()
+        ] + [{"type": "directory_finished"}]
         yield "".join(f"FLIP-EVENT {json.dumps(e)}\n" for e in lines), 1.0
 
 
@@ -176,13 +193,17 @@ def hub_and_sites(tmp_path_factory):
     fed = LocalFederation.start(0, workdir=root / "hub")
     pids: list[int] = []
     try:
-        site_dirs = create_demo_sites(root / "sites", n_sites=2, seed=0, hub=fed.address, approval="manual",
-                                      scale=0.1)
+        site_dirs = create_demo_sites(root / "sites", n_sites=2, seed=0, hub=fed.address, approval="manual", scale=0.1)
         for site_dir in site_dirs:
             with open(site_dir / "daemon.log", "ab") as out:
-                proc = subprocess.Popen([sys.executable, "-m", "site_kernel.cli", "run", str(site_dir)], stdout=out,
-                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-                                        env=_flower_env())
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "site_kernel.cli", "run", str(site_dir)],
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,
+                    env=_flower_env(),
+                )
             pids.append(proc.pid)
         deadline = time.monotonic() + 120
         while sum(n.status == "online" for n in fed.nodes()) < 2:
@@ -236,8 +257,9 @@ def test_a_modality_no_site_offers_is_refused_at_submit_to_a_real_hub(hub_and_si
             fed.submit(plan, rounds=1)
         assert caught.value.name == "modality" and "the sites offer CT (" in str(caught.value)
         runs = hub._client.list_runs()
-        assert len(runs) == before + 1 and runs[-1].fab_id == "flip-lab/flip-directory", \
+        assert len(runs) == before + 1 and runs[-1].fab_id == "flip-lab/flip-directory", (
             "the only run is the directory request: the study was never sent"
+        )
 
 
 @pytest.mark.e2e
@@ -268,7 +290,8 @@ def test_the_side_panel_shows_a_real_hubs_sites_by_name_with_their_data(hub_and_
         assert set(rows) == {d.name for d in site_dirs}
         assert all(row["state"] == "online" for row in rows.values())
         assert {name: row["datasets"] for name, row in rows.items()} == {
-            d.name: dataset_summary(_published(d)) for d in site_dirs}
+            d.name: dataset_summary(_published(d)) for d in site_dirs
+        }
         assert set(manager.catalogue()) == {d.name for d in site_dirs}
         assert not manager.jobs(), "a directory request is not a job"
     finally:

@@ -49,7 +49,7 @@ def evaluate(model, data, config):
         return {"loss": F.cross_entropy(model(data.test_x), data.test_y).item()}
 """
 # Flattening the images for a conv net: the kind of shape mismatch that used to surface only at the sites.
-MISMATCH = "logits = model(data.train_x[i:i + config[\"batch_size\"]].flatten(1))"
+MISMATCH = 'logits = model(data.train_x[i:i + config["batch_size"]].flatten(1))'
 
 
 def line_of(text: str, source: str) -> int:
@@ -81,7 +81,8 @@ def test_a_shape_mismatch_fails_here_at_the_cell_line_that_has_it() -> None:
     line = line_of(MISMATCH, cells)
     assert caught.value.role == "train" and caught.value.line == line
     assert str(caught.value).startswith(
-        f"train() raised RuntimeError at {caught.value.cell}, line {line} (`{MISMATCH}`)")
+        f"train() raised RuntimeError at {caught.value.cell}, line {line} (`{MISMATCH}`)"
+    )
     assert "synthetic data" in str(caught.value) and "check=False" in str(caught.value)
     # The full traceback is the plan's own, and its frame is the researcher's cell, not the assembled plan.py.
     cause = caught.value.__cause__
@@ -106,10 +107,13 @@ def test_a_failing_plan_is_not_sent_and_check_false_sends_it(monkeypatch: pytest
     assert fed.submit(plan, rounds=1, check=False) == "job" and len(sent) == 1
 
 
-@pytest.mark.parametrize(("body", "words"), [
-    ('return [loss.item()]', "train() returned a list, not a dict of metrics"),
-    ('return {"loss": logits}', "train() returned metric 'loss' as a Tensor"),
-])
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        ("return [loss.item()]", "train() returned a list, not a dict of metrics"),
+        ('return {"loss": logits}', "train() returned metric 'loss' as a Tensor"),
+    ],
+)
 def test_what_train_returns_is_checked_as_a_site_would(body: str, words: str) -> None:
     plan = notebook(CELLS.replace('return {"loss": loss.item()}', body))["plan"]
     with pytest.raises(PlanCheckFailed) as caught:
@@ -133,17 +137,29 @@ def test_numbers_that_are_not_finite_on_made_up_data_are_said_not_refused() -> N
         plan.check()
     assert str(caught[0].message).startswith(
         "on synthetic data train() returned 'loss' = nan; after train() the model's '0.weight' holds values that are "
-        "not finite")
+        "not finite"
+    )
 
 
-@pytest.mark.parametrize(("change", "label_shape", "values"), [
-    ({}, [SAMPLES, 24, 16], {0, 1, 4}),
-    ({"task": "classification", "labels": {"normal": 0, "a": 1, "b": 2}}, [SAMPLES], {0, 1, 2}),
-])
+@pytest.mark.parametrize(
+    ("change", "label_shape", "values"),
+    [
+        ({}, [SAMPLES, 24, 16], {0, 1, 4}),
+        ({"task": "classification", "labels": {"normal": 0, "a": 1, "b": 2}}, [SAMPLES], {0, 1, 2}),
+    ],
+)
 def test_synthetic_data_is_shaped_as_a_site_hands_it(change: dict, label_shape: list, values: set) -> None:
-    contract = validate_contract({"modality": "CT", "dims": 2, "size": [24, 16], "spacing": [1.0, 1.0],
-                                  "intensity": {"kind": "window", "center": 40, "width": 400},
-                                  "labels": {"background": 0, "lesion": 1, "cyst": 4}, **change})
+    contract = validate_contract(
+        {
+            "modality": "CT",
+            "dims": 2,
+            "size": [24, 16],
+            "spacing": [1.0, 1.0],
+            "intensity": {"kind": "window", "center": 40, "width": 400},
+            "labels": {"background": 0, "lesion": 1, "cyst": 4},
+            **change,
+        }
+    )
     data = synthetic_data(contract)
     assert list(data.train_x.shape) == list(data.test_x.shape) == [SAMPLES, 1, 24, 16]
     assert data.train_x.dtype == torch.float32 and data.train_y.dtype == torch.int64
@@ -165,29 +181,50 @@ def test_each_plan_line_maps_back_to_the_cell_line_it_was_written_on() -> None:
 
 def _failed_job(tmp_path: Path, message: str, plan_lines: dict) -> Job:
     (tmp_path / PLAN_LINES).write_text(json.dumps(plan_lines))
-    events = [{"type": "job_started", "rounds": 1},
-              *({"type": "site_error", "round": 1, "phase": "train", "site": site, "kind": "plan_error",
-                 "message": f"{message} at site {site}"} for site in ("northgate", "riverside")),
-              {"type": "job_finished", "status": "failed", "message": "the round is discarded"}]
+    events = [
+        {"type": "job_started", "rounds": 1},
+        *(
+            {
+                "type": "site_error",
+                "round": 1,
+                "phase": "train",
+                "site": site,
+                "kind": "plan_error",
+                "message": f"{message} at site {site}",
+            }
+            for site in ("northgate", "riverside")
+        ),
+        {"type": "job_finished", "status": "failed", "message": "the round is discarded"},
+    ]
     (tmp_path / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
     return Job(None, 7, tmp_path, follow=False)  # type: ignore[arg-type]
 
 
 def test_a_sites_plan_line_is_told_as_the_cell_line_with_its_text(tmp_path: Path) -> None:
-    job = _failed_job(tmp_path, "train() raised RuntimeError at plan.py line 12 in train()",
-                      {"12": {"cell": "cell In[5]", "line": 7, "text": "logits = model(x.flatten(1))"}})
+    job = _failed_job(
+        tmp_path,
+        "train() raised RuntimeError at plan.py line 12 in train()",
+        {"12": {"cell": "cell In[5]", "line": 7, "text": "logits = model(x.flatten(1))"}},
+    )
     assert job.describe_failure() == (
         "train() raised RuntimeError at cell In[5], line 7 (`logits = model(x.flatten(1))`) in train(), at site "
-        "northgate (and 1 other site); as a result the round is discarded")
+        "northgate (and 1 other site); as a result the round is discarded"
+    )
 
 
 def test_the_shown_line_escapes_what_could_hide_or_move_text(tmp_path: Path) -> None:
-    job = _failed_job(tmp_path, "train() raised ValueError at plan.py line 3 in train()",
-                      {"3": {"cell": "cell In[2]", "line": 3, "text": "x = 1  # \u202eevil\x1b[2K"}})
+    job = _failed_job(
+        tmp_path,
+        "train() raised ValueError at plan.py line 3 in train()",
+        {"3": {"cell": "cell In[2]", "line": 3, "text": "x = 1  # \u202eevil\x1b[2K"}},
+    )
     assert "(`x = 1  # <U+202E>evil\\x1b[2K`)" in job.describe_failure()
 
 
 def test_a_line_the_lab_did_not_write_down_is_left_as_the_site_said(tmp_path: Path) -> None:
-    job = _failed_job(tmp_path, "train() raised ValueError at plan.py line 99 in train()",
-                      {"3": {"cell": "cell In[2]", "line": 3, "text": "x = 1"}})
+    job = _failed_job(
+        tmp_path,
+        "train() raised ValueError at plan.py line 99 in train()",
+        {"3": {"cell": "cell In[2]", "line": 3, "text": "x = 1"}},
+    )
     assert job.describe_failure().startswith("train() raised ValueError at plan.py line 99 in train(), at site")

@@ -23,8 +23,7 @@ def manual_site(tmp_path_factory):
 
 
 def flip_site(*args):
-    return subprocess.run([sys.executable, "-m", "site_kernel.cli", *args], capture_output=True, text=True,
-                          timeout=60)
+    return subprocess.run([sys.executable, "-m", "site_kernel.cli", *args], capture_output=True, text=True, timeout=60)
 
 
 def wait_for(predicate, timeout=120):
@@ -52,7 +51,7 @@ def test_plan_waits_for_approval_then_runs_and_a_changed_plan_waits_again(manual
     job.wait(timeout=300)
     assert job.status == "completed"
 
-    changed = flip_lab.Plan.from_source(TINY.replace("lr=config[\"lr\"]", "lr=config[\"lr\"] * 1"), name="approve-me")
+    changed = flip_lab.Plan.from_source(TINY.replace('lr=config["lr"]', 'lr=config["lr"] * 1'), name="approve-me")
     job2 = fed.submit(changed, rounds=1, min_sites=1, expected_sites=1, approval_timeout=4, round_timeout=60)
     job2.wait(timeout=120, raise_on_failure=False)
     assert job2.plan_hash != job.plan_hash
@@ -62,8 +61,9 @@ def test_plan_waits_for_approval_then_runs_and_a_changed_plan_waits_again(manual
 
 def test_rejected_plan_never_runs(manual_site):
     fed, site_dir = manual_site
-    plan = flip_lab.Plan.from_source(TINY.replace("def dice(", "def dice_score(").replace("dice(logits", "dice_score(logits"),
-                                     name="reject-me")
+    plan = flip_lab.Plan.from_source(
+        TINY.replace("def dice(", "def dice_score(").replace("dice(logits", "dice_score(logits"), name="reject-me"
+    )
     job = fed.submit(plan, rounds=1, min_sites=1, expected_sites=1, approval_timeout=300, round_timeout=60)
     wait_for(lambda: any(e.get("state") == "waiting_approval" for e in job.events))
     rejected = flip_site("plans", "reject", job.plan_hash[:16], "--site", str(site_dir), "--reason", "no")

@@ -36,8 +36,9 @@ def test_below_minimum_the_job_fails_clearly_and_in_bounded_time(federation, tin
     for name in alive[:-1]:
         federation.kill_site(name)
     started = time.monotonic()
-    job = federation.submit(tiny_plan, rounds=2, min_sites=2, expected_sites=2, round_timeout=20,
-                            connect_timeout=5, approval_timeout=20)
+    job = federation.submit(
+        tiny_plan, rounds=2, min_sites=2, expected_sites=2, round_timeout=20, connect_timeout=5, approval_timeout=20
+    )
     job.wait(timeout=300, raise_on_failure=False)
     assert job.status == "failed"
     assert "minimum" in job.message or "at least 2" in job.message

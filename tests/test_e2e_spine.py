@@ -43,13 +43,15 @@ def test_the_same_study_with_the_same_seed_repeats_its_metrics_and_weights(feder
 
     runs = []
     for _ in range(2):
-        job = federation.submit(tiny_plan, rounds=2, seed=7, lr=0.02, batch_size=16, expected_sites=3,
-                                round_timeout=240)
+        job = federation.submit(
+            tiny_plan, rounds=2, seed=7, lr=0.02, batch_size=16, expected_sites=3, round_timeout=240
+        )
         job.wait(timeout=600)
         history = job.history
         plan_metrics = history[history.metric.isin(["loss", "dice", "num_examples"])]
-        runs.append((plan_metrics.sort_values(["round", "site", "phase", "metric"]).reset_index(drop=True),
-                     job.final_weights()))
+        runs.append(
+            (plan_metrics.sort_values(["round", "site", "phase", "metric"]).reset_index(drop=True), job.final_weights())
+        )
     (first, first_weights), (second, second_weights) = runs
     assert len(first) > 0
     assert first[["round", "site", "phase", "metric"]].equals(second[["round", "site", "phase", "metric"]])

@@ -155,9 +155,7 @@ def test_plan_defined_exception_is_named_since_it_is_in_the_approved_source():
 
 def test_exception_type_made_up_at_run_time_is_not_named():
     _, message = safe_error("plan_error", run_plan("dynamic", data="SMITH_JOHN"), plan_source=PLAN)
-    assert "SMITH_JOHN" not in message and message.startswith(
-        "dynamic() raised an Exception subclass"
-    )
+    assert "SMITH_JOHN" not in message and message.startswith("dynamic() raised an Exception subclass")
 
 
 def test_library_exception_is_described_by_its_builtin_base():

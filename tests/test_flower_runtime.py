@@ -50,8 +50,9 @@ class _Client:
         return self.answer
 
 
-@pytest.mark.parametrize("answer", [type("Reply", (), {"success": False})(), rt.TaskLost("gone")],
-                         ids=["task unknown", "token refused"])
+@pytest.mark.parametrize(
+    "answer", [type("Reply", (), {"success": False})(), rt.TaskLost("gone")], ids=["task unknown", "token refused"]
+)
 def test_the_heartbeat_of_a_lost_task_stops_by_itself(answer):
     with pytest.raises(SystemExit):  # ends the heartbeat's thread only; Flower's raises SIGINT in the process
         rt._task_heartbeat(_Client(answer))()

@@ -36,8 +36,13 @@ def site(tmp_path_factory):
     fed = flip_lab.local_federation(1, workdir=tmp_path_factory.mktemp("battery"), scale=0.3)
     site_dir = next(iter(fed.site_dirs.values()))
     policy = (site_dir / "policy.toml").read_text()
-    for key, value in {"memory_mb": 3000, "cpu_seconds": 60, "processes": 32, "file_size_mb": 5,
-                       "wall_seconds": 25}.items():
+    for key, value in {
+        "memory_mb": 3000,
+        "cpu_seconds": 60,
+        "processes": 32,
+        "file_size_mb": 5,
+        "wall_seconds": 25,
+    }.items():
         policy = policy.replace(f"\n{key} = ", f"\n{key} = {value}\n# was: ", 1)
     (site_dir / "policy.toml").write_text(policy)
     (site_dir / "keys").mkdir(exist_ok=True)
@@ -55,8 +60,7 @@ def site(tmp_path_factory):
 
 def run(site, plan, **extra):
     # check=False: an attack plan must reach the site, not run here in the dry run
-    job = site["fed"].submit(plan, rounds=1, min_sites=1, expected_sites=1, round_timeout=120,
-                             extra=extra, check=False)
+    job = site["fed"].submit(plan, rounds=1, min_sites=1, expected_sites=1, round_timeout=120, extra=extra, check=False)
     job.wait(timeout=300, raise_on_failure=False)
     return job
 
@@ -82,19 +86,36 @@ def audit_events(site):
 @pytest.mark.parametrize(
     "name, body, needle",
     [
-        ("read outside the dataset", "    return {'loss': float(len(open(config['path']).read()))}", "OUTSIDE-SECRET-44"),
+        (
+            "read outside the dataset",
+            "    return {'loss': float(len(open(config['path']).read()))}",
+            "OUTSIDE-SECRET-44",
+        ),
         ("read the site's key", "    return {'loss': float(len(open(config['key']).read()))}", "SECRET-KEY-9c1"),
         ("read the site's policy", "    open(config['policy']).read()\n    return {'loss': 0.0}", "approval ="),
         ("write outside scratch", "    open('/tmp/flip-pwned', 'w').write('x')\n    return {'loss': 0.0}", "pwned"),
-        ("run a shell command", "    import subprocess\n    subprocess.run(['sh', '-c', 'touch /tmp/flip-shell'])\n"
-                                "    return {'loss': 0.0}", "flip-shell"),
-        ("allocate far too much memory", "    x = bytearray(20 * 2**30)\n    return {'loss': float(len(x))}", "bytearray"),
+        (
+            "run a shell command",
+            "    import subprocess\n    subprocess.run(['sh', '-c', 'touch /tmp/flip-shell'])\n"
+            "    return {'loss': 0.0}",
+            "flip-shell",
+        ),
+        (
+            "allocate far too much memory",
+            "    x = bytearray(20 * 2**30)\n    return {'loss': float(len(x))}",
+            "bytearray",
+        ),
     ],
 )
 def test_contained_attacks_fail_with_a_safe_error_and_the_site_serves_on(site, name, body, needle):
     plan = plan_with_train(body)
-    job = run(site, plan, path=str(site["outside"]), key=str(site["dir"] / "keys" / "site.key"),
-              policy=str(site["dir"] / "policy.toml"))
+    job = run(
+        site,
+        plan,
+        path=str(site["outside"]),
+        key=str(site["dir"] / "keys" / "site.key"),
+        policy=str(site["dir"] / "policy.toml"),
+    )
     assert job.status == "failed", f"{name}: the attack was not contained"
     kinds = errors_of(job)
     assert kinds and kinds[0][0] in ("plan_error", "resource_limit"), kinds
@@ -155,14 +176,22 @@ def test_fork_bomb_is_contained_and_leaves_no_process(site):
     [
         ("print", f"    print('{CANARY}' + repr(float(data.train_x[0, 0, 5, 5])))\n    return {{'loss': 0.0}}"),
         ("raise", f"    raise ValueError('{CANARY}' + repr(float(data.train_x[0, 0, 5, 5])))"),
-        ("log", f"    import logging\n    logging.getLogger('x').error('{CANARY}%s', float(data.train_x[0, 0, 5, 5]))\n"
-                "    return {'loss': 0.0}"),
+        (
+            "log",
+            f"    import logging\n    logging.getLogger('x').error('{CANARY}%s', float(data.train_x[0, 0, 5, 5]))\n"
+            "    return {'loss': 0.0}",
+        ),
         ("metric name", f"    return {{'{CANARY}' + repr(float(data.train_x[0, 0, 5, 5])): 1.0}}"),
         ("exception class name", f"    raise type('{CANARY}X', (ValueError,), {{}})('x')"),
-        ("extra array", "    import torch\n    model.register_buffer('exfil', data.train_x[0, 0].clone())\n"
-                        "    return {'loss': 0.0}"),
-        ("changed shape", "    import torch\n    model[0].bias = torch.nn.Parameter(torch.zeros(9))\n"
-                          "    return {'loss': 0.0}"),
+        (
+            "extra array",
+            "    import torch\n    model.register_buffer('exfil', data.train_x[0, 0].clone())\n"
+            "    return {'loss': 0.0}",
+        ),
+        (
+            "changed shape",
+            "    import torch\n    model[0].bias = torch.nn.Parameter(torch.zeros(9))\n    return {'loss': 0.0}",
+        ),
     ],
 )
 def test_canary_never_leaves_the_site(site, how, body):
@@ -179,8 +208,11 @@ def test_canary_never_leaves_the_site(site, how, body):
 def test_site_still_serves_an_honest_job_and_its_audit_log_verifies(site):
     job = run(site, flip_lab.Plan.from_source(TINY, name="honest"))
     assert job.status == "completed"
-    verify = subprocess.run([sys.executable, "-m", "site_kernel.cli", "audit", "verify", "--site", str(site["dir"])],
-                            capture_output=True, text=True)
+    verify = subprocess.run(
+        [sys.executable, "-m", "site_kernel.cli", "audit", "verify", "--site", str(site["dir"])],
+        capture_output=True,
+        text=True,
+    )
     assert verify.returncode == 0, verify.stdout + verify.stderr
     heads = {e["audit_head"] for e in job.events if e["type"] == "reply"}
     assert heads and all(len(h) == 64 for h in heads)
@@ -197,8 +229,9 @@ def test_edited_audit_log_is_detected(site, tmp_path):
     entry["event"] = "plan_rejected" if entry["event"] != "plan_rejected" else "plan_approved"
     lines[1] = json.dumps(entry)
     (copy / "audit.jsonl").write_text("\n".join(lines) + "\n")
-    verify = subprocess.run([sys.executable, "-m", "site_kernel.cli", "audit", "verify", "--site", str(copy)],
-                            capture_output=True, text=True)
+    verify = subprocess.run(
+        [sys.executable, "-m", "site_kernel.cli", "audit", "verify", "--site", str(copy)],
+        capture_output=True,
+        text=True,
+    )
     assert verify.returncode == 1
-
-

@@ -74,10 +74,8 @@ def test_a_looping_plan_neither_stalls_another_study_nor_outlives_its_cancel(fed
     sites = list(fed.site_dirs.values())
     uids = {site: worker_uid(site, looping.id) for site in sites}
     # A's train() is running at every site: its workers exist and the round's train phase went out.
-    wait_for(lambda: all(audited(s, "job_started", looping.id) for s in sites), 300,
-             "the looping study's workers")
-    wait_for(lambda: all(processes_of(uid) for uid in uids.values()), 30,
-             "the looping workers' processes")
+    wait_for(lambda: all(audited(s, "job_started", looping.id) for s in sites), 300, "the looping study's workers")
+    wait_for(lambda: all(processes_of(uid) for uid in uids.values()), 30, "the looping workers' processes")
     time.sleep(3)
     assert not looping.done
 
@@ -91,10 +89,12 @@ def test_a_looping_plan_neither_stalls_another_study_nor_outlives_its_cancel(fed
 
     looping.cancel()
     cancelled = time.monotonic()
-    wait_for(lambda: not any(processes_of(uid) for uid in uids.values()), GONE_WITHIN_S,
-             "the cancelled study's workers to be killed")
-    print(f"second study completed in {took:.1f} s; cancelled workers gone in "
-          f"{time.monotonic() - cancelled:.1f} s")
+    wait_for(
+        lambda: not any(processes_of(uid) for uid in uids.values()),
+        GONE_WITHIN_S,
+        "the cancelled study's workers to be killed",
+    )
+    print(f"second study completed in {took:.1f} s; cancelled workers gone in {time.monotonic() - cancelled:.1f} s")
     for site in sites:
         assert audited(site, "job_stopped", looping.id)
 

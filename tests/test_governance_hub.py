@@ -56,9 +56,7 @@ def _plain_flower_app(marker: Path, payload: str = "text = 'ran at the hub'") ->
     code = SERVER_APP_WRITES.format(payload=payload, marker=str(marker))
     return build_fab(
         {
-            "pyproject.toml": _pyproject(
-                {"serverapp": "evil_app:app", "clientapp": "evil_app:app"}
-            ),
+            "pyproject.toml": _pyproject({"serverapp": "evil_app:app", "clientapp": "evil_app:app"}),
             "evil_app.py": code.encode(),
         }
     )
@@ -150,15 +148,10 @@ def test_a_plain_flower_app_is_refused_and_never_runs_at_the_hub(hub, tmp_path):
     marker = tmp_path / "ran"
     run = _finished(client, client.start_run(_plain_flower_app(marker)))
     assert run.job_status == "failed" and "refused by the hub" in run.details
-    assert (
-        "components other than FLIP's" in run.details
-        or "files are not exactly FLIP's" in run.details
-    )
+    assert "components other than FLIP's" in run.details or "files are not exactly FLIP's" in run.details
     assert not marker.exists()
     assert run.run_id in _refusals(fed.workdir / "hub")
-    assert "refused by the hub" in (fed.workdir / "hub" / "superlink.log").read_text(
-        errors="replace"
-    )
+    assert "refused by the hub" in (fed.workdir / "hub" / "superlink.log").read_text(errors="replace")
 
 
 @pytest.mark.e2e
@@ -243,9 +236,7 @@ def tls_hub(tmp_path_factory):
         assert code == 0
         state = read_state(root / "fed")
         assert state is not None
-        client = ControlClient(
-            state["hub_address"], root_certificates=prov.researcher_ca.read_bytes()
-        )
+        client = ControlClient(state["hub_address"], root_certificates=prov.researcher_ca.read_bytes())
         yield root / "fed", prov, client
         client.close()
     finally:
@@ -292,7 +283,10 @@ def test_a_study_process_cannot_read_the_hubs_key_or_secret(tls_hub):
     out = subprocess.run(
         [sys.executable, "-I", "-c", probe, *paths],
         env={**os.environ, "FLIP_HUB_DIR": str(hub_dir)},
-        capture_output=True, text=True, timeout=120, check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split("\n")[:2] == [f"denied {p}" for p in paths]
@@ -302,9 +296,7 @@ def test_a_study_process_cannot_read_the_hubs_key_or_secret(tls_hub):
 def test_a_site_refuses_a_bundle_whose_plan_unpacks_beyond_the_limit(size):
     from site_kernel.executor import Executor, Refusal
 
-    executor = Executor.__new__(
-        Executor
-    )  # only the bundle check, without a site's data and SuperNode
+    executor = Executor.__new__(Executor)  # only the bundle check, without a site's data and SuperNode
     executor.settings, executor._bundle = SimpleNamespace(name="alpha"), None
     with pytest.raises(Refusal, match=f"limit of {MAX_PLAN_BYTES} bytes") as refused:
         executor._read_plan({}, _oversized_flip_plan(size), run_id=1)
@@ -373,12 +365,7 @@ def test_the_markdown_summary_shows_markup_from_events_as_text():
         ],
         job_id=12,
     )
-    rendered = (
-        MarkdownIt("commonmark", {"html": True}).enable("table").render(summary_markdown(view))
-    )
+    rendered = MarkdownIt("commonmark", {"html": True}).enable("table").render(summary_markdown(view))
     assert "<img" not in rendered and "<a " not in rendered and "<strong>loud" not in rendered
     assert "<h1>" not in rendered and "<b>" not in rendered and "<i>" not in rendered
-    assert (
-        "&lt;img src=x onerror=alert(1)&gt;" in rendered
-        and "[click](http://evil.example)" in rendered
-    )
+    assert "&lt;img src=x onerror=alert(1)&gt;" in rendered and "[click](http://evil.example)" in rendered

@@ -135,8 +135,14 @@ def test_visible_escapes_exactly_the_hidden_characters(raw, multiline, expected,
 def settings_for(rounds=3, lr=0.01, extra=None, weights=b"w0", name="demo"):
     from site_kernel.run_settings import run_settings
 
-    config = {"rounds": rounds, "strategy": "fedavg", "seed": 0, "lr": lr, "round_timeout": 30.0,
-              "extra": dict(extra or {})}
+    config = {
+        "rounds": rounds,
+        "strategy": "fedavg",
+        "seed": 0,
+        "lr": lr,
+        "round_timeout": 30.0,
+        "extra": dict(extra or {}),
+    }
     train = {"rounds": rounds, "lr": lr, "seed": 0, **(extra or {})}
     spec = {"name": name, "config": config, "train_config": train}
     return run_settings(spec, base64.b64encode(weights).decode())
@@ -251,19 +257,18 @@ TINY = (Path(__file__).parent / "plans" / "tiny_plan.py").read_text()
 def strict_site(tmp_path_factory):
     import flip_lab
 
-    fed = flip_lab.local_federation(1, workdir=tmp_path_factory.mktemp("review"), scale=0.3,
-                                    approval="manual")
+    fed = flip_lab.local_federation(1, workdir=tmp_path_factory.mktemp("review"), scale=0.3, approval="manual")
     name, site_dir = next(iter(fed.site_dirs.items()))
     path = site_dir / "policy.toml"
-    path.write_text(path.read_text().replace("reapprove_on_settings_change = false",
-                                             "reapprove_on_settings_change = true"))
+    path.write_text(
+        path.read_text().replace("reapprove_on_settings_change = false", "reapprove_on_settings_change = true")
+    )
     yield fed, name, site_dir
     fed.shutdown()
 
 
 def flip_site(*args):
-    return subprocess.run([sys.executable, "-m", "site_kernel.cli", *args], capture_output=True,
-                          text=True, timeout=60)
+    return subprocess.run([sys.executable, "-m", "site_kernel.cli", *args], capture_output=True, text=True, timeout=60)
 
 
 def wait_for(predicate, timeout=120):
@@ -279,16 +284,18 @@ def test_changed_settings_wait_for_approval_and_the_log_holds_them(strict_site):
 
     fed, name, site_dir = strict_site
     plan = flip_lab.Plan.from_source(TINY, name="settings")
-    job = fed.submit(plan, rounds=1, min_sites=1, expected_sites=1, approval_timeout=300,
-                     round_timeout=120)
+    job = fed.submit(plan, rounds=1, min_sites=1, expected_sites=1, approval_timeout=300, round_timeout=120)
     wait_for(lambda: any(e.get("state") == "waiting_approval" for e in job.events))
     approved = flip_site("plans", "approve", job.plan_hash[:16], "--site", str(site_dir))
     assert approved.returncode == 0, approved.stderr
     job.wait(timeout=300)
     assert job.status == "completed"
 
-    logged = [e for e in AuditLog(site_dir / "audit.jsonl").entries()
-              if e["event"] == "study_settings" and e["run_id"] == job.id]
+    logged = [
+        e
+        for e in AuditLog(site_dir / "audit.jsonl").entries()
+        if e["event"] == "study_settings" and e["run_id"] == job.id
+    ]
     assert len(logged) == 1
     settings = logged[0]["settings"]
     assert settings["config"]["rounds"] == 1 and settings["name"] == "settings"
@@ -296,13 +303,11 @@ def test_changed_settings_wait_for_approval_and_the_log_holds_them(strict_site):
     assert settings["init_weights"] == hashlib.sha256(built.weights).hexdigest()
 
     # The same approved plan, other settings: it waits, and the researcher is told why.
-    again = fed.submit(plan, rounds=2, min_sites=1, expected_sites=1, approval_timeout=4,
-                       round_timeout=60)
+    again = fed.submit(plan, rounds=2, min_sites=1, expected_sites=1, approval_timeout=4, round_timeout=60)
     again.wait(timeout=120, raise_on_failure=False)
     assert again.plan_hash == job.plan_hash and again.status == "failed"
     waiting = [e["detail"] for e in again.events if e.get("state") == "waiting_approval"]
-    assert waiting == [f"waiting for approval at site {name}: settings changed since approval "
-                       "(rounds 1 -> 2)"]
+    assert waiting == [f"waiting for approval at site {name}: settings changed since approval (rounds 1 -> 2)"]
     assert not list((site_dir / "logs").glob(f"researcher-{again.id}.log"))
     shown_plan = flip_site("plans", "show", job.plan_hash[:16], "--site", str(site_dir))
     assert f"run {again.id}  " in shown_plan.stdout
@@ -331,8 +336,7 @@ def test_round_one_must_train_the_announced_initial_weights(tmp_path):
 
     init = {"fc.weight": np.arange(6, dtype=np.float32).reshape(2, 3), "fc.bias": np.zeros(2)}
     announced = base64.b64encode(save(init)).decode()
-    site = SimpleNamespace(audit=AuditLog(tmp_path / "audit.jsonl"),
-                           settings=SimpleNamespace(name="site-a"))
+    site = SimpleNamespace(audit=AuditLog(tmp_path / "audit.jsonl"), settings=SimpleNamespace(name="site-a"))
     Executor._check_first_weights(site, {k: v.copy() for k, v in init.items()}, announced, 7)
     swapped = {**init, "fc.bias": np.array([0.5, 0.25])}  # e.g. a hub seeding the model
     with pytest.raises(Refusal, match="weights of round 1 are not the initial weights"):
@@ -355,15 +359,23 @@ def test_other_initial_weights_wait_under_initial_weights_approved(tmp_path):
     assert "rounds" not in held
 
 
-APPLIED = {"modality": "CT", "dims": 2, "size": [64, 64], "spacing": [3.0, 3.0],
-           "intensity": {"kind": "window", "center": 40, "width": 400}, "labels": {"background": 0, "lesion": 1}}
-OWN = ('"""A plan."""\n'
-       "CONTRACT = {\n"
-       '    "modality": "MR", "dims": 2, "size": [32, 32], "spacing": [6.0, 6.0],\n'
-       '    "intensity": {"kind": "window", "center": 40, "width": 400}, "labels": {"background": 0, "lesion": 1},\n'
-       "}\n"
-       "def train(model, data, config):\n"
-       "    return {}\n")
+APPLIED = {
+    "modality": "CT",
+    "dims": 2,
+    "size": [64, 64],
+    "spacing": [3.0, 3.0],
+    "intensity": {"kind": "window", "center": 40, "width": 400},
+    "labels": {"background": 0, "lesion": 1},
+}
+OWN = (
+    '"""A plan."""\n'
+    "CONTRACT = {\n"
+    '    "modality": "MR", "dims": 2, "size": [32, 32], "spacing": [6.0, 6.0],\n'
+    '    "intensity": {"kind": "window", "center": 40, "width": 400}, "labels": {"background": 0, "lesion": 1},\n'
+    "}\n"
+    "def train(model, data, config):\n"
+    "    return {}\n"
+)
 
 
 def show_plan(site, source, contract, capsys) -> list[str]:
@@ -378,24 +390,33 @@ def test_the_contract_that_applies_is_labelled_and_the_sources_own_is_marked_as_
     heading = next(i for i, row in enumerate(rows) if row.startswith("contract that applies"))
     listing = next(i for i, row in enumerate(rows) if row.startswith("--- plan.py"))
     assert heading < listing
-    block = rows[heading + 1:heading + 9]
+    block = rows[heading + 1 : heading + 9]
     assert '  modality    ["CT"]' in block and "  size        [64, 64]" in block
     assert '  dataset     "liver\\u001b[2K"' in block  # a control character from the study shows as text
     assert "  orientation " + '"RAS"' in block, "the defaults the site fills in are shown too"
     constant_ends = rows.index("   5 | }")
-    assert rows[constant_ends + 1] == ("       ^ the source's own CONTRACT does NOT apply: the contract above does "
-                                       "(they differ in dataset, modality, size, spacing)")
+    assert rows[constant_ends + 1] == (
+        "       ^ the source's own CONTRACT does NOT apply: the contract above does "
+        "(they differ in dataset, modality, size, spacing)"
+    )
     assert rows[constant_ends + 2] == "   6 | def train(model, data, config):"
 
 
-@pytest.mark.parametrize("source, note", [
-    (OWN.replace('"MR"', '"CT"').replace("[32, 32]", "[64, 64]").replace("[6.0, 6.0]", "[3.0, 3.0]"),
-     "       ^ the source's own CONTRACT: the same as the contract that applies"),
-    (OWN.replace("CONTRACT = {", "CONTRACT = dict(**{"), None),  # not valid Python: nothing to mark
-    (OWN.replace("CONTRACT = {", "CONTRACT = make({").replace("}\ndef", "})\ndef"),
-     "       ^ the source's own CONTRACT, not a plain value: it does not apply, the contract above does"),
-    ("def train(model, data, config):\n    return {}\n", None),
-])
+@pytest.mark.parametrize(
+    "source, note",
+    [
+        (
+            OWN.replace('"MR"', '"CT"').replace("[32, 32]", "[64, 64]").replace("[6.0, 6.0]", "[3.0, 3.0]"),
+            "       ^ the source's own CONTRACT: the same as the contract that applies",
+        ),
+        (OWN.replace("CONTRACT = {", "CONTRACT = dict(**{"), None),  # not valid Python: nothing to mark
+        (
+            OWN.replace("CONTRACT = {", "CONTRACT = make({").replace("}\ndef", "})\ndef"),
+            "       ^ the source's own CONTRACT, not a plain value: it does not apply, the contract above does",
+        ),
+        ("def train(model, data, config):\n    return {}\n", None),
+    ],
+)
 def test_the_sources_own_contract_is_marked_for_what_it_is(tmp_path, capsys, source, note):
     rows = show_plan(tmp_path, source, APPLIED, capsys)
     marks = [row for row in rows if row.startswith("       ^")]

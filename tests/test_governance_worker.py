@@ -37,8 +37,7 @@ def site(tmp_path_factory):
 
 def run(site, plan, **extra):
     # check=False: these plans probe the site's worker; none of them should run here in the dry run
-    job = site["fed"].submit(plan, rounds=1, min_sites=1, expected_sites=1, round_timeout=240, extra=extra,
-                             check=False)
+    job = site["fed"].submit(plan, rounds=1, min_sites=1, expected_sites=1, round_timeout=240, extra=extra, check=False)
     job.wait(timeout=400, raise_on_failure=False)
     return job
 
@@ -69,7 +68,7 @@ def test_patched_clocks_send_nothing_through_the_timing_fields(site):
     assert "7654321" not in json.dumps(job.events) and "1234567" not in json.dumps(job.events)
 
 
-MEMORY_SCAN = r'''
+MEMORY_SCAN = r"""
     import ctypes, re
     ctypes.CDLL(None).prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE: /proc/self/mem is root's after the uid switch
     patterns = {
@@ -97,7 +96,7 @@ MEMORY_SCAN = r'''
                 for key, pattern in patterns.items():
                     found[key] += len(pattern.findall(chunk))
     print("SCAN", " ".join(f"{k}={v}" for k, v in found.items()), f"scanned={scanned}", len(control))
-    return {'loss': 0.0}'''
+    return {'loss': 0.0}"""
 
 
 @pytest.mark.e2e

@@ -11,8 +11,14 @@ def _sink() -> EventSink:
         sink.emit("reply", round=round_, phase="train", site="northgate", metrics={}, num_examples=10)
         sink.emit("reply", round=round_, phase="train", site="poisoner", metrics={}, num_examples=3)
         sink.emit("update_rejected", round=round_, site="poisoner", reason="update norm 1e6 above 10")
-        sink.emit("site_error", round=round_, phase="train", site="broken", kind="plan_error",
-                  message="train() raised ValueError at site broken")
+        sink.emit(
+            "site_error",
+            round=round_,
+            phase="train",
+            site="broken",
+            kind="plan_error",
+            message="train() raised ValueError at site broken",
+        )
     return sink
 
 

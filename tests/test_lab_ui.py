@@ -30,8 +30,15 @@ if TYPE_CHECKING:
 REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = REPO / "test-artifacts" / "lab-ui"
 CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--disable-quic", "--disable-gpu"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--headless",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-quic",
+    "--disable-gpu",
+]
 PANEL = "#flip-lab-panel"
 
 pytestmark = [pytest.mark.browser, pytest.mark.e2e]
@@ -44,15 +51,20 @@ def start_lab(tmp_path: Path, port: int | None = None) -> Jupyter:
     root.mkdir(exist_ok=True)
     shutil.copy(REPO / "tests" / "notebooks" / "dispatch_demo.ipynb", root)
     settings = tmp_path / "lab-settings"
-    for plugin, values in [("@jupyterlab/apputils-extension/notification", {"fetchNews": "false",
-                                                                           "checkForUpdates": False}),
-                           ("flip-lab/plugin", {"metric": "loss"})]:
+    for plugin, values in [
+        ("@jupyterlab/apputils-extension/notification", {"fetchNews": "false", "checkForUpdates": False}),
+        ("flip-lab/plugin", {"metric": "loss"}),
+    ]:
         path = settings / f"{plugin}.jupyterlab-settings"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(values))
-    return start_jupyter(root, app="lab", extra=["--LabApp.news_url=None"], port=port,
-                         env={"JUPYTERLAB_SETTINGS_DIR": str(settings),
-                              "JUPYTERLAB_WORKSPACES_DIR": str(tmp_path / "workspaces")})
+    return start_jupyter(
+        root,
+        app="lab",
+        extra=["--LabApp.news_url=None"],
+        port=port,
+        env={"JUPYTERLAB_SETTINGS_DIR": str(settings), "JUPYTERLAB_WORKSPACES_DIR": str(tmp_path / "workspaces")},
+    )
 
 
 @pytest.fixture
@@ -63,8 +75,10 @@ def lab(tmp_path):
     known = httpx.get(f"{servers[0].url}/lab/api/settings/flip-lab:plugin", headers=servers[0].headers(), timeout=30)
     if known.status_code != 200:
         servers[0].stop()
-        pytest.fail("JupyterLab does not know the flip-lab extension: install the package (pip install .) or link "
-                    "flip_lab/labextension into share/jupyter/labextensions/flip-lab, as ./run setup does")
+        pytest.fail(
+            "JupyterLab does not know the flip-lab extension: install the package (pip install .) or link "
+            "flip_lab/labextension into share/jupyter/labextensions/flip-lab, as ./run setup does"
+        )
     yield servers
     for server in servers:
         server.stop()
@@ -93,8 +107,7 @@ def test_researcher_starts_a_federation_dispatches_a_plan_and_watches_it_finish(
         try:
             page.goto(f"{server.url}/lab/tree/dispatch_demo.ipynb?token={server.token}")
             expect(page.locator(".jp-NotebookPanel")).to_be_visible(timeout=90_000)
-            expect(page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']")).to_have_count(
-                1, timeout=60_000)
+            expect(page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']")).to_have_count(1, timeout=60_000)
 
             # The panel: open it from its tab in the left sidebar, start two simulated hospitals.
             page.locator("li[data-id='flip-lab-panel']").click()
@@ -132,7 +145,8 @@ def test_researcher_starts_a_federation_dispatches_a_plan_and_watches_it_finish(
             page.locator(".jp-Notebook .jp-CodeCell").first.click()
             page.keyboard.press("Control+Enter")
             expect(page.locator(".jp-OutputArea-output").first).to_contain_text(
-                "plan lesions is ready to dispatch", timeout=60_000)
+                "plan lesions is ready to dispatch", timeout=60_000
+            )
             page.locator(".jp-NotebookPanel-toolbar [data-command='flip-lab:dispatch']").click()
             expect(panel.get_by_text("Dispatched plan 'lesions' as job")).to_be_visible(timeout=90_000)
             job = panel.locator(".jp-FlipLab-job").first
@@ -222,8 +236,9 @@ def watch_dashboard(cell: Locator, job: Locator, sites: list[str]) -> None:
     curves = dashboard.locator("img.flip-lab-dashboard-curves")
     expect(headline).to_contain_text("running, round 2 of 3", timeout=240_000)  # round 1 released, round 2 under way
     # The panel and the dashboard say the same round while it runs (round 2 or 3: the round in progress).
-    same = cell.page.wait_for_function(SAME_ROUND, arg=[job.element_handle(), headline.element_handle()],
-                                       timeout=120_000).json_value()
+    same = cell.page.wait_for_function(
+        SAME_ROUND, arg=[job.element_handle(), headline.element_handle()], timeout=120_000
+    ).json_value()
     assert same in ("2", "3"), same
     expect(states).to_have_count(len(sites))
     for name in sites:

@@ -46,21 +46,24 @@ def _family(pids):
 
 def test_up_status_down_leaves_no_process_or_port(tmp_path):
     workdir = tmp_path / "fed"
-    up = subprocess.run([*FLIP_LAB, "up", "--sites", "2", "--workdir", str(workdir)], capture_output=True,
-                        text=True, timeout=300)
+    up = subprocess.run(
+        [*FLIP_LAB, "up", "--sites", "2", "--workdir", str(workdir)], capture_output=True, text=True, timeout=300
+    )
     assert up.returncode == 0, up.stderr
     state = json.loads((workdir / "federation.json").read_text())
-    assert state["durable"] is False and not (workdir / "hub" / "superlink.db").exists(), \
+    assert state["durable"] is False and not (workdir / "hub" / "superlink.db").exists(), (
         "a local hub keeps its state in memory unless asked to be durable"
+    )
     family = _family(state["pids"])
-    status = subprocess.run([*FLIP_LAB, "status", "--workdir", str(workdir)], capture_output=True, text=True,
-                            timeout=60)
+    status = subprocess.run(
+        [*FLIP_LAB, "status", "--workdir", str(workdir)], capture_output=True, text=True, timeout=60
+    )
     assert status.returncode == 0 and status.stdout.count("online") == 2, status.stdout
-    again = subprocess.run([*FLIP_LAB, "up", "--sites", "2", "--workdir", str(workdir)], capture_output=True,
-                           text=True, timeout=120)
+    again = subprocess.run(
+        [*FLIP_LAB, "up", "--sites", "2", "--workdir", str(workdir)], capture_output=True, text=True, timeout=120
+    )
     assert again.returncode == 2 and "already running" in again.stderr
-    down = subprocess.run([*FLIP_LAB, "down", "--workdir", str(workdir)], capture_output=True, text=True,
-                          timeout=120)
+    down = subprocess.run([*FLIP_LAB, "down", "--workdir", str(workdir)], capture_output=True, text=True, timeout=120)
     assert down.returncode == 0, down.stderr
     assert _gone(family)
     assert _port_free(state["hub_port"])
@@ -110,10 +113,16 @@ def test_a_federation_removes_the_temporary_folder_it_made_even_at_interpreter_e
     own_folder = script.replace("local_federation(1,", f"local_federation(1, workdir={str(given)!r},")
     # The three interpreters are independent: they run side by side, most of each one's time is spent waiting for
     # its hub and site to start.
-    runs = {how: subprocess.Popen([sys.executable, "-c", code, arg], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  text=True, env=env)
-            for how, code, arg in (("shutdown", script, "shutdown"), ("exit", script, "exit"),
-                                   ("given", own_folder, "shutdown"))}
+    runs = {
+        how: subprocess.Popen(
+            [sys.executable, "-c", code, arg], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        )
+        for how, code, arg in (
+            ("shutdown", script, "shutdown"),
+            ("exit", script, "exit"),
+            ("given", own_folder, "shutdown"),
+        )
+    }
     done = {how: proc.communicate(timeout=300) + (proc.returncode,) for how, proc in runs.items()}
     for how in ("shutdown", "exit"):
         stdout, stderr, returncode = done[how]
@@ -134,8 +143,15 @@ def test_a_hub_that_kept_its_state_in_memory_is_not_restarted_and_the_error_says
 
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
-    state = {"workdir": str(tmp_path), "pids": [gone.pid], "sites": {}, "site_pids": {}, "hub_port": 1,
-             "hub_pid": gone.pid, "durable": False}
+    state = {
+        "workdir": str(tmp_path),
+        "pids": [gone.pid],
+        "sites": {},
+        "site_pids": {},
+        "hub_port": 1,
+        "hub_pid": gone.pid,
+        "durable": False,
+    }
     fed = LocalFederation(tmp_path, state, owner=False)
     with pytest.raises(FederationError, match=r"kept its state in memory.*durable=True.*flip-lab up --durable"):
         fed.restart_hub()

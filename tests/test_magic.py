@@ -67,8 +67,13 @@ def test_functions_from_earlier_cells_are_captured(shell: InteractiveShell, caps
     assert isinstance(plan, Plan) and plan.name == "lesions"
     assert plan.contract == {"modality": "MR", "dims": 2, "size": [16, 16]}
     source = plan.source()
-    for expected in ("class Net(torch.nn.Module):", "def double(x):", "HIDDEN = 4", "import torch",
-                     'return {"loss": float(double(config["lr"]))}'):
+    for expected in (
+        "class Net(torch.nn.Module):",
+        "def double(x):",
+        "HIDDEN = 4",
+        "import torch",
+        'return {"loss": float(double(config["lr"]))}',
+    ):
         assert expected in source
     rebuilt = Plan.from_source(source, name="rebuilt")  # the assembled source runs on its own
     assert rebuilt.functions == {} and rebuilt.source() == source
@@ -80,15 +85,22 @@ def test_the_cell_runs_in_the_notebook_namespace(shell: InteractiveShell) -> Non
     assert callable(shell.user_ns["model"]) and shell.user_ns["CONTRACT"]["dims"] == 2
 
 
-@pytest.mark.parametrize(("cell", "name", "advice"), [
-    ("square = lambda x: x * x\n", "square", "def square"),
-    ("def outer():\n    k = 3\n    def scaled(x):\n        return k * x\n    return scaled\nscaled = outer()\n",
-     "scaled", "closure"),
-    ("import pandas\n", "pandas", "do not install"),
-    ("", "undefined_helper", "is not defined"),
-])
-def test_what_cannot_travel_is_refused_by_name(shell: InteractiveShell, capsys: pytest.CaptureFixture,
-                                               cell: str, name: str, advice: str) -> None:
+@pytest.mark.parametrize(
+    ("cell", "name", "advice"),
+    [
+        ("square = lambda x: x * x\n", "square", "def square"),
+        (
+            "def outer():\n    k = 3\n    def scaled(x):\n        return k * x\n    return scaled\nscaled = outer()\n",
+            "scaled",
+            "closure",
+        ),
+        ("import pandas\n", "pandas", "do not install"),
+        ("", "undefined_helper", "is not defined"),
+    ],
+)
+def test_what_cannot_travel_is_refused_by_name(
+    shell: InteractiveShell, capsys: pytest.CaptureFixture, cell: str, name: str, advice: str
+) -> None:
     run(shell, EARLIER_CELL)
     run(shell, cell)
     capsys.readouterr()
@@ -102,8 +114,7 @@ def test_what_cannot_travel_is_refused_by_name(shell: InteractiveShell, capsys: 
     assert "plan" not in shell.user_ns  # nothing registered
 
 
-def test_an_error_in_the_cell_itself_registers_nothing(shell: InteractiveShell,
-                                                       capsys: pytest.CaptureFixture) -> None:
+def test_an_error_in_the_cell_itself_registers_nothing(shell: InteractiveShell, capsys: pytest.CaptureFixture) -> None:
     result = run(shell, "%%flip_plan plan\ndef model():\n    return None\nraise ValueError('bad setting')\n")
     assert isinstance(result.error_in_exec, PlanRefused)
     out = capsys.readouterr()
@@ -122,11 +133,14 @@ def test_a_refused_function_leaves_the_plan_as_it_was(shell: InteractiveShell) -
     assert shell.user_ns["plan"].functions == before
 
 
-@pytest.mark.parametrize(("cell", "message"), [
-    ("%%flip_plan plan\nx = 1\n", "defines none of model(), train(), evaluate()"),
-    ("%%flip_plan 2plan\ndef model():\n    return 1\n", "not a variable name"),
-    ("%%flip_plan CONFIG\ndef model():\n    return 1\n", "already holds a dict"),
-])
+@pytest.mark.parametrize(
+    ("cell", "message"),
+    [
+        ("%%flip_plan plan\nx = 1\n", "defines none of model(), train(), evaluate()"),
+        ("%%flip_plan 2plan\ndef model():\n    return 1\n", "not a variable name"),
+        ("%%flip_plan CONFIG\ndef model():\n    return 1\n", "already holds a dict"),
+    ],
+)
 def test_misuse_is_explained(shell: InteractiveShell, cell: str, message: str) -> None:
     shell.user_ns["CONFIG"] = {"lr": 0.1}
     result = run(shell, cell)
@@ -135,13 +149,16 @@ def test_misuse_is_explained(shell: InteractiveShell, cell: str, message: str) -
 
 
 def test_a_dry_run_failure_names_the_magic_cell_and_the_line_as_the_notebook_shows_them(
-        shell: InteractiveShell) -> None:
+    shell: InteractiveShell,
+) -> None:
     from flip_lab.errors import PlanCheckFailed
 
     run(shell, EARLIER_CELL)
-    cell = (PLAN_CELL.replace('"size": [16, 16]}', '"size": [16, 16], "spacing": [1.0, 1.0], '
-                              '"intensity": {"kind": "zscore"}, "labels": {"background": 0, "lesion": 1}}')
-            .replace('return {"loss"', 'torch.ones(2, 3) @ data.train_x.flatten(1)\n    return {"loss"'))
+    cell = PLAN_CELL.replace(
+        '"size": [16, 16]}',
+        '"size": [16, 16], "spacing": [1.0, 1.0], '
+        '"intensity": {"kind": "zscore"}, "labels": {"background": 0, "lesion": 1}}',
+    ).replace('return {"loss"', 'torch.ones(2, 3) @ data.train_x.flatten(1)\n    return {"loss"')
     number = shell.execution_count
     assert run(shell, cell).success
     assert run(shell, EVALUATE_CELL).success

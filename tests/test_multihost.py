@@ -80,8 +80,11 @@ class Lab:
             self._run("link", "set", ns_end, "netns", ns)
             self._run("link", "set", host_end, "master", self.bridge)
             self._run("link", "set", host_end, "up")
-            for args in (("addr", "add", f"{address}/24", "dev", ns_end), ("link", "set", ns_end, "up"),
-                         ("link", "set", "lo", "up")):
+            for args in (
+                ("addr", "add", f"{address}/24", "dev", ns_end),
+                ("link", "set", ns_end, "up"),
+                ("link", "set", "lo", "up"),
+            ):
                 self._run("-n", ns, *args)
 
     def down(self) -> None:
@@ -158,7 +161,7 @@ def _parse(frame: bytes) -> tuple[int, str, int, str, int, int, bytes] | None:
     src, dst, body = socket.inet_ntoa(ip[12:16]), socket.inet_ntoa(ip[16:20]), ip[ihl:total]
     if proto == 6 and len(body) >= 20:
         sport, dport, seq = struct.unpack("!HHI", body[:8])
-        return 6, src, sport, dst, dport, seq, body[(body[12] >> 4) * 4:]
+        return 6, src, sport, dst, dport, seq, body[(body[12] >> 4) * 4 :]
     if proto == 17 and len(body) >= 8:
         sport, dport = struct.unpack("!HH", body[:4])
         return 17, src, sport, dst, dport, 0, body[8:]
@@ -179,12 +182,22 @@ def _rogue_site(folder: Path, ca: Path) -> Path:
     key = ec.generate_private_key(ec.SECP384R1())
     fd = os.open(folder / "certs" / "rogue.key", os.O_WRONLY | os.O_CREAT, 0o600)
     with os.fdopen(fd, "wb") as fh:
-        fh.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                   serialization.NoEncryption()))
-    write_settings(folder, SiteSettings(name="rogue", hub=f"{HUB_IP}:{HUB_PORT}", root_certificates="certs/ca.pem",
-                                        auth_key="certs/rogue.key"))
-    pem = key.public_key().public_bytes(serialization.Encoding.PEM,
-                                        serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+        fh.write(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+            )
+        )
+    write_settings(
+        folder,
+        SiteSettings(
+            name="rogue", hub=f"{HUB_IP}:{HUB_PORT}", root_certificates="certs/ca.pem", auth_key="certs/rogue.key"
+        ),
+    )
+    pem = (
+        key.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
     (folder / "public.pem").write_text(pem)
     return folder
 
@@ -247,11 +260,16 @@ def multihost(tmp_path_factory):
     prov = provision(root / "provision", hub_address=hub_address, sites=names)
     for site_dir in site_dirs:
         identity = install_certs(site_dir, prov.sites[site_dir.name])
-        write_settings(site_dir, dataclasses.replace(load_settings(site_dir), root_certificates=identity["root_certificates"],
-                                                     auth_key=identity["auth_key"]))
+        write_settings(
+            site_dir,
+            dataclasses.replace(
+                load_settings(site_dir), root_certificates=identity["root_certificates"], auth_key=identity["auth_key"]
+            ),
+        )
     rogue_dir = _rogue_site(root / "rogue", prov.researcher_ca)
     built = flip_lab.Plan.from_file(PLANS / "tiny_plan.py").build(
-        {"rounds": 2, "lr": 0.02, "batch_size": 16, "expected_sites": 3, "round_timeout": 240})
+        {"rounds": 2, "lr": 0.02, "batch_size": 16, "expected_sites": 3, "round_timeout": 240}
+    )
     needles = _needles(built)
     from flwr.app import Array, ArrayRecord
     from safetensors.numpy import load
@@ -270,10 +288,31 @@ def multihost(tmp_path_factory):
         lab.up()
         capture = BridgeCapture(lab.bridge)
         hub_work = root / "hub"
-        up = subprocess.run(["ip", "netns", "exec", lab.namespaces["hub"], sys.executable, "-m", "flip_lab.cli", "up",
-                             "--sites", "0", "--listen", hub_address, "--certs", str(prov.hub),
-                             "--workdir", str(hub_work)], check=False, capture_output=True, text=True, timeout=180,
-                            env=env)
+        up = subprocess.run(
+            [
+                "ip",
+                "netns",
+                "exec",
+                lab.namespaces["hub"],
+                sys.executable,
+                "-m",
+                "flip_lab.cli",
+                "up",
+                "--sites",
+                "0",
+                "--listen",
+                hub_address,
+                "--certs",
+                str(prov.hub),
+                "--workdir",
+                str(hub_work),
+            ],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=180,
+            env=env,
+        )
         state_file = hub_work / "federation.json"
         if state_file.exists():
             pids += json.loads(state_file.read_text())["pids"]
@@ -281,10 +320,24 @@ def multihost(tmp_path_factory):
         registered = json.loads(state_file.read_text())["registered"]
         for n, site_dir in enumerate(site_dirs):
             with open(site_dir / "daemon.log", "ab") as out:
-                proc = subprocess.Popen(["ip", "netns", "exec", lab.namespaces[f"site{n}"], sys.executable, "-m",
-                                         "site_kernel.cli", "run", str(site_dir)], stdout=out,
-                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-                                        env=env)
+                proc = subprocess.Popen(
+                    [
+                        "ip",
+                        "netns",
+                        "exec",
+                        lab.namespaces[f"site{n}"],
+                        sys.executable,
+                        "-m",
+                        "site_kernel.cli",
+                        "run",
+                        str(site_dir),
+                    ],
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,
+                    env=env,
+                )
             pids.append(proc.pid)
         fed = flip_lab.connect(hub_address, root_certificates=str(prov.researcher_ca), workdir=root / "researcher")
         deadline = time.monotonic() + 180
@@ -292,9 +345,14 @@ def multihost(tmp_path_factory):
             assert time.monotonic() < deadline, "the three sites did not come online: see " + str(root / "sites")
             time.sleep(0.5)
         with open(rogue_dir / "daemon.log", "ab") as out:  # an outsider on the hospital network, in the root namespace
-            rogue = subprocess.Popen([sys.executable, "-m", "site_kernel.cli", "run", str(rogue_dir)], stdout=out,
-                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-                                     env=env)
+            rogue = subprocess.Popen(
+                [sys.executable, "-m", "site_kernel.cli", "run", str(rogue_dir)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                env=env,
+            )
         pids.append(rogue.pid)
         job = fed.submit(built)
         job.wait(timeout=480, raise_on_failure=False)
@@ -307,11 +365,20 @@ def multihost(tmp_path_factory):
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:  # proves the capture sees hub traffic
             probe.sendto(control, (HUB_IP, 9))
         time.sleep(0.5)
-        yield Outcome(job_status=job.status, history_sites=set(job.history.site) - {"aggregate"}, nodes=nodes,
-                      registered=registered, site_names=names, rogue_code=rogue_code,
-                      rogue_pem=(rogue_dir / "public.pem").read_text(),
-                      hub_log=(hub_work / "hub" / "superlink.log").read_text(errors="replace"), capture=capture,
-                      needles=needles, control=control, on_the_wire=on_the_wire)
+        yield Outcome(
+            job_status=job.status,
+            history_sites=set(job.history.site) - {"aggregate"},
+            nodes=nodes,
+            registered=registered,
+            site_names=names,
+            rogue_code=rogue_code,
+            rogue_pem=(rogue_dir / "public.pem").read_text(),
+            hub_log=(hub_work / "hub" / "superlink.log").read_text(errors="replace"),
+            capture=capture,
+            needles=needles,
+            control=control,
+            on_the_wire=on_the_wire,
+        )
     finally:
         if fed is not None:
             fed.close()

@@ -31,8 +31,14 @@ def outputs(nb_path: Path) -> tuple[str, set[str]]:
 
 def execute(name: str, tmp_path: Path, **parameters) -> tuple[str, set[str]]:
     out = tmp_path / Path(name).name
-    papermill.execute_notebook(str(NOTEBOOKS / name), str(out), parameters=parameters, cwd=str(tmp_path),
-                               progress_bar=False, kernel_name="python3")
+    papermill.execute_notebook(
+        str(NOTEBOOKS / name),
+        str(out),
+        parameters=parameters,
+        cwd=str(tmp_path),
+        progress_bar=False,
+        kernel_name="python3",
+    )
     return outputs(out)
 
 
@@ -65,8 +71,11 @@ def test_notebook_runs_headless(name, federation, tmp_path):
     if name == "quickstart.ipynb":  # a newcomer's first study, even at the suite's small settings, visibly learns
         dice = float(re.search(r"final aggregated Dice ([0-9.]+)", text).group(1))
         assert dice >= 0.1, f"the quickstart ended at Dice {dice}: it should visibly learn in one round"
-    if name in ("quickstart.ipynb", "workshop/01_federated_basics.ipynb",
-                "workshop/02_heterogeneity_and_harmonisation.ipynb"):
+    if name in (
+        "quickstart.ipynb",
+        "workshop/01_federated_basics.ipynb",
+        "workshop/02_heterogeneity_and_harmonisation.ipynb",
+    ):
         assert "image/png" in kinds, "the dashboard's static image must be saved in the notebook"
 
 
@@ -75,17 +84,33 @@ def test_dispatch_from_the_panel_sends_the_quickstarts_own_settings(federation, 
     quickstart, it trains with the notebook's settings (study_config), so with the same seed it reaches the same
     Dice as the notebook's own submit cell, not the one the default settings give."""
     nb = json.loads((NOTEBOOKS / "quickstart.ipynb").read_text())
-    nb["cells"].insert(-1, {"cell_type": "code", "execution_count": None, "id": "dispatch", "metadata": {},
-                            "outputs": [], "source": [
-        "import flip_lab.panel\n",
-        "dispatched = flip_lab.panel.dispatch(workdir=federation_workdir)\n",
-        "dispatched.wait()\n",
-        "print('DICE', job.metric('dice').iloc[-1], dispatched.metric('dice').iloc[-1])"]})
+    nb["cells"].insert(
+        -1,
+        {
+            "cell_type": "code",
+            "execution_count": None,
+            "id": "dispatch",
+            "metadata": {},
+            "outputs": [],
+            "source": [
+                "import flip_lab.panel\n",
+                "dispatched = flip_lab.panel.dispatch(workdir=federation_workdir)\n",
+                "dispatched.wait()\n",
+                "print('DICE', job.metric('dice').iloc[-1], dispatched.metric('dice').iloc[-1])",
+            ],
+        },
+    )
     source = tmp_path / "quickstart_dispatch.ipynb"
     source.write_text(json.dumps(nb))
     out = tmp_path / "out.ipynb"
-    papermill.execute_notebook(str(source), str(out), cwd=str(tmp_path), progress_bar=False, kernel_name="python3",
-                               parameters={"scale": 0.3, "rounds": 1, "federation_workdir": str(federation.workdir)})
+    papermill.execute_notebook(
+        str(source),
+        str(out),
+        cwd=str(tmp_path),
+        progress_bar=False,
+        kernel_name="python3",
+        parameters={"scale": 0.3, "rounds": 1, "federation_workdir": str(federation.workdir)},
+    )
     text, _ = outputs(out)
     assert "Settings from the notebook's `study_config`: rounds=1, strategy='fedavg', local_epochs=3, lr=0.003" in text
     submitted, dispatched = map(float, re.search(r"DICE ([0-9.]+) ([0-9.]+)", text).groups())

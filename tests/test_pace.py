@@ -77,8 +77,17 @@ def _hub_message(run_id: int):
     from flwr.app import ConfigRecord, Metadata, RecordDict
     from flwr.app.message.message import make_message
 
-    md = Metadata(run_id=run_id, message_id="", src_node_id=0, dst_node_id=1, reply_to_message_id="", group_id="",
-                  created_at=time.time(), ttl=60, message_type="query")
+    md = Metadata(
+        run_id=run_id,
+        message_id="",
+        src_node_id=0,
+        dst_node_id=1,
+        reply_to_message_id="",
+        group_id="",
+        created_at=time.time(),
+        ttl=60,
+        message_type="query",
+    )
     msg = make_message(metadata=md, content=RecordDict({"config": ConfigRecord({"op": "hello"})}))
     msg.metadata.__dict__["_message_id"] = msg.object_id
     return msg
@@ -113,8 +122,11 @@ def _push(state, store) -> list[str]:
         sent.append(message.metadata.reply_to_message_id)
         return set(), "session"
 
-    push = threading.Thread(target=_push_messages, daemon=True, kwargs=dict(
-        state=state, object_store=store, send=send, push_object=lambda *a: None))
+    push = threading.Thread(
+        target=_push_messages,
+        daemon=True,
+        kwargs=dict(state=state, object_store=store, send=send, push_object=lambda *a: None),
+    )
     push.start()
     push.join(5)
     return sent
@@ -154,8 +166,10 @@ def test_a_message_half_received_when_its_run_stopped_is_dropped_with_its_task()
         state.store_message(message)
         return None
 
-    assert _pull_or_flush(receive_until_the_run_stops, _Loop(0.1))(state=state, object_store=store,
-                                                                  get_run=_no_run) is None
+    assert (
+        _pull_or_flush(receive_until_the_run_stops, _Loop(0.1))(state=state, object_store=store, get_run=_no_run)
+        is None
+    )
     assert not state.get_messages_legacy(is_reply=False), "no message is left for the executor to answer"
     (task,) = state.get_tasks(task_ids=created)
     assert task.status.status == Status.FINISHED
@@ -205,8 +219,7 @@ def test_the_open_tasks_of_a_run_stopped_at_the_hub_end_and_others_stay():
     state, store = _node()
     tasks = {}
     for run_id in (7, 8):
-        tasks[run_id] = state.create_task(task_type=TaskType.CLIENT_APP, run_id=run_id,
-                                          fab_hash="f")
+        tasks[run_id] = state.create_task(task_type=TaskType.CLIENT_APP, run_id=run_id, fab_hash="f")
         state.store_message(_hub_message(run_id))
 
     def get_run(run_id):  # the hub's answer once run 7 was cancelled

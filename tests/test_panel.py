@@ -29,11 +29,17 @@ def test_the_only_plan_is_found_whatever_its_name(plan):
     assert find_plan({"lesions": plan, "also_lesions": plan, "x": 1}) is plan
 
 
-@pytest.mark.parametrize("namespace, words", [
-    ({}, "defines no flip_lab.Plan yet"),
-    ({"plan": "not a plan", "_hidden": flip_lab.Plan("h")}, "defines no flip_lab.Plan yet"),
-    ({"a": flip_lab.Plan("a"), "b": flip_lab.Plan("b")}, r"several plans \(a, b\); name the one to dispatch `plan`"),
-])
+@pytest.mark.parametrize(
+    "namespace, words",
+    [
+        ({}, "defines no flip_lab.Plan yet"),
+        ({"plan": "not a plan", "_hidden": flip_lab.Plan("h")}, "defines no flip_lab.Plan yet"),
+        (
+            {"a": flip_lab.Plan("a"), "b": flip_lab.Plan("b")},
+            r"several plans \(a, b\); name the one to dispatch `plan`",
+        ),
+    ],
+)
 def test_no_plan_or_an_ambiguous_one_says_what_to_do(namespace, words):
     with pytest.raises(PlanError, match=words):
         find_plan(namespace)
@@ -58,8 +64,10 @@ def test_without_study_config_dispatch_takes_the_settings_of_the_plans_last_subm
         fed.submit(plan, {"rounds": 2}, lr=3e-3, local_epochs=3)
     finally:
         fed.close()
-    assert find_config({"plan": plan}, plan) == ({"rounds": 2, "lr": 3e-3, "local_epochs": 3},
-                                                 "the plan's last fed.submit in this notebook")
+    assert find_config({"plan": plan}, plan) == (
+        {"rounds": 2, "lr": 3e-3, "local_epochs": 3},
+        "the plan's last fed.submit in this notebook",
+    )
     assert find_config({"plan": plan, "study_config": {"rounds": 5}}, plan)[0] == {"rounds": 5}
 
 
@@ -121,14 +129,16 @@ def test_a_notebook_in_lab_joins_the_federation_its_panel_runs(panel_store, caps
     fed.close()
 
 
-@pytest.mark.parametrize("saved, kwargs", [
-    (None, {}),  # papermill, plain Python, a Lab whose panel started nothing
-    ('{"kind": "remote", "address": "hub:9093", "workdir": ""}', {}),
-    ('{"kind": "local", "workdir": "/panel/fed", "stopped": true}', {}),
-    ('{"kind": "local", "workdir": "/panel/fed", "stopped": false}', {"workdir": "/mine"}),
-])
-def test_a_notebook_starts_its_own_federation_when_the_panel_runs_none_or_a_folder_is_given(panel_store, saved,
-                                                                                            kwargs):
+@pytest.mark.parametrize(
+    "saved, kwargs",
+    [
+        (None, {}),  # papermill, plain Python, a Lab whose panel started nothing
+        ('{"kind": "remote", "address": "hub:9093", "workdir": ""}', {}),
+        ('{"kind": "local", "workdir": "/panel/fed", "stopped": true}', {}),
+        ('{"kind": "local", "workdir": "/panel/fed", "stopped": false}', {"workdir": "/mine"}),
+    ],
+)
+def test_a_notebook_starts_its_own_federation_when_the_panel_runs_none_or_a_folder_is_given(panel_store, saved, kwargs):
     from flip_lab.local import PANEL_CONNECTION
 
     if saved is None:

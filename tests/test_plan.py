@@ -92,17 +92,32 @@ def test_build_declares_shapes_and_a_hash_that_changes_with_one_character():
 @pytest.mark.parametrize(
     "cells, message",
     [
-        ("import torch\nfrom flip_lab import Plan\nplan = Plan()\nsquash = lambda x: x\n"
-         "@plan.model\ndef model():\n    return squash(torch.nn.Linear(1, 1))\n", "'squash' (used by model) is a lambda"),
-        ("import torch\nfrom flip_lab import Plan\nplan = Plan()\ndef make():\n    k = 3\n"
-         "    def inner():\n        return torch.nn.Linear(k, 1)\n    return inner\nbuilt = make()\n"
-         "@plan.model\ndef model():\n    return built()\n", "closure over local variable(s) k"),
-        ("import torch\nfrom flip_lab import Plan\nplan = Plan()\n"
-         "@plan.model\ndef model():\n    return undefined_thing(1)\n", "name 'undefined_thing' used in model() is not defined"),
-        ("import torch\nimport pandas\nfrom flip_lab import Plan\nplan = Plan()\n"
-         "@plan.model\ndef model():\n    return pandas.DataFrame()\n", "comes from 'pandas', which FLIP sites do not install"),
-        ("import torch, threading\nfrom flip_lab import Plan\nplan = Plan()\nLOCK = threading.Lock()\n"
-         "@plan.model\ndef model():\n    LOCK\n    return torch.nn.Linear(1, 1)\n", "cannot travel as source"),
+        (
+            "import torch\nfrom flip_lab import Plan\nplan = Plan()\nsquash = lambda x: x\n"
+            "@plan.model\ndef model():\n    return squash(torch.nn.Linear(1, 1))\n",
+            "'squash' (used by model) is a lambda",
+        ),
+        (
+            "import torch\nfrom flip_lab import Plan\nplan = Plan()\ndef make():\n    k = 3\n"
+            "    def inner():\n        return torch.nn.Linear(k, 1)\n    return inner\nbuilt = make()\n"
+            "@plan.model\ndef model():\n    return built()\n",
+            "closure over local variable(s) k",
+        ),
+        (
+            "import torch\nfrom flip_lab import Plan\nplan = Plan()\n"
+            "@plan.model\ndef model():\n    return undefined_thing(1)\n",
+            "name 'undefined_thing' used in model() is not defined",
+        ),
+        (
+            "import torch\nimport pandas\nfrom flip_lab import Plan\nplan = Plan()\n"
+            "@plan.model\ndef model():\n    return pandas.DataFrame()\n",
+            "comes from 'pandas', which FLIP sites do not install",
+        ),
+        (
+            "import torch, threading\nfrom flip_lab import Plan\nplan = Plan()\nLOCK = threading.Lock()\n"
+            "@plan.model\ndef model():\n    LOCK\n    return torch.nn.Linear(1, 1)\n",
+            "cannot travel as source",
+        ),
     ],
 )
 def test_what_cannot_travel_is_refused_by_name(cells, message):
@@ -134,8 +149,13 @@ def test_plan_from_file_builds():
 
 @pytest.mark.parametrize(
     "settings, key",
-    [({"rounds": "3"}, "rounds"), ({"rounds": 0}, "rounds"), ({"lr": "fast"}, "lr"),
-     ({"round_timeout": True}, "round_timeout"), ({"nonsense": 1}, "nonsense")],
+    [
+        ({"rounds": "3"}, "rounds"),
+        ({"rounds": 0}, "rounds"),
+        ({"lr": "fast"}, "lr"),
+        ({"round_timeout": True}, "round_timeout"),
+        ({"nonsense": 1}, "nonsense"),
+    ],
 )
 def test_config_refuses_wrong_types_by_key(settings, key):
     with pytest.raises(ConfigError) as err:

@@ -47,8 +47,13 @@ def test_learning_curves_draw_one_line_per_site_and_the_aggregate(history: pd.Da
 @pytest.mark.parametrize(("rounds", "ticks"), [([1], [1.0]), ([1, 2, 3], [1.0, 2.0, 3.0])])
 def test_learning_curves_tick_whole_rounds_only(rounds: list[int], ticks: list[float]) -> None:
     """One round is one tick at 1, not 0.96 to 1.04 around a lone point."""
-    history = pd.DataFrame([{"round": r, "site": site, "phase": "evaluate", "metric": "dice", "value": 0.5 + r / 10}
-                            for r in rounds for site in ("north", "aggregate")])
+    history = pd.DataFrame(
+        [
+            {"round": r, "site": site, "phase": "evaluate", "metric": "dice", "value": 0.5 + r / 10}
+            for r in rounds
+            for site in ("north", "aggregate")
+        ]
+    )
     (ax,) = learning_curves(history).axes
     fig = ax.get_figure()
     fig.canvas.draw()
@@ -84,8 +89,11 @@ def test_site_comparison_names_the_metrics_it_has(history: pd.DataFrame) -> None
 
 
 def test_cross_site_matrix_is_a_labelled_heatmap() -> None:
-    matrix = pd.DataFrame([[0.9, 0.6, 0.5], [0.55, 0.88, 0.61], [0.8, 0.79, 0.82]],
-                          index=["site0", "site1", "global"], columns=["site0", "site1", "site2"])
+    matrix = pd.DataFrame(
+        [[0.9, 0.6, 0.5], [0.55, 0.88, 0.61], [0.8, 0.79, 0.82]],
+        index=["site0", "site1", "global"],
+        columns=["site0", "site1", "site2"],
+    )
     fig = cross_site_matrix(matrix)
     ax = fig.axes[0]
     np.testing.assert_allclose(ax.get_images()[0].get_array(), matrix.to_numpy())
@@ -103,8 +111,10 @@ def _hist(values: np.ndarray, key: str) -> dict:
 @pytest.mark.parametrize("key", ["counts", "density"])
 def test_harmonisation_distributions_before_and_after(key: str) -> None:
     rng = np.random.default_rng(0)
-    report = {site: {"before": _hist(rng.normal(mu, 30, 500), key), "after": _hist(rng.normal(0, 1, 500), key)}
-              for site, mu in (("north", 100.0), ("south", 400.0))}
+    report = {
+        site: {"before": _hist(rng.normal(mu, 30, 500), key), "after": _hist(rng.normal(0, 1, 500), key)}
+        for site, mu in (("north", 100.0), ("south", 400.0))
+    }
     before, after = harmonisation_distributions(report).axes
     assert "before" in before.get_title() and "after" in after.get_title()
     for ax in (before, after):

@@ -25,9 +25,7 @@ def cli(*argv):
 
 
 def test_missing_policy_means_nothing_runs(tmp_path):
-    with pytest.raises(
-        PolicyMissing, match=r"nothing runs until the data owner writes one.*flip-site"
-    ):
+    with pytest.raises(PolicyMissing, match=r"nothing runs until the data owner writes one.*flip-site"):
         load_policy(tmp_path)
 
 
@@ -116,9 +114,7 @@ def test_invalid_toml_is_a_policy_error(tmp_path):
         load_policy(tmp_path)
 
 
-@pytest.mark.parametrize(
-    ("name", "allowed"), [("fedavg", True), ("FedProx", True), ("fedsecret", False)]
-)
+@pytest.mark.parametrize(("name", "allowed"), [("fedavg", True), ("FedProx", True), ("fedsecret", False)])
 def test_strategy_allowlist(tmp_path, name, allowed):
     write(tmp_path, 'allowed_strategies = ["fedavg", "fedprox"]\n')
     assert load_policy(tmp_path).allows_strategy(name) is allowed
@@ -142,11 +138,14 @@ def test_policy_commands(tmp_path, capsys):
     assert "sandbox.accept_weaker_isolation = false" in out
 
 
-@pytest.mark.parametrize("text, train, evaluate, other", [
-    ("", 3600, 900, 3600),
-    ("[limits]\ntrain_seconds = 60\n", 60, 900, 3600),
-    ("[limits]\nwall_seconds = 25\n", 25, 25, 25),  # the ceiling bounds every phase
-])
+@pytest.mark.parametrize(
+    "text, train, evaluate, other",
+    [
+        ("", 3600, 900, 3600),
+        ("[limits]\ntrain_seconds = 60\n", 60, 900, 3600),
+        ("[limits]\nwall_seconds = 25\n", 25, 25, 25),  # the ceiling bounds every phase
+    ],
+)
 def test_each_plan_phase_has_its_own_bounded_time_limit(tmp_path, text, train, evaluate, other):
     write(tmp_path, text)
     limits = load_policy(tmp_path).limits

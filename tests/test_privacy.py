@@ -44,9 +44,14 @@ RULES = DpRules(clip_norm=1.0, noise_multiplier=4.0, epsilon_budget=8.0, delta=1
 
 def flower_epsilon(noise_multiplier: float, releases: int, delta: float) -> float:
     """Flower's own accountant, composed by hand: the sensitivity between any two datasets is twice the clip."""
-    accountant = RdpAccountant(PrivacyConfig(
-        target_delta=delta, population_size=1, neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
-        sampling_method=SamplingMethod.NO_AMPLIFICATION))
+    accountant = RdpAccountant(
+        PrivacyConfig(
+            target_delta=delta,
+            population_size=1,
+            neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+            sampling_method=SamplingMethod.NO_AMPLIFICATION,
+        )
+    )
     accountant.compose(GaussianPrivacyEvent(noise_multiplier / 2, sample_size=1, population_size=1), releases)
     return accountant.get_epsilon(delta)
 
@@ -151,9 +156,11 @@ def test_a_deleted_ledger_is_noticed(tmp_path):
 
 # -- the mechanism -----------------------------------------------------------------------------------------------
 def model(rng, scale=1.0):
-    return {"w": (rng.normal(size=(30, 20)) * scale).astype(np.float32),
-            "b": (rng.normal(size=20) * scale).astype(np.float32),
-            "steps": np.array(7, np.int64)}
+    return {
+        "w": (rng.normal(size=(30, 20)) * scale).astype(np.float32),
+        "b": (rng.normal(size=20) * scale).astype(np.float32),
+        "steps": np.array(7, np.int64),
+    }
 
 
 @pytest.mark.parametrize(("length", "clip"), [(50.0, 1.5), (0.5, 1.5), (3.0, 3.0)])
@@ -161,11 +168,13 @@ def test_the_update_is_clipped_jointly_to_the_bound(length, clip):
     rng = np.random.default_rng(1)
     sent, direction = model(rng), model(rng)
     unit = math.sqrt(sum(float(np.sum(direction[k].astype(np.float64) ** 2)) for k in ("w", "b")))
-    trained = {k: (sent[k] + direction[k] * (length / unit)).astype(np.float32) if k != "steps"
-               else np.array(99, np.int64) for k in sent}
+    trained = {
+        k: (sent[k] + direction[k] * (length / unit)).astype(np.float32) if k != "steps" else np.array(99, np.int64)
+        for k in sent
+    }
     update, norm = clip_update(sent, trained, clip)
     assert set(update) == {"w", "b"} and norm == pytest.approx(length, rel=1e-5)
-    clipped = math.sqrt(sum(float(np.sum(u ** 2)) for u in update.values()))
+    clipped = math.sqrt(sum(float(np.sum(u**2)) for u in update.values()))
     assert clipped == pytest.approx(min(length, clip), rel=1e-5)
     raw = np.concatenate([(trained[k].astype(np.float64) - sent[k]).ravel() for k in ("w", "b")])
     flat = np.concatenate([update[k].ravel() for k in ("w", "b")])
@@ -229,14 +238,28 @@ def test_bad_dp_values_name_the_key(tmp_path, change, key, expected):
 
 
 # -- egress of the site's own metrics ----------------------------------------------------------------------------
-POLICY = SitePolicy(demo=False, approval="manual", allowed_strategies=("fedavg",), min_cohort=1,
-                    metrics=MetricRules(allow=("loss",), max_count=1), limits=Limits(),
-                    accept_weaker_isolation=False, dp=RULES)
+POLICY = SitePolicy(
+    demo=False,
+    approval="manual",
+    allowed_strategies=("fedavg",),
+    min_cohort=1,
+    metrics=MetricRules(allow=("loss",), max_count=1),
+    limits=Limits(),
+    accept_weaker_isolation=False,
+    dp=RULES,
+)
 
 
 def egress(metrics, site_metrics):
-    return check_reply(sent_shapes={}, sent_dtypes={}, reply_arrays=None, metrics=metrics, num_examples=5,
-                       policy=POLICY, site_metrics=site_metrics)
+    return check_reply(
+        sent_shapes={},
+        sent_dtypes={},
+        reply_arrays=None,
+        metrics=metrics,
+        num_examples=5,
+        policy=POLICY,
+        site_metrics=site_metrics,
+    )
 
 
 def test_site_metrics_leave_beside_a_full_plan_allowlist():
@@ -299,8 +322,10 @@ def test_a_study_spends_the_sites_budget_and_the_next_one_is_refused(tmp_path):
         again.wait(timeout=300, raise_on_failure=False)
         assert again.status == "failed"
         for name in fed.site_dirs:
-            assert f"site {name}: this study's 1 round(s) would take its privacy spend to epsilon 4.01 " \
-                   "(budget 3.5, already spent 3.19; 0 round(s) would fit)" in again.message
+            assert (
+                f"site {name}: this study's 1 round(s) would take its privacy spend to epsilon 4.01 "
+                "(budget 3.5, already spent 3.19; 0 round(s) would fit)" in again.message
+            )
         failed = [e for e in again.events if e.get("type") == "site_state" and e.get("state") == "failed"]
         assert {e["site"] for e in failed} == set(fed.site_dirs)
         assert all("ask the data owner or run fewer rounds" in e["detail"] for e in failed)

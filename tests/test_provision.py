@@ -34,8 +34,13 @@ def prov(tmp_path):
 def test_private_keys_are_owner_only_and_public_files_are_readable(prov):
     private = [prov.root / "ca" / "ca.key", prov.hub / "hub.key", *(prov.sites[n] / f"{n}.key" for n in prov.sites)]
     assert all(_mode(p) == 0o600 for p in private)
-    public = [prov.root / "ca" / "ca.pem", prov.hub / "hub.pem", prov.hub / "sites.toml", prov.researcher_ca,
-              *(prov.sites[n] / f"{n}.pub" for n in prov.sites)]
+    public = [
+        prov.root / "ca" / "ca.pem",
+        prov.hub / "hub.pem",
+        prov.hub / "sites.toml",
+        prov.researcher_ca,
+        *(prov.sites[n] / f"{n}.pub" for n in prov.sites),
+    ]
     assert all(_mode(p) & 0o044 for p in public)
 
 
@@ -66,8 +71,12 @@ def test_site_keys_are_p384_openssh_pairs_and_the_hub_registers_exactly_them(pro
         public = serialization.load_ssh_public_key(certs.sites[name])
         assert public == key.public_key()
         bundle = tomllib.loads((folder / "bundle.toml").read_text())
-        assert bundle == {"name": name, "hub": "hub.example.org:9093", "root_certificates": "ca.pem",
-                          "auth_key": f"{name}.key"}
+        assert bundle == {
+            "name": name,
+            "hub": "hub.example.org:9093",
+            "root_certificates": "ca.pem",
+            "auth_key": f"{name}.key",
+        }
         assert (folder / "ca.pem").read_bytes() == prov.researcher_ca.read_bytes()
 
 
@@ -140,8 +149,9 @@ def test_site_init_with_a_bundle_copies_the_identity_and_keeps_the_key_private(p
     assert (site / settings.root_certificates).read_bytes() == prov.researcher_ca.read_bytes()
     assert (site / settings.auth_key).read_bytes() == (prov.sites["alpha"] / "alpha.key").read_bytes()
     assert _mode(site / settings.auth_key) == 0o600
-    cmd = supernode_command(site, settings.hub, 40000, 0.1, settings.name, settings.root_certificates,
-                            settings.auth_key)
+    cmd = supernode_command(
+        site, settings.hub, 40000, 0.1, settings.name, settings.root_certificates, settings.auth_key
+    )
     assert "--insecure" not in cmd
     assert cmd[cmd.index("--root-certificates") + 1] == str(site / "certs" / "ca.pem")
     assert cmd[cmd.index("--auth-supernode-private-key") + 1] == str(site / "certs" / "alpha.key")

@@ -93,8 +93,7 @@ def _blocks(language: str) -> list[str]:
 
 def _command_cells() -> list[str]:
     """The first cell of each row of the command table."""
-    return [line.split("|")[1] for line in README.splitlines()
-            if line.startswith("| `") and len(line.split("|")) > 2]
+    return [line.split("|")[1] for line in README.splitlines() if line.startswith("| `") and len(line.split("|")) > 2]
 
 
 def _cell_commands(cell: str) -> list[str]:
@@ -164,8 +163,16 @@ def readme_keys() -> set[str]:
 # -- the checks -------------------------------------------------------------------------------------------------
 def test_the_readme_shows_commands_and_calls() -> None:
     keys = readme_keys()
-    assert {"flip-lab demo", "flip-site plans show", "./run demo", "pip wheel", "fed.submit", "plan.model",
-            "job.history", "fed.resume"} <= keys, sorted(keys)
+    assert {
+        "flip-lab demo",
+        "flip-site plans show",
+        "./run demo",
+        "pip wheel",
+        "fed.submit",
+        "plan.model",
+        "job.history",
+        "fed.resume",
+    } <= keys, sorted(keys)
 
 
 def test_every_command_in_the_readme_names_the_test_that_runs_it() -> None:
@@ -239,8 +246,12 @@ def test_the_run_script_offers_what_the_readme_says() -> None:
     listed = subprocess.run([str(REPO / "run")], capture_output=True, text=True, timeout=30, check=False)
     assert listed.returncode == 2
     script = (REPO / "run").read_text()
-    for command, starts in [("demo", "exec flip-lab demo"), ("test", "exec python -m pytest"),
-                            ("lab", "exec jupyter lab"), ("bench", "python \"$b\"")]:
+    for command, starts in [
+        ("demo", "exec flip-lab demo"),
+        ("test", "exec python -m pytest"),
+        ("lab", "exec jupyter lab"),
+        ("bench", 'python "$b"'),
+    ]:
         assert f"./run {command}" in listed.stdout
         arm = re.search(rf"^  {command}\)(.*?);;", script, flags=re.M | re.S)
         assert arm and starts in arm.group(1), f"./run {command} no longer starts `{starts}`"
@@ -252,18 +263,42 @@ def test_the_package_builds_as_a_wheel_and_installs_offline(tmp_path: Path) -> N
     need the network here (``--no-deps``), and the build backend is the one installed (``--no-build-isolation``).
     The build is quiet about the package's metadata (setuptools warned about ``project.license`` once)."""
     source = tmp_path / "source"  # a copy, so the build's own folders stay out of the working tree
-    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".venv", ".git", "build", "*.egg-info",
-                                                                "test-artifacts", "node_modules", "__pycache__"))
+    shutil.copytree(
+        REPO,
+        source,
+        ignore=shutil.ignore_patterns(
+            ".venv", ".git", "build", "*.egg-info", "test-artifacts", "node_modules", "__pycache__"
+        ),
+    )
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
     wheelhouse = tmp_path / "wheelhouse"
-    built = subprocess.run([*pip, "wheel", "--wheel-dir", str(wheelhouse), "--no-deps", "--no-build-isolation",
-                            "--no-index", str(source)], capture_output=True, text=True, timeout=300, check=False)
+    built = subprocess.run(
+        [*pip, "wheel", "--wheel-dir", str(wheelhouse), "--no-deps", "--no-build-isolation", "--no-index", str(source)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert built.returncode == 0, built.stdout + built.stderr
     assert "Deprecat" not in built.stdout + built.stderr, built.stdout + built.stderr
     target = tmp_path / "installed"
-    installed = subprocess.run([*pip, "install", "--no-index", "--find-links", str(wheelhouse), "--no-deps",
-                                "--target", str(target), "flip-lab"], capture_output=True, text=True, timeout=300,
-                               check=False)
+    installed = subprocess.run(
+        [
+            *pip,
+            "install",
+            "--no-index",
+            "--find-links",
+            str(wheelhouse),
+            "--no-deps",
+            "--target",
+            str(target),
+            "flip-lab",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert installed.returncode == 0, installed.stdout + installed.stderr
     assert (target / "flip_lab" / "__init__.py").is_file() and (target / "site_kernel" / "cli.py").is_file()
 
@@ -274,8 +309,21 @@ def test_provision_and_a_hospitals_init_run_as_the_readme_shows(tmp_path: Path) 
     from site_kernel.cli import main as flip_site_main
 
     fed = tmp_path / "fed"
-    assert flip_lab_main(["provision", str(fed), "--hub-address", "hub.example.org:9093", "--site", "st-marys",
-                          "--site", "royal-infirmary"]) == 0
+    assert (
+        flip_lab_main(
+            [
+                "provision",
+                str(fed),
+                "--hub-address",
+                "hub.example.org:9093",
+                "--site",
+                "st-marys",
+                "--site",
+                "royal-infirmary",
+            ]
+        )
+        == 0
+    )
     for written in ("ca/ca.key", "hub/sites.toml", "sites/st-marys/bundle.toml", "researcher/ca.pem"):
         assert (fed / written).is_file(), written
     assert (fed / "ca" / "ca.key").stat().st_mode & 0o077 == 0

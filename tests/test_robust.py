@@ -8,20 +8,28 @@ import pytest
 from flip_lab.hub.robust import RobustConfig, screen_updates
 
 RNG = np.random.default_rng(0)
-REFERENCE = {"w": RNG.normal(size=(8, 4)).astype(np.float32), "b": np.zeros(4, np.float32),
-             "steps": np.array(3, np.int64)}
+REFERENCE = {
+    "w": RNG.normal(size=(8, 4)).astype(np.float32),
+    "b": np.zeros(4, np.float32),
+    "steps": np.array(3, np.int64),
+}
 
 
 def honest(i: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(i + 1)
-    return {"w": REFERENCE["w"] + rng.normal(scale=0.01, size=(8, 4)).astype(np.float32),
-            "b": REFERENCE["b"] + rng.normal(scale=0.01, size=4).astype(np.float32), "steps": np.array(4)}
+    return {
+        "w": REFERENCE["w"] + rng.normal(scale=0.01, size=(8, 4)).astype(np.float32),
+        "b": REFERENCE["b"] + rng.normal(scale=0.01, size=4).astype(np.float32),
+        "steps": np.array(4),
+    }
 
 
 def aggregate(updates, verdict):
     total = sum(verdict.weights.values())
-    return {k: sum(updates[s][0][k].astype(np.float64) * verdict.weights[s] / total for s in verdict.accepted)
-            for k in ("w", "b")}
+    return {
+        k: sum(updates[s][0][k].astype(np.float64) * verdict.weights[s] / total for s in verdict.accepted)
+        for k in ("w", "b")
+    }
 
 
 def attack(kind: str) -> tuple[dict[str, np.ndarray], float]:

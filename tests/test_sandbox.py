@@ -117,9 +117,7 @@ def box():
         (root / name).mkdir()
         (root / name).chmod(mode)
     (root / "data" / "images.txt").write_text("pixels")
-    (root / "secret" / "site.key").write_text(
-        "PRIVATE KEY"
-    )  # world-readable on purpose: only Landlock stops it
+    (root / "secret" / "site.key").write_text("PRIVATE KEY")  # world-readable on purpose: only Landlock stops it
     for f in ((root / "data" / "images.txt"), (root / "secret" / "site.key")):
         f.chmod(0o644)
     yield root
@@ -132,9 +130,7 @@ def child_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO), **threads}
 
 
-def run_child(
-    box: Path, action: str | None, mode: str, **extra
-) -> tuple[subprocess.CompletedProcess, dict]:
+def run_child(box: Path, action: str | None, mode: str, **extra) -> tuple[subprocess.CompletedProcess, dict]:
     spec = {"box": str(box), "action": action, "mode": mode, "limits": LIMITS, **extra}
     env = child_env()
     proc = subprocess.run(

@@ -147,7 +147,7 @@ def test_a_single_masked_vector_looks_like_uniform_noise():
         plain = sa.encode(updates[n], weights[n], scale)
         vector = masked[n].astype(np.float64)
         assert abs(vector.mean() / 2**64 - 0.5) < 0.01  # uniform on [0, 2**64): mean 2**63, std 2**64 / sqrt 12
-        assert abs(vector.std() / 2**64 - 12 ** -0.5) < 0.01
+        assert abs(vector.std() / 2**64 - 12**-0.5) < 0.01
         assert np.mean(masked[n] == plain) < 0.001
         decoded, weight = sa.decode(masked[n], scale)
         assert abs(np.corrcoef(decoded, updates[n])[0, 1]) < 0.05 and weight != weights[n]
@@ -173,8 +173,11 @@ BOUND = 10.0  # each site's [secure_aggregation] max_update_norm: far above the 
 
 
 def round_one_losses(job) -> dict[str, float]:
-    return {e["site"]: e["metrics"]["loss"] for e in job.events
-            if e["type"] == "reply" and e["phase"] == "evaluate" and e["round"] == 1}
+    return {
+        e["site"]: e["metrics"]["loss"]
+        for e in job.events
+        if e["type"] == "reply" and e["phase"] == "evaluate" and e["round"] == 1
+    }
 
 
 def received(record_dir: Path, run_id: int) -> dict[tuple[int, str, str], dict[str, np.ndarray]]:
@@ -236,16 +239,20 @@ def test_a_secure_study_matches_fedavg_and_the_hub_never_sees_an_update(secure_f
     moved = np.sqrt(sum(np.sum((theirs[k] - init[k]) ** 2) for k in keys))
     assert gap < 0.01 * moved
     rounds = [e for e in secure.events if e["type"] == "secure_aggregation"]
-    assert [(e["round"], sorted(e["participants"]), e["dropped"]) for e in rounds] == \
-        [(r, sorted(fed.site_dirs), []) for r in (1, 2)]
+    assert [(e["round"], sorted(e["participants"]), e["dropped"]) for e in rounds] == [
+        (r, sorted(fed.site_dirs), []) for r in (1, 2)
+    ]
 
     # What the hub received: in the plain study each site's model, in the secure one only masked vectors.
     seen_plain, seen_secure = received(record_dir, plain.id), received(record_dir, secure.id)
     train = {k: v for k, v in seen_secure.items() if k[1] == "train"}
     assert len(train) == 6
     scale = sa.fixed_point_scale(3, BOUND)
-    counts = {(e["round"], e["site"]): e["num_examples"] for e in secure.events
-              if e["type"] == "reply" and e["phase"] == "train"}
+    counts = {
+        (e["round"], e["site"]): e["num_examples"]
+        for e in secure.events
+        if e["type"] == "reply" and e["phase"] == "train"
+    }
     for (round_, _, site), arrays in train.items():
         assert list(arrays) == [sa.MASKED] and arrays[sa.MASKED].dtype == np.uint64
         if round_ != 1:
@@ -277,8 +284,13 @@ def test_a_site_killed_mid_round_is_unmasked_without_and_dp_is_charged_once_per_
     rules = DpRules(clip_norm=0.01, noise_multiplier=4.0, epsilon_budget=1000.0, delta=1e-5)
     for site_dir in fed.site_dirs.values():  # [dp] instead of [secure_aggregation]: the bound is DP's reach
         policy = (site_dir / "policy.toml").read_text().split("\n[secure_aggregation]")[0]
-        (site_dir / "policy.toml").write_text(policy + "\n[dp]\n" + "".join(
-            f"{k} = {getattr(rules, k)!r}\n" for k in ("clip_norm", "noise_multiplier", "epsilon_budget", "delta")))
+        (site_dir / "policy.toml").write_text(
+            policy
+            + "\n[dp]\n"
+            + "".join(
+                f"{k} = {getattr(rules, k)!r}\n" for k in ("clip_norm", "noise_multiplier", "epsilon_budget", "delta")
+            )
+        )
     plan = flip_lab.Plan.from_file(PLANS / "fault_plan.py")
     sizing = fed.submit(plan, rounds=1, min_sites=3, expected_sites=3, round_timeout=240).wait(timeout=600)
     train = sizing.history[(sizing.history.phase == "train") & (sizing.history.metric == "num_examples")]
@@ -286,8 +298,12 @@ def test_a_site_killed_mid_round_is_unmasked_without_and_dp_is_charged_once_per_
     slow = max(sizes, key=sizes.get)
     assert len(sizes) == 3 and list(sizes.values()).count(sizes[slow]) == 1, "the slow site is told by its size"
     settings = {"rounds": 3, "min_sites": 2, "expected_sites": 3, "round_timeout": 60, "seed": 3}
-    job = fed.submit(plan, secure_aggregation=True, **settings,
-                     extra={"straggler_examples": sizes[slow], "straggler_round": 2, "straggler_delay_s": 900})
+    job = fed.submit(
+        plan,
+        secure_aggregation=True,
+        **settings,
+        extra={"straggler_examples": sizes[slow], "straggler_round": 2, "straggler_delay_s": 900},
+    )
 
     punctual = sorted(set(sizes) - {slow})
     deadline = time.monotonic() + 600
@@ -350,8 +366,10 @@ def test_the_policy_s_update_bound_is_read(tmp_path, section, expected):
 
 @pytest.mark.parametrize(
     ("section", "key"),
-    [("max_update_norm = 0\n", "secure_aggregation.max_update_norm"),
-     ("max_norm = 1.0\n", "secure_aggregation.max_norm")],
+    [
+        ("max_update_norm = 0\n", "secure_aggregation.max_update_norm"),
+        ("max_norm = 1.0\n", "secure_aggregation.max_norm"),
+    ],
 )
 def test_a_bad_update_bound_names_the_key(tmp_path, section, key):
     from site_kernel.errors import PolicyError

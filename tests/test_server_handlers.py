@@ -23,9 +23,19 @@ PLANS = Path(__file__).parent / "plans"
 API = "/flip-lab/api"
 torch.set_num_threads(1)
 
-ENDPOINTS = [("GET", "status"), ("POST", "refresh"), ("POST", "connect"), ("POST", "disconnect"),
-             ("POST", "local"), ("DELETE", "local"), ("GET", "sites"), ("GET", "catalogue"), ("GET", "jobs"),
-             ("POST", "jobs/12/cancel"), ("GET", "events")]
+ENDPOINTS = [
+    ("GET", "status"),
+    ("POST", "refresh"),
+    ("POST", "connect"),
+    ("POST", "disconnect"),
+    ("POST", "local"),
+    ("DELETE", "local"),
+    ("GET", "sites"),
+    ("GET", "catalogue"),
+    ("GET", "jobs"),
+    ("POST", "jobs/12/cancel"),
+    ("GET", "events"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +46,13 @@ def jupyter(tmp_path_factory):
 
 
 def call(jupyter: Jupyter, method: str, path: str, body: Any = None, *, token: bool = True) -> httpx.Response:
-    return httpx.request(method, f"{jupyter.url}{API}/{path}", headers=jupyter.headers() if token else {},
-                         content=json.dumps(body) if body is not None else None, timeout=60)
+    return httpx.request(
+        method,
+        f"{jupyter.url}{API}/{path}",
+        headers=jupyter.headers() if token else {},
+        content=json.dumps(body) if body is not None else None,
+        timeout=60,
+    )
 
 
 def wait_for(check: Callable[[], Any], timeout: float, what: str) -> Any:
@@ -54,8 +69,11 @@ class Stream:
     """The panel's side of the event stream, read on a thread of its own."""
 
     def __init__(self, jupyter: Jupyter, interval: float = 1) -> None:
-        self.socket = websocket.create_connection(f"{jupyter.ws_url}{API}/events?interval={interval}",
-                                                  header=[f"Authorization: token {jupyter.token}"], timeout=5)
+        self.socket = websocket.create_connection(
+            f"{jupyter.ws_url}{API}/events?interval={interval}",
+            header=[f"Authorization: token {jupyter.token}"],
+            timeout=5,
+        )
         self.messages: list[dict[str, Any]] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -85,8 +103,9 @@ def test_every_endpoint_refuses_requests_without_a_valid_token(jupyter, method, 
     headers = {"Authorization": f"token {token}"} if token else {}
     if path == "events":
         with pytest.raises(websocket.WebSocketBadStatusException) as refused:
-            websocket.create_connection(f"{jupyter.ws_url}{API}/events", header=[f"{k}: {v}" for k, v in
-                                                                               headers.items()], timeout=5)
+            websocket.create_connection(
+                f"{jupyter.ws_url}{API}/events", header=[f"{k}: {v}" for k, v in headers.items()], timeout=5
+            )
         assert refused.value.status_code == 403
         return
     response = httpx.request(method, f"{jupyter.url}{API}/{path}", headers=headers, timeout=10)
@@ -100,27 +119,32 @@ def test_a_cross_site_socket_riding_on_the_login_cookie_is_refused(jupyter):
         browser.get("/login", params={"token": jupyter.token}, follow_redirects=True)
         cookie = "; ".join(f"{k}={v}" for k, v in browser.cookies.items())
     assert cookie, "logging in with the token sets a cookie"
-    same = websocket.create_connection(f"{jupyter.ws_url}{API}/events", header=[f"Cookie: {cookie}"],
-                                       origin=jupyter.url, timeout=5)
+    same = websocket.create_connection(
+        f"{jupyter.ws_url}{API}/events", header=[f"Cookie: {cookie}"], origin=jupyter.url, timeout=5
+    )
     assert json.loads(same.recv())["type"] == "snapshot"
     same.close()
     with pytest.raises(websocket.WebSocketBadStatusException) as refused:
-        websocket.create_connection(f"{jupyter.ws_url}{API}/events", header=[f"Cookie: {cookie}"],
-                                    origin="http://evil.example", timeout=5)
+        websocket.create_connection(
+            f"{jupyter.ws_url}{API}/events", header=[f"Cookie: {cookie}"], origin="http://evil.example", timeout=5
+        )
     assert refused.value.status_code == 403
 
 
-@pytest.mark.parametrize("method, path, body, status, reason, words", [
-    ("POST", "connect", {"address": "127.0.0.1:PORT"}, 502, "unreachable", "cannot reach the FLIP hub"),
-    ("POST", "connect", {}, 400, "bad_request", "either a hub address"),
-    ("POST", "connect", {"address": 5}, 400, "bad_request", "must be strings"),
-    ("POST", "connect", [1, 2], 400, "bad_request", "must be a JSON object"),
-    ("POST", "local", {"sites": 99}, 400, "bad_request", "between 1 and 16 sites"),
-    ("POST", "local", {"sites": "two"}, 400, "bad_request", "between 1 and 16 sites"),
-    ("DELETE", "local", None, 409, "not_connected", "nothing to stop"),
-    ("POST", "jobs/12/cancel", None, 409, "not_connected", "not connected to a federation"),
-    ("GET", "catalogue", None, 409, "not_connected", "not connected to a federation"),
-])
+@pytest.mark.parametrize(
+    "method, path, body, status, reason, words",
+    [
+        ("POST", "connect", {"address": "127.0.0.1:PORT"}, 502, "unreachable", "cannot reach the FLIP hub"),
+        ("POST", "connect", {}, 400, "bad_request", "either a hub address"),
+        ("POST", "connect", {"address": 5}, 400, "bad_request", "must be strings"),
+        ("POST", "connect", [1, 2], 400, "bad_request", "must be a JSON object"),
+        ("POST", "local", {"sites": 99}, 400, "bad_request", "between 1 and 16 sites"),
+        ("POST", "local", {"sites": "two"}, 400, "bad_request", "between 1 and 16 sites"),
+        ("DELETE", "local", None, 409, "not_connected", "nothing to stop"),
+        ("POST", "jobs/12/cancel", None, 409, "not_connected", "not connected to a federation"),
+        ("GET", "catalogue", None, 409, "not_connected", "not connected to a federation"),
+    ],
+)
 def test_refusals_are_json_with_a_sentence_and_no_traceback(jupyter, method, path, body, status, reason, words):
     if isinstance(body, dict) and body.get("address") == "127.0.0.1:PORT":
         body = {"address": f"127.0.0.1:{free_port()}"}
@@ -142,8 +166,14 @@ def test_status_starts_disconnected_and_the_stream_opens_with_a_snapshot(jupyter
 
 
 def finished(stream: Stream, job_id: str) -> dict[str, Any] | None:
-    return next((m["event"] for m in list(stream.messages) if m["type"] == "job_event" and m["job_id"] == job_id
-                 and m["event"]["type"] == "job_finished"), None)
+    return next(
+        (
+            m["event"]
+            for m in list(stream.messages)
+            if m["type"] == "job_event" and m["job_id"] == job_id and m["event"]["type"] == "job_finished"
+        ),
+        None,
+    )
 
 
 @pytest.mark.e2e
@@ -157,13 +187,15 @@ def test_a_local_federation_and_its_jobs_through_rest_the_stream_and_a_server_re
         started = call(jupyter, "POST", "local", {"sites": 2})
         assert started.status_code == 202 and started.json()["state"] == "starting"
         assert call(jupyter, "POST", "local", {"sites": 2}).status_code == 409, "a second start is refused"
-        wait_for(lambda: {"connected", "failed"} & set(stream.connection_states()), 180,
-                 "the local federation to start")
+        wait_for(
+            lambda: {"connected", "failed"} & set(stream.connection_states()), 180, "the local federation to start"
+        )
         assert stream.connection_states()[-1] == "connected", call(jupyter, "GET", "status").text
         info = call(jupyter, "GET", "status").json()["connection"]
         assert info["kind"] == "local" and info["workdir"] == str(jupyter.local_workdir())
-        sites = wait_for(lambda: [s for s in call(jupyter, "GET", "sites").json() if s["state"] == "online"], 30,
-                         "two sites online")
+        sites = wait_for(
+            lambda: [s for s in call(jupyter, "GET", "sites").json() if s["state"] == "online"], 30, "two sites online"
+        )
         assert len(sites) == 2
         assert set(call(jupyter, "GET", "catalogue").json()) == {s["site"] for s in sites}
 
@@ -181,18 +213,30 @@ def test_a_local_federation_and_its_jobs_through_rest_the_stream_and_a_server_re
 
         # The server restarts while a longer job runs.
         long_id = str(notebook.submit(plan, rounds=25, round_timeout=240).id)
-        wait_for(lambda: any(m["type"] == "job_event" and m["job_id"] == long_id and m["event"]["type"] == "aggregate"
-                             for m in list(stream.messages)), 120, "the long job's first round")
+        wait_for(
+            lambda: any(
+                m["type"] == "job_event" and m["job_id"] == long_id and m["event"]["type"] == "aggregate"
+                for m in list(stream.messages)
+            ),
+            120,
+            "the long job's first round",
+        )
         stream.close()
         jupyter.proc.terminate()
         jupyter.proc.wait(30)
         jupyter = start_jupyter(jupyter.root, extra=keep, port=jupyter.port)
         stream = Stream(jupyter)
-        snapshot = wait_for(lambda: [m for m in stream.messages if m["type"] == "snapshot"
-                                     and m["connection"]["state"] == "connected"], 60, "the restored connection")[-1]
+        snapshot = wait_for(
+            lambda: [m for m in stream.messages if m["type"] == "snapshot" and m["connection"]["state"] == "connected"],
+            60,
+            "the restored connection",
+        )[-1]
         assert snapshot["connection"]["workdir"] == info["workdir"]
-        wait_for(lambda: any(m.get("job", {}).get("id") == long_id for m in list(stream.messages)), 30,
-                 "the running job to be listed again")
+        wait_for(
+            lambda: any(m.get("job", {}).get("id") == long_id for m in list(stream.messages)),
+            30,
+            "the running job to be listed again",
+        )
         end = wait_for(lambda: finished(stream, long_id), 300, "the long job to finish after the restart")
         assert end["status"] == "completed"
         listed = {j["id"]: j for j in call(jupyter, "GET", "jobs").json()}[long_id]

@@ -52,11 +52,15 @@ class Recorder:
 
 # -- views: pure -------------------------------------------------------------------------------------------
 def test_dataset_summary_reads_counts_and_suppressed_counts_in_words():
-    catalogue = {"datasets": {"default": {"modality": ["CT"], "cases": 110, "train_cases": 82, "test_cases": 28,
-                                          "labelled": True},
-                              "extra": {"modality": ["MR", "CT"], "cases": "<5", "labelled": False}}}
-    assert dataset_summary(catalogue) == ("CT · 110 cases (82 train, 28 test) · labelled; "
-                                          "extra: MR/CT · <5 cases · unlabelled")
+    catalogue = {
+        "datasets": {
+            "default": {"modality": ["CT"], "cases": 110, "train_cases": 82, "test_cases": 28, "labelled": True},
+            "extra": {"modality": ["MR", "CT"], "cases": "<5", "labelled": False},
+        }
+    }
+    assert dataset_summary(catalogue) == (
+        "CT · 110 cases (82 train, 28 test) · labelled; extra: MR/CT · <5 cases · unlabelled"
+    )
     assert dataset_summary({"datasets": {}}) == "no datasets registered"
 
 
@@ -77,11 +81,13 @@ def test_site_board_counts_drops_of_a_flapping_site_and_remembers_when_it_was_se
 
 def test_fold_event_builds_the_summary_the_panel_shows():
     job = new_job_summary("7")
-    for event in [{"type": "job_started", "rounds": 2, "strategy": "fedavg"},
-                  {"type": "reply", "round": 1, "phase": "evaluate", "site": "a", "metrics": {"dice": 0.1}},
-                  {"type": "aggregate", "round": 1, "phase": "evaluate", "metrics": {"dice": 0.5}},
-                  {"type": "site_error", "round": 2, "site": "a", "kind": "plan_error", "message": "ValueError"},
-                  {"type": "job_finished", "status": "failed", "message": "round 2 had too few sites"}]:
+    for event in [
+        {"type": "job_started", "rounds": 2, "strategy": "fedavg"},
+        {"type": "reply", "round": 1, "phase": "evaluate", "site": "a", "metrics": {"dice": 0.1}},
+        {"type": "aggregate", "round": 1, "phase": "evaluate", "metrics": {"dice": 0.5}},
+        {"type": "site_error", "round": 2, "site": "a", "kind": "plan_error", "message": "ValueError"},
+        {"type": "job_finished", "status": "failed", "message": "round 2 had too few sites"},
+    ]:
         fold_event(job, event)
     assert (job["status"], job["round"], job["released"], job["rounds"]) == ("failed", 1, 1, 2)
     assert job["metrics"] == {"dice": [(1, 0.5)]}, "per-site replies are not the aggregated series"
@@ -92,9 +98,11 @@ def test_round_is_the_round_in_progress_and_released_the_rounds_completed():
     """The panel says "round 2 of 3" while round 2 runs, and "1 of 3 rounds" for a job cancelled during it, as
     the notebook's dashboard does (flip_lab.display.round_words)."""
     job = new_job_summary("7")
-    for event in [{"type": "job_started", "rounds": 3},
-                  {"type": "aggregate", "round": 1, "phase": "evaluate", "metrics": {"dice": 0.5}},
-                  {"type": "site_state", "round": 2, "site": "a", "state": "training"}]:
+    for event in [
+        {"type": "job_started", "rounds": 3},
+        {"type": "aggregate", "round": 1, "phase": "evaluate", "metrics": {"dice": 0.5}},
+        {"type": "site_state", "round": 2, "site": "a", "state": "training"},
+    ]:
         fold_event(job, event)
     assert (job["round"], job["released"]) == (2, 1)
     fold_event(job, {"type": "job_finished", "status": "cancelled", "rounds_completed": 1})
@@ -128,15 +136,18 @@ def test_a_hub_that_does_not_answer_is_refused_in_words_and_nothing_changes(tmp_
     assert manager.connection()["state"] == "disconnected"
 
 
-@pytest.mark.parametrize("call, error, words", [
-    (lambda m: m.cancel("12"), NotConnected, "not connected to a federation"),
-    (lambda m: m.catalogue(), NotConnected, "start the local one or connect to a hub"),
-    (lambda m: m.stop_local(), NotConnected, "nothing to stop"),
-    (lambda m: m.start_local(0), PanelError, "between 1 and 16 sites"),
-    (lambda m: m.start_local(True), PanelError, "between 1 and 16 sites"),
-    (lambda m: m.connect(), PanelError, "either a hub address"),
-    (lambda m: m.connect("h:1", workdir="/x"), PanelError, "either a hub address"),
-])
+@pytest.mark.parametrize(
+    "call, error, words",
+    [
+        (lambda m: m.cancel("12"), NotConnected, "not connected to a federation"),
+        (lambda m: m.catalogue(), NotConnected, "start the local one or connect to a hub"),
+        (lambda m: m.stop_local(), NotConnected, "nothing to stop"),
+        (lambda m: m.start_local(0), PanelError, "between 1 and 16 sites"),
+        (lambda m: m.start_local(True), PanelError, "between 1 and 16 sites"),
+        (lambda m: m.connect(), PanelError, "either a hub address"),
+        (lambda m: m.connect("h:1", workdir="/x"), PanelError, "either a hub address"),
+    ],
+)
 def test_requests_that_cannot_be_done_say_what_to_do(tmp_path, call, error, words):
     with pytest.raises(error, match=words):
         call(FederationManager(tmp_path))
@@ -144,7 +155,8 @@ def test_requests_that_cannot_be_done_say_what_to_do(tmp_path, call, error, word
 
 def test_a_saved_local_federation_that_is_gone_is_reported_as_stopped(tmp_path):
     (tmp_path / "connection.json").write_text(
-        '{"kind": "local", "address": "127.0.0.1:1", "workdir": "%s", "ca_file": ""}' % (tmp_path / "gone"))
+        '{"kind": "local", "address": "127.0.0.1:1", "workdir": "%s", "ca_file": ""}' % (tmp_path / "gone")
+    )
     manager = FederationManager(tmp_path)
     info = manager.restore()
     assert info["state"] == "stopped" and "start it again" in info["message"]
@@ -164,7 +176,6 @@ def running(tmp_path_factory):
     stop_pids(list((read_state(manager.local_workdir) or {}).get("pids", [])))
 
 
-
 @pytest.mark.e2e
 def test_start_local_reports_progress_and_lists_both_sites_online_with_their_data(running):
     manager, recorder = running
@@ -172,8 +183,7 @@ def test_start_local_reports_progress_and_lists_both_sites_online_with_their_dat
     assert states[:2] == ["starting", "connected"]
     info = manager.connection()
     assert info["kind"] == "local" and info["workdir"] == str(manager.local_workdir)
-    sites = wait_for(lambda: [s for s in manager.sites() if s["state"] == "online"], 30, "two sites online",
-                     manager)
+    sites = wait_for(lambda: [s for s in manager.sites() if s["state"] == "online"], 30, "two sites online", manager)
     assert len(sites) == 2
     assert all(" cases (" in s["datasets"] and s["last_seen"] for s in sites)
     assert set(manager.catalogue()) == {s["site"] for s in sites}
@@ -187,16 +197,22 @@ def test_a_job_submitted_from_a_notebook_is_tracked_round_by_round(running):
     notebook = flip_lab.attach(manager.local_workdir)  # another process would do the same; no shared objects
     job = notebook.submit(flip_lab.Plan.from_file(PLANS / "tiny_plan.py"), rounds=2, round_timeout=240)
     job_id = str(job.id)
-    summary = wait_for(lambda: next((j for j in manager.jobs() if j["id"] == job_id and j["status"] == "completed"),
-                                    None), 300, f"job {job_id} to complete in the manager", manager)
+    summary = wait_for(
+        lambda: next((j for j in manager.jobs() if j["id"] == job_id and j["status"] == "completed"), None),
+        300,
+        f"job {job_id} to complete in the manager",
+        manager,
+    )
     assert (summary["round"], summary["rounds"]) == (2, 2)
     assert [r for r, _ in summary["metrics"]["dice"]] == [1, 2]
     assert set(summary["site_states"]) == {s["site"] for s in manager.sites()}
     mine = [m for m in recorder.messages if m.get("job", {}).get("id") == job_id or m.get("job_id") == job_id]
     assert mine[0]["type"] == "job", "a job is introduced before its events"
-    rounds = sorted(m["event"]["round"] for m in mine
-                    if m["type"] == "job_event" and m["event"]["type"] == "aggregate"
-                    and m["event"]["phase"] == "evaluate")
+    rounds = sorted(
+        m["event"]["round"]
+        for m in mine
+        if m["type"] == "job_event" and m["event"]["type"] == "aggregate" and m["event"]["phase"] == "evaluate"
+    )
     assert rounds == [1, 2]
     assert not [m for m in mine if m["type"] == "job_event" and m["event"]["type"] == "reply"]
 
@@ -210,8 +226,12 @@ def test_a_new_manager_on_the_same_folder_picks_up_the_federation_and_its_jobs(r
     successor = FederationManager(manager.store, local_options={"scale": 0.3}, stop_local_on_exit=False)
     info = successor.restore()
     assert (info["state"], info["address"]) == ("connected", manager.connection()["address"])
-    again = wait_for(lambda: {j["id"]: j for j in successor.jobs()}.get(finished[0]["id"]), 30,
-                     "the finished job in the new manager", successor)
+    again = wait_for(
+        lambda: {j["id"]: j for j in successor.jobs()}.get(finished[0]["id"]),
+        30,
+        "the finished job in the new manager",
+        successor,
+    )
     assert (again["status"], again["round"], again["metrics"]) == ("completed", 2, finished[0]["metrics"])
     successor.close()
     assert running_state(manager.local_workdir) is not None, "closing a successor stops nothing"
@@ -220,14 +240,23 @@ def test_a_new_manager_on_the_same_folder_picks_up_the_federation_and_its_jobs(r
 @pytest.mark.e2e
 def test_cancel_stops_a_running_job(running):
     manager, _ = running
-    job = flip_lab.attach(manager.local_workdir).submit(flip_lab.Plan.from_file(PLANS / "tiny_plan.py"),
-                                                        rounds=50, round_timeout=240)
+    job = flip_lab.attach(manager.local_workdir).submit(
+        flip_lab.Plan.from_file(PLANS / "tiny_plan.py"), rounds=50, round_timeout=240
+    )
     job_id = str(job.id)
-    wait_for(lambda: any(j["id"] == job_id and j["status"] == "running" for j in manager.jobs()), 120,
-             "the long job to run", manager)
+    wait_for(
+        lambda: any(j["id"] == job_id and j["status"] == "running" for j in manager.jobs()),
+        120,
+        "the long job to run",
+        manager,
+    )
     manager.cancel(job_id)
-    summary = wait_for(lambda: next((j for j in manager.jobs() if j["id"] == job_id and j["status"] == "cancelled"),
-                                    None), 30, "the job to read cancelled", manager)
+    summary = wait_for(
+        lambda: next((j for j in manager.jobs() if j["id"] == job_id and j["status"] == "cancelled"), None),
+        30,
+        "the job to read cancelled",
+        manager,
+    )
     assert summary["round"] < 50
     job.wait(60, raise_on_failure=False)
     assert job.status == "cancelled", "the hub itself stopped the run"
@@ -238,8 +267,12 @@ def test_a_federation_stopped_outside_the_panel_is_reported_in_words(running):
     manager, recorder = running
     state = read_state(manager.local_workdir)
     stop_pids(list(state["pids"]))
-    info = wait_for(lambda: manager.connection()["state"] == "stopped" and manager.connection(), 30,
-                    "the manager to notice", manager)
+    info = wait_for(
+        lambda: manager.connection()["state"] == "stopped" and manager.connection(),
+        30,
+        "the manager to notice",
+        manager,
+    )
     assert "no longer running" in info["message"] and "Start it again" in info["message"]
     assert {s["state"] for s in manager.sites()} == {"unknown"}
     assert recorder.of("connection")[-1]["connection"]["state"] == "stopped"

@@ -15,11 +15,13 @@ from site_kernel.cli import main as flip_site
 
 HEAVY = ("torch", "monai")
 # Runs flip-site in a fresh interpreter, then prints which heavy packages that command path imported.
-RUN_AND_REPORT = ("import contextlib, io, sys\n"
-                  "from site_kernel.cli import main\n"
-                  "with contextlib.redirect_stdout(io.StringIO()):\n"
-                  "    code = main(sys.argv[1:])\n"
-                  f"print(code, sorted(m for m in {HEAVY!r} if m in sys.modules))\n")
+RUN_AND_REPORT = (
+    "import contextlib, io, sys\n"
+    "from site_kernel.cli import main\n"
+    "with contextlib.redirect_stdout(io.StringIO()):\n"
+    "    code = main(sys.argv[1:])\n"
+    f"print(code, sorted(m for m in {HEAVY!r} if m in sys.modules))\n"
+)
 
 
 @pytest.fixture
@@ -31,15 +33,23 @@ def site(tmp_path: Path) -> Path:
     return tmp_path
 
 
-@pytest.mark.parametrize("command", [
-    ["data", "add", "default", "{images}", "--site", "{site}", "--modality", "MR"],
-    ["data", "catalogue", "--site", "{site}"],
-])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["data", "add", "default", "{images}", "--site", "{site}", "--modality", "MR"],
+        ["data", "catalogue", "--site", "{site}"],
+    ],
+)
 def test_data_commands_do_not_import_torch_or_monai(site: Path, command: list[str]) -> None:
     if command[1] == "catalogue":
-        assert flip_site(["data", "add", "default", str(site / "images"), "--site", str(site / "site"),
-                          "--modality", "MR"]) == 0
+        assert (
+            flip_site(
+                ["data", "add", "default", str(site / "images"), "--site", str(site / "site"), "--modality", "MR"]
+            )
+            == 0
+        )
     argv = [part.format(images=site / "images", site=site / "site") for part in command]
-    done = subprocess.run([sys.executable, "-c", RUN_AND_REPORT, *argv], capture_output=True, text=True,
-                          timeout=120, check=False)
+    done = subprocess.run(
+        [sys.executable, "-c", RUN_AND_REPORT, *argv], capture_output=True, text=True, timeout=120, check=False
+    )
     assert done.stdout.strip() == "0 []", done.stdout + done.stderr

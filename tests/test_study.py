@@ -54,9 +54,19 @@ def test_the_record_holds_what_a_reviewer_needs(study_record: Path) -> None:
     job = study_record / "jobs" / "21"
     for name in ("MANIFEST.json", "status.json", "parameters.json", "notebook.ipynb", "environment.json"):
         assert (study_record / name).is_file(), name
-    for name in ("plan.py", "spec.json", "governance.json", "events.jsonl", "history.csv", "history.json",
-                 "summary.json", "final_weights.safetensors", "plots/learning_curves.png",
-                 "plots/site_comparison.png", "plots/train_loss.png"):
+    for name in (
+        "plan.py",
+        "spec.json",
+        "governance.json",
+        "events.jsonl",
+        "history.csv",
+        "history.json",
+        "summary.json",
+        "final_weights.safetensors",
+        "plots/learning_curves.png",
+        "plots/site_comparison.png",
+        "plots/train_loss.png",
+    ):
         assert (job / name).is_file(), name
     params = json.loads((study_record / "parameters.json").read_text())
     assert params == {"recorded": "recorded_job", "job_id": 21, "fail": False, "label": "replay", "scale": 2.0}
@@ -80,8 +90,9 @@ def test_an_intact_record_verifies(study_record: Path, capsys: pytest.CaptureFix
     assert "every checksum matches" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("name", ["jobs/21/final_weights.safetensors", "jobs/21/history.csv", "notebook.ipynb",
-                                  "parameters.json"])
+@pytest.mark.parametrize(
+    "name", ["jobs/21/final_weights.safetensors", "jobs/21/history.csv", "notebook.ipynb", "parameters.json"]
+)
 def test_one_flipped_byte_is_found(copy: Path, name: str, capsys: pytest.CaptureFixture) -> None:
     path = copy / name
     data = bytearray(path.read_bytes())
@@ -105,8 +116,10 @@ def test_a_plan_that_no_longer_gives_its_hash_is_found_even_when_resealed(copy: 
     plan = copy / "jobs" / "21" / "plan.py"
     plan.write_text(plan.read_text() + "\n# edited\n")
     seal(copy)
-    assert verify_record(copy) == ["jobs/21: plan.py and spec.json do not give the recorded plan hash "
-                                   f"{json.loads((RECORDED / 'spec.json').read_text())['plan_hash'][:16]}…"]
+    assert verify_record(copy) == [
+        "jobs/21: plan.py and spec.json do not give the recorded plan hash "
+        f"{json.loads((RECORDED / 'spec.json').read_text())['plan_hash'][:16]}…"
+    ]
 
 
 def test_a_folder_without_manifest_is_not_a_record(tmp_path: Path) -> None:
@@ -127,13 +140,16 @@ def test_a_failing_cell_leaves_a_partial_record_naming_it(tmp_path: Path) -> Non
     assert verify_record(root) == []
 
 
-@pytest.mark.parametrize(("parameters", "name", "expected"), [
-    ({"job_id": "seven"}, "job_id", "expected int"),
-    ({"fail": 1}, "fail", "expected bool"),
-    ({"job_id": True}, "job_id", "expected int"),
-    ({"label": 3}, "label", "expected str"),
-    ({"rounds": 3}, "rounds", "no such parameter; it has fail, job_id, label, recorded, scale"),
-])
+@pytest.mark.parametrize(
+    ("parameters", "name", "expected"),
+    [
+        ({"job_id": "seven"}, "job_id", "expected int"),
+        ({"fail": 1}, "fail", "expected bool"),
+        ({"job_id": True}, "job_id", "expected int"),
+        ({"label": 3}, "label", "expected str"),
+        ({"rounds": 3}, "rounds", "no such parameter; it has fail, job_id, label, recorded, scale"),
+    ],
+)
 def test_wrong_parameters_are_named(parameters: dict, name: str, expected: str) -> None:
     with pytest.raises(StudyParameterError) as caught:
         check_parameters(STUDY, parameters)
@@ -144,10 +160,16 @@ def test_an_int_may_fill_a_float_parameter() -> None:
     assert check_parameters(STUDY, {"scale": 3}) == {"scale": 3.0}
 
 
-@pytest.mark.parametrize(("name", "text", "value"), [
-    ("job_id", "12", 12), ("scale", "0.5", 0.5), ("fail", "true", True), ("fail", "False", False),
-    ("label", "12", "12"),
-])
+@pytest.mark.parametrize(
+    ("name", "text", "value"),
+    [
+        ("job_id", "12", 12),
+        ("scale", "0.5", 0.5),
+        ("fail", "true", True),
+        ("fail", "False", False),
+        ("label", "12", "12"),
+    ],
+)
 def test_command_line_values_take_the_defaults_type(name: str, text: str, value: object) -> None:
     assert parse_cli_value(STUDY, name, text) == value and type(parse_cli_value(STUDY, name, text)) is type(value)
 
@@ -168,8 +190,24 @@ def test_record_outside_a_study_does_nothing(tmp_path: Path, monkeypatch: pytest
 def test_plain_papermill_gives_a_verifiable_record(tmp_path: Path) -> None:
     root = tmp_path / "record"
     env = {**os.environ, RECORD_ENV: str(root)}
-    subprocess.run([sys.executable, "-m", "papermill", str(STUDY), str(tmp_path / "out.ipynb"), "-p", "job_id", "5",
-                    "--cwd", str(NOTEBOOKS), "--no-progress-bar"], env=env, check=True, capture_output=True,
-                   timeout=180)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "papermill",
+            str(STUDY),
+            str(tmp_path / "out.ipynb"),
+            "-p",
+            "job_id",
+            "5",
+            "--cwd",
+            str(NOTEBOOKS),
+            "--no-progress-bar",
+        ],
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=180,
+    )
     assert (root / "jobs" / "5" / "final_weights.safetensors").is_file()
     assert verify_record(root) == []

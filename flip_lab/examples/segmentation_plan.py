@@ -77,7 +77,7 @@ def train(model, data, config):
     for _ in range(epochs):
         order = torch.randperm(data.num_train, generator=generator)
         for start in range(0, data.num_train, batch_size):
-            index = order[start:start + batch_size]
+            index = order[start : start + batch_size]
             if len(index) < 2:  # BatchNorm needs two samples
                 continue
             x, y = augment(data.train_x[index], data.train_y[index], generator)
@@ -101,8 +101,8 @@ def evaluate(model, data, config):
     total, seen = 0.0, 0
     with torch.no_grad():
         for start in range(0, data.num_test, batch_size):
-            x = data.test_x[start:start + batch_size]
-            y = data.test_y[start:start + batch_size]
+            x = data.test_x[start : start + batch_size]
+            y = data.test_y[start : start + batch_size]
             logits = model(x)
             total += float(loss_fn(logits, y.unsqueeze(1))) * len(x)
             seen += len(x)

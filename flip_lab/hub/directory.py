@@ -48,8 +48,9 @@ def answer_directory(grid: Grid, sink: EventSink, timeout: float = DIRECTORY_TIM
             try:
                 catalogue = clean_catalogue(json.loads(str(info.get("catalogue", ""))[:MAX_CATALOGUE_CHARS]))
             except (TypeError, ValueError):
-                sink.emit("directory_error", node_id=node, kind="bad_reply",
-                          message="the site's catalogue was not readable")
+                sink.emit(
+                    "directory_error", node_id=node, kind="bad_reply", message="the site's catalogue was not readable"
+                )
                 continue
             sink.emit("directory_site", node_id=node, site=clean_name(info.get("site", "")), catalogue=catalogue)
             answered += 1
@@ -57,5 +58,4 @@ def answer_directory(grid: Grid, sink: EventSink, timeout: float = DIRECTORY_TIM
             time.sleep(POLL_S)
     for node in waiting.values():
         sink.emit("directory_error", node_id=node, kind="no_answer", message=f"no answer within {timeout:g} s")
-    sink.emit("directory_finished", asked=len(nodes), answered=answered,
-              wall_s=round(time.monotonic() - started, 3))
+    sink.emit("directory_finished", asked=len(nodes), answered=answered, wall_s=round(time.monotonic() - started, 3))

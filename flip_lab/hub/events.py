@@ -67,8 +67,10 @@ class EventSink:
         if not absent:
             return ""
         # A site's own message ends with its name; it is said once here.
-        return "; ".join(f"site {site} contributed to no round: {why.removesuffix(f' at site {site}')}"
-                         for site, why in sorted(absent.items()))
+        return "; ".join(
+            f"site {site} contributed to no round: {why.removesuffix(f' at site {site}')}"
+            for site, why in sorted(absent.items())
+        )
 
     def checkpoint(self, arrays: dict[str, np.ndarray], round_: int) -> None:
         """Keep the model released at ``round_`` in the run's folder, replacing the previous one atomically, so a
@@ -80,8 +82,7 @@ class EventSink:
         # bytes written by Python, not safetensors' save_file: that one resolves the path to an absolute one,
         # which a study process, working in its hub folder by relative paths (flip_lab.hub.study), cannot pass
         tmp = self.record_dir / "checkpoint.safetensors.tmp"
-        tmp.write_bytes(save({k: np.ascontiguousarray(v) for k, v in arrays.items()},
-                             metadata={"round": str(round_)}))
+        tmp.write_bytes(save({k: np.ascontiguousarray(v) for k, v in arrays.items()}, metadata={"round": str(round_)}))
         tmp.replace(self.record_dir / "checkpoint.safetensors")
 
     def emit_weights(self, arrays: dict[str, np.ndarray], round_: int) -> None:

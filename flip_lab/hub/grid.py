@@ -38,6 +38,7 @@ def pull_replies(grid: Grid, message_ids: list[str]) -> Iterable[Message]:
         time.sleep(delay)
         delay = min(delay * 2, 2.0)
 
+
 POLL_S = 0.05
 
 
@@ -149,7 +150,11 @@ class StreamingGrid:
         # dead one (a dead one is dropped when it goes offline), and its late reply to this round is never read.
         for node in waiting.values():
             self.sink.emit(
-                "site_error", round=round_, phase=phase, site=self.name(node), kind="timeout",
+                "site_error",
+                round=round_,
+                phase=phase,
+                site=self.name(node),
+                kind="timeout",
                 message=f"no reply within {timeout:g} s; the round goes on without this site",
             )
         return replies
@@ -161,7 +166,11 @@ class StreamingGrid:
                 del waiting[msg_id]
                 self.dropped.add(node)
                 self.sink.emit(
-                    "site_error", round=round_, phase=phase, site=self.name(node), kind="site_offline",
+                    "site_error",
+                    round=round_,
+                    phase=phase,
+                    site=self.name(node),
+                    kind="site_offline",
                     message="the site went offline during the round; the round goes on without it",
                 )
 
@@ -179,8 +188,14 @@ class StreamingGrid:
         metrics = dict(reply.content.metric_records.get("metrics", {}))
         num_examples = int(metrics.pop("num-examples", 0))
         self.sink.emit(
-            "reply", round=round_, phase=phase, site=site, metrics=metrics, num_examples=num_examples,
-            compute_s=float(info.get("compute_s", 0.0)), started_at=float(info.get("started_at", 0.0)),
+            "reply",
+            round=round_,
+            phase=phase,
+            site=site,
+            metrics=metrics,
+            num_examples=num_examples,
+            compute_s=float(info.get("compute_s", 0.0)),
+            started_at=float(info.get("started_at", 0.0)),
             audit_head=str(info.get("audit_head", "")),
             approval=str(info.get("approval", "")),
         )

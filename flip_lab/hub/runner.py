@@ -54,9 +54,7 @@ def _prepare_hub_dir(hub_dir: Path) -> None:
 STUDY: tuple[str, ...] = ("-m", "flip_lab.hub.study")
 
 
-def launch_study(
-    address: str, token: str, root_certificates: bytes | None, hub_dir: Path
-) -> subprocess.Popen:
+def launch_study(address: str, token: str, root_certificates: bytes | None, hub_dir: Path) -> subprocess.Popen:
     """One study's process. The task token and the CA certificate travel on its stdin, never on a
     command line; ``-I`` keeps the working folder and ``PYTHON*`` variables out of its imports."""
     cmd = [sys.executable, "-I", *STUDY, "--runtime-api-address", address]
@@ -65,9 +63,7 @@ def launch_study(
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, env=env, cwd="/")
     assert proc.stdin is not None
     proc.stdin.write(
-        json.dumps(
-            {"token": token, "ca": root_certificates.decode() if root_certificates else None}
-        ).encode()
+        json.dumps({"token": token, "ca": root_certificates.decode() if root_certificates else None}).encode()
     )
     proc.stdin.close()
     return proc
@@ -100,9 +96,7 @@ def serve(
         while not stop.is_set():
             studies = [p for p in studies if p.poll() is None]
             try:
-                response = client.AcquireTask(
-                    AcquireTaskRequest(supported_task_types=[TaskType.SERVER_APP])
-                )
+                response = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.SERVER_APP]))
             except Exception as err:  # the SuperLink is starting or restarting: keep asking
                 log.debug("runtime API not ready: %s", err)
                 stop.wait(0.5)
@@ -110,12 +104,8 @@ def serve(
             if response.HasField("task") and response.token:
                 log.info("starting a study for task %s", response.task.task_id)
                 try:
-                    studies.append(
-                        launch_study(address, str(response.token), root_certificates, hub_dir)
-                    )
-                except (
-                    OSError
-                ):  # the SuperLink fails the task when its heartbeat stops; the hub keeps serving
+                    studies.append(launch_study(address, str(response.token), root_certificates, hub_dir))
+                except OSError:  # the SuperLink fails the task when its heartbeat stops; the hub keeps serving
                     log.exception("could not start a study for task %s", response.task.task_id)
             else:
                 stop.wait(POLL_S)
@@ -131,19 +121,11 @@ def serve(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m flip_lab.hub.runner", description=__doc__.split("\n")[0]
-    )
+    parser = argparse.ArgumentParser(prog="python -m flip_lab.hub.runner", description=__doc__.split("\n")[0])
     parser.add_argument("--runtime-api-address", required=True, help="the SuperLink's HOST:PORT")
-    parser.add_argument(
-        "--secret-file", required=True, type=Path, help="the SuperLink's SuperExec secret"
-    )
-    parser.add_argument(
-        "--hub-dir", required=True, type=Path, help="the hub's folder (runs, refusals)"
-    )
-    parser.add_argument(
-        "--root-certificates", type=Path, help="the federation's CA; plain HTTP without it"
-    )
+    parser.add_argument("--secret-file", required=True, type=Path, help="the SuperLink's SuperExec secret")
+    parser.add_argument("--hub-dir", required=True, type=Path, help="the hub's folder (runs, refusals)")
+    parser.add_argument("--root-certificates", type=Path, help="the federation's CA; plain HTTP without it")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll otherwise

@@ -37,9 +37,14 @@ class SecAggDiscarded(RoundBelowMinimum):
     """Too few sites took a secure-aggregation step: the round cannot be unmasked and is not released."""
 
 
-def unmask_sum(round_: int, masked: Mapping[int, np.ndarray], mask_pks: Mapping[int, bytes],
-               seed_shares: Mapping[int, Sequence[bytes]], key_shares: Mapping[int, Sequence[bytes]],
-               threshold: int) -> np.ndarray:
+def unmask_sum(
+    round_: int,
+    masked: Mapping[int, np.ndarray],
+    mask_pks: Mapping[int, bytes],
+    seed_shares: Mapping[int, Sequence[bytes]],
+    key_shares: Mapping[int, Sequence[bytes]],
+    threshold: int,
+) -> np.ndarray:
     """The sum of the survivors' plain encodings, from their masked vectors and the revealed shares.
 
     ``masked``: survivor -> masked vector; ``seed_shares``: survivor -> shares of its self-mask seed;
@@ -69,8 +74,16 @@ def _combine(shares: Sequence[bytes], threshold: int) -> bytes:
 class SecureAggregator:
     """Drives secure aggregation for one study; see the module docstring."""
 
-    def __init__(self, grid: Grid, sink: EventSink, *, site_names: Mapping[int, str], min_sites: int,
-                 reference: Mapping[str, np.ndarray], timeout: float) -> None:
+    def __init__(
+        self,
+        grid: Grid,
+        sink: EventSink,
+        *,
+        site_names: Mapping[int, str],
+        min_sites: int,
+        reference: Mapping[str, np.ndarray],
+        timeout: float,
+    ) -> None:
         self.grid = grid
         self.sink = sink
         self.site_names = dict(site_names)
@@ -88,8 +101,7 @@ class SecureAggregator:
         """Run key setup with the sampled sites; return one train message per participant, shares attached."""
         sampled = sorted(m.metadata.dst_node_id for m in messages)
         t = sa.threshold(len(sampled), self.min_sites)
-        keys = self._ask("secagg_keys", round_, {n: {"sites": sa.nodes_text(sampled), "threshold": t}
-                                                 for n in sampled})
+        keys = self._ask("secagg_keys", round_, {n: {"sites": sa.nodes_text(sampled), "threshold": t} for n in sampled})
         self._enough(round_, keys, t, "sent their public keys")
         ready = sorted(keys)
         mask_pks = {n: bytes(keys[n]["mask_pk"]) for n in ready}
@@ -100,8 +112,14 @@ class SecureAggregator:
         self._enough(round_, shares, t, "shared their keys")
         participants = sorted(shares)
         for node in sorted(set(sampled) - set(participants)):
-            self.sink.emit("site_error", round=round_, phase="train", site=self.name(node), kind="secure_aggregation",
-                           message="the site did not complete the key setup; the round goes on without it")
+            self.sink.emit(
+                "site_error",
+                round=round_,
+                phase="train",
+                site=self.name(node),
+                kind="secure_aggregation",
+                message="the site did not complete the key setup; the round goes on without it",
+            )
         self._rounds[round_] = {"participants": participants, "threshold": t, "scale": scale, "mask_pks": mask_pks}
         out = []
         for msg in messages:
@@ -109,12 +127,23 @@ class SecureAggregator:
             if node not in participants:
                 continue
             # A share missing from a peer's reply is not filled in: that site refuses to mask and counts as dropped.
-            inbox = {src: ct for src in participants if src != node
-                     for dst, ct in sa.unkeyed("ct", shares[src]).items() if dst == node}
+            inbox = {
+                src: ct
+                for src in participants
+                if src != node
+                for dst, ct in sa.unkeyed("ct", shares[src]).items()
+                if dst == node
+            }
             extra = ConfigRecord({"participants": sa.nodes_text(participants), **sa.keyed("ct", inbox)})
             content = RecordDict({**dict(msg.content.items()), "secagg": extra})
-            out.append(Message(content=content, dst_node_id=node, message_type=msg.metadata.message_type,
-                               group_id=msg.metadata.group_id))
+            out.append(
+                Message(
+                    content=content,
+                    dst_node_id=node,
+                    message_type=msg.metadata.message_type,
+                    group_id=msg.metadata.group_id,
+                )
+            )
         return out
 
     # -- after the train replies ------------------------------------------------------------------
@@ -147,13 +176,18 @@ class SecureAggregator:
         weighted, weight = sa.decode(total, state["scale"])
         if weight <= 0:
             self._discard(round_, "the unmasked sum carries no example weight")
-        self.sink.emit("secure_aggregation", round=round_, participants=[self.name(n) for n in participants],
-                       dropped=[self.name(n) for n in dropped], recovered=[self.name(n) for n in dropped],
-                       threshold=t)
+        self.sink.emit(
+            "secure_aggregation",
+            round=round_,
+            participants=[self.name(n) for n in participants],
+            dropped=[self.name(n) for n in dropped],
+            recovered=[self.name(n) for n in dropped],
+            threshold=t,
+        )
         mean, out, at = weighted / weight, {}, 0
         for key in self.keys:
             size = self._size(key)
-            out[key] = mean[at:at + size].reshape(self.shapes[key])
+            out[key] = mean[at : at + size].reshape(self.shapes[key])
             at += size
         return out
 
@@ -163,8 +197,9 @@ class SecureAggregator:
     # -- plumbing ---------------------------------------------------------------------------------
     def _enough(self, round_: int, answered: Mapping[int, Any], t: int, what: str) -> None:
         if len(answered) < max(t, self.min_sites):
-            self._discard(round_, f"{len(answered)} site(s) {what}, fewer than the threshold of "
-                                  f"{max(t, self.min_sites)}")
+            self._discard(
+                round_, f"{len(answered)} site(s) {what}, fewer than the threshold of {max(t, self.min_sites)}"
+            )
 
     def _discard(self, round_: int, why: str) -> NoReturn:
         reason = f"secure aggregation: {why}: the round is discarded and not released"
@@ -174,9 +209,16 @@ class SecureAggregator:
 
     def _ask(self, op: str, round_: int, payloads: Mapping[int, Mapping[str, Any]]) -> dict[int, dict[str, Any]]:
         """Send one query per site and return the ``secagg`` records of the sites that answered in time."""
-        msgs = [Message(content=RecordDict({"config": ConfigRecord({"op": op, "server-round": round_}),
-                                            "secagg": ConfigRecord(dict(body))}),
-                        message_type=MessageType.QUERY, dst_node_id=node) for node, body in payloads.items()]
+        msgs = [
+            Message(
+                content=RecordDict(
+                    {"config": ConfigRecord({"op": op, "server-round": round_}), "secagg": ConfigRecord(dict(body))}
+                ),
+                message_type=MessageType.QUERY,
+                dst_node_id=node,
+            )
+            for node, body in payloads.items()
+        ]
         waiting = dict(zip(self.grid.push_messages(msgs), payloads))
         answers: dict[int, dict[str, Any]] = {}
         deadline = time.monotonic() + self.timeout
@@ -187,8 +229,9 @@ class SecureAggregator:
                     continue
                 if reply.has_error():
                     kind, message = parse_site_error(reply.error.reason or "", int(reply.error.code))
-                    self.sink.emit("site_error", round=round_, phase="train", site=self.name(node), kind=kind,
-                                   message=message)
+                    self.sink.emit(
+                        "site_error", round=round_, phase="train", site=self.name(node), kind=kind, message=message
+                    )
                 elif "secagg" in reply.content.config_records:
                     answers[node] = dict(reply.content.config_records["secagg"])
             if waiting:

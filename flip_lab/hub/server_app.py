@@ -38,8 +38,16 @@ def load_weights(blob: str) -> dict[str, np.ndarray]:
 class HubRun:
     """One study on the hub. ``spec`` is the plan's JSON spec; see ``flip_lab.plan.BuiltPlan.spec``."""
 
-    def __init__(self, grid: Grid, spec: dict[str, Any], weights: dict[str, np.ndarray], sink: EventSink, *,
-                 resume: tuple[dict[str, np.ndarray], int] | None = None, resume_from: int = 0):
+    def __init__(
+        self,
+        grid: Grid,
+        spec: dict[str, Any],
+        weights: dict[str, np.ndarray],
+        sink: EventSink,
+        *,
+        resume: tuple[dict[str, np.ndarray], int] | None = None,
+        resume_from: int = 0,
+    ):
         self.grid = grid
         self.spec = spec
         self.config = spec["config"]
@@ -98,19 +106,27 @@ class HubRun:
                     continue
                 if reply.has_error():
                     kind, message = parse_site_error(reply.error.reason, int(reply.error.code))
-                    self.sink.emit("site_error", round=0, phase="train", site=names.get(node, f"node-{node}"),
-                                   kind=kind, message=message)
+                    self.sink.emit(
+                        "site_error",
+                        round=0,
+                        phase="train",
+                        site=names.get(node, f"node-{node}"),
+                        kind=kind,
+                        message=message,
+                    )
                     continue
                 info = site_info(reply)
                 name = names[node] = str(info.get("site", f"node-{node}"))
                 state = str(info.get("approval", "unknown"))
                 if state == "approved":
                     approved[node] = name
-                    self.sink.emit("site_state", round=0, site=name, state="preparing_data",
-                                   detail=str(info.get("policy", "")))
+                    self.sink.emit(
+                        "site_state", round=0, site=name, state="preparing_data", detail=str(info.get("policy", ""))
+                    )
                 elif state == "rejected":
-                    self.sink.emit("site_state", round=0, site=name, state="failed",
-                                   detail="the data owner rejected this plan")
+                    self.sink.emit(
+                        "site_state", round=0, site=name, state="failed", detail="the data owner rejected this plan"
+                    )
                 elif state == "refused":  # approved, but the site's policy (e.g. its privacy budget) says no
                     detail = str(info.get("detail", ""))[:300] or f"site {name} refused this job"
                     refusals.append(detail)
@@ -120,15 +136,24 @@ class HubRun:
                         announced.add(node)
                         # e.g. the site's settings changed since its data owner approved them
                         why = str(info.get("detail", ""))[:300]
-                        self.sink.emit("site_state", round=0, site=name, state="waiting_approval",
-                                       detail=f"waiting for approval at site {name}"
-                                       + (f": {why}" if why else ""))
+                        self.sink.emit(
+                            "site_state",
+                            round=0,
+                            site=name,
+                            state="waiting_approval",
+                            detail=f"waiting for approval at site {name}" + (f": {why}" if why else ""),
+                        )
                     still.append(node)
             pending = still
             if pending and time.monotonic() > deadline:
                 for node in pending:
-                    self.sink.emit("site_state", round=0, site=names.get(node, f"node-{node}"), state="failed",
-                                   detail="no approval before the job's approval timeout")
+                    self.sink.emit(
+                        "site_state",
+                        round=0,
+                        site=names.get(node, f"node-{node}"),
+                        state="failed",
+                        detail="no approval before the job's approval timeout",
+                    )
                 break
             if pending:
                 time.sleep(1.0)
@@ -142,16 +167,27 @@ class HubRun:
     # -- the study -------------------------------------------------------------------------------
     def run(self) -> None:
         cfg = self.config
-        self.sink.emit("job_started", rounds=int(cfg["rounds"]), strategy=cfg["strategy"], min_sites=self.min_sites,
-                       sites=[], plan_hash=self.spec["plan_hash"])
+        self.sink.emit(
+            "job_started",
+            rounds=int(cfg["rounds"]),
+            strategy=cfg["strategy"],
+            min_sites=self.min_sites,
+            sites=[],
+            plan_hash=self.spec["plan_hash"],
+        )
         strategy = None
         try:
             sites = self.approvals()
             secure = self._secure_aggregator(sites)
             grid = StreamingGrid(self.grid, self.sink, site_names=sites, min_sites=self.min_sites, secagg=secure)
             strategy = make_strategy(cfg["strategy"], n_sites=len(sites), options=dict(cfg.get("strategy_options", {})))
-            strategy.setup_flip(sink=self.sink, min_sites=self.min_sites, reference=self.weights,
-                                robust=RobustConfig.from_dict(cfg.get("robust", {})), secagg=secure)
+            strategy.setup_flip(
+                sink=self.sink,
+                min_sites=self.min_sites,
+                reference=self.weights,
+                robust=RobustConfig.from_dict(cfg.get("robust", {})),
+                secagg=secure,
+            )
             start, weights = self._resume_point(strategy)
             initial = ArrayRecord(OrderedDict((k, Array(v)) for k, v in weights.items()))
             # The plan's own config travels in its spec (``train_config``), checked against the hash at each site;
@@ -161,8 +197,14 @@ class HubRun:
             if start >= int(cfg["rounds"]):
                 self._finish(strategy, "completed", "all rounds were released before the hub stopped")
                 return
-            strategy.start(grid=grid, initial_arrays=initial, num_rounds=int(cfg["rounds"]) - start,
-                           timeout=float(cfg["round_timeout"]), train_config=train_cfg, evaluate_config=eval_cfg)
+            strategy.start(
+                grid=grid,
+                initial_arrays=initial,
+                num_rounds=int(cfg["rounds"]) - start,
+                timeout=float(cfg["round_timeout"]),
+                train_config=train_cfg,
+                evaluate_config=eval_cfg,
+            )
         except (NotEnoughSites, RoundBelowMinimum) as err:
             self._finish(strategy, "failed", str(err))
             return
@@ -192,10 +234,17 @@ class HubRun:
         if not self.config.get("secure_aggregation", False):
             return None
         if str(self.config["strategy"]).strip().lower() not in SUM_STRATEGIES:  # submit refuses it too
-            raise RuntimeError(f"secure aggregation works with {', '.join(SUM_STRATEGIES)} only, not "
-                               f"{self.config['strategy']!r}")
-        return SecureAggregator(self.grid, self.sink, site_names=sites, min_sites=self.min_sites,
-                                reference=self.weights, timeout=float(self.config["round_timeout"]))
+            raise RuntimeError(
+                f"secure aggregation works with {', '.join(SUM_STRATEGIES)} only, not {self.config['strategy']!r}"
+            )
+        return SecureAggregator(
+            self.grid,
+            self.sink,
+            site_names=sites,
+            min_sites=self.min_sites,
+            reference=self.weights,
+            timeout=float(self.config["round_timeout"]),
+        )
 
     def _finish(self, strategy: Any, status: str, message: str) -> None:
         released = getattr(strategy, "released_round", 0) if strategy is not None else 0

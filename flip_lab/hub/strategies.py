@@ -48,7 +48,12 @@ class FlipChecks:
     robust: RobustConfig
 
     def setup_flip(
-        self, *, sink: EventSink, min_sites: int, reference: dict[str, np.ndarray], robust: RobustConfig,
+        self,
+        *,
+        sink: EventSink,
+        min_sites: int,
+        reference: dict[str, np.ndarray],
+        robust: RobustConfig,
         secagg: Any = None,
     ) -> None:
         self.secagg = secagg  # a flip_lab.hub.secagg.SecureAggregator: the hub sees sums, never updates
@@ -121,8 +126,9 @@ class FlipChecks:
         mean = self.secagg.aggregate(server_round, replies)  # SecAggDiscarded (a RoundBelowMinimum) if it cannot
         self._require_minimum(server_round, "train", replies)
         metrics = self.train_metrics_aggr_fn([m.content for m in replies], self.weighted_by_key)  # type: ignore[attr-defined]
-        released = {k: (v.astype(np.float64) + mean[k]).astype(v.dtype) if k in mean else v
-                    for k, v in self.released.items()}
+        released = {
+            k: (v.astype(np.float64) + mean[k]).astype(v.dtype) if k in mean else v for k, v in self.released.items()
+        }
         self.released = released
         self.released_round = server_round
         self.sink.checkpoint(self.released, server_round)
@@ -150,11 +156,16 @@ class FlipChecks:
         self, server_round: int, phase: str, metrics: MetricRecord | None, replies: list[Message]
     ) -> None:
         # A site's own accounting (e.g. its cumulative privacy spend) is per site; an average of it means nothing.
-        values = {k: float(v) for k, v in (metrics or {}).items()
-                  if isinstance(v, (int, float)) and k not in SITE_METRICS}
+        values = {
+            k: float(v) for k, v in (metrics or {}).items() if isinstance(v, (int, float)) and k not in SITE_METRICS
+        }
         self.sink.emit(
-            "aggregate", round=server_round, phase=phase, metrics=values,
-            contributors=sorted(self._site(m) for m in replies), wall_s=0.0,
+            "aggregate",
+            round=server_round,
+            phase=phase,
+            metrics=values,
+            contributors=sorted(self._site(m) for m in replies),
+            wall_s=0.0,
         )
 
 

@@ -113,15 +113,11 @@ def run_task(address: str, token: str, root_certificates: bytes | None) -> None:
         )
         _drop_privileges()  # before anything of the submitter's bundle is read
         grid.set_run(run)
-        uploader = start_log_uploader(
-            log_queue=log_queue, node_id=0, run_id=run.run_id, client=grid._runtime_client
-        )
+        uploader = start_log_uploader(log_queue=log_queue, node_id=0, run_id=run.run_id, client=grid._runtime_client)
         try:
             bundle = read_bundle(fab.content)
             if run.override_config:
-                raise BundleRefused(
-                    "a FLIP run takes its settings from its plan, not from run-config overrides"
-                )
+                raise BundleRefused("a FLIP run takes its settings from its plan, not from run-config overrides")
         except BundleRefused as err:
             details = f"refused by the hub: {err.reason}"
             log.warning("run %s %s", run.run_id, details)

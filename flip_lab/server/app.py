@@ -30,21 +30,25 @@ class FlipLabApp(ExtensionApp):
     load_other_extensions = True
 
     state_dir = Unicode(
-        "", help="Folder for the panel's saved connection, its local federation and its job records "
-                 "(default: $FLIP_LAB_HOME/lab, i.e. ~/.flip-lab/lab)."
+        "",
+        help="Folder for the panel's saved connection, its local federation and its job records "
+        "(default: $FLIP_LAB_HOME/lab, i.e. ~/.flip-lab/lab).",
     ).tag(config=True)
     poll_interval = Float(
-        2.0, help="Seconds between checks of the sites and the hub's job list while a panel is open "
-                  "(a panel may ask for its own interval between 1 and 60 s)."
+        2.0,
+        help="Seconds between checks of the sites and the hub's job list while a panel is open "
+        "(a panel may ask for its own interval between 1 and 60 s).",
     ).tag(config=True)
     local_scale = Float(
-        1.0, help="Size of each simulated hospital in a local federation started from the panel "
-                  "(1.0 is the full demo; smaller starts faster)."
+        1.0,
+        help="Size of each simulated hospital in a local federation started from the panel "
+        "(1.0 is the full demo; smaller starts faster).",
     ).tag(config=True)
     max_jobs = Int(20, help="How many of the hub's most recent jobs the panel lists.").tag(config=True)
     stop_local_on_exit = Bool(
-        True, help="Stop the local federation started from the panel when the Jupyter server stops. If False it "
-                   "keeps running and the next server picks it up again."
+        True,
+        help="Stop the local federation started from the panel when the Jupyter server stops. If False it "
+        "keeps running and the next server picks it up again.",
     ).tag(config=True)
 
     def initialize_settings(self) -> None:
@@ -54,8 +58,12 @@ class FlipLabApp(ExtensionApp):
         # Kernels started by this server inherit the variable: `flip_lab.local_federation()` in a notebook joins
         # the panel's federation instead of starting a second one beside it.
         os.environ[PANEL_ENV] = str(store.absolute())
-        self.manager = FederationManager(store, local_options={"scale": self.local_scale}, max_jobs=self.max_jobs,
-                                         stop_local_on_exit=self.stop_local_on_exit)
+        self.manager = FederationManager(
+            store,
+            local_options={"scale": self.local_scale},
+            max_jobs=self.max_jobs,
+            stop_local_on_exit=self.stop_local_on_exit,
+        )
         self.stream = EventStream(self.manager, poll_interval=self.poll_interval)
         self.settings.update({"flip_lab_manager": self.manager, "flip_lab_stream": self.stream})
 

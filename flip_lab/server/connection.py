@@ -71,13 +71,24 @@ def info(state: ConnectionState, conn: Connection | None = None, message: str = 
     if conn is None:
         return {"state": state, "kind": None, "address": "", "workdir": "", "ca_file": "", "message": message}
     workdir = str(conn.local.workdir) if conn.local is not None else ""
-    return {"state": state, "kind": conn.kind, "address": conn.address, "workdir": workdir,
-            "ca_file": conn.ca_file, "message": message}
+    return {
+        "state": state,
+        "kind": conn.kind,
+        "address": conn.address,
+        "workdir": workdir,
+        "ca_file": conn.ca_file,
+        "message": message,
+    }
 
 
 def save(store: Path, conn: Connection, *, stopped: bool = False) -> None:
-    saved = {"kind": conn.kind, "address": conn.address, "ca_file": conn.ca_file,
-             "workdir": str(conn.local.workdir) if conn.local is not None else "", "stopped": stopped}
+    saved = {
+        "kind": conn.kind,
+        "address": conn.address,
+        "ca_file": conn.ca_file,
+        "workdir": str(conn.local.workdir) if conn.local is not None else "",
+        "stopped": stopped,
+    }
     store.mkdir(parents=True, exist_ok=True)
     (store / SAVED).write_text(json.dumps(saved))
 

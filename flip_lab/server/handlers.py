@@ -97,8 +97,11 @@ class ConnectHandler(ManagerHandler):
         if not all(isinstance(v, str) for v in fields.values()):
             raise web.HTTPError(400, "address, workdir and ca_file must be strings", reason="bad_request")
         address = fields["address"].strip()
-        self.reply(await self.call(self.manager.connect, address, workdir=fields["workdir"].strip(),
-                                   ca_file=fields["ca_file"].strip()))
+        self.reply(
+            await self.call(
+                self.manager.connect, address, workdir=fields["workdir"].strip(), ca_file=fields["ca_file"].strip()
+            )
+        )
 
 
 class DisconnectHandler(ManagerHandler):

@@ -73,8 +73,15 @@ class FederationManager:
     >>> manager.start_local(2); manager.sites()                             # doctest: +SKIP
     """
 
-    def __init__(self, store: Path, *, local_options: dict[str, Any] | None = None, max_jobs: int = 20,
-                 stop_local_on_exit: bool = True, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        store: Path,
+        *,
+        local_options: dict[str, Any] | None = None,
+        max_jobs: int = 20,
+        stop_local_on_exit: bool = True,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.store = Path(store)
         self.local_workdir = self.store / "local"
         self.local_options = dict(local_options or {})
@@ -105,8 +112,12 @@ class FederationManager:
 
     def snapshot(self) -> SnapshotMessage:
         with self._lock:
-            snapshot: SnapshotMessage = {"type": "snapshot", "connection": self._info, "sites": self._sites.rows(),
-                                         "jobs": self._jobs.rows()}
+            snapshot: SnapshotMessage = {
+                "type": "snapshot",
+                "connection": self._info,
+                "sites": self._sites.rows(),
+                "jobs": self._jobs.rows(),
+            }
             return copy.deepcopy(snapshot)
 
     def connection(self) -> ConnectionInfo:
@@ -167,14 +178,19 @@ class FederationManager:
                 raise Busy(f"a local federation is already running in {local.workdir}; stop it first")
             # No promise of a duration: it ranges from seconds to minutes with the machine's load and the sites'
             # size (docs/architecture.md, "Local federation"); the panel counts the seconds instead.
-            self._replace(None, "starting", f"Starting a hub and {n_sites} simulated hospitals on this machine: "
-                                            "each hospital generates its data, then its site connects to the hub.")
+            self._replace(
+                None,
+                "starting",
+                f"Starting a hub and {n_sites} simulated hospitals on this machine: "
+                "each hospital generates its data, then its site connects to the hub.",
+            )
         except BaseException:
             self._op.release()
             raise
         if not wait:
-            threading.Thread(target=self._start_local, args=(n_sites, False), name="flip-lab-start",
-                             daemon=True).start()
+            threading.Thread(
+                target=self._start_local, args=(n_sites, False), name="flip-lab-start", daemon=True
+            ).start()
             return self.connection()
         self._start_local(n_sites, True)
         return self.connection()
@@ -185,8 +201,9 @@ class FederationManager:
                 local = LocalFederation.attach(self.local_workdir)
             else:
                 shutil.rmtree(self.local_workdir, ignore_errors=True)  # the manager's own folder: a fresh demo
-                local = LocalFederation.start(n_sites, workdir=self.local_workdir, watch_parent=False,
-                                              **self.local_options)
+                local = LocalFederation.start(
+                    n_sites, workdir=self.local_workdir, watch_parent=False, **self.local_options
+                )
             conn = self._open_local(local)
             self._replace(conn, "connected", conn.describe())
         except Exception as err:
@@ -225,13 +242,18 @@ class FederationManager:
                 workdir = Path(saved["workdir"])
                 if running_state(workdir) is None or saved.get("stopped"):
                     connections.forget(self.store)
-                    self._replace(None, "stopped", "The local federation stopped with the previous Jupyter server; "
-                                                   "start it again when you need it.")
+                    self._replace(
+                        None,
+                        "stopped",
+                        "The local federation stopped with the previous Jupyter server; "
+                        "start it again when you need it.",
+                    )
                     return self.connection()
                 conn = self._open_local(LocalFederation.attach(workdir))
             else:
-                conn = connections.open_remote(self.store, saved["address"], saved.get("ca_file", ""),
-                                               must_answer=False)
+                conn = connections.open_remote(
+                    self.store, saved["address"], saved.get("ca_file", ""), must_answer=False
+                )
             self._replace(conn, "connected", conn.describe())
         self.poll()
         return self.connection()
@@ -275,7 +297,7 @@ class FederationManager:
                 return
         try:
             rows = conn.local.sites() if conn.local is not None else conn.hub.sites()
-            runs = conn.hub.jobs()[-self.max_jobs:]
+            runs = conn.hub.jobs()[-self.max_jobs :]
             with self._lock:
                 unknown = {str(row["site"]) for row in rows} - set(self._datasets)
             # sites the panel has no summary of yet (a remote hub's, or ones that joined a local hub): the
@@ -306,8 +328,10 @@ class FederationManager:
                 return
             if conn.local is not None and running_state(conn.local.workdir) is None:
                 state: ConnectionState = "stopped"
-                text = ("The local federation is no longer running (it was stopped outside this panel). "
-                        "Start it again from here.")
+                text = (
+                    "The local federation is no longer running (it was stopped outside this panel). "
+                    "Start it again from here."
+                )
             else:
                 state, text = "unreachable", f"{err} The panel keeps trying and recovers on its own."
             if self._info["state"] != state or self._info["message"] != text:
@@ -320,8 +344,7 @@ class FederationManager:
         with self._lock:
             if generation != self._generation or job_id in self._jobs:
                 return
-            self._emit({"type": "job", "job": self._jobs.add(job_id, status=run.job_status,
-                                                             submitted=run.pending_at)})
+            self._emit({"type": "job", "job": self._jobs.add(job_id, status=run.job_status, submitted=run.pending_at)})
         try:
             job = conn.hub.job(run.run_id)
         except (JobNotFound, HubUnreachable) as err:

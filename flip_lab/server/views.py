@@ -23,9 +23,19 @@ FLAP_WINDOW_S = 600.0
 
 
 def new_job_summary(job_id: str, *, status: str = "pending", submitted: str = "") -> JobSummary:
-    return {"id": job_id, "status": status, "round": 0, "released": 0, "rounds": None, "message": "",
-            "submitted": submitted,
-            "strategy": "", "metrics": {}, "site_states": {}, "errors": []}
+    return {
+        "id": job_id,
+        "status": status,
+        "round": 0,
+        "released": 0,
+        "rounds": None,
+        "message": "",
+        "submitted": submitted,
+        "strategy": "",
+        "metrics": {},
+        "site_states": {},
+        "errors": [],
+    }
 
 
 def fold_event(job: JobSummary, event: dict[str, Any]) -> None:
@@ -108,8 +118,13 @@ class SiteBoard:
             while drops and now - drops[0] > FLAP_WINDOW_S:
                 drops.popleft()
             last_seen = now if online else (previous["last_seen"] if previous else _epoch(site.get("last_seen")))
-            rows[name] = {"site": name, "state": "online" if online else "offline", "last_seen": last_seen,
-                          "drops": len(drops), "datasets": datasets.get(name, "")}
+            rows[name] = {
+                "site": name,
+                "state": "online" if online else "offline",
+                "last_seen": last_seen,
+                "drops": len(drops),
+                "datasets": datasets.get(name, ""),
+            }
         self._rows = rows
         return before != {name: _visible(row) for name, row in rows.items()}
 

@@ -23,8 +23,13 @@ ARRAYS = ("train_x", "train_y", "test_x", "test_y")
 
 
 def cache_key(contract: dict[str, Any], manifest_hash: str, steps: list[dict[str, Any]], mode: str) -> str:
-    payload = {"contract": contract, "manifest": manifest_hash, "steps": steps, "mode": mode,
-               "version": PIPELINE_VERSION}
+    payload = {
+        "contract": contract,
+        "manifest": manifest_hash,
+        "steps": steps,
+        "mode": mode,
+        "version": PIPELINE_VERSION,
+    }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 

@@ -62,8 +62,10 @@ def read_class_table(path: Path) -> dict[str, str]:
                         f"labels CSV row {reader.line_num} lacks a case or a label; give both or remove the row"
                     )
                 if table.get(case, label) != label:
-                    raise RegistrationError(f"labels CSV row {reader.line_num} gives a case a second, different "
-                                            "class; keep one row per case")
+                    raise RegistrationError(
+                        f"labels CSV row {reader.line_num} gives a case a second, different "
+                        "class; keep one row per case"
+                    )
                 table[case] = label
     except (UnicodeDecodeError, csv.Error) as e:
         raise RegistrationError(
@@ -88,7 +90,8 @@ def class_indices(classes: Iterable[str], labels: Mapping[str, int], dataset: st
             raise ContractError(
                 f"dataset {dataset!r} holds cases of class {name!r}, which the contract's labels do not name; "
                 f"add it to labels (they name {sorted(labels)}) or use another dataset",
-                key="labels", expected=f"a class named {name!r}",
+                key="labels",
+                expected=f"a class named {name!r}",
             )
     return out
 

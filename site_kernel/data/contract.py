@@ -50,7 +50,8 @@ def validate_contract(contract: Mapping[str, Any]) -> dict[str, Any]:
     if unknown:
         raise ContractError(
             f"unknown data contract key(s) {unknown}; allowed keys are {sorted(KNOWN)}",
-            key=unknown[0], expected=", ".join(sorted(KNOWN)),
+            key=unknown[0],
+            expected=", ".join(sorted(KNOWN)),
         )
     missing = [k for k in REQUIRED if k not in contract]
     if missing:
@@ -58,7 +59,8 @@ def validate_contract(contract: Mapping[str, Any]) -> dict[str, Any]:
             f"data contract lacks {missing}; e.g. {{'modality': 'MR', 'dims': 2, 'size': [64, 64], "
             "'spacing': [1.0, 1.0], 'intensity': {'kind': 'percentile', 'lower': 1, 'upper': 99}, "
             "'labels': {'background': 0, 'lesion': 1}}",
-            key=missing[0], expected="present",
+            key=missing[0],
+            expected="present",
         )
     out = {**DEFAULTS, **contract}
     out["modality"] = _modality(out["modality"])
@@ -96,7 +98,8 @@ def _modality(value: Any) -> list[str]:
     if not isinstance(values, (list, tuple)) or not values or not all(isinstance(v, str) and v for v in values):
         raise ContractError(
             f"modality must be a name like 'MR' or a list like ['CT', 'MR'], got {value!r}",
-            key="modality", expected="str or list[str]",
+            key="modality",
+            expected="str or list[str]",
         )
     return sorted({v.upper() for v in values})
 
@@ -111,19 +114,21 @@ def _number(value: Any, key: str, kind: type, low: float, high: float) -> Any:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
         raise ContractError(f"{key} values must be {kind.__name__}s, got {value!r}", key=key, expected=kind.__name__)
     if not low <= value <= high:
-        raise ContractError(f"{key} values must lie in [{low}, {high}], got {value!r}", key=key,
-                            expected=f"[{low}, {high}]")
+        raise ContractError(
+            f"{key} values must lie in [{low}, {high}], got {value!r}", key=key, expected=f"[{low}, {high}]"
+        )
     return kind(value)
 
 
 def _orientation(value: Any) -> str:
-    ok = isinstance(value, str) and len(value) == 3 and all(
-        sum(c.upper() in axis for c in value) == 1 for axis in _AXES
+    ok = (
+        isinstance(value, str) and len(value) == 3 and all(sum(c.upper() in axis for c in value) == 1 for axis in _AXES)
     )
     if not ok:
         raise ContractError(
             f"orientation must be three axis codes, one of R/L, A/P, S/I each (e.g. 'RAS'), got {value!r}",
-            key="orientation", expected="e.g. 'RAS'",
+            key="orientation",
+            expected="e.g. 'RAS'",
         )
     return str(value).upper()
 
@@ -134,33 +139,47 @@ def _intensity(value: Any) -> dict[str, Any]:
     kind = value["kind"]
     allowed = {"percentile": {"lower", "upper"}, "zscore": set(), "window": {"center", "width"}}
     if kind not in allowed:
-        raise ContractError(f"intensity.kind {kind!r} is unknown; use one of {sorted(allowed)}",
-                            key="intensity.kind", expected=" | ".join(sorted(allowed)))
+        raise ContractError(
+            f"intensity.kind {kind!r} is unknown; use one of {sorted(allowed)}",
+            key="intensity.kind",
+            expected=" | ".join(sorted(allowed)),
+        )
     extra = sorted(set(value) - allowed[kind] - {"kind"})
     if extra:
-        raise ContractError(f"intensity kind {kind!r} takes no {extra}", key=f"intensity.{extra[0]}",
-                            expected=str(sorted(allowed[kind])))
+        raise ContractError(
+            f"intensity kind {kind!r} takes no {extra}",
+            key=f"intensity.{extra[0]}",
+            expected=str(sorted(allowed[kind])),
+        )
     if kind == "percentile":
         lower = _number(value.get("lower", 1.0), "intensity.lower", float, 0.0, 100.0)
         upper = _number(value.get("upper", 99.0), "intensity.upper", float, 0.0, 100.0)
         if lower >= upper:
-            raise ContractError(f"intensity.lower ({lower}) must be below intensity.upper ({upper})",
-                                key="intensity.lower", expected="lower < upper")
+            raise ContractError(
+                f"intensity.lower ({lower}) must be below intensity.upper ({upper})",
+                key="intensity.lower",
+                expected="lower < upper",
+            )
         return {"kind": kind, "lower": lower, "upper": upper}
     if kind == "window":
         for key in ("center", "width"):
             if key not in value:
-                raise ContractError(f"intensity kind 'window' needs {key!r}", key=f"intensity.{key}",
-                                    expected="number")
-        return {"kind": kind, "center": _number(value["center"], "intensity.center", float, -1e6, 1e6),
-                "width": _number(value["width"], "intensity.width", float, 1e-6, 1e6)}
+                raise ContractError(f"intensity kind 'window' needs {key!r}", key=f"intensity.{key}", expected="number")
+        return {
+            "kind": kind,
+            "center": _number(value["center"], "intensity.center", float, -1e6, 1e6),
+            "width": _number(value["width"], "intensity.width", float, 1e-6, 1e6),
+        }
     return {"kind": kind}
 
 
 def _labels(value: Any) -> dict[str, int]:
     if not isinstance(value, Mapping) or not value:
-        raise ContractError("labels must map class names to integers, e.g. {'background': 0, 'lesion': 1}",
-                            key="labels", expected="dict[str, int]")
+        raise ContractError(
+            "labels must map class names to integers, e.g. {'background': 0, 'lesion': 1}",
+            key="labels",
+            expected="dict[str, int]",
+        )
     out = {}
     for name, index in value.items():
         if not isinstance(name, str):
@@ -176,8 +195,11 @@ def _labels(value: Any) -> dict[str, int]:
 def _class_labels(value: Any) -> dict[str, int]:
     """Classification labels: at least two classes, numbered 0 .. C-1 as a classifier's outputs are."""
     if not isinstance(value, Mapping) or len(value) < 2:
-        raise ContractError("a classification contract's labels name at least two classes, e.g. "
-                            "{'normal': 0, 'pneumonia': 1}", key="labels", expected="dict[str, int], 2+ classes")
+        raise ContractError(
+            "a classification contract's labels name at least two classes, e.g. {'normal': 0, 'pneumonia': 1}",
+            key="labels",
+            expected="dict[str, int], 2+ classes",
+        )
     out = {}
     for name, index in value.items():
         if not isinstance(name, str) or not name:
@@ -186,6 +208,7 @@ def _class_labels(value: Any) -> dict[str, int]:
     if sorted(out.values()) != list(range(len(out))):
         raise ContractError(
             f"a classification contract numbers its classes 0 .. {len(out) - 1}, one each, got {sorted(out.values())}",
-            key="labels", expected=f"values 0 .. {len(out) - 1}",
+            key="labels",
+            expected=f"values 0 .. {len(out) - 1}",
         )
     return out

@@ -133,10 +133,15 @@ def _write_site(site_dir: Path, profile: ScannerProfile, *, seed: int, index: in
         if profile.file_format == "dicom":
             accession = f"ACC{int(rng.integers(10**6, 10**7))}"
             write_series(
-                images / accession, stored, affine, modality=profile.modality, tags=_dicom_tags(profile, token, case),
+                images / accession,
+                stored,
+                affine,
+                modality=profile.modality,
+                tags=_dicom_tags(profile, token, case),
                 slope=profile.rescale[0] if profile.modality == "CT" else 1.0,
                 intercept=profile.rescale[1] if profile.modality == "CT" else 0.0,
-                uid_seed=f"{seed}-{index}-{case}", reverse_file_order=profile.reverse_files,
+                uid_seed=f"{seed}-{index}-{case}",
+                reverse_file_order=profile.reverse_files,
             )
             assert labels is not None
             write_nifti(labels / f"{accession}_seg.nii.gz", label, affine)
@@ -146,12 +151,19 @@ def _write_site(site_dir: Path, profile: ScannerProfile, *, seed: int, index: in
             if profile.modality == "CT":  # NIfTI exports hold HU directly
                 values = values * profile.rescale[0] + profile.rescale[1]
             sidecar = {"Modality": profile.modality, "Manufacturer": profile.vendor}
-            write_nifti(images / f"{stem}.nii.gz", values.astype(np.int16), affine, sidecar=sidecar,
-                        descrip=f"CANARY^{token}")
+            write_nifti(
+                images / f"{stem}.nii.gz", values.astype(np.int16), affine, sidecar=sidecar, descrip=f"CANARY^{token}"
+            )
             write_nifti(images / f"{stem}_seg.nii.gz", label, affine)
     return DemoSite(
-        name=profile.name, modality=profile.modality, file_format=profile.file_format, vendor=profile.vendor,
-        site_dir=site_dir, images_dir=images, labels_dir=labels, num_cases=profile.num_cases,
+        name=profile.name,
+        modality=profile.modality,
+        file_format=profile.file_format,
+        vendor=profile.vendor,
+        site_dir=site_dir,
+        images_dir=images,
+        labels_dir=labels,
+        num_cases=profile.num_cases,
         site_steps=[dict(step) for step in profile.site_steps],
     )
 

@@ -70,8 +70,9 @@ def check_image_header(ds: Dataset) -> Dataset:
     """
     if "Rows" not in ds or "Columns" not in ds:
         raise InputRejected("not_an_image")
-    if int(ds.get("SamplesPerPixel", 1)) != 1 or not str(ds.get("PhotometricInterpretation", "MONOCHROME2")
-                                                       ).startswith("MONOCHROME"):
+    if int(ds.get("SamplesPerPixel", 1)) != 1 or not str(ds.get("PhotometricInterpretation", "MONOCHROME2")).startswith(
+        "MONOCHROME"
+    ):
         raise InputRejected("colour_image", f"{ds.get('PhotometricInterpretation', 'colour')} images are not read")
     if is_enhanced(ds):
         frames = int(ds.get("NumberOfFrames", 1) or 1)
@@ -277,8 +278,11 @@ def new_dataset(sop_class: str, modality: str, uid_seed: str) -> Dataset:
 
 def rescale(modality: str, slope: float, intercept: float) -> dict[str, Any]:
     """The Modality LUT attributes that turn stored values into ``modality``'s units (HU for CT)."""
-    return {"RescaleSlope": float(slope), "RescaleIntercept": float(intercept),
-            "RescaleType": "HU" if modality == "CT" else "US"}
+    return {
+        "RescaleSlope": float(slope),
+        "RescaleIntercept": float(intercept),
+        "RescaleType": "HU" if modality == "CT" else "US",
+    }
 
 
 def write_series(

@@ -92,8 +92,7 @@ class ContractError(DataError, ValueError):
     ``key`` is the contract key at fault (``"intensity.kind"``), ``expected`` what would have been accepted.
     """
 
-    def __init__(self, message: str, *, key: str = "", expected: str = "",
-                 fixed_by: FixedBy = "researcher") -> None:
+    def __init__(self, message: str, *, key: str = "", expected: str = "", fixed_by: FixedBy = "researcher") -> None:
         super().__init__(message)
         self.key = key
         self.expected = expected

@@ -121,8 +121,11 @@ def register_dataset(
     cases = [case for c in candidates if (case := _check_case(c, sources, modality, reject)) is not None]
     if sources.classes is not None:
         named = {key for c in candidates for key in c.keys}
-        site_log(site_dir, f"dataset={name} labels CSV rows={len(sources.classes)} "
-                           f"naming no image={sum(key not in named for key in sources.classes)}")
+        site_log(
+            site_dir,
+            f"dataset={name} labels CSV rows={len(sources.classes)} "
+            f"naming no image={sum(key not in named for key in sources.classes)}",
+        )
     labelled = any(case["label"] or case.get("class_name") for case in cases)
     if labelled:
         for case in [c for c in cases if not (c["label"] or c.get("class_name"))]:
@@ -130,8 +133,11 @@ def register_dataset(
             cases.remove(case)
     skipped = dict(sorted(Counter(q["reason"] for q in quarantine for _ in q["paths"]).items()))
     for entry in quarantine:
-        site_log(site_dir, f"dataset={name} quarantined reason={entry['reason']} files={len(entry['paths'])} "
-                           f"first={entry['paths'][0]} detail={entry['detail'] or '-'}")
+        site_log(
+            site_dir,
+            f"dataset={name} quarantined reason={entry['reason']} files={len(entry['paths'])} "
+            f"first={entry['paths'][0]} detail={entry['detail'] or '-'}",
+        )
     if not cases:
         site_log(site_dir, f"dataset={name} registration failed: no usable case")
         raise RegistrationError(
@@ -140,9 +146,16 @@ def register_dataset(
         )
     _split(cases, seed, test_fraction)
     manifest: Manifest = {
-        "format_version": FORMAT_VERSION, "name": name, "source": str(source),
-        "labels": str(labels) if labels else None, "seed": seed, "test_fraction": test_fraction,
-        "labelled": labelled, "cases": cases, "quarantine": quarantine, "skipped": skipped,
+        "format_version": FORMAT_VERSION,
+        "name": name,
+        "source": str(source),
+        "labels": str(labels) if labels else None,
+        "seed": seed,
+        "test_fraction": test_fraction,
+        "labelled": labelled,
+        "cases": cases,
+        "quarantine": quarantine,
+        "skipped": skipped,
         "registered_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     if sources.classes is not None:
@@ -151,9 +164,16 @@ def register_dataset(
     num_test = sum(c["split"] == "test" for c in cases)
     site_log(site_dir, f"dataset={name} registered cases={len(cases)} test={num_test} skipped={skipped}")
     return DatasetSummary(
-        name=name, num_cases=len(cases), num_train=len(cases) - num_test, num_test=num_test,
-        modalities=sorted({c["modality"] for c in cases}), labelled=labelled, skipped=skipped, manifest_path=path,
-        task=manifest.get("task", "segmentation"), label_classes=class_counts(cases),
+        name=name,
+        num_cases=len(cases),
+        num_train=len(cases) - num_test,
+        num_test=num_test,
+        modalities=sorted({c["modality"] for c in cases}),
+        labelled=labelled,
+        skipped=skipped,
+        manifest_path=path,
+        task=manifest.get("task", "segmentation"),
+        label_classes=class_counts(cases),
     )
 
 
@@ -195,8 +215,10 @@ def _discover(source: Path, labels: Path | None, reject: Reject) -> tuple[list[C
         if copies:
             reject(copies, InputRejected("duplicate_instance", f"{len(copies)} extra copies of slices in one series"))
         if len(members) > 1 and any(dicom.is_enhanced(h) for _, h in members):
-            reject([p for p, _ in members], InputRejected(
-                "mixed_series", "an Enhanced CT/MR file shares its series with other image files"))
+            reject(
+                [p for p, _ in members],
+                InputRejected("mixed_series", "an Enhanced CT/MR file shares its series with other image files"),
+            )
             continue
         paths = [p for p, _ in members]
         folders = {p.parent for p in paths}
@@ -274,17 +296,27 @@ def _values(label_map: np.ndarray) -> list[int]:
 
 
 def _case_entry(
-    candidate: Candidate, used: list[Path], volume: Volume, label: tuple[Path, LabelFormat] | None,
-    values: list[int], modality: str | None,
+    candidate: Candidate,
+    used: list[Path],
+    volume: Volume,
+    label: tuple[Path, LabelFormat] | None,
+    values: list[int],
+    modality: str | None,
 ) -> CaseEntry:
     found = volume.modality if volume.modality != "unknown" else (modality or "unknown")
     label_path = label[0] if label else None
     return {
-        "id": "", "split": "train", "format": "dicom" if candidate.format == "dicom" else "nifti",
-        "files": [str(p) for p in used], "label": str(label_path) if label_path else None,
-        "modality": found.upper(), "vendor": volume.vendor,
-        "shape": list(volume.shape), "spacing": [round(s, 4) for s in volume.spacing],
-        "axcodes": axcodes(volume.affine), "label_values": values,
+        "id": "",
+        "split": "train",
+        "format": "dicom" if candidate.format == "dicom" else "nifti",
+        "files": [str(p) for p in used],
+        "label": str(label_path) if label_path else None,
+        "modality": found.upper(),
+        "vendor": volume.vendor,
+        "shape": list(volume.shape),
+        "spacing": [round(s, 4) for s in volume.spacing],
+        "axcodes": axcodes(volume.affine),
+        "label_values": values,
         "group": hashlib.sha256(candidate.group.encode()).hexdigest()[:16],
         "fingerprint": fingerprint(used + ([label_path] if label_path else [])),
     }

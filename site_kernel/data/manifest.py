@@ -169,8 +169,11 @@ def align_label(label: Volume, image: Volume) -> np.ndarray:
         raise InputRejected("not_a_label_map", "values outside the class indices 0-255")
     classes = np.unique(rounded).size
     if classes > MAX_LABEL_CLASSES:
-        raise InputRejected("not_a_label_map", f"{classes} distinct values, more than the {MAX_LABEL_CLASSES} classes "
-                                               "a label map holds (a probability map saved as 0-255?)")
+        raise InputRejected(
+            "not_a_label_map",
+            f"{classes} distinct values, more than the {MAX_LABEL_CLASSES} classes "
+            "a label map holds (a probability map saved as 0-255?)",
+        )
     return rounded.astype(np.int64)
 
 

@@ -78,7 +78,8 @@ def read_enhanced(path: Path) -> Volume:
     check_finite(array)
     affine = np.asarray(stack.get_affine("RAS"), dtype=np.float64)[:, [2, 1, 0, 3]]
     return Volume(
-        array=array, affine=affine,
+        array=array,
+        affine=affine,
         modality=str(ds.get("Modality", "unknown")) or "unknown",
         vendor=str(ds.get("Manufacturer", "unknown")) or "unknown",
         extra={"frame_of_reference": str(ds.get("FrameOfReferenceUID", ""))},
@@ -114,17 +115,28 @@ def write_enhanced(
     ds.InstanceNumber = 1
     ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL", "NONE"]
     ds.NumberOfFrames = len(order)
-    ds.SharedFunctionalGroupsSequence = DicomSequence([_item(
-        PlaneOrientationSequence=_item(ImageOrientationPatient=grid.orientation),
-        PixelMeasuresSequence=_item(PixelSpacing=grid.pixel_spacing, SliceThickness=grid.slice_step,
-                                    SpacingBetweenSlices=grid.slice_step),
-        PixelValueTransformationSequence=_item(**rescale(modality, slope, intercept)),
-    )])
-    ds.PerFrameFunctionalGroupsSequence = DicomSequence([
-        _item(PlanePositionSequence=_item(ImagePositionPatient=grid.position(k)),
-              FrameContentSequence=_item(InStackPositionNumber=k + 1, StackID="1"))
-        for k in order
-    ])
+    ds.SharedFunctionalGroupsSequence = DicomSequence(
+        [
+            _item(
+                PlaneOrientationSequence=_item(ImageOrientationPatient=grid.orientation),
+                PixelMeasuresSequence=_item(
+                    PixelSpacing=grid.pixel_spacing,
+                    SliceThickness=grid.slice_step,
+                    SpacingBetweenSlices=grid.slice_step,
+                ),
+                PixelValueTransformationSequence=_item(**rescale(modality, slope, intercept)),
+            )
+        ]
+    )
+    ds.PerFrameFunctionalGroupsSequence = DicomSequence(
+        [
+            _item(
+                PlanePositionSequence=_item(ImagePositionPatient=grid.position(k)),
+                FrameContentSequence=_item(InStackPositionNumber=k + 1, StackID="1"),
+            )
+            for k in order
+        ]
+    )
     for key, value in tags.items():
         setattr(ds, key, value)
     frames = np.stack([np.ascontiguousarray(stored[:, :, k].T) for k in order])

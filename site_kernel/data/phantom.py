@@ -24,9 +24,7 @@ SLAB_HALF_MM = 8.0
 #: Mean tissue values in the portal venous phase: CT in HU, MR as fat-suppressed T1-weighted gradient echo signal
 #: in [0, 1] (the usual liver MR protocol; fat and marrow are dark, cortical bone gives no signal).
 CT_HU = np.array([-1000, -100, 45, 105, 95, 20, 170, 700, 220, 160, 5, 40, 140], dtype=np.float32)
-MR_SIGNAL = np.array(
-    [0.02, 0.12, 0.30, 0.55, 0.50, 0.35, 0.85, 0.05, 0.22, 0.80, 0.08, 0.28, 0.70], dtype=np.float32
-)
+MR_SIGNAL = np.array([0.02, 0.12, 0.30, 0.55, 0.50, 0.35, 0.85, 0.05, 0.22, 0.80, 0.08, 0.28, 0.70], dtype=np.float32)
 #: Texture amplitude as a fraction of the liver-to-muscle contrast: mottled lesion cores and bowel.
 TEXTURE = np.array([0, 0.05, 0.1, 0.08, 0.08, 0.9, 0, 0, 0.2, 0, 0.02, 0.25, 0.1], dtype=np.float32)
 
@@ -76,9 +74,7 @@ def sample_anatomy(
     """Draw one patient. ``prevalence`` is the chance of at least one lesion; radii are in mm."""
     u = rng.uniform
     body = Ellipsoid((u(-4, 4), u(-4, 4), 0.0), (u(78, 94), u(58, 72), 1e4), u(-0.05, 0.05))
-    liver = Ellipsoid(
-        (u(34, 48), u(-2, 14), u(-15, 15)), (u(34, 44), u(30, 40), u(60, 90)), u(-0.35, 0.35)
-    )
+    liver = Ellipsoid((u(34, 48), u(-2, 14), u(-15, 15)), (u(34, 44), u(30, 40), u(60, 90)), u(-0.35, 0.35))
     spleen = Ellipsoid((u(-58, -44), u(-22, -8), u(-10, 10)), (u(14, 20), u(22, 30), 60.0), u(0.2, 0.6))
     aorta = _column(u(-12, -6), u(-30, -24), u(8, 10))
     spine = _column(u(-2, 2), u(-50, -44), u(12, 14))

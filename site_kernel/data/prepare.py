@@ -79,17 +79,22 @@ def prepare(
     try:
         return _prepare(site_dir, contract, site_steps, harmonise)
     except DataError as error:
-        site_log(site_dir, f"dataset={dataset} prepare failed ({type(error).__name__}, "
-                           f"to be fixed by the {error.fixed_by.replace('_', ' ')}): {error}")
+        site_log(
+            site_dir,
+            f"dataset={dataset} prepare failed ({type(error).__name__}, "
+            f"to be fixed by the {error.fixed_by.replace('_', ' ')}): {error}",
+        )
         raise
     except Exception as error:
-        site_log(site_dir, f"dataset={dataset} prepare failed "
-                           f"({type(error).__name__}): {error}")
+        site_log(site_dir, f"dataset={dataset} prepare failed ({type(error).__name__}): {error}")
         raise
 
 
 def _prepare(
-    site_dir: Path, contract: Mapping[str, Any], site_steps: Sequence[Mapping[str, Any]] | None, harmonise: Mode,
+    site_dir: Path,
+    contract: Mapping[str, Any],
+    site_steps: Sequence[Mapping[str, Any]] | None,
+    harmonise: Mode,
 ) -> PreparedData:
     spec = validate_contract(contract)
     if harmonise not in MODES:
@@ -98,8 +103,11 @@ def _prepare(
     _check_dataset(manifest, spec)
     classify = spec.get("task") == "classification"
     # Every class is checked against the contract before any case is read, so a mismatch costs nothing.
-    classes = class_indices([str(c.get("class_name")) for c in manifest["cases"]], spec["labels"],
-                            manifest["name"]) if classify else {}
+    classes = (
+        class_indices([str(c.get("class_name")) for c in manifest["cases"]], spec["labels"], manifest["name"])
+        if classify
+        else {}
+    )
     steps = build_steps(site_steps)
     key = cache.cache_key(spec, manifest_hash(manifest), [s.spec() for s in steps], harmonise)
     hit = cache.load(site_dir, key)
@@ -116,14 +124,18 @@ def _prepare(
         try:
             volume, label = load_case(case)
         except (InputRejected, OSError) as error:  # a file changed or vanished since registration
-            site_log(site_dir, f"dataset={manifest['name']} case={case['id']} skipped in prepare: "
-                               f"{type(error).__name__}: {error}")
+            site_log(
+                site_dir,
+                f"dataset={manifest['name']} case={case['id']} skipped in prepare: {type(error).__name__}: {error}",
+            )
             skipped += 1
             continue
         except Exception as error:  # unexpected trouble with one case: name it for the data owner, then stop
             site_log(site_dir, f"dataset={manifest['name']} case={case['id']} failed: {type(error).__name__}: {error}")
-            raise DataError(f"case {case['id']} of dataset {manifest['name']!r} could not be read "
-                            f"({type(error).__name__}); see the site's data.log") from error
+            raise DataError(
+                f"case {case['id']} of dataset {manifest['name']!r} could not be read "
+                f"({type(error).__name__}); see the site's data.log"
+            ) from error
         before.append(_sample(volume.array))
         lookup = segment_lookup(case.get("label_names", {}), spec["labels"])
         if label is not None and lookup is not None:
@@ -141,17 +153,25 @@ def _prepare(
     height, width = spec["size"]
     empty_y = (0,) if classify else (0, height, width)
     arrays = {
-        name: np.concatenate(chunks) if chunks else np.zeros(
-            (0, 1, height, width) if name.endswith("x") else empty_y, np.float32 if name.endswith("x") else np.int64,
+        name: np.concatenate(chunks)
+        if chunks
+        else np.zeros(
+            (0, 1, height, width) if name.endswith("x") else empty_y,
+            np.float32 if name.endswith("x") else np.int64,
         )
         for name, chunks in parts.items()
     }
     after = np.concatenate([arrays["train_x"].ravel(), arrays["test_x"].ravel()])
     stats = _stats(np.concatenate(before) if before else np.zeros(0), after[:: max(1, after.size // 200_000)])
-    stats.update(cases=len(manifest["cases"]) - skipped, skipped_cases=skipped, slices=int(after.size // (height * width)))
+    stats.update(
+        cases=len(manifest["cases"]) - skipped, skipped_cases=skipped, slices=int(after.size // (height * width))
+    )
     cache.store(site_dir, key, arrays, {"stats": stats, "contract": spec, "mode": harmonise})
-    site_log(site_dir, f"dataset={manifest['name']} prepared contract={contract_hash(spec)[:12]} mode={harmonise} "
-                       f"train={arrays['train_x'].shape[0]} test={arrays['test_x'].shape[0]} skipped={skipped}")
+    site_log(
+        site_dir,
+        f"dataset={manifest['name']} prepared contract={contract_hash(spec)[:12]} mode={harmonise} "
+        f"train={arrays['train_x'].shape[0]} test={arrays['test_x'].shape[0]} skipped={skipped}",
+    )
     return PreparedData(**arrays, stats=stats, cache_key=key, from_cache=False)
 
 
@@ -169,31 +189,38 @@ def _check_dataset(manifest: Manifest, spec: dict[str, Any]) -> None:
         raise ContractError(
             f"dataset {manifest['name']!r} has images of unknown modality; register it again with --modality "
             "(flip-site data add NAME PATH --modality CT)",
-            key="modality", expected=str(spec["modality"]), fixed_by="data_owner",
+            key="modality",
+            expected=str(spec["modality"]),
+            fixed_by="data_owner",
         )
     if refused:
         raise ContractError(
             f"dataset {manifest['name']!r} holds {refused} images but the contract asks for {spec['modality']}; "
-            "widen the contract's modality or pick another dataset", key="modality", expected=str(found),
+            "widen the contract's modality or pick another dataset",
+            key="modality",
+            expected=str(found),
         )
     if spec.get("task") == "classification":
         if manifest.get("task") != "classification":
             raise ContractError(
                 f"dataset {manifest['name']!r} has no per-case classes, so it cannot serve a classification "
                 "contract; register it with a CSV of classes (flip-site data add NAME PATH --labels cases.csv)",
-                key="task", expected="a dataset registered with a labels CSV",
+                key="task",
+                expected="a dataset registered with a labels CSV",
             )
         return
     if manifest.get("task") == "classification":
         raise ContractError(
             f"dataset {manifest['name']!r} holds per-case classes, not label maps; declare "
             "'task': 'classification' in the contract or pick a dataset with label maps",
-            key="task", expected="classification",
+            key="task",
+            expected="classification",
         )
     if len(spec["labels"]) > 1 and not manifest["labelled"]:
         raise ContractError(
             f"dataset {manifest['name']!r} has no label maps, so it cannot serve a segmentation contract",
-            key="labels", expected="a labelled dataset",
+            key="labels",
+            expected="a labelled dataset",
         )
 
 

@@ -56,7 +56,9 @@ def read_reference(path: Path, ds: Dataset) -> SegReference:
             for source in derivation.get("SourceImageSequence", []):
                 instances.add(str(source.get("ReferencedSOPInstanceUID", "")))
     return SegReference(
-        path=path, series_uids=frozenset(series - {""}), instance_uids=frozenset(instances - {""}),
+        path=path,
+        series_uids=frozenset(series - {""}),
+        instance_uids=frozenset(instances - {""}),
         frame_of_reference=str(ds.get("FrameOfReferenceUID", "")),
     )
 

@@ -161,8 +161,9 @@ class BiasFieldCorrection(SiteStep):
             centres = np.percentile(corrected, np.linspace(10, 90, k))
             for _ in range(5):  # a few rounds of one-dimensional k-means on the corrected log intensities
                 nearest = np.argmin(np.abs(corrected[:, None] - centres[None]), axis=1)
-                centres = np.array([corrected[nearest == c].mean() if np.any(nearest == c) else centres[c]
-                                    for c in range(k)])
+                centres = np.array(
+                    [corrected[nearest == c].mean() if np.any(nearest == c) else centres[c] for c in range(k)]
+                )
             residual = y - centres[nearest]
             coef = np.linalg.lstsq(gram, np.einsum("ij,i->j", rows, residual), rcond=None)[0]
             field = np.einsum("ij,j->i", rows, coef)

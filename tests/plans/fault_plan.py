@@ -8,20 +8,28 @@ import torch
 import torch.nn.functional as F
 
 CONTRACT = {
-    "modality": ["CT", "MR"], "dims": 2, "size": [32, 32], "spacing": [6.0, 6.0],
-    "intensity": {"kind": "percentile", "lower": 1.0, "upper": 99.0}, "labels": {"background": 0, "lesion": 1},
+    "modality": ["CT", "MR"],
+    "dims": 2,
+    "size": [32, 32],
+    "spacing": [6.0, 6.0],
+    "intensity": {"kind": "percentile", "lower": 1.0, "upper": 99.0},
+    "labels": {"background": 0, "lesion": 1},
 }
 
 
 def model():
     return torch.nn.Sequential(
-        torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        torch.nn.Conv2d(1, 8, 3, padding=1),
+        torch.nn.BatchNorm2d(8),
+        torch.nn.ReLU(),
         torch.nn.Conv2d(8, 2, 3, padding=1),
     )
 
 
 def train(model, data, config):
-    if config.get("server-round") == config.get("straggler_round") and data.num_train == config.get("straggler_examples"):
+    if config.get("server-round") == config.get("straggler_round") and data.num_train == config.get(
+        "straggler_examples"
+    ):
         time.sleep(float(config["straggler_delay_s"]))
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
     model.train()

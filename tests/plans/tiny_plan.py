@@ -4,14 +4,20 @@ import torch
 import torch.nn.functional as F
 
 CONTRACT = {
-    "modality": ["CT", "MR"], "dims": 2, "size": [32, 32], "spacing": [6.0, 6.0],
-    "intensity": {"kind": "percentile", "lower": 1.0, "upper": 99.0}, "labels": {"background": 0, "lesion": 1},
+    "modality": ["CT", "MR"],
+    "dims": 2,
+    "size": [32, 32],
+    "spacing": [6.0, 6.0],
+    "intensity": {"kind": "percentile", "lower": 1.0, "upper": 99.0},
+    "labels": {"background": 0, "lesion": 1},
 }
 
 
 def model():
     return torch.nn.Sequential(
-        torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        torch.nn.Conv2d(1, 8, 3, padding=1),
+        torch.nn.BatchNorm2d(8),
+        torch.nn.ReLU(),
         torch.nn.Conv2d(8, 2, 3, padding=1),
     )
 
@@ -28,12 +34,13 @@ def train(model, data, config):
     loss = torch.tensor(0.0)
     for _ in range(config["local_epochs"]):
         for i in range(0, data.num_train, config["batch_size"]):
-            x, y = data.train_x[i:i + config["batch_size"]], data.train_y[i:i + config["batch_size"]]
+            x, y = data.train_x[i : i + config["batch_size"]], data.train_y[i : i + config["batch_size"]]
             opt.zero_grad()
             loss = F.cross_entropy(model(x), y)
             if config.get("proximal_mu", 0) > 0:
                 loss = loss + config["proximal_mu"] / 2 * sum(
-                    ((p - g) ** 2).sum() for p, g in zip(model.parameters(), config["global_params"]))
+                    ((p - g) ** 2).sum() for p, g in zip(model.parameters(), config["global_params"])
+                )
             loss.backward()
             opt.step()
     return {"loss": float(loss)}
