@@ -234,17 +234,35 @@ def _revoked(root: Path) -> dict[str, dict[str, str]]:
 
 
 def _publish_crl(root: Path, ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate) -> Path:
-    """Sign the revocation list afresh (a year's validity from now) and copy it wherever ``ca.pem`` was handed out."""
+    """The CA's revocation list, signed again when its revocations changed or it has under 30 days left, copied
+    wherever ``ca.pem`` was handed out (an unchanged list stays byte for byte what the sites already hold)."""
     serials = {
         int(serial, 16): datetime.datetime.fromisoformat(entry["at"]) for serial, entry in _revoked(root).items()
     }
-    crl = revocation_list(ca_key, ca_cert, serials)
     path = root / "ca" / "crl.pem"
-    path.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
+    if not _crl_current(path, ca_cert, set(serials)):
+        path.write_bytes(revocation_list(ca_key, ca_cert, serials).public_bytes(serialization.Encoding.PEM))
     for holder in [root / "hub", *(root / "sites").glob("*"), *(root / "researchers").glob("*")]:
         if (holder / "ca.pem").is_file():
             shutil.copyfile(path, holder / "crl.pem")
     return path
+
+
+def _crl_current(path: Path, ca_cert: x509.Certificate, serials: set[int]) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        crl = x509.load_pem_x509_crl(path.read_bytes())
+    except ValueError:
+        return False
+    soon = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=30)
+    return (
+        crl.issuer == ca_cert.subject
+        and crl.is_signature_valid(ca_cert.public_key())
+        and crl.next_update_utc is not None
+        and crl.next_update_utc > soon
+        and {r.serial_number for r in crl} == serials
+    )
 
 
 def _researchers(root: Path) -> dict[str, Path]:
