@@ -25,10 +25,11 @@ BUILD_WHEELS = ROOT / "scripts" / "build-wheels"
 PACKAGES = {"flip-common": "flip_common", "flip-site": "site_kernel", "flip-lab": "flip_lab"}
 # What a part needs without importing it, and why.
 NOT_IMPORTED = {
+    "flip-site": {"scipy": "plans may import it at the site"},
     "flip-lab": {
         "jupyterlab": "the side panel is a JupyterLab extension",
         "ipykernel": "papermill runs study notebooks on the Python kernel",
-    }
+    },
 }
 # What a hospital never installs.
 NOT_AT_A_HOSPITAL = ("jupyterlab", "papermill", "matplotlib", "ipywidgets", "flip_lab")
@@ -76,6 +77,15 @@ def test_the_parts_are_released_together() -> None:
         ("flip-lab", f"flip-common=={version}"),
         ("flip-lab", f"flip-site=={version}"),
     }
+
+
+def test_the_site_part_installs_every_package_a_plan_may_import() -> None:
+    from flip_lab._capture import SITE_PACKAGES
+
+    providers = packages_distributions()
+    site = _declared(_project("flip-site")["dependencies"]) | _declared(_project("flip-common")["dependencies"])
+    needed = {canonicalize_name(providers[p][0]) for p in SITE_PACKAGES if p not in sys.stdlib_module_names}
+    assert needed - site == set()
 
 
 def test_the_site_part_holds_no_researcher_tool() -> None:
@@ -146,7 +156,7 @@ def test_the_site_part_alone_runs_a_site_against_a_hub(tmp_path: Path) -> None:
     common, site_wheel = (Path(p) for p in built.stdout.split())
     with zipfile.ZipFile(site_wheel) as whl:
         metadata = whl.read(next(n for n in whl.namelist() if n.endswith(".dist-info/METADATA"))).decode()
-    needed = re.findall(r"^Requires-Dist: (.+)$", metadata, flags=re.M)
+    needed = re.findall(r"^Requires-Dist: (.+)$", metadata, flags=re.MULTILINE)
 
     # a virtual environment with the base Python only, then the site's dependency closure linked in
     venv = tmp_path / "site-venv"
