@@ -226,7 +226,7 @@ def site_rows(view: JobView) -> list[dict[str, str]]:
                     "state": shown(STATE_LABELS.get(s.state, s.state)),
                     "round": str(s.round),
                     (shown(metric) if metric else "metric"): "" if value is None else f"{value:.4f}",
-                    "detail": shown(s.detail) if s.state not in ("preparing_data",) else "",
+                    "detail": shown(s.detail) if s.state != "preparing_data" else "",
                     "approval": shown(s.approval),
                     "policy": shown(s.policy),
                     "audit head": shown(s.audit_head),
@@ -309,8 +309,10 @@ def summary_html(view: JobView) -> str:
     errors = error_lines(view)
     parts = [
         f"<h4>{html.escape(headline(view))}</h4>",
-        f"<p>{html.escape(aggregate_line(view))}; plan hash <code>{html.escape(view.plan_hash or 'unknown')}"
-        "</code></p>",
+        (
+            f"<p>{html.escape(aggregate_line(view))}; plan hash <code>{html.escape(view.plan_hash or 'unknown')}"
+            "</code></p>"
+        ),
         html_table(site_rows(view)),
     ]
     if errors:
@@ -349,8 +351,7 @@ def summary_markdown(view: JobView, *, escape: bool = True) -> str:
         keys = list(rows[0])
         lines.append("| " + " | ".join(md(k) for k in keys) + " |")
         lines.append("|" + "---|" * len(keys))
-        for row in rows:
-            lines.append("| " + " | ".join(cell(row[k]) for k in keys) + " |")
+        lines.extend("| " + " | ".join(cell(row[k]) for k in keys) + " |" for row in rows)
     lines += [f"- {md(e)}" for e in error_lines(view)]
     return "\n".join(lines) + "\n"
 

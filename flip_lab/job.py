@@ -228,7 +228,7 @@ class Job:
                 self._weights_line(raw[idx + len(WEIGHTS_PREFIX) :])
 
     def _weights_line(self, rest: str) -> None:
-        _round, index, total, chunk = (rest.split(" ", 3) + [""])[:4]
+        _round, index, total, chunk = [*rest.split(" ", 3), ""][:4]
         self._weights_chunks[int(index)] = chunk.strip()
         self._weights_total = int(total)
         if len(self._weights_chunks) == self._weights_total:

@@ -514,8 +514,8 @@ class LocalFederation(Federation):
 
     def restart_hub(self, timeout: float = 120.0) -> None:
         """Start the hub again on its port and state (after a crash or ``kill_hub``); waits until every site is
-        back online. Jobs that were running are not restarted by themselves: ``fed.resume(job_id)`` continues one from its
-        last released round."""
+        back online. Jobs that were running are not restarted by themselves: ``fed.resume(job_id)`` continues one from
+        its last released round."""
         if alive(self.state["hub_pid"]):
             raise FederationError(f"the hub of {self.workdir} is still running (pid {self.state['hub_pid']})")
         if self.state.get("ca"):

@@ -121,16 +121,12 @@ def _brief(value: Any) -> str:
 
 
 def _same(value: Any, allowed: Any) -> bool:
-    return (
-        type(value) is type(allowed)
+    return (type(value) is type(allowed) and value == allowed) or (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and isinstance(allowed, (int, float))
+        and not isinstance(allowed, bool)
         and value == allowed
-        or (
-            isinstance(value, (int, float))
-            and not isinstance(value, bool)
-            and isinstance(allowed, (int, float))
-            and not isinstance(allowed, bool)
-            and value == allowed
-        )
     )
 
 

@@ -15,7 +15,6 @@ import inspect
 import json
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -32,8 +31,8 @@ PROGRAMS = ("flip-lab", "flip-site", "./run", "python", "pip")
 PYTHON_NAMES = ("flip_lab", "fed", "job", "plan")  # the README's names for FLIP's API and the objects it returns
 
 # A command's key (program and subcommands, or an API name) -> "module::test" (or fixture) that runs it, a test
-# module whose own code does, or a notebook, which test_notebooks executes (as it does every notebook). Where the README's own
-# line would take minutes or a network, the test runs the same command on less, as its docstring says.
+# module whose own code does, or a notebook, which test_notebooks executes (as it does every notebook). Where the
+# README's own line would take minutes or a network, the test runs the same command on less, as its docstring says.
 RUN_BY = {
     "./run demo": "test_readme::test_the_run_script_offers_what_the_readme_says",
     "./run test": "test_readme::test_the_run_script_offers_what_the_readme_says",
@@ -54,7 +53,7 @@ RUN_BY = {
     "flip-site run": "test_daily_messages::test_a_site_whose_hub_is_down_says_so_once_and_serves_when_it_comes",
     "flip-site plans list": "test_e2e_approval::test_plan_waits_for_approval_then_runs_and_a_changed_plan_waits_again",
     "flip-site plans show": "test_e2e_approval::test_plan_waits_for_approval_then_runs_and_a_changed_plan_waits_again",
-    "flip-site plans approve": "test_e2e_approval::test_plan_waits_for_approval_then_runs_and_a_changed_plan_waits_again",
+    "flip-site plans approve": "test_e2e_approval::test_plan_waits_for_approval_then_runs_and_a_changed_plan_waits_again",  # noqa: E501 - a test's name
     "flip-site plans reject": "test_approvals::test_plans_commands",
     "flip-site audit show": "test_audit::test_audit_commands",
     "flip-site audit verify": "test_audit::test_audit_commands",
@@ -88,7 +87,7 @@ RUN_BY = {
 
 # -- reading the README -----------------------------------------------------------------------------------------
 def _blocks(language: str) -> list[str]:
-    return re.findall(rf"^```{language}\n(.*?)^```", README, flags=re.M | re.S)
+    return re.findall(rf"^```{language}\n(.*?)^```", README, flags=re.MULTILINE | re.DOTALL)
 
 
 def _command_cells() -> list[str]:
@@ -151,7 +150,7 @@ def python_names() -> set[str]:
     heads = "|".join(PYTHON_NAMES)
     for text in texts:
         names |= set(re.findall(rf"(?<![\w.])((?:{heads})(?:\.\w+)+)\s*\(", text))  # calls, also in comments
-        names |= set(re.findall(rf"^@((?:{heads})\.\w+)", text, flags=re.M))
+        names |= set(re.findall(rf"^@((?:{heads})\.\w+)", text, flags=re.MULTILINE))
         names |= set(re.findall(r"(?<![\w.])((?:job|fed)\.\w+)\b(?!\s*\()", text))  # attributes: job.history
     return names
 
@@ -253,7 +252,7 @@ def test_the_run_script_offers_what_the_readme_says() -> None:
         ("bench", 'python "$b"'),
     ]:
         assert f"./run {command}" in listed.stdout
-        arm = re.search(rf"^  {command}\)(.*?);;", script, flags=re.M | re.S)
+        arm = re.search(rf"^  {command}\)(.*?);;", script, flags=re.MULTILINE | re.DOTALL)
         assert arm and starts in arm.group(1), f"./run {command} no longer starts `{starts}`"
 
 

@@ -3,8 +3,8 @@
 Flower's ``send_and_receive`` polls the SuperLink every 3 s and returns only when every reply is in; FLIP Lab wraps
 the run's Grid so that Flower's own strategies keep working unchanged while (a) replies are polled every 50 ms,
 (b) each reply is turned into an event for the researcher as it lands, (c) a site that goes offline or fails stops
-being waited for, and (d) only the sites that approved this plan are ever sampled; with secure aggregation, (e) each train round starts
-with the key setup of ``flip_lab.hub.secagg``.
+being waited for, and (d) only the sites that approved this plan are ever sampled; with secure aggregation, (e) each
+train round starts with the key setup of ``flip_lab.hub.secagg``.
 """
 
 from __future__ import annotations
@@ -127,7 +127,7 @@ class StreamingGrid:
             self.sink.emit("site_state", round=round_, site=self.name(msg.metadata.dst_node_id), state=state)
         if self.secagg is not None and phase == "train":  # key setup first; sites that miss it sit the round out
             messages = self.secagg.prepare(round_, messages)
-        waiting = dict(zip(self._grid.push_messages(messages), (m.metadata.dst_node_id for m in messages)))
+        waiting = dict(zip(self._grid.push_messages(messages), (m.metadata.dst_node_id for m in messages), strict=True))
         deadline = time.monotonic() + (timeout if timeout is not None else 3600.0)
         replies: list[Message] = []
         next_liveness_check = time.monotonic() + 2.0

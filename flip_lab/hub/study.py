@@ -5,9 +5,9 @@ output to the SuperLink's logs, push the task's result) except the one step that
 code: instead of installing the bundle and importing the ServerApp it names, it reads the bundle as
 data (:mod:`flip_common.bundle`) and calls FLIP's installed ServerApp with the run config found
 there, or, for a directory request, asks the sites for their names and catalogues
-(:mod:`flip_lab.hub.directory`). A bundle that is not exactly FLIP's is refused: the run ends failed with the reason, the
-hub's log says so and ``HUB/refusals.jsonl`` records it. Output goes through Flower's log uploader
-because that is how researchers' jobs receive their events.
+(:mod:`flip_lab.hub.directory`). A bundle that is not exactly FLIP's is refused: the run ends failed with the reason,
+the hub's log says so and ``HUB/refusals.jsonl`` records it. Output goes through Flower's log uploader because that is
+how researchers' jobs receive their events.
 """
 
 from __future__ import annotations
