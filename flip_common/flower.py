@@ -19,5 +19,10 @@ def fast_object_pulls(initial_backoff: float = 0.01, cap: float = 0.05) -> None:
     from flwr.supercore.inflatable import inflatable_utils
 
     for fn in (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree):
-        fn.__kwdefaults__["initial_backoff"] = initial_backoff
-        fn.__kwdefaults__["backoff_cap"] = cap
+        defaults = fn.__kwdefaults__
+        if defaults is None or not {"initial_backoff", "backoff_cap"} <= defaults.keys():
+            raise RuntimeError(
+                f"flwr {fn.__qualname__} no longer takes initial_backoff and backoff_cap: see {__name__}"
+            )
+        defaults["initial_backoff"] = initial_backoff
+        defaults["backoff_cap"] = cap
