@@ -127,7 +127,10 @@ class StreamingGrid:
             self.sink.emit("site_state", round=round_, site=self.name(msg.metadata.dst_node_id), state=state)
         if self.secagg is not None and phase == "train":  # key setup first; sites that miss it sit the round out
             messages = self.secagg.prepare(round_, messages)
-        waiting = dict(zip(self._grid.push_messages(messages), (m.metadata.dst_node_id for m in messages), strict=True))
+        # Flower returns no message ids at all for a push too large to send: then nothing is waited for.
+        waiting = dict(
+            zip(self._grid.push_messages(messages), (m.metadata.dst_node_id for m in messages), strict=False)
+        )
         deadline = time.monotonic() + (timeout if timeout is not None else 3600.0)
         replies: list[Message] = []
         next_liveness_check = time.monotonic() + 2.0
