@@ -96,3 +96,67 @@ def test_object_pulls_whose_backoff_arguments_changed_are_named(monkeypatch):
     monkeypatch.setattr(inflatable_utils, "pull_objects", pull_objects)
     with pytest.raises(rt.FlowerChanged, match="inflatable_utils.pull_objects"):
         rt.fast_object_pulls()
+
+
+# -- the lab's and the hub's side (flip_lab._flower) ------------------------------------------------------------------
+def test_the_installed_flower_passes_every_hub_check():
+    from flwr.superlink.grid import HttpGrid
+
+    from flip_lab import _flower
+
+    _flower.check_supernode_id_log()
+    grid = HttpGrid(runtime_api_address="127.0.0.1:1", insecure=True, root_certificates=None, token="t")
+    try:
+        _flower.check_study(grid)
+        _flower.stop_retrying(grid)
+        assert grid._retry_invoker.max_tries == 1
+    finally:
+        grid.close()
+
+
+def test_a_node_id_is_read_from_the_supernode_s_log():
+    from flip_lab._flower import SUPERNODE_ID_LOG, supernode_id
+
+    assert supernode_id("INFO :      Starting\n") is None, "not admitted yet"
+    restarted = "\n".join("INFO :      " + SUPERNODE_ID_LOG % node for node in (11, 4242))
+    assert supernode_id(restarted) == 4242, "the last id the log names"
+
+
+def test_a_supernode_that_logs_its_id_otherwise_is_named(monkeypatch):
+    from flip_lab import _flower
+
+    real = _flower._module_source
+    monkeypatch.setattr(_flower, "_module_source", lambda m: real(m).replace("SuperNode ID: %s", "Node: %s"))
+    with pytest.raises(_flower.FlowerChanged, match=r"start_client_internal\.start_client_internal"):
+        _flower.check_supernode_id_log()
+
+
+@pytest.mark.parametrize(
+    ("grid", "named"),
+    [
+        (object(), "HttpGrid._runtime_client"),
+        (
+            type("Grid", (), {"_runtime_client": type("C", (), {"PullTaskInput": 0, "PushTaskOutput": 0})()})(),
+            "HttpGrid._retry_invoker",
+        ),
+    ],
+    ids=["no runtime client", "no retry policy"],
+)
+def test_a_study_grid_that_changed_is_named(grid, named):
+    from flip_lab import _flower
+
+    with pytest.raises(_flower.FlowerChanged, match=named):
+        _flower.check_study(grid)
+
+
+def test_a_task_identity_that_is_no_longer_settable_is_named(monkeypatch):
+    from flwr.supercore import task_identity
+
+    from flip_lab import _flower
+
+    monkeypatch.setattr(task_identity, "TaskIdentity", type("TaskIdentity", (), {"task_id": None}))
+    grid = type("Grid", (), {})()
+    grid._runtime_client = type("C", (), {"PullTaskInput": 0, "PushTaskOutput": 0})()
+    grid._retry_invoker = type("R", (), {"max_tries": None})()
+    with pytest.raises(_flower.FlowerChanged, match="TaskIdentity.task_id"):
+        _flower.check_study(grid)
