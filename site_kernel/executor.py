@@ -217,15 +217,15 @@ class Executor:
             self.approvals.record_run(digest, run_id, settings)
             hold = self._settings_hold(digest, settings, policy) if state == "approved" else None
             request = Request(
-                message,
-                op,
-                run_id,
-                _study(run_config, run_id),
-                self.settings.name,
-                policy,
-                source,
-                spec,
-                digest,
+                message=message,
+                op=op,
+                run_id=run_id,
+                study=_study(run_config, run_id),
+                site=self.settings.name,
+                policy=policy,
+                source=source,
+                spec=spec,
+                digest=digest,
                 config=dict(message.content.config_records.get("config", {})),
             )
             if op == "query":
