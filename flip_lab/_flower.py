@@ -5,9 +5,10 @@ Flower 1.42 exposes run submission, run listing, log streaming and run stopping 
 ``flwr-serverapp`` does, which takes three of Flower's private names (:func:`study_runtime`). A local federation
 learns its sites' node ids from what their SuperNodes log (:func:`supernode_id`). Everything FLIP Lab needs from
 Flower's internals on this side goes through this file, and each such reliance is checked where it starts (a study,
-a local federation) with :class:`FlowerChanged` naming the internal that changed: a Flower upgrade fails loudly in
-one place, never as a silent no-op. ``pyproject.toml`` pins the minor version for the same reason; the site's side
-is ``site_kernel._flower_runtime``; ``tests/test_flower_compat.py`` runs every check against the installed Flower.
+a local federation) with :class:`~flip_common.flower.FlowerChanged` naming the internal that changed: a Flower
+upgrade fails loudly in one place, never as a silent no-op. ``pyproject.toml`` pins the minor version for the same
+reason; the site's side is ``site_kernel._flower_runtime``, what both sides share :mod:`flip_common.flower`;
+``tests/test_flower_compat.py`` runs every check against the installed Flower.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from typing import Any
 
 import httpx
 
+from flip_common.flower import expect
+
 from .errors import HubUnreachable
 
 # Flower reports telemetry and checks for updates by default; a hospital deployment must not phone home.
@@ -28,28 +31,10 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 
 
-class FlowerChanged(RuntimeError):
-    """A Flower internal FLIP Lab relies on is no longer what it was written against (Flower 1.42)."""
-
-    def __init__(self, internal: str, expected: str) -> None:
-        import flwr
-
-        super().__init__(
-            f"Flower {getattr(flwr, '__version__', '?')} changed {internal}: FLIP Lab relies on {expected}. "
-            "Install the Flower version pyproject.toml pins, or adapt flip_lab/_flower.py to it"
-        )
-        self.internal = internal
-
-
-def _expect(holds: bool, internal: str, expected: str) -> None:
-    if not holds:
-        raise FlowerChanged(internal, expected)
-
-
 def _module_source(module: str) -> str:
     """A Flower module's source, read without importing it (a local federation need not import the SuperNode)."""
     spec = importlib.util.find_spec(module)
-    _expect(spec is not None and spec.origin is not None, module, "that module")
+    expect(spec is not None and spec.origin is not None, module, "that module")
     with open(spec.origin, encoding="utf-8") as fh:  # type: ignore[union-attr]
         return fh.read()
 
@@ -207,8 +192,9 @@ _SUPERNODE = "flwr.supernode.start_client_internal"
 
 
 def check_supernode_id_log() -> None:
-    """Raise :class:`FlowerChanged` unless Flower's SuperNode still logs its node id as :data:`SUPERNODE_ID_LOG`."""
-    _expect(
+    """Raise :class:`~flip_common.flower.FlowerChanged` unless Flower's SuperNode still logs its node id as
+    :data:`SUPERNODE_ID_LOG`."""
+    expect(
         f'"{SUPERNODE_ID_LOG}", node_id' in _module_source(_SUPERNODE),
         f"{_SUPERNODE}.start_client_internal",
         f"the log line {SUPERNODE_ID_LOG!r} naming the node id the hub gave the SuperNode",
@@ -231,7 +217,7 @@ def study_runtime(grid: Any) -> Any:
     """The Runtime API client of a study's ``HttpGrid`` (Flower keeps it private, as ``_runtime_client``; the
     study pulls its task's input and pushes its output through it, as ``flwr-serverapp`` does)."""
     client = getattr(grid, "_runtime_client", None)
-    _expect(
+    expect(
         client is not None and hasattr(client, "PullTaskInput") and hasattr(client, "PushTaskOutput"),
         "flwr.superlink.grid.HttpGrid._runtime_client",
         "the grid's Runtime API client, with PullTaskInput and PushTaskOutput",
@@ -240,19 +226,20 @@ def study_runtime(grid: Any) -> Any:
 
 
 def check_study(grid: Any) -> None:
-    """Raise :class:`FlowerChanged` unless the study's grid and Flower's task identity are still what
-    :func:`study_runtime`, :func:`set_task_identity` and :func:`stop_retrying` take; called as a study starts."""
+    """Raise :class:`~flip_common.flower.FlowerChanged` unless the study's grid and Flower's task identity are still
+    what :func:`study_runtime`, :func:`set_task_identity` and :func:`stop_retrying` take; called as a study
+    starts."""
     from flwr.supercore.task_identity import TaskIdentity
 
     study_runtime(grid)
-    _expect(
+    expect(
         hasattr(getattr(grid, "_retry_invoker", None), "max_tries"),
         "flwr.superlink.grid.HttpGrid._retry_invoker",
         "the grid's retry policy, with max_tries",
     )
     for name in ("task_id", "run_id", "node_id"):  # settable properties of its class: plain attributes go unread
         setter = getattr(getattr(type(TaskIdentity), name, None), "fset", None)
-        _expect(
+        expect(
             setter is not None,
             f"flwr.supercore.task_identity.TaskIdentity.{name}",
             "the identity Flower's grid names its messages by, set by the process that runs the task",

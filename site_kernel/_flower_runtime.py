@@ -8,9 +8,9 @@ never run and the process stays warm between rounds (:class:`RuntimeConnection`)
 The SuperNode itself is Flower's, started unmodified by :mod:`site_kernel._supernode`, which decides how the site
 paces and orders its loop; the three places where that reaches into Flower's loop are patched here
 (:func:`patch_supernode_loop`). Each patch first checks that the Flower internal it relies on is still what it was
-written against and otherwise stops the process with :class:`FlowerChanged`, naming that internal: a Flower upgrade
-fails loudly here, at start-up, never as a silent no-op. ``pyproject.toml`` pins Flower's minor version;
-``tests/test_flower_compat.py`` runs every check against the installed Flower.
+written against and otherwise stops the process with :class:`~flip_common.flower.FlowerChanged`, naming that
+internal: a Flower upgrade fails loudly here, at start-up, never as a silent no-op. ``pyproject.toml`` pins Flower's
+minor version; ``tests/test_flower_compat.py`` runs every check against the installed Flower.
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ from flwr.supercore.retry import RetryInvoker, make_simple_http_retry_invoker
 from flwr.supercore.run import Run
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+
+from flip_common.flower import expect
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
@@ -73,26 +75,8 @@ class TaskLost(RuntimeError):
     """The SuperNode no longer knows a task's token (the task ended or expired): that task is over, the site is not."""
 
 
-class FlowerChanged(RuntimeError):
-    """A Flower internal the site relies on is no longer what this FLIP Lab was written against (Flower 1.42)."""
-
-    def __init__(self, internal: str, expected: str) -> None:
-        import flwr
-
-        super().__init__(
-            f"Flower {getattr(flwr, '__version__', '?')} changed {internal}: FLIP Lab relies on {expected}. "
-            "Install the Flower version pyproject.toml pins, or adapt site_kernel/_flower_runtime.py to it"
-        )
-        self.internal = internal
-
-
 def _source(obj: Any) -> str:
     return inspect.getsource(obj)
-
-
-def _expect(holds: bool, internal: str, expected: str) -> None:
-    if not holds:
-        raise FlowerChanged(internal, expected)
 
 
 def _retry_invoker() -> RetryInvoker:
@@ -105,7 +89,7 @@ def _retry_invoker() -> RetryInvoker:
 
     invoker = make_simple_http_retry_invoker()
     flowers = getattr(invoker, "should_giveup", None)
-    _expect(
+    expect(
         callable(flowers),
         "flwr.supercore.retry.RetryInvoker.should_giveup",
         "a retry policy asked through its should_giveup(exception)",
@@ -218,28 +202,6 @@ class RuntimeConnection:
             client.close()
 
 
-def fast_object_pulls(initial_backoff: float = 0.01, cap: float = 0.05) -> None:
-    """Make Flower's object pulls retry within milliseconds instead of after 1 s, 2 s, 4 s...
-
-    Sites and the hub's study processes alike call this (the hub imports it from here, so the site needs nothing from the lab).
-
-    A message's objects are often pulled a moment before the peer has stored them; Flower then backs off starting
-    at 1 s (``PULL_INITIAL_BACKOFF``), which alone cost about a second per message on loopback. The defaults are
-    keyword-only arguments bound at definition time, hence ``__kwdefaults__``.
-    """
-    from flwr.supercore.inflatable import inflatable_utils
-
-    for fn in (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree):
-        defaults = fn.__kwdefaults__ or {}
-        _expect(
-            {"initial_backoff", "backoff_cap"} <= defaults.keys(),
-            f"flwr.supercore.inflatable.inflatable_utils.{fn.__name__}",
-            "its keyword-only arguments initial_backoff and backoff_cap",
-        )
-        fn.__kwdefaults__["initial_backoff"] = initial_backoff
-        fn.__kwdefaults__["backoff_cap"] = cap
-
-
 class _OneLineRetries(logging.Filter):
     """Flower logs "Connection attempt failed, retrying in N seconds" before every retry of a call, several a
     minute for as long as its peer is away: this shows the first of a streak as one line naming whom it waits for,
@@ -270,40 +232,40 @@ def one_line_retries(peer: str) -> None:
     for module in (http_retry, grpc_retry):  # the SuperNode's transport is either
         source = _source(module)
         for line in (FLOWER_RETRY_LOG, FLOWER_RETRIED_LOG):
-            _expect(f'"{line}' in source, module.__name__, f"its retry log line {line!r}...")
+            expect(f'"{line}' in source, module.__name__, f"its retry log line {line!r}...")
     FLOWER_LOGGER.addFilter(_OneLineRetries(peer))
 
 
 # -- the SuperNode's loop, patched in the SuperNode's process by site_kernel._supernode -------------------------------
 def check_supernode_loop() -> None:
-    """Raise :class:`FlowerChanged` unless Flower's SuperNode loop is still the one :func:`patch_supernode_loop`
-    patches: it sleeps through its module's global ``time``, :data:`FLOWER_IDLE_SLEEP_S` between idle polls and
-    :data:`FLOWER_REPLY_SLEEP_S` while waiting for a reply, and calls its pull and push steps by keyword with the
-    node's state."""
+    """Raise :class:`~flip_common.flower.FlowerChanged` unless Flower's SuperNode loop is still the one
+    :func:`patch_supernode_loop` patches: it sleeps through its module's global ``time``,
+    :data:`FLOWER_IDLE_SLEEP_S` between idle polls and :data:`FLOWER_REPLY_SLEEP_S` while waiting for a reply, and
+    calls its pull and push steps by keyword with the node's state."""
     from flwr.supernode import start_client_internal as sci
 
     where = "flwr.supernode.start_client_internal"
-    _expect(getattr(sci, "time", None) is time, f"{where}.time", "the loop's sleeps going through its module's `time`")
+    expect(getattr(sci, "time", None) is time, f"{where}.time", "the loop's sleeps going through its module's `time`")
     for name in ("start_client_internal", "_pull_and_store_message", "_push_messages"):
-        _expect(callable(getattr(sci, name, None)), f"{where}.{name}", f"a function {name}")
+        expect(callable(getattr(sci, name, None)), f"{where}.{name}", f"a function {name}")
     loop, push = _source(sci.start_client_internal), _source(sci._push_messages)
-    _expect(
+    expect(
         f"time.sleep({FLOWER_IDLE_SLEEP_S})" in loop,
         f"{where}.start_client_internal",
         f"time.sleep({FLOWER_IDLE_SLEEP_S}) between polls when no message came in",
     )
-    _expect(
+    expect(
         f"time.sleep({FLOWER_REPLY_SLEEP_S})" in push,
         f"{where}._push_messages",
         f"time.sleep({FLOWER_REPLY_SLEEP_S}) while no reply is ready",
     )
     pull_params = inspect.signature(sci._pull_and_store_message).parameters
-    _expect(
+    expect(
         {"state", "object_store", "get_run"} <= pull_params.keys() and "state=state," in loop,
         f"{where}._pull_and_store_message",
         "a pull step called by keyword with state, object_store and get_run",
     )
-    _expect(
+    expect(
         "state" in inspect.signature(sci._push_messages).parameters,
         f"{where}._push_messages",
         "a push step called by keyword with state",

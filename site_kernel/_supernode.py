@@ -188,7 +188,9 @@ def main() -> None:
     sys.argv = ["flower-supernode", *sys.argv[2:]]
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
-    from ._flower_runtime import fast_object_pulls, one_line_retries, patch_supernode_loop
+    from flip_common.flower import fast_object_pulls
+
+    from ._flower_runtime import one_line_retries, patch_supernode_loop
 
     loop = _Loop(idle_s)
     patch_supernode_loop(loop.sleep, lambda pull: _pull_or_flush(pull, loop), loop.push_ready)

@@ -23,16 +23,20 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
-from flip_lab._bundle_read import BundleRefused, DirectoryRequest, PlanBundle, read_bundle
-from flip_lab._packing import pack, unpack_arrays
+from flip_common import secagg as shared_secagg
+from flip_common.bundle import BundleRefused, DirectoryRequest, PlanBundle, read_bundle
+from flip_common.errors import FlipError
+from flip_common.flower import fast_object_pulls
+from flip_common.packing import pack, unpack_arrays
+from flip_common.planhash import plan_hash
 
 from . import _flower_runtime as rt
-from . import run_settings, secagg
+from . import run_settings
 from ._pace import IdlePacer
-from .approvals import ApprovalStore, plan_hash
+from .approvals import ApprovalStore
 from .audit import AuditLog
 from .egress import check_reply
-from .errors import PolicyError, SiteKernelError
+from .errors import PolicyError
 from .jobs import JobWorker, StepResult, WorkerFailure
 from .policy import SitePolicy, load_policy
 from .privacy import weights_digest
@@ -85,7 +89,7 @@ class Executor:
         never waits behind a plan that trains for an hour; one run's tasks still run in order
         (:meth:`_in_order`), and how many jobs hold a worker at once is the policy's ``[jobs] concurrent``.
         """
-        rt.fast_object_pulls()
+        fast_object_pulls()
         conn = rt.RuntimeConnection(self.runtime_address)
         pacer = IdlePacer(poll_s, idle_cap_s)
         try:
@@ -269,7 +273,7 @@ class Executor:
                 refusal.audit or "refused", run_id=run_id, kind=refusal.kind, op=op, reason=refusal.message
             )
             return self._error(message, refusal.kind, refusal.message)
-        except SiteKernelError as err:  # the site's own trouble: said in the site's words, kept short
+        except FlipError as err:  # the site's own trouble: said in the site's words, kept short
             self.audit.append("site_error", run_id=run_id, op=op, error=type(err).__name__)
             log.error("site error: %s", err)
             return self._error(
@@ -519,7 +523,7 @@ class Executor:
         content = {"metrics": MetricRecord(metrics)}
         if secure:  # only the masked vector leaves; the egress check above saw the bounded update in the clear
             masked = self.secagg.mask(request, update, num_examples)
-            content["arrays"] = pack(ArrayRecord({secagg.MASKED: Array(masked)}))
+            content["arrays"] = pack(ArrayRecord({shared_secagg.MASKED: Array(masked)}))
         elif op == "train":
             content["arrays"] = pack(ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in result.arrays.items()}))
         return self._reply(

@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from flip_common import secagg as shared_secagg
+
 from . import secagg
 from .audit import AuditLog
 from .request import Refusal, Request
@@ -73,7 +75,7 @@ class SecAggGate:
         record = dict(request.message.content.config_records.get("secagg", {}))
         try:
             answer = secagg.answer(client, op, round_, record)
-        except secagg.SecAggError as err:
+        except shared_secagg.SecAggError as err:
             raise Refusal("secure_aggregation", f"site {request.site}: {err}", audit="secagg_refused") from None
         if op == "secagg_unmask":  # what the hub may now rebuild, for the data owner's record
             self.audit.append(
@@ -108,10 +110,10 @@ class SecAggGate:
         try:
             return client.mask(
                 round_,
-                secagg.parse_nodes(record.get("participants", "")),
-                secagg.unkeyed("ct", record),
-                secagg.flatten(update, secagg.float_keys(request.arrays)),
+                shared_secagg.parse_nodes(record.get("participants", "")),
+                shared_secagg.unkeyed("ct", record),
+                secagg.flatten(update, shared_secagg.float_keys(request.arrays)),
                 weight,
             )
-        except secagg.SecAggError as err:
+        except shared_secagg.SecAggError as err:
             raise Refusal("secure_aggregation", f"site {request.site}: {err}", audit="secagg_refused") from None

@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from flip_common.flower import FlowerChanged, fast_object_pulls
 from site_kernel import _flower_runtime as rt
 
 
@@ -20,7 +21,7 @@ def test_the_installed_flower_passes_every_site_check(monkeypatch):
     rt.check_supernode_loop()
     rt._retry_invoker()
     rt.one_line_retries("the hub at test")
-    rt.fast_object_pulls()
+    fast_object_pulls()
     assert inflatable_utils.pull_objects.__kwdefaults__["initial_backoff"] == 0.01
 
 
@@ -46,9 +47,9 @@ def _source_without(monkeypatch, needle: str, where: str) -> None:
 )
 def test_a_changed_supernode_loop_is_named(monkeypatch, needle, where, named):
     _source_without(monkeypatch, needle, where)
-    with pytest.raises(rt.FlowerChanged, match=named):
+    with pytest.raises(FlowerChanged, match=named):
         rt.check_supernode_loop()
-    with pytest.raises(rt.FlowerChanged):  # and nothing is patched
+    with pytest.raises(FlowerChanged):  # and nothing is patched
         rt.patch_supernode_loop(time.sleep, lambda pull: pytest.fail("patched"), lambda push: pytest.fail("patched"))
 
 
@@ -56,7 +57,7 @@ def test_a_supernode_loop_that_no_longer_sleeps_through_its_time_module_is_named
     from flwr.supernode import start_client_internal as sci
 
     monkeypatch.delattr(sci, "time")
-    with pytest.raises(rt.FlowerChanged, match=r"start_client_internal\.time"):
+    with pytest.raises(FlowerChanged, match=r"start_client_internal\.time"):
         rt.check_supernode_loop()
 
 
@@ -74,7 +75,7 @@ def test_the_loop_patch_wraps_flowers_steps_and_its_sleeps(monkeypatch):
 
 def test_a_retry_log_line_that_changed_is_named(monkeypatch):
     _source_without(monkeypatch, rt.FLOWER_RETRY_LOG, "http_retry")
-    with pytest.raises(rt.FlowerChanged, match="http_retry"):
+    with pytest.raises(FlowerChanged, match="http_retry"):
         rt.one_line_retries("the hub at test")
 
 
@@ -83,7 +84,7 @@ def test_a_retry_policy_without_should_giveup_is_named(monkeypatch):
         pass
 
     monkeypatch.setattr(rt, "make_simple_http_retry_invoker", Invoker)
-    with pytest.raises(rt.FlowerChanged, match="should_giveup"):
+    with pytest.raises(FlowerChanged, match="should_giveup"):
         rt._retry_invoker()
 
 
@@ -94,8 +95,8 @@ def test_object_pulls_whose_backoff_arguments_changed_are_named(monkeypatch):
         pass
 
     monkeypatch.setattr(inflatable_utils, "pull_objects", pull_objects)
-    with pytest.raises(rt.FlowerChanged, match="inflatable_utils.pull_objects"):
-        rt.fast_object_pulls()
+    with pytest.raises(FlowerChanged, match="inflatable_utils.pull_objects"):
+        fast_object_pulls()
 
 
 # -- the lab's and the hub's side (flip_lab._flower) ------------------------------------------------------------------
@@ -127,7 +128,7 @@ def test_a_supernode_that_logs_its_id_otherwise_is_named(monkeypatch):
 
     real = _flower._module_source
     monkeypatch.setattr(_flower, "_module_source", lambda m: real(m).replace("SuperNode ID: %s", "Node: %s"))
-    with pytest.raises(_flower.FlowerChanged, match=r"start_client_internal\.start_client_internal"):
+    with pytest.raises(FlowerChanged, match=r"start_client_internal\.start_client_internal"):
         _flower.check_supernode_id_log()
 
 
@@ -145,7 +146,7 @@ def test_a_supernode_that_logs_its_id_otherwise_is_named(monkeypatch):
 def test_a_study_grid_that_changed_is_named(grid, named):
     from flip_lab import _flower
 
-    with pytest.raises(_flower.FlowerChanged, match=named):
+    with pytest.raises(FlowerChanged, match=named):
         _flower.check_study(grid)
 
 
@@ -158,5 +159,5 @@ def test_a_task_identity_that_is_no_longer_settable_is_named(monkeypatch):
     grid = type("Grid", (), {})()
     grid._runtime_client = type("C", (), {"PullTaskInput": 0, "PushTaskOutput": 0})()
     grid._retry_invoker = type("R", (), {"max_tries": None})()
-    with pytest.raises(_flower.FlowerChanged, match="TaskIdentity.task_id"):
+    with pytest.raises(FlowerChanged, match="TaskIdentity.task_id"):
         _flower.check_study(grid)
