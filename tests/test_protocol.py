@@ -3,8 +3,10 @@ name the field, what was expected and what was received (a type, never the value
 
 from __future__ import annotations
 
+import ast
 import json
 import re
+import typing
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ import pytest
 from flip_common.bundle import CONFIG_KEYS
 from flip_common.protocol import (
     ERROR_KINDS,
+    EVENT_RECORDS,
     ProtocolError,
     SiteErrorReason,
     error_reason,
@@ -104,3 +107,29 @@ def test_every_error_kind_the_code_writes_is_one_of_the_protocols() -> None:
 
 def test_the_bundles_run_config_keys_are_the_protocols() -> None:
     assert CONFIG_KEYS == {"flip-plan-source", "flip-plan-spec", "flip-init-weights", "flip-resume-from", "flip-study"}
+
+
+def _required(record: type) -> set[str]:
+    """A TypedDict's required fields, read from its hints (``__required_keys__`` misses ``NotRequired`` written as
+    a string annotation on Python 3.11)."""
+    hints = typing.get_type_hints(record, include_extras=True)
+    return {name for name, hint in hints.items() if typing.get_origin(hint) is not typing.NotRequired}
+
+
+def test_every_event_the_hub_emits_is_a_declared_record_with_its_fields() -> None:
+    """Each ``sink.emit("kind", field=...)`` in the hub names a record of ``EVENT_RECORDS``, sends no field the record
+    lacks and leaves out none it requires, so the records say what the hub sends."""
+    checked = set()
+    for path in (ROOT / "flip_lab" / "hub").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "emit"):
+                continue
+            if not (node.args and isinstance(node.args[0], ast.Constant)):
+                continue
+            kind, sent = node.args[0].value, {k.arg for k in node.keywords}
+            record = EVENT_RECORDS[kind]
+            where = f"{path.name}:{node.lineno} {kind}"
+            assert sent - set(typing.get_type_hints(record)) == set(), where
+            assert _required(record) - {"type", "t"} - sent == set(), where
+            checked.add(kind)
+    assert {"job_started", "site_state", "reply", "site_error", "job_finished", "directory_site"} <= checked
