@@ -1,10 +1,10 @@
 """What a job looks like to a person: its state folded from events, and a static summary for saved notebooks.
 
 ``JobView`` is ``flip_lab.jobview``'s fold of the hub's events (``flip_common.protocol.Event``), the same fold the
-``Job`` and the Jupyter server's panel use, with what the dashboard, the static summary and the study record show: round progress, each site's state with the site's own detail text, the governance facts (plan
-hash, each site's approval and policy label, the head of each site's audit log as reported with its last reply) and
-the metric history. It needs nothing but events, so a replayed ``events.jsonl`` gives exactly what the live job
-gave.
+``Job`` and the Jupyter server's panel use, with what the dashboard, the static summary and the study record show
+of it: round progress, each site's state with the site's own detail text, the governance facts (plan hash, each
+site's approval and policy label, the head of each site's audit log as reported with its last reply) and the metric
+history. It needs nothing but events, so a replayed ``events.jsonl`` gives exactly what the live job gave.
 
 ``StaticSummary`` renders a view as HTML, markdown and plain text: what survives in a notebook executed headless
 (papermill, nbclient), where widget state renders nowhere.
