@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import re
 import threading
 import time
 from collections.abc import Iterator
@@ -29,6 +28,7 @@ from flip_common.errors import FlipError
 from flip_common.flower import fast_object_pulls
 from flip_common.packing import pack, unpack_arrays
 from flip_common.planhash import plan_hash
+from flip_common.protocol import ERROR_CODE, SiteErrorReason, read_plan_spec
 
 from . import _flower_runtime as rt
 from . import run_settings
@@ -46,9 +46,6 @@ from .secagg_gate import SecAggGate
 from .settings import SiteSettings, load_settings
 
 log = logging.getLogger("flip.site")
-
-ERROR_CODE = 0  # Flower's ErrorCode.UNKNOWN: the kind travels in the reason text, "kind: message"
-_SAFE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]{0,60}$")
 
 
 def _study(run_config: dict[str, Any], run_id: int) -> int:
@@ -333,7 +330,7 @@ class Executor:
         run_config = bundle.run_config
         try:
             source = str(run_config["flip-plan-source"])
-            spec = json.loads(str(run_config["flip-plan-spec"]))
+            spec = read_plan_spec(str(run_config["flip-plan-spec"]))
             contract, shapes = spec["contract"], spec["model_shapes"]
         except (KeyError, ValueError, TypeError) as err:
             raise Refusal("bundle_refused", "the bundle carries no readable FLIP plan", audit="bundle_refused") from err
@@ -550,8 +547,7 @@ class Executor:
         return Message(RecordDict({**records, "flip": ConfigRecord(info)}), reply_to=message)
 
     def _error(self, message: Message, kind: str, text: str) -> Message:
-        kind = kind if _SAFE_NAME.match(kind) else "site_error"
-        return Message(Error(code=ERROR_CODE, reason=f"{kind}: {text}"[:500]), reply_to=message)
+        return Message(Error(code=ERROR_CODE, reason=SiteErrorReason(kind, text).reason()), reply_to=message)
 
 
 class _InOrder:
