@@ -19,12 +19,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from .identity import SIGNATURE_KEYS
+from .protocol import RUN_CONFIG_KEYS
 
 SERVER_APP = "flip_lab.hub.server_app:app"
 CLIENT_APP = "flip_lab.hub.client_app:app"
 COMPONENTS = {"serverapp": SERVER_APP, "clientapp": CLIENT_APP}
 PUBLISHER = "flip-lab"
-CONFIG_KEYS = frozenset({"flip-plan-source", "flip-plan-spec", "flip-init-weights", "flip-resume-from", "flip-study"})
+CONFIG_KEYS = RUN_CONFIG_KEYS  # flip_common.protocol.RunConfig
 # A signed plan carries these three more (flip_common.identity: statement, signature, certificate); whether a plan
 # must be signed is the reader's caller's decision (the hub and every site refuse unsigned ones).
 SIGNED_CONFIG_KEYS = CONFIG_KEYS | SIGNATURE_KEYS

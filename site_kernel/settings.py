@@ -37,9 +37,10 @@ class SiteSettings:
     falls back to ``root_certificates``; a site with neither refuses every study), ``revocation_list``: that CA's
     signed list of revoked researchers (:mod:`site_kernel.submitters`).
     ``site_steps``: site-specific harmonisation applied before the contract's own (e.g. a CT window).
-    ``worker_idle_s``: a job's sandboxed worker is stopped after this many idle seconds. ``sandbox``: false turns the sandbox off, honoured only under a demo
-    policy (used to measure what the sandbox costs); every job's audit entry says which. ``egress_capture``: a file
-    to which the site appends every reply it sends (for audits and tests of what leaves the site)."""
+    ``worker_idle_s``: a job's sandboxed worker is stopped after this many idle seconds. ``sandbox``: false turns the
+    sandbox off, honoured only under a demo policy (used to measure what the sandbox costs); every job's audit entry
+    says which. ``egress_capture``: a file to which the site appends every reply it sends (for audits and tests of what
+    leaves the site)."""
 
     name: str
     hub: str = DEFAULT_HUB
