@@ -44,7 +44,7 @@ _MISSING = object()
 
 def _check(record: str, data: Mapping[str, Any], field: str, kind: type | tuple[type, ...], expected: str) -> None:
     value = data.get(field, _MISSING)
-    if value is _MISSING or isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+    if value is _MISSING or (isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,))):
         raise ProtocolError(record, field, expected, value)
     if not isinstance(value, kind):
         raise ProtocolError(record, field, expected, value)

@@ -106,7 +106,7 @@ def test_every_error_kind_the_code_writes_is_one_of_the_protocols() -> None:
 
 
 def test_the_bundles_run_config_keys_are_the_protocols() -> None:
-    assert CONFIG_KEYS == {"flip-plan-source", "flip-plan-spec", "flip-init-weights", "flip-resume-from", "flip-study"}
+    assert {"flip-plan-source", "flip-plan-spec", "flip-init-weights", "flip-resume-from", "flip-study"} == CONFIG_KEYS
 
 
 def _required(record: type) -> set[str]:
