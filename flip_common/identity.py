@@ -31,13 +31,16 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPublicKeyTypes
 
 from .errors import FlipError
 
@@ -245,7 +248,8 @@ def _bound_fields(run_config: dict[str, Any]) -> dict[str, Any]:
     except ValueError:
         spec = {}
     spec = spec if isinstance(spec, dict) else {}
-    config = spec.get("config") if isinstance(spec.get("config"), dict) else {}
+    found = spec.get("config")
+    config: dict[str, Any] = found if isinstance(found, dict) else {}
     raw = str(run_config.get("flip-init-weights", ""))
     try:
         weights = base64.b64decode(raw, validate=True)
@@ -308,7 +312,9 @@ class Trust:
                 revoked = x509.load_pem_x509_crl(Path(crl).read_bytes())
             except ValueError as err:
                 raise IdentityError(f"the revocation list {crl} is not a readable PEM CRL: {err}") from err
-            if revoked.issuer != ca_cert.subject or not revoked.is_signature_valid(ca_cert.public_key()):
+            if revoked.issuer != ca_cert.subject or not revoked.is_signature_valid(
+                cast("CertificateIssuerPublicKeyTypes", ca_cert.public_key())  # the CA's key signs certificates
+            ):
                 raise IdentityError(
                     f"the revocation list {crl} is not signed by the federation's CA {ca_path}; copy the one "
                     f"`flip-lab provision` wrote (DIR/ca/crl.pem)"

@@ -44,7 +44,7 @@ class SubmitterCheck:
             return None
         ca = site_path(self.site_dir, ca_value)
         crl = site_path(self.site_dir, settings.revocation_list) if settings.revocation_list else None
-        stamp = tuple(_mtime(p) for p in (ca, crl) if p is not None) + (ca, crl)
+        stamp = (*(_mtime(p) for p in (ca, crl) if p is not None), ca, crl)
         cached = self._trust
         if cached is not None and cached[0] == stamp:
             return cached[1]
