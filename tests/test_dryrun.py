@@ -98,6 +98,7 @@ def test_a_failing_plan_is_not_sent_and_check_false_sends_it(monkeypatch: pytest
     sent = []
     monkeypatch.setattr(Federation, "_start", lambda self, built, **kw: sent.append(built) or "job")
     monkeypatch.setattr(Federation, "_catalogues", lambda self: None)  # no hub here to ask for its sites' catalogues
+    monkeypatch.setattr(Federation, "_signer", lambda self: None)  # nothing leaves, so nothing is signed
     fed = Federation("127.0.0.1:1", workdir="unused")
     plan, _ = mismatched()
     with pytest.raises(PlanCheckFailed):

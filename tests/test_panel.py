@@ -59,6 +59,7 @@ def test_without_study_config_dispatch_takes_the_settings_of_the_plans_last_subm
     sent = []
     monkeypatch.setattr(flip_lab.Federation, "_start", lambda self, built: sent.append(built) or "job")
     monkeypatch.setattr(flip_lab.Federation, "_catalogues", lambda self: None)
+    monkeypatch.setattr(flip_lab.Federation, "_signer", lambda self: None)  # nothing is sent, so nothing is signed
     fed = flip_lab.Federation("127.0.0.1:9", workdir="unused")
     try:
         fed.submit(plan, {"rounds": 2}, lr=3e-3, local_epochs=3)
