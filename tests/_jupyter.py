@@ -17,7 +17,7 @@ from pathlib import Path
 
 import httpx
 
-from flip_lab.local import free_port, read_state, stop_pids
+from flip_lab.supervisor import free_port, read_state, stop_pids
 
 BIN = Path(sys.executable).parent
 

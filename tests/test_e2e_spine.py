@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import threading
 import time
+from pathlib import Path
 
 import pytest
 
 import flip_lab
 from flip_lab.errors import HubUnreachable, JobFailed
-
-from pathlib import Path
 
 PLANS = Path(__file__).parent / "plans"
 
@@ -101,7 +99,7 @@ def test_cancel_stops_the_job(federation, tiny_plan):
 
 
 def test_unreachable_hub_is_reported_with_its_address(tiny_plan, tmp_path):
-    from flip_lab.local import free_port
+    from flip_lab.supervisor import free_port
 
     port = free_port()
     fed = flip_lab.connect(f"127.0.0.1:{port}", workdir=tmp_path)

@@ -173,8 +173,8 @@ def _rogue_site(folder: Path, ca: Path) -> Path:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    from site_kernel.site_folders import init_site
     from site_kernel.settings import SiteSettings, write_settings
+    from site_kernel.site_folders import init_site
 
     init_site(folder, name="rogue", hub=f"{HUB_IP}:{HUB_PORT}", demo=True)
     (folder / "certs").mkdir(mode=0o700)
@@ -242,10 +242,11 @@ def multihost(tmp_path_factory):
     torch.set_num_threads(1)
     import flip_lab
     from flip_lab._bundle import bundle
-    from flip_lab.local import _flower_env, stop_pids
     from flip_lab.provision import provision
-    from site_kernel.site_folders import create_demo_sites
+    from flip_lab.supervisor import flower_env as _flower_env
+    from flip_lab.supervisor import stop_pids
     from site_kernel.settings import install_certs, load_settings, write_settings
+    from site_kernel.site_folders import create_demo_sites
 
     root = tmp_path_factory.mktemp("multihost")
     root.chmod(0o755)  # sandboxed site workers run as unprivileged users and must reach their job folders

@@ -15,8 +15,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from flip_lab.cli import main as flip_lab_main
 from flip_lab.errors import FederationError
-from flip_lab.local import hub_command
 from flip_lab.provision import HubCerts, ProvisionError, provision
+from flip_lab.supervisor import hub_command
 from site_kernel.cli import main as flip_site_main
 from site_kernel.daemon import supernode_command
 from site_kernel.settings import SettingsError, check_identity, load_settings
@@ -201,8 +201,8 @@ def test_tls_hub_on_loopback_registers_provisioned_sites_and_refuses_plain_http(
 
 
 def test_initialising_an_existing_site_again_keeps_its_own_settings(tmp_path: Path) -> None:
-    from site_kernel.site_folders import init_site
     from site_kernel.settings import load_settings, write_settings
+    from site_kernel.site_folders import init_site
 
     site = init_site(tmp_path / "site", name="north", hub="127.0.0.1:9092")
     steps = [{"kind": "ct_window", "center": 40.0, "width": 400.0}]

@@ -14,9 +14,9 @@ import torch
 
 import flip_lab
 from flip_lab.errors import HubUnreachable
-from flip_lab.local import free_port, read_state, running_state, stop_pids
 from flip_lab.server.manager import Busy, FederationManager, NotConnected, PanelError
 from flip_lab.server.views import JobBoard, SiteBoard, dataset_summary, fold_event, new_job_summary
+from flip_lab.supervisor import free_port, read_state, running_state, stop_pids
 
 PLANS = Path(__file__).parent / "plans"
 torch.set_num_threads(1)

@@ -30,7 +30,8 @@ from typing import Any
 
 from .._flower import RunInfo
 from ..errors import FederationError, FlipError, HubUnreachable, JobNotFound
-from ..local import LocalFederation, running_state
+from ..local import LocalFederation
+from ..supervisor import running_state
 from . import connection as connections
 from .connection import Connection
 from .messages import (
