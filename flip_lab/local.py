@@ -170,6 +170,21 @@ class LocalFederation(Federation):
             pids += [hub.pid, runner.pid]
             state.update(hub_pid=hub.pid, runner_pid=runner.pid)
             write_state(workdir, state)
+            parent = os.getpid() if watch_parent else None
+
+            def launch_sites() -> None:
+                site_dirs = supervisor.demo_sites(making) if making is not None else {}
+                if making is not None:
+                    pids.remove(making.pid)
+                for name, site_dir in site_dirs.items():
+                    proc = supervisor.launch_site(site_dir, parent)
+                    pids.append(proc.pid)
+                    state["sites"][name] = str(site_dir)
+                    state["site_pids"][name] = proc.pid
+                write_state(workdir, state)
+
+            if hub_certs is None:  # the sites start while the hub does; each waits for it to listen
+                launch_sites()
             supervisor.wait_for(
                 lambda: listening(hub_port, dial),
                 supervisor.HUB_START_TIMEOUT,
@@ -177,19 +192,10 @@ class LocalFederation(Federation):
                 f"the hub did not start listening on {join(listen_host, hub_port)}",
                 hub_dir / "superlink.log",
             )
-            if hub_certs is not None:
+            if hub_certs is not None:  # provisioned sites connect only once the hub has registered their keys
                 state["registered"] = _register(address, hub_certs, hub, hub_dir)
                 write_state(workdir, state)
-            site_dirs = supervisor.demo_sites(making) if making is not None else {}
-            if making is not None:
-                pids.remove(making.pid)
-            parent = os.getpid() if watch_parent else None
-            for name, site_dir in site_dirs.items():
-                proc = supervisor.launch_site(site_dir, parent)
-                pids.append(proc.pid)
-                state["sites"][name] = str(site_dir)
-                state["site_pids"][name] = proc.pid
-            write_state(workdir, state)
+                launch_sites()
             fed = cls(workdir, state, owner=watch_parent)
 
             def sites_ready() -> bool:

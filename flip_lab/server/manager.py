@@ -182,8 +182,8 @@ class FederationManager:
             self._replace(
                 None,
                 "starting",
-                f"Starting a hub and {n_sites} simulated hospitals on this machine: "
-                "each hospital generates its data, then its site connects to the hub.",
+                f"Starting a hub and {n_sites} simulated hospitals on this machine: their sites connect to the hub "
+                "as it starts (a first start also generates the hospitals' images, which later starts reuse).",
             )
         except BaseException:
             self._op.release()
