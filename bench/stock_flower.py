@@ -17,8 +17,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from flip_common.net import free_port
 from flip_lab._flower import ControlClient
-from flip_lab.supervisor import flower_env, free_port, listening, stop_pids
+from flip_lab.supervisor import flower_env, listening, stop_pids
 
 APP = Path(__file__).resolve().parent / "flower-tiny"
 BIN = Path(sys.executable).parent

@@ -19,11 +19,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from flip_common.net import free_port
+
 from . import supervisor
 from .errors import FederationError, HubUnreachable
 from .federation import Federation, _default_home
 from .provision import HubCerts
-from .supervisor import STATE, alive, dial_host, free_port, join, listening, running_state, write_state
+from .supervisor import STATE, alive, dial_host, join, listening, running_state, write_state
 
 log = logging.getLogger("flip_lab.local")
 
@@ -104,6 +106,10 @@ class LocalFederation(Federation):
 
         if n_sites < 0:
             raise FederationError("n_sites must be 0 (a hub alone) or more")
+        if n_sites:  # their node ids are read from their SuperNodes' logs
+            from ._flower import check_supernode_id_log
+
+            check_supernode_id_log()
         listen_host, listen_port = supervisor.parse_listen(listen)
         try:
             hub_certs = HubCerts.load(Path(certs).absolute()) if certs is not None else None
@@ -416,14 +422,12 @@ def _register(address: str, certs: HubCerts, hub: subprocess.Popen[bytes], hub_d
 
 
 def _node_id(site_dir: Path) -> int | None:
-    log = site_dir / "logs" / "supernode.log"
-    if not log.exists():
+    from ._flower import supernode_id
+
+    supernode_log = site_dir / "logs" / "supernode.log"
+    if not supernode_log.exists():
         return None
-    node = None
-    for line in log.read_text(errors="replace").splitlines():
-        if "SuperNode ID:" in line:
-            node = int(line.rsplit(":", 1)[1].strip())
-    return node
+    return supernode_id(supernode_log.read_text(errors="replace"))
 
 
 def panel_federation() -> LocalFederation | None:

@@ -30,10 +30,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from site_kernel.daemon import alive, free_port  # noqa: F401  (moving to the shared core's network helpers)
+from flip_common.net import alive, is_loopback
 
 from .errors import FederationError
-from .provision import HubCerts, is_loopback
+from .provision import HubCerts
 
 log = logging.getLogger("flip_lab.supervisor")
 

@@ -14,13 +14,14 @@ from test_dryrun import MISMATCH, line_of
 from test_plan import notebook
 
 import flip_lab
+from flip_common.contract import validate_contract
+from flip_common.net import free_port
 from flip_lab import Job, Plan, PlanError
 from flip_lab._offer import check_offered
 from flip_lab.cli import main as flip_lab_main
 from flip_lab.config import BUILTIN_STRATEGIES, validate
 from flip_lab.errors import ConfigError, FederationError, JobFailed, NoModelReleased, PlanCheckFailed
-from flip_lab.supervisor import STATE, free_port
-from site_kernel.data.contract import validate_contract
+from flip_lab.supervisor import STATE
 
 NOTEBOOKS = Path(__file__).parent / "notebooks"
 RECORDED = NOTEBOOKS / "recorded_job"

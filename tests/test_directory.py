@@ -18,14 +18,14 @@ from pathlib import Path
 import pytest
 
 import flip_lab
-from flip_lab import Plan, PlanError
-from flip_lab._bundle import directory_bundle
-from flip_lab._bundle_read import (
+from flip_common.bundle import (
     BundleRefused,
     DirectoryRequest,
     PlanBundle,
     read_bundle,
 )
+from flip_lab import Plan, PlanError
+from flip_lab._bundle import directory_bundle
 
 PLANS = Path(__file__).parent / "plans"
 

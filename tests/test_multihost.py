@@ -275,7 +275,7 @@ def multihost(tmp_path_factory):
     from flwr.app import Array, ArrayRecord
     from safetensors.numpy import load
 
-    from flip_lab._packing import pack
+    from flip_common.packing import pack
 
     packed = pack(ArrayRecord({k: Array(v) for k, v in load(built.weights).items()}))
     on_the_wire = {"bundle": bundle(built), "packed model": packed["flip.packed"].numpy().tobytes()}

@@ -26,10 +26,10 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.secure_aggregation.crypto.shamir import combine_shares
 from flwr.serverapp import Grid
 
-from site_kernel import secagg as sa
+from flip_common import secagg as sa
 
 from .events import EventSink
-from .grid import POLL_S, parse_site_error, pull_replies
+from .grid import Exchange, parse_site_error
 from .strategies import RoundBelowMinimum
 
 
@@ -219,21 +219,13 @@ class SecureAggregator:
             )
             for node, body in payloads.items()
         ]
-        waiting = dict(zip(self.grid.push_messages(msgs), payloads))
         answers: dict[int, dict[str, Any]] = {}
-        deadline = time.monotonic() + self.timeout
-        while waiting and time.monotonic() < deadline:
-            for reply in pull_replies(self.grid, list(waiting)):
-                node = waiting.pop(reply.metadata.reply_to_message_id, None)
-                if node is None:
-                    continue
-                if reply.has_error():
-                    kind, message = parse_site_error(reply.error.reason or "", int(reply.error.code))
-                    self.sink.emit(
-                        "site_error", round=round_, phase="train", site=self.name(node), kind=kind, message=message
-                    )
-                elif "secagg" in reply.content.config_records:
-                    answers[node] = dict(reply.content.config_records["secagg"])
-            if waiting:
-                time.sleep(POLL_S)
+        for node, reply in Exchange(self.grid, msgs).replies(time.monotonic() + self.timeout):
+            if reply.has_error():
+                kind, message = parse_site_error(reply.error.reason or "", int(reply.error.code))
+                self.sink.emit(
+                    "site_error", round=round_, phase="train", site=self.name(node), kind=kind, message=message
+                )
+            elif "secagg" in reply.content.config_records:
+                answers[node] = dict(reply.content.config_records["secagg"])
         return answers

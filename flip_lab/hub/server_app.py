@@ -21,7 +21,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from ..config import SUM_STRATEGIES
 from .events import EventSink, load_checkpoint
-from .grid import POLL_S, NotEnoughSites, StreamingGrid, parse_site_error, pull_replies, site_info
+from .grid import Exchange, NotEnoughSites, StreamingGrid, parse_site_error, site_info
 from .robust import RobustConfig
 from .secagg import SecureAggregator
 from .strategies import RoundBelowMinimum, make_strategy
@@ -61,17 +61,8 @@ class HubRun:
     def _query(self, nodes: list[int]) -> dict[int, Message]:
         content = RecordDict({"config": ConfigRecord({"op": "hello", "plan-hash": self.spec["plan_hash"]})})
         msgs = [Message(content=content, message_type=MessageType.QUERY, dst_node_id=n) for n in nodes]
-        waiting = dict(zip(self.grid.push_messages(msgs), nodes))
-        replies: dict[int, Message] = {}
-        deadline = time.monotonic() + float(self.config["round_timeout"])
-        while waiting and time.monotonic() < deadline:
-            for reply in pull_replies(self.grid, list(waiting)):
-                node = waiting.pop(reply.metadata.reply_to_message_id, None)
-                if node is not None:
-                    replies[node] = reply
-            if waiting:
-                time.sleep(POLL_S)
-        return replies
+        exchange = Exchange(self.grid, msgs)
+        return dict(exchange.replies(time.monotonic() + float(self.config["round_timeout"])))
 
     def _wait_for_sites(self) -> list[int]:
         deadline = time.monotonic() + float(self.config["connect_timeout"])
@@ -264,7 +255,7 @@ class StudyFailed(Exception):
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    from site_kernel._flower_runtime import fast_object_pulls
+    from flip_common.flower import fast_object_pulls
 
     fast_object_pulls()
     spec = json.loads(str(context.run_config["flip-plan-spec"]))

@@ -51,7 +51,7 @@ def harmonise_case(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Return slices ``[Z, 1, H, W]`` float32 and label maps ``[Z, H, W]`` int64 (zeros when unlabelled).
 
-    ``contract`` must already be validated (:func:`site_kernel.data.contract.validate_contract`).
+    ``contract`` must already be validated (:func:`flip_common.contract.validate_contract`).
     """
     array = volume.array
     if mode == "full":
