@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -40,40 +41,13 @@ def deployment(n_nodes: int, rounds: int, *, timeout: float = 1800) -> dict[str,
         work = Path(tmp)
         fab = build_fab(work)
         port = free_port()
-        env = flower_env()
         pids: list[int] = []
         started = time.time()
         try:
-            with open(work / "superlink.log", "ab") as log:
-                link = subprocess.Popen(
-                    [str(BIN / "flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(port)],
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                    env=env,
-                    cwd=work,
-                )
-            pids.append(link.pid)
-            for i in range(n_nodes):
-                with open(work / f"supernode{i}.log", "ab") as log:
-                    node = subprocess.Popen(
-                        [
-                            str(BIN / "flower-supernode"),
-                            "--insecure",
-                            "--superlink",
-                            f"127.0.0.1:{port}",
-                            "--host",
-                            "127.0.0.1",
-                            "--port",
-                            str(free_port()),
-                        ],
-                        stdout=log,
-                        stderr=subprocess.STDOUT,
-                        start_new_session=True,
-                        env=env,
-                        cwd=work,
-                    )
-                pids.append(node.pid)
+            pids.append(_spawn(["flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(port)], work))
+            for _ in range(n_nodes):
+                node = ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}", "--host", "127.0.0.1"]
+                pids.append(_spawn([*node, "--port", str(free_port())], work))
             while not listening(port):
                 time.sleep(0.05)
             client = ControlClient(f"127.0.0.1:{port}")
@@ -95,7 +69,7 @@ def deployment(n_nodes: int, rounds: int, *, timeout: float = 1800) -> dict[str,
                     raise TimeoutError("the stock Flower run did not finish")
                 time.sleep(0.2)
             if not timing.exists():  # the rounds did not all run
-                text = (work / "superlink.log").read_text(errors="replace")
+                text = next(work.glob("flower-superlink-*.log")).read_text(errors="replace")
                 tail = "\n".join(
                     line for line in text.splitlines() if "ListRuns" not in line and "list-runs" not in line
                 )[-3000:]
@@ -116,6 +90,34 @@ def deployment(n_nodes: int, rounds: int, *, timeout: float = 1800) -> dict[str,
             }
         finally:
             stop_pids(pids)
+
+
+def _spawn(cmd: list[str], work: Path) -> int:
+    """Start one of Flower's commands (from this environment) in a session of its own; its output in WORK."""
+    with open(work / f"{cmd[0]}-{len(list(work.glob('*.log')))}.log", "ab") as log:
+        return subprocess.Popen(
+            [str(BIN / cmd[0]), *cmd[1:]],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=flower_env(),
+            cwd=work,
+        ).pid
+
+
+def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians over runs of :func:`deployment`, with the runs."""
+    return {
+        "start_to_online_s": statistics.median(r["start_to_online_s"] for r in runs),
+        "median_round_s": statistics.median(x for r in runs for x in r["round_s"]),
+        "runs": runs,
+    }
+
+
+def simulation_note() -> str:
+    if simulation_available():
+        return "available but not run by these benchmarks"
+    return "not measured: Flower's simulation runtime needs Ray, which is not installed (benchmarks download nothing)"
 
 
 def _nodes(client: ControlClient) -> list[Any]:
