@@ -376,6 +376,11 @@ class LocalFederation(Federation):
         if self.state.get("temporary"):
             remove(self.workdir)
 
+    def close(self) -> None:
+        """Let go of the hub connection and stop watching the sites' processes; the federation keeps running."""
+        self._watch.close()
+        super().close()
+
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
 

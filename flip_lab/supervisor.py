@@ -296,6 +296,7 @@ class ExitWatch:
             self._closed = True
         os.write(self._wake_w, b"x")
         self._thread.join(timeout=5)
+        os.close(self._wake_w)  # here, not in the thread: written to above after the thread may have ended
 
     def _run(self) -> None:
         poller = select.poll()
@@ -328,7 +329,6 @@ class ExitWatch:
                 for _, fd in self._pending:
                     os.close(fd)
             os.close(self._wake_r)
-            os.close(self._wake_w)
 
 
 def stop_pids(pids: list[int], timeout: float = 8.0) -> None:
