@@ -51,6 +51,7 @@ class LocalFederation(Federation):
         self._owner = owner
         self.joined = False  # found running by ``local_federation()`` (the Lab panel's): ``shutdown`` leaves it running
         self.exited: dict[str, float] = {}  # site name -> when its process was seen to end
+        self._catalogue_cache: tuple[list[tuple[str, int]], dict[str, Any]] | None = None
         self._watch = supervisor.ExitWatch(self._site_exited)
         for name, pid in state.get("site_pids", {}).items():
             self._watch.watch(name, pid)
@@ -284,8 +285,19 @@ class LocalFederation(Federation):
         """Its own sites' catalogues, as each site's data owner publishes them (``flip-site data catalogue``)."""
         if not self.site_dirs:
             return {}
-        answer = self._ask_sites(["data", "catalogue", "--by-site"], None, "catalogues")
-        return {name: answer[str(site_dir)] for name, site_dir in self.site_dirs.items()}
+        # Asked again only when a site's datasets or settings changed: every submit checks the catalogues, and a
+        # call of the site's command line costs a Python start.
+        signature = [
+            (p.name, p.stat().st_mtime_ns)
+            for site_dir in self.site_dirs.values()
+            for p in sorted([*site_dir.glob("data/*/*.json"), site_dir / "policy.toml", site_dir / "site.toml"])
+            if p.exists()
+        ]
+        if self._catalogue_cache is None or self._catalogue_cache[0] != signature:
+            answer = self._ask_sites(["data", "catalogue", "--by-site"], None, "catalogues")
+            own = {name: answer[str(site_dir)] for name, site_dir in self.site_dirs.items()}
+            self._catalogue_cache = (signature, own)
+        return self._catalogue_cache[1]
 
     def _ask_sites(self, command: list[str], stdin: str | None, what: str) -> dict[str, Any]:
         """One ``flip-site`` call for all of this federation's own sites; its JSON answer, keyed by site folder."""
