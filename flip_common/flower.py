@@ -42,10 +42,11 @@ def fast_object_pulls(initial_backoff: float = 0.01, cap: float = 0.05) -> None:
     from flwr.supercore.inflatable import inflatable_utils
 
     for fn in (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree):
+        defaults = fn.__kwdefaults__ or {}
         expect(
-            {"initial_backoff", "backoff_cap"} <= (fn.__kwdefaults__ or {}).keys(),
+            {"initial_backoff", "backoff_cap"} <= defaults.keys(),
             f"flwr.supercore.inflatable.inflatable_utils.{fn.__name__}",
             "its keyword-only arguments initial_backoff and backoff_cap",
         )
-        fn.__kwdefaults__["initial_backoff"] = initial_backoff
-        fn.__kwdefaults__["backoff_cap"] = cap
+        defaults["initial_backoff"] = initial_backoff
+        defaults["backoff_cap"] = cap

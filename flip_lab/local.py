@@ -24,6 +24,7 @@ from flip_common.net import free_port
 from . import supervisor
 from .errors import FederationError, HubUnreachable
 from .federation import Federation, _default_home
+from .hub.signed import TRUST_DIR
 from .provision import HubCerts
 from .supervisor import STATE, alive, dial_host, join, listening, running_state, write_state
 
@@ -45,6 +46,7 @@ class LocalFederation(Federation):
             state.get("hub_address") or f"127.0.0.1:{state['hub_port']}",
             workdir=workdir,
             root_certificates=Path(ca).read_bytes() if ca else None,
+            identity=state.get("identity"),
         )
         self.state = state
         self.site_dirs = {name: Path(p) for name, p in state["sites"].items()}
@@ -154,6 +156,8 @@ class LocalFederation(Federation):
             )
             hub_dir = workdir / "hub"
             hub_dir.mkdir(exist_ok=True)
+            trust_ca, trust_crl, state["identity"] = _trust(workdir, Path(certs).absolute() if certs else None)
+            install_hub_trust(hub_dir, trust_ca, trust_crl)
             durable = hub_certs is not None if durable is None else durable
             state["durable"] = durable
             # The hospitals' folders are made (or taken from the cache) while the hub starts.
@@ -167,6 +171,7 @@ class LocalFederation(Federation):
                     scale=scale,
                     cache=_default_home() / DEMO_CACHE,
                     bundles=bundles,
+                    trust=None if bundles else (trust_ca, trust_crl),
                 )
                 if n_sites
                 else None
@@ -336,8 +341,8 @@ class LocalFederation(Federation):
 
     def restart_hub(self, timeout: float = 120.0) -> None:
         """Start the hub again on its port and state (after a crash or ``kill_hub``); waits until every site is
-        back online. Jobs that were running are not restarted by themselves: ``fed.resume(job_id)`` continues one from its
-        last released round."""
+        back online. Jobs that were running are not restarted by themselves: ``fed.resume(job_id)`` continues one from
+        its last released round."""
         if alive(self.state["hub_pid"]):
             raise FederationError(f"the hub of {self.workdir} is still running (pid {self.state['hub_pid']})")
         if self.state.get("ca"):
@@ -408,6 +413,34 @@ def _site_bundles(certs: Path, n_sites: int) -> list[Path]:
             f"start the hub alone (n_sites=0) and run each site with `flip-site run`"
         )
     return bundles[:n_sites]
+
+
+def _trust(workdir: Path, certs: Path | None) -> tuple[Path, Path, str | None]:
+    """The federation CA and revocation list that the hub and the simulated sites verify studies with, and the
+    researcher identity this federation signs with: a provision folder's own (its ``researchers/default``, issued
+    when its CA key is at hand), else a CA and a default researcher made for this federation (``WORKDIR/trust``),
+    so that a local federation's studies are signed and verified as any other's, in one call."""
+    from .provision import ensure_trust
+
+    if certs is None:
+        identity = ensure_trust(workdir / "trust")
+        return workdir / "trust" / "ca" / "ca.pem", workdir / "trust" / "ca" / "crl.pem", str(identity)
+    root = certs.parent if (certs / "hub.pem").exists() else certs
+    if (root / "ca" / "ca.key").is_file():
+        identity: Path | None = ensure_trust(root)
+    else:  # a hub's folder alone: it verifies, and whoever submits brings their own identity
+        identity = root / "researchers" / "default" if (root / "researchers" / "default").is_dir() else None
+    hub = root / "hub" if (root / "hub" / "ca.pem").is_file() else certs
+    return hub / "ca.pem", hub / "crl.pem", str(identity) if identity else None
+
+
+def install_hub_trust(hub_dir: Path, ca: Path, crl: Path) -> None:
+    """Copy the CA and revocation list into ``HUB/trust``, where each study's process verifies its signature."""
+    target = hub_dir / TRUST_DIR
+    target.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(ca, target / "ca.pem")
+    if crl.is_file():
+        shutil.copyfile(crl, target / "crl.pem")
 
 
 def _register(address: str, certs: HubCerts, hub: subprocess.Popen[bytes], hub_dir: Path) -> dict[str, int]:

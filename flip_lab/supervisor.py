@@ -192,15 +192,19 @@ def make_demo_sites(
     scale: float,
     cache: Path | None,
     bundles: list[Path],
+    trust: tuple[Path, Path] | None = None,
 ) -> subprocess.Popen[str]:
     """Start ``flip-site demo``, which lays out ``n_sites`` simulated hospitals under ``root`` (from ``cache``
-    when they were generated before); :func:`demo_sites` collects its answer. It runs while the hub starts."""
+    when they were generated before), each with provisioned bundle i or with ``trust`` (CA, revocation list);
+    :func:`demo_sites` collects its answer. It runs while the hub starts."""
     cmd = [*flip_site(), "demo", str(root), "--sites", str(n_sites), "--seed", str(seed), "--hub", hub]
     cmd += ["--approval", approval, "--scale", repr(scale), "--json"]
     if cache is not None:
         cmd += ["--cache", str(cache)]
     for bundle in bundles:
         cmd += ["--certs", str(bundle)]
+    if trust is not None:  # the federation CA and revocation list the sites verify studies with
+        cmd += ["--trust-ca", str(trust[0]), "--trust-crl", str(trust[1])]
     return subprocess.Popen(
         cmd,
         stdout=subprocess.PIPE,

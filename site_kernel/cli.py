@@ -7,6 +7,7 @@ flip-site data add NAME PATH --site SITE           register a folder of DICOM se
 flip-site data catalogue --site SITE [--site ...]  what researchers may see of the site's data
 flip-site data harmonisation --site SITE ...       a contract's aggregate harmonisation report (contract on stdin)
 flip-site demo ROOT --sites N --hub HOST:PORT      simulated hospitals as ready site folders (a local federation)
+flip-site trust SITE --ca CA.pem [--crl CRL.pem]   the federation CA that verifies researchers' signatures
 flip-site run SITE                                 serve the hub: SuperNode + the site's executor
 flip-site status SITE                              is the site running, and under which policy
 flip-site plans list|show|approve|reject ...       decide which plans may run
@@ -49,6 +50,23 @@ def _cmd_init(args: argparse.Namespace) -> int:
     print(f"site {name} created in {site}, hub {hub}")
     print(f"policy: {site / 'policy.toml'} ({'automatic approval (demo only)' if args.demo else 'manual approval'})")
     print(f"next: flip-site data add default /path/to/images --site {site}")
+    return 0
+
+
+def _cmd_trust(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from .settings import install_trust, load_settings, site_path, write_settings
+
+    site = Path(args.site)
+    settings = load_settings(site)
+    ca = Path(args.ca) if args.ca else site_path(site, settings.federation_ca or settings.root_certificates or "-")
+    keys = install_trust(site, ca, Path(args.crl) if args.crl else None)
+    if not keys["revocation_list"]:
+        keys["revocation_list"] = settings.revocation_list
+    write_settings(site, replace(settings, **keys))
+    print(f"studies are verified with {site / keys['federation_ca']}", end="")
+    print(f" and the revocation list {site / keys['revocation_list']}" if keys["revocation_list"] else "")
     return 0
 
 
@@ -144,7 +162,7 @@ def _cmd_data_harmonisation(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     """Simulated hospitals as site folders under ROOT; with --certs, site i takes bundle i (TLS and its key)."""
-    from .settings import SettingsError, install_certs, record_identity
+    from .settings import SettingsError, install_certs, install_trust, record_identity
     from .site_folders import create_demo_sites
 
     if args.certs and len(args.certs) != args.sites:
@@ -160,6 +178,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     )
     for site_dir, bundle in zip(sites, args.certs or []):
         record_identity(site_dir, install_certs(site_dir, Path(bundle)))
+    if args.trust_ca and not args.certs:
+        for site_dir in sites:
+            crl = Path(args.trust_crl) if args.trust_crl else None
+            record_identity(site_dir, install_trust(site_dir, Path(args.trust_ca), crl))
     if args.json:
         print(json.dumps({"sites": {site.name: str(site.absolute()) for site in sites}}))
     else:
@@ -184,6 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--demo", action="store_true", help="demo policy: automatic approval, labelled as such")
     p.set_defaults(func=_cmd_init)
+
+    p = sub.add_parser("trust", help="the federation CA (and revocation list) that verifies who submits studies")
+    p.add_argument("site")
+    p.add_argument("--ca", help="the federation's ca.pem (default: the one the site already has)")
+    p.add_argument("--crl", help="the CA's revocation list, crl.pem from `flip-lab provision` or `flip-lab revoke`")
+    p.set_defaults(func=_cmd_trust)
 
     p = sub.add_parser("run", help="serve the hub until stopped")
     p.add_argument("site")
@@ -227,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--approval", choices=("automatic", "manual"), default="automatic")
     p.add_argument("--cache", help="generate each seed's hospitals once here and reuse them")
     p.add_argument("--certs", action="append", metavar="BUNDLE", help="site i's provisioned bundle (repeat)")
+    p.add_argument("--trust-ca", metavar="CA.pem", help="without --certs: the federation CA verifying studies")
+    p.add_argument("--trust-crl", metavar="CRL.pem", help="... and its revocation list")
     p.add_argument("--json", action="store_true", help='print {"sites": {NAME: FOLDER}}')
     p.set_defaults(func=_cmd_demo)
 

@@ -19,11 +19,14 @@ import sys
 import threading
 import time
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from flip_common.protocol import LoadRequest, read_worker_reply
 
 from . import _pipe
 from ._output import copy_to_log
@@ -186,7 +189,7 @@ class JobWorker:
         prepared = self._prepare_data()
         self.num_train, self.num_test = int(prepared["num_train"]), int(prepared["num_test"])
         limits = self.policy.limits
-        header = {
+        header: LoadRequest = {
             "op": "load",
             "source": self.source,
             "arrays": prepared["arrays"],
@@ -262,7 +265,7 @@ class JobWorker:
         os.chmod(scratch, 0o700)
 
     def _exchange(
-        self, header: dict[str, Any], payload: bytes, *, timeout: float, what: str
+        self, header: Mapping[str, Any], payload: bytes, *, timeout: float, what: str
     ) -> tuple[dict[str, Any], bytes]:
         assert self.proc is not None
         _pipe.send(self._to_worker, header, payload)
@@ -283,8 +286,9 @@ class JobWorker:
                 "resource_limit", f"{what} exceeded site {self.settings.name}'s time limit of {timeout:g} s"
             )
         try:
-            return _pipe.recv(self._from_worker)
-        except (_pipe.PipeClosed, _pipe.FrameTooLarge, ValueError, OSError):
+            header, payload = _pipe.recv(self._from_worker)
+            return dict(read_worker_reply(header)), payload
+        except (_pipe.PipeClosed, _pipe.FrameTooLarge, ValueError, OSError):  # ProtocolError is a ValueError
             if self._stopping:  # the site stopped it (its run was cancelled): no limit, no violation
                 raise WorkerFailure("stopped", f"{what} was stopped at site {self.settings.name}") from None
             code = self.proc.wait(timeout=5)
@@ -303,7 +307,7 @@ class JobWorker:
         if self.proc is None or self.proc.poll() is not None:
             raise WorkerFailure("resource_limit", f"the plan's process at site {self.settings.name} has ended")
         with self._lock:
-            header = {"op": op, "config": {k: v for k, v in config.items() if _jsonable(v)}}
+            header = {"op": op, "config": {k: v for k, v in config.items() if _jsonable(v)}}  # a StepRequest
             # Timed here, not by the worker: a plan can patch the clocks of its own process, and a timing it
             # reported would leave the site beside the egress checks (an accession number fits in a float).
             started_at, started = time.time(), time.monotonic()

@@ -48,7 +48,7 @@ def test_replies_come_as_they_land_and_the_unanswered_stay_waiting(monkeypatch):
     grid = _Grid({1: 1, 2: 3})
     exchange = Exchange(grid, _messages([1, 2, 3]))
     seen = []
-    for node, reply in exchange.replies(time.monotonic() + 0.5):
+    for node, _reply in exchange.replies(time.monotonic() + 0.5):
         seen.append((node, grid.polls))
     assert seen == [(1, 1), (2, 3)]  # each as soon as it landed; the straggler's reply is skipped
     assert list(exchange.waiting.values()) == [3]  # node 3 never answered before the deadline

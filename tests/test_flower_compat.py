@@ -95,7 +95,7 @@ def test_object_pulls_whose_backoff_arguments_changed_are_named(monkeypatch):
         pass
 
     monkeypatch.setattr(inflatable_utils, "pull_objects", pull_objects)
-    with pytest.raises(FlowerChanged, match="inflatable_utils.pull_objects"):
+    with pytest.raises(FlowerChanged, match=r"inflatable_utils\.pull_objects"):
         fast_object_pulls()
 
 
@@ -159,5 +159,5 @@ def test_a_task_identity_that_is_no_longer_settable_is_named(monkeypatch):
     grid = type("Grid", (), {})()
     grid._runtime_client = type("C", (), {"PullTaskInput": 0, "PushTaskOutput": 0})()
     grid._retry_invoker = type("R", (), {"max_tries": None})()
-    with pytest.raises(FlowerChanged, match="TaskIdentity.task_id"):
+    with pytest.raises(FlowerChanged, match=r"TaskIdentity\.task_id"):
         _flower.check_study(grid)

@@ -109,7 +109,7 @@ def test_an_update_is_bounded_but_never_masked_without_a_key_setup(tmp_path):
     audit = AuditLog(tmp_path / "audit.jsonl")
     gate = SecAggGate(audit)
     request = _request(secure=True, bound=1.0)
-    arrays, update = gate.bound(request, {"w": np.full((2, 2), 5.0, np.float32)})
+    _arrays, update = gate.bound(request, {"w": np.full((2, 2), 5.0, np.float32)})
     assert np.linalg.norm(update["w"]) == pytest.approx(1.0, rel=1e-5)
     with pytest.raises(Refusal, match="no secure-aggregation key setup for round 1; nothing was sent"):
         gate.mask(request, update, 10)

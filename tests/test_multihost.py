@@ -242,7 +242,7 @@ def multihost(tmp_path_factory):
     torch.set_num_threads(1)
     import flip_lab
     from flip_lab._bundle import bundle
-    from flip_lab.provision import provision
+    from flip_lab.provision import Researcher, provision
     from flip_lab.supervisor import flower_env as _flower_env
     from flip_lab.supervisor import stop_pids
     from site_kernel.settings import install_certs, load_settings, write_settings
@@ -258,7 +258,8 @@ def multihost(tmp_path_factory):
         policy = site_dir / "policy.toml"
         policy.write_text(re.sub(r"(?m)^min_cohort = \d+$", "min_cohort = 2", policy.read_text()))
     names = [d.name for d in site_dirs]
-    prov = provision(root / "provision", hub_address=hub_address, sites=names)
+    alice = Researcher("alice", "Alice Smith", "King's College London", "university")
+    prov = provision(root / "provision", hub_address=hub_address, sites=names, researchers=[alice])
     for site_dir in site_dirs:
         identity = install_certs(site_dir, prov.sites[site_dir.name])
         write_settings(
@@ -340,7 +341,12 @@ def multihost(tmp_path_factory):
                     env=env,
                 )
             pids.append(proc.pid)
-        fed = flip_lab.connect(hub_address, root_certificates=str(prov.researcher_ca), workdir=root / "researcher")
+        fed = flip_lab.connect(
+            hub_address,
+            root_certificates=str(prov.researcher_ca),
+            workdir=root / "researcher",
+            identity=prov.researchers["alice"],
+        )
         deadline = time.monotonic() + 180
         while sum(n.status == "online" for n in fed.nodes()) < 3:
             assert time.monotonic() < deadline, "the three sites did not come online: see " + str(root / "sites")

@@ -126,7 +126,7 @@ def _push(state, store) -> list[str]:
     push = threading.Thread(
         target=_push_messages,
         daemon=True,
-        kwargs=dict(state=state, object_store=store, send=send, push_object=lambda *a: None),
+        kwargs={"state": state, "object_store": store, "send": send, "push_object": lambda *a: None},
     )
     push.start()
     push.join(5)
@@ -165,7 +165,7 @@ def test_a_message_half_received_when_its_run_stopped_is_dropped_with_its_task()
     def receive_until_the_run_stops(*, state, **kw):  # what Flower's receive step does when the hub says "stopped"
         created.append(state.create_task(task_type=TaskType.CLIENT_APP, run_id=7, fab_hash="f"))
         state.store_message(message)
-        return None
+        return
 
     assert (
         _pull_or_flush(receive_until_the_run_stops, _Loop(0.1))(state=state, object_store=store, get_run=_no_run)
@@ -208,7 +208,7 @@ def test_the_open_tasks_of_a_run_stopped_at_the_hub_end_and_others_stay():
 
     from site_kernel._supernode import _Loop
 
-    state, store = _node()
+    state, _store = _node()
     tasks = {}
     for run_id in (7, 8):
         tasks[run_id] = state.create_task(task_type=TaskType.CLIENT_APP, run_id=run_id, fab_hash="f")

@@ -39,10 +39,10 @@ def answer_directory(grid: Grid, sink: EventSink, timeout: float = DIRECTORY_TIM
             kind, message = parse_site_error(reply.error.reason, int(reply.error.code))
             sink.emit("directory_error", node_id=node, kind=kind, message=message)
             continue
-        info = site_info(reply)
         try:
+            info = site_info(reply)
             catalogue = clean_catalogue(json.loads(str(info.get("catalogue", ""))[:MAX_CATALOGUE_CHARS]))
-        except (TypeError, ValueError):
+        except (TypeError, ValueError):  # ProtocolError too: a ValueError
             sink.emit(
                 "directory_error", node_id=node, kind="bad_reply", message="the site's catalogue was not readable"
             )

@@ -3,8 +3,8 @@
 Flower's ``send_and_receive`` polls the SuperLink every 3 s and returns only when every reply is in; FLIP Lab wraps
 the run's Grid so that Flower's own strategies keep working unchanged while (a) replies are polled every 50 ms,
 (b) each reply is turned into an event for the researcher as it lands, (c) a site that goes offline or fails stops
-being waited for, and (d) only the sites that approved this plan are ever sampled; with secure aggregation, (e) each train round starts
-with the key setup of ``flip_lab.hub.secagg``.
+being waited for, and (d) only the sites that approved this plan are ever sampled; with secure aggregation, (e) each
+train round starts with the key setup of ``flip_lab.hub.secagg``.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from flwr.app import Message
 from flwr.serverapp import Grid
 
 from flip_common.packing import is_packed, pack, unpack
+from flip_common.protocol import ProtocolError, SiteInfo, parse_site_error, read_site_info
 
 from .events import EventSink
 
@@ -58,7 +59,8 @@ class Exchange:
     def __init__(self, grid: Grid, messages: list[Message]) -> None:
         self.grid = grid
         nodes = [m.metadata.dst_node_id for m in messages]
-        self.waiting: dict[str, int] = dict(zip(grid.push_messages(messages), nodes)) if messages else {}
+        # Flower returns no message ids at all for a push too large to send: then nothing is waited for.
+        self.waiting: dict[str, int] = dict(zip(grid.push_messages(messages), nodes, strict=False)) if messages else {}
 
     def replies(
         self, deadline: float, *, check: Callable[[dict[str, int]], None] | None = None
@@ -83,27 +85,12 @@ class NotEnoughSites(RuntimeError):
     """Fewer approved sites are online than the study's minimum: the round cannot be released."""
 
 
-def site_info(msg: Message) -> dict[str, Any]:
-    """The ``flip`` ConfigRecord a site attaches to every reply (name, audit head, timings)."""
+def site_info(msg: Message) -> SiteInfo:
+    """The ``flip`` ConfigRecord a site attaches to every reply (name, audit head, timings), checked:
+    ``ProtocolError`` for one of another shape."""
     if msg.has_error() or "flip" not in msg.content.config_records:
         return {}
-    return dict(msg.content.config_records["flip"])
-
-
-_FLOWER_KINDS = {5: "site_offline", 3: "message_lost", 4: "message_lost", 7: "bundle_refused", 8: "site_crashed"}
-
-
-def parse_site_error(reason: str, code: int = 0) -> tuple[str, str]:
-    """Split a site's error reason ``"kind: message"``; the site already made the message safe.
-
-    Errors that Flower itself raised (a node that stopped sending heartbeats, say) carry a non-zero code.
-    """
-    if code in _FLOWER_KINDS:
-        return _FLOWER_KINDS[code], reason.split("\n")[0][:300]
-    kind, sep, message = reason.partition(": ")
-    if not sep or not kind.replace("_", "").isalnum():
-        return "site_error", reason[:300]
-    return kind, message[:300]
+    return read_site_info(msg.content.config_records["flip"])
 
 
 class StreamingGrid:
@@ -211,7 +198,12 @@ class StreamingGrid:
             else:
                 self.sink.emit("site_state", round=round_, site=site, state="failed", detail=message)
             return
-        info = site_info(reply)
+        try:
+            info = site_info(reply)
+        except ProtocolError as err:
+            self.sink.emit("site_error", round=round_, phase=phase, site=site, kind="bad_reply", message=str(err))
+            self.sink.emit("site_state", round=round_, site=site, state="failed", detail=str(err))
+            return
         metrics = dict(reply.content.metric_records.get("metrics", {}))
         num_examples = int(metrics.pop("num-examples", 0))
         self.sink.emit(

@@ -8,7 +8,6 @@ plan's source is never executed here.
 from __future__ import annotations
 
 import base64
-import json
 import os
 import time
 from collections import OrderedDict
@@ -18,6 +17,8 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
+
+from flip_common.protocol import ProtocolError, read_plan_spec
 
 from ..config import SUM_STRATEGIES
 from .events import EventSink, load_checkpoint
@@ -106,7 +107,12 @@ class HubRun:
                         message=message,
                     )
                     continue
-                info = site_info(reply)
+                try:
+                    info = site_info(reply)
+                except ProtocolError as err:
+                    site = names.get(node, f"node-{node}")
+                    self.sink.emit("site_error", round=0, phase="train", site=site, kind="bad_reply", message=str(err))
+                    continue
                 name = names[node] = str(info.get("site", f"node-{node}"))
                 state = str(info.get("approval", "unknown"))
                 if state == "approved":
@@ -258,7 +264,7 @@ def main(grid: Grid, context: Context) -> None:
     from flip_common.flower import fast_object_pulls
 
     fast_object_pulls()
-    spec = json.loads(str(context.run_config["flip-plan-spec"]))
+    spec = read_plan_spec(str(context.run_config["flip-plan-spec"]))
     weights = load_weights(str(context.run_config["flip-init-weights"]))
     hub_dir = os.environ.get("FLIP_HUB_DIR")
     record_dir = Path(hub_dir) / "runs" / str(grid.run.run_id) if hub_dir else None
