@@ -113,6 +113,17 @@ class ControlClient:
             raise HubUnreachable(self.address, "the hub did not accept the run")
         return int(response.run_id)
 
+    def unregister_node(self, node_id: int) -> None:
+        """Remove a node the hub should no longer count on (its process is known to be dead): the hub lists it as
+        unregistered at once and answers messages to it with an error, as it does when a heartbeat expires. Only
+        hubs without node authentication accept it from here; a site that comes back registers as a new node."""
+        from flwr.proto.control_pb2 import UnregisterNodeRequest
+
+        try:
+            self._call("UnregisterNode", UnregisterNodeRequest(node_id=node_id))
+        except httpx.HTTPStatusError as err:  # refused, e.g. the node is gone already
+            raise HubUnreachable(self.address, f"the hub refused to unregister node {node_id}: {err}") from err
+
     def list_runs(self, run_id: int | None = None) -> list[RunInfo]:
         from flwr.proto.control_pb2 import ListRunsRequest
 

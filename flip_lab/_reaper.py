@@ -12,7 +12,8 @@ import sys
 import time
 from pathlib import Path
 
-from .local import STATE, alive, remove, stop_pids
+from .local import remove
+from .supervisor import STATE, alive, stop_pids
 
 
 def main() -> None:

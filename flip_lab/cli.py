@@ -69,7 +69,7 @@ def _default_listen(sites: int) -> str:
     simulated sites, which are told its address, takes any free port, so that several can run side by side."""
     from flip_common.net import DEFAULT_HUB
 
-    from .local import _listening
+    from .supervisor import listening as _listening
 
     host, _, port = DEFAULT_HUB.rpartition(":")
     if sites == 0 and not _listening(int(port), host):
@@ -116,7 +116,8 @@ def _cmd_revoke(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from .local import LocalFederation, read_state, running_state
+    from .local import LocalFederation
+    from .supervisor import read_state, running_state
 
     workdir = _workdir(args)
     if running_state(workdir) is None:
@@ -132,7 +133,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_down(args: argparse.Namespace) -> int:
-    from .local import STATE, read_state, stop_pids
+    from .supervisor import STATE, read_state, stop_pids
 
     workdir = _workdir(args)
     state = read_state(workdir)

@@ -10,238 +10,31 @@ from __future__ import annotations
 
 import atexit
 import json
+import logging
 import os
-import secrets
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from flip_common.net import alive, free_port, is_loopback
+from flip_common.net import free_port
 
-from .errors import FederationError
+from . import supervisor
+from .errors import FederationError, HubUnreachable
 from .federation import Federation, _default_home
 from .hub.signed import TRUST_DIR
 from .provision import HubCerts
+from .supervisor import STATE, alive, dial_host, join, listening, running_state, write_state
 
-STATE = "federation.json"
-HUB_START_TIMEOUT = 30.0
-HUB_DATABASE = "superlink.db"  # the hub's state (sites, runs), so that a restarted hub knows its sites
-SITE_START_TIMEOUT = 60.0
+log = logging.getLogger("flip_lab.local")
+
 # The Jupyter server extension names its state folder in this variable, so the kernels it starts can find the local
 # federation its panel runs; the folder's PANEL_CONNECTION says which federation that is.
 PANEL_ENV = "FLIP_LAB_PANEL_STATE"
 PANEL_CONNECTION = "connection.json"
-
-
-def _listening(port: int, host: str = "127.0.0.1") -> bool:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.settimeout(0.2)
-        return s.connect_ex((host, port)) == 0
-
-
-def _parse_listen(listen: str) -> tuple[str, int]:
-    host, sep, port = listen.rpartition(":")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise FederationError(
-            f"listen address {listen!r} must be HOST:PORT (port 0: any free port), e.g. 127.0.0.1:0 or 10.0.0.5:9093"
-        )
-    return host.strip("[]"), int(port)
-
-
-def _dial_host(listen_host: str) -> str:
-    """Where this machine reaches a hub listening on ``listen_host``: a wildcard address is reached on loopback."""
-    return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(listen_host, listen_host)
-
-
-def _join(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def hub_command(
-    host: str, port: int, certs: HubCerts | None, database: Path | None = None, secret_file: Path | None = None
-) -> list[str]:
-    """``flower-superlink`` for a hub on ``host:port``: TLS and node authentication with ``certs``, plain HTTP only
-    on loopback.
-
-    Beyond loopback the hub carries model updates between hospitals, so it refuses to listen there without TLS.
-    The SuperLink runs nothing itself (``--isolation process``): FLIP's runner (:mod:`flip_lab.hub.runner`)
-    executes its studies, and ``secret_file`` is the secret that runner proves itself with.
-    """
-    if certs is None and not is_loopback(host):
-        raise FederationError(
-            f"refusing to listen on {host} without TLS: beyond loopback a hub needs the federation's certificates "
-            f"and node authentication. Create them with `flip-lab provision DIR --hub-address {_join(host, port)} "
-            f"--site NAME ...` and start the hub with `--certs DIR/hub`"
-        )
-    cmd = [
-        str(Path(sys.executable).with_name("flower-superlink")),
-        "--host",
-        host,
-        "--port",
-        str(port),
-        "--isolation",
-        "process",
-    ]
-    if secret_file is not None:
-        cmd += ["--superexec-auth-secret-file", str(secret_file)]
-    if database is not None:
-        # Sites keep their node ids across a hub restart only if the SuperLink's state outlives its process: with
-        # Flower's default in-memory state, a restarted hub no longer knows its sites and they never come back.
-        cmd += ["--database", str(database)]
-    if certs is None:
-        return [*cmd, "--insecure"]
-    return [
-        *cmd,
-        "--ssl-certfile",
-        str(certs.cert),
-        "--ssl-keyfile",
-        str(certs.key),
-        "--ssl-ca-certfile",
-        str(certs.ca),
-        "--enable-supernode-auth",
-    ]
-
-
-# How the hub's runner is started: the interpreter's arguments before the runner's own.
-RUNNER: tuple[str, ...] = ("-m", "flip_lab.hub.runner")
-
-
-def _launch_hub(
-    hub_dir: Path, host: str, port: int, certs: HubCerts | None, durable: bool
-) -> tuple[subprocess.Popen[bytes], subprocess.Popen[bytes]]:
-    """Start ``flower-superlink`` and FLIP's runner beside it, each in a session of its own; their output in the
-    hub's one log, superlink.log (as when Flower ran the ServerApps), and, when ``durable``, the SuperLink's state
-    in ``hub_dir``."""
-    secret = _runtime_secret(hub_dir)
-    with open(hub_dir / "superlink.log", "ab") as out:
-        hub = subprocess.Popen(
-            hub_command(host, port, certs, hub_dir / HUB_DATABASE if durable else None, secret),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-            env=_flower_env(hub_dir),
-            cwd=hub_dir,
-        )
-    cmd = [
-        sys.executable,
-        *RUNNER,
-        "--runtime-api-address",
-        _join(_dial_host(host), port),
-        "--secret-file",
-        str(secret),
-        "--hub-dir",
-        str(hub_dir),
-    ]
-    if certs is not None:
-        cmd += ["--root-certificates", str(certs.ca)]
-    with open(hub_dir / "superlink.log", "ab") as out:
-        runner = subprocess.Popen(
-            cmd,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-            env=_flower_env(hub_dir),
-            cwd=hub_dir,
-        )
-    return hub, runner
-
-
-def _runtime_secret(hub_dir: Path) -> Path:
-    """The secret FLIP's runner shows the SuperLink to take its studies (0600): kept across restarts."""
-    path = hub_dir / "runtime.secret"
-    if not path.exists():
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(secrets.token_bytes(32))
-    return path
-
-
-def _flower_env(hub_dir: Path | None = None) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    env.update(
-        {
-            "FLWR_TELEMETRY_ENABLED": "0",
-            "FLWR_DISABLE_UPDATE_CHECK": "1",
-            "PYTHONUNBUFFERED": "1",
-            # A model travels as one object per array; Flower moves two at a time by default.
-            "FLWR_PRIVATE_MAX_CONCURRENT_OBJ_PULLS": "8",
-            "FLWR_PRIVATE_MAX_CONCURRENT_OBJ_PUSHES": "8",
-        }
-    )
-    if hub_dir is not None:
-        env["FLIP_HUB_DIR"] = str(hub_dir)
-    return env
-
-
-def stop_pids(pids: list[int], timeout: float = 8.0) -> None:
-    """Stop each process, its process group and every descendant (Flower starts some helpers in sessions of
-    their own): SIGTERM first, SIGKILL for whatever is left after ``timeout``."""
-    import psutil
-
-    procs: dict[int, psutil.Process] = {}
-    for pid in pids:
-        try:
-            root = psutil.Process(pid)
-            procs[pid] = root
-            procs.update({c.pid: c for c in root.children(recursive=True)})
-        except psutil.NoSuchProcess:
-            pass
-    for pid in pids:
-        try:
-            os.killpg(pid, signal.SIGTERM)
-        except (ProcessLookupError, PermissionError):
-            pass
-    for proc in procs.values():
-        try:
-            proc.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(alive(p) for p in procs):
-        _reap()
-        time.sleep(0.1)
-    for pid in pids:
-        try:
-            os.killpg(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-    for proc in procs.values():
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            pass
-    _reap()
-
-
-def _reap() -> None:
-    try:
-        while os.waitpid(-1, os.WNOHANG)[0] > 0:
-            pass
-    except ChildProcessError:
-        pass
-
-
-def read_state(workdir: Path) -> dict[str, Any] | None:
-    path = workdir / STATE
-    if not path.exists():
-        return None
-    return json.loads(path.read_text())
-
-
-def running_state(workdir: Path) -> dict[str, Any] | None:
-    state = read_state(workdir)
-    if state and any(alive(p) for p in state.get("pids", [])):
-        return state
-    return None
+DEMO_CACHE = "demo-hospitals"  # under FLIP_LAB_HOME: each seed's simulated hospitals, generated once
 
 
 class LocalFederation(Federation):
@@ -259,8 +52,27 @@ class LocalFederation(Federation):
         self.site_dirs = {name: Path(p) for name, p in state["sites"].items()}
         self._owner = owner
         self.joined = False  # found running by ``local_federation()`` (the Lab panel's): ``shutdown`` leaves it running
+        self.exited: dict[str, float] = {}  # site name -> when its process was seen to end
+        self._catalogue_cache: tuple[list[tuple[str, int]], dict[str, Any]] | None = None
+        self._watch = supervisor.ExitWatch(self._site_exited)
+        for name, pid in state.get("site_pids", {}).items():
+            self._watch.watch(name, pid)
         if owner:
             atexit.register(self.shutdown)
+
+    def _site_exited(self, name: str) -> None:
+        """A site's process ended (crash, kill or stop; its SuperNode ends with it): tell the hub now, so that it
+        lists the site as gone and a running round counts it out at once rather than when Flower's heartbeat
+        expires (about 40 s). A hub with node authentication takes that only from the site itself: there the
+        heartbeat still decides."""
+        self.exited[name] = time.time()
+        node_id = _node_id(self.site_dirs[name])
+        if node_id is None or self.state.get("ca"):
+            return
+        try:
+            self._client.unregister_node(node_id)
+        except HubUnreachable as err:  # the hub is gone too, or knew already: the heartbeat remains the backstop
+            log.info("could not tell the hub that site %s (node %s) has gone: %s", name, node_id, err)
 
     @classmethod
     def start(
@@ -293,8 +105,6 @@ class LocalFederation(Federation):
         SQL state costs about 3 s per round (measured with ``bench/spine_overhead.py``: 4.5 s of platform overhead
         per round instead of 1.4 s on 2 cores).
         """
-        from site_kernel.site_folders import create_demo_sites
-
         from .provision import ProvisionError
 
         if n_sites < 0:
@@ -303,12 +113,14 @@ class LocalFederation(Federation):
             from ._flower import check_supernode_id_log
 
             check_supernode_id_log()
-        listen_host, listen_port = _parse_listen(listen)
+        listen_host, listen_port = supervisor.parse_listen(listen)
         try:
             hub_certs = HubCerts.load(Path(certs).absolute()) if certs is not None else None
         except ProvisionError as err:
             raise FederationError(str(err)) from err
-        hub_command(listen_host, listen_port, hub_certs)  # refuses plain HTTP beyond loopback before anything starts
+        supervisor.hub_command(
+            listen_host, listen_port, hub_certs
+        )  # refuses plain HTTP beyond loopback before anything starts
         bundles = _site_bundles(Path(certs), n_sites) if certs is not None and n_sites else []
         # absolute: the hub's processes run in its own folder, where a relative path would point elsewhere
         temporary = not workdir
@@ -318,10 +130,11 @@ class LocalFederation(Federation):
         if (existing := running_state(workdir)) is not None:
             raise FederationError(
                 f"a federation is already running in {workdir} (hub at "
-                f"{existing.get('hub_address') or _join('127.0.0.1', existing['hub_port'])}); "
+                f"{existing.get('hub_address') or join('127.0.0.1', existing['hub_port'])}); "
                 f"use it with `flip_lab.attach('{workdir}')`, or stop it with `flip-lab down --workdir {workdir}`"
             )
         pids: list[int] = []
+        fed: LocalFederation | None = None
         state: dict[str, Any] = {
             "workdir": str(workdir),
             "pids": pids,
@@ -333,8 +146,8 @@ class LocalFederation(Federation):
         }
         try:
             hub_port = listen_port or free_port(listen_host)
-            dial = _dial_host(listen_host)
-            address = _join(dial, hub_port)
+            dial = dial_host(listen_host)
+            address = join(dial, hub_port)
             state.update(
                 hub_port=hub_port,
                 hub_host=listen_host,
@@ -347,71 +160,78 @@ class LocalFederation(Federation):
             install_hub_trust(hub_dir, trust_ca, trust_crl)
             durable = hub_certs is not None if durable is None else durable
             state["durable"] = durable
-            hub, runner = _launch_hub(hub_dir, listen_host, hub_port, hub_certs, durable)
-            pids += [hub.pid, runner.pid]
-            state.update(hub_pid=hub.pid, runner_pid=runner.pid)
-            _write_state(workdir, state)
-            _wait_for(
-                lambda: _listening(hub_port, dial),
-                HUB_START_TIMEOUT,
-                hub,
-                f"the hub did not start listening on {_join(listen_host, hub_port)}",
-                hub_dir / "superlink.log",
-            )
-            if hub_certs is not None:
-                state["registered"] = _register(address, hub_certs, hub, hub_dir)
-                _write_state(workdir, state)
-            site_dirs = (
-                create_demo_sites(
-                    workdir / "sites", n_sites=n_sites, seed=seed, approval=approval, hub=address, scale=scale
+            # The hospitals' folders are made (or taken from the cache) while the hub starts.
+            making = (
+                supervisor.make_demo_sites(
+                    workdir / "sites",
+                    n_sites=n_sites,
+                    seed=seed,
+                    hub=address,
+                    approval=approval,
+                    scale=scale,
+                    cache=_default_home() / DEMO_CACHE,
+                    bundles=bundles,
+                    trust=None if bundles else (trust_ca, trust_crl),
                 )
                 if n_sites
-                else []
+                else None
             )
-            for i, site_dir in enumerate(site_dirs):
-                if bundles:
-                    _adopt_bundle(site_dir, bundles[i])
-                else:
-                    _trust_site(site_dir, trust_ca, trust_crl)
-                cmd = [sys.executable, "-m", "site_kernel.cli", "run", str(site_dir)]
-                if watch_parent:
-                    cmd += ["--parent-pid", str(os.getpid())]
-                with open(site_dir / "daemon.log", "ab") as out:
-                    proc = subprocess.Popen(
-                        cmd,
-                        stdout=out,
-                        stderr=subprocess.STDOUT,
-                        stdin=subprocess.DEVNULL,
-                        start_new_session=True,
-                        env=_flower_env(),
-                    )
-                pids.append(proc.pid)
-                state["sites"][site_dir.name] = str(site_dir)
-                state["site_pids"][site_dir.name] = proc.pid
-                _write_state(workdir, state)
+            if making is not None:
+                pids.append(making.pid)
+            hub, runner = supervisor.launch_hub(hub_dir, listen_host, hub_port, hub_certs, durable)
+            pids += [hub.pid, runner.pid]
+            state.update(hub_pid=hub.pid, runner_pid=runner.pid)
+            write_state(workdir, state)
+            parent = os.getpid() if watch_parent else None
+
+            def launch_sites() -> None:
+                site_dirs = supervisor.demo_sites(making) if making is not None else {}
+                if making is not None:
+                    pids.remove(making.pid)
+                for name, site_dir in site_dirs.items():
+                    proc = supervisor.launch_site(site_dir, parent)
+                    pids.append(proc.pid)
+                    state["sites"][name] = str(site_dir)
+                    state["site_pids"][name] = proc.pid
+                write_state(workdir, state)
+
+            if hub_certs is None:  # the sites start while the hub does; each waits for it to listen
+                launch_sites()
+            supervisor.wait_for(
+                lambda: listening(hub_port, dial),
+                supervisor.HUB_START_TIMEOUT,
+                hub,
+                f"the hub did not start listening on {join(listen_host, hub_port)}",
+                hub_dir / "superlink.log",
+            )
+            if hub_certs is not None:  # provisioned sites connect only once the hub has registered their keys
+                state["registered"] = _register(address, hub_certs, hub, hub_dir)
+                write_state(workdir, state)
+                launch_sites()
             fed = cls(workdir, state, owner=watch_parent)
 
             def sites_ready() -> bool:
-                for name, pid in state["site_pids"].items():
-                    if not alive(pid):
-                        raise FederationError(
-                            f"site {name} stopped while starting; see "
-                            f"{workdir / 'sites' / name / 'logs'}. Nothing was left running."
-                        )
+                for name in fed.exited:
+                    raise FederationError(
+                        f"site {name} stopped while starting; see "
+                        f"{workdir / 'sites' / name / 'logs'}. Nothing was left running."
+                    )
                 return sum(n.status == "online" for n in fed.nodes()) >= n_sites
 
-            _wait_for(
+            supervisor.wait_for(
                 sites_ready,
-                SITE_START_TIMEOUT,
+                supervisor.SITE_START_TIMEOUT,
                 hub,
                 f"{n_sites} sites did not all connect to the hub",
                 workdir / "sites",
             )
             if watch_parent:
-                _start_reaper(workdir, os.getpid(), pids)
+                supervisor.start_reaper(workdir, os.getpid(), pids)
             return fed
         except BaseException:  # KeyboardInterrupt included: nothing half-started is left behind
-            stop_pids(pids)
+            if fed is not None:
+                fed._watch.close()
+            supervisor.stop_pids(pids)
             (workdir / STATE).unlink(missing_ok=True)
             if temporary:
                 remove(workdir)
@@ -423,12 +243,12 @@ class LocalFederation(Federation):
         state = running_state(workdir)
         if state is None:
             raise FederationError(f"no running federation in {workdir}; start one with `flip-lab up`")
-        hub_pid, dial = state.get("hub_pid"), _dial_host(state.get("hub_host", "127.0.0.1"))
-        if not (hub_pid and alive(hub_pid) and _listening(int(state["hub_port"]), dial)):
+        hub_pid, dial = state.get("hub_pid"), dial_host(state.get("hub_host", "127.0.0.1"))
+        if not (hub_pid and alive(hub_pid) and listening(int(state["hub_port"]), dial)):
             # Sites outlive their hub for a while (they retry), so a live site alone is no federation to use.
             raise FederationError(
                 f"the federation in {workdir} has no running hub (pid {hub_pid} is gone or not listening on "
-                f"{_join(dial, int(state['hub_port']))}): stop what is left with `flip-lab down --workdir "
+                f"{join(dial, int(state['hub_port']))}): stop what is left with `flip-lab down --workdir "
                 f"{workdir}` and start it again with `flip-lab up`"
             )
         return cls(workdir, state, owner=False)
@@ -467,9 +287,33 @@ class LocalFederation(Federation):
         return {**own, **{k: v for k, v in foreign.items() if k not in own}} or None
 
     def _own_catalogues(self) -> dict[str, Any]:
-        from site_kernel.data import public_catalogue
+        """Its own sites' catalogues, as each site's data owner publishes them (``flip-site data catalogue``)."""
+        if not self.site_dirs:
+            return {}
+        # Asked again only when a site's datasets or settings changed: every submit checks the catalogues, and a
+        # call of the site's command line costs a Python start.
+        signature = [
+            (p.name, p.stat().st_mtime_ns)
+            for site_dir in self.site_dirs.values()
+            for p in sorted([*site_dir.glob("data/*/*.json"), site_dir / "policy.toml", site_dir / "site.toml"])
+            if p.exists()
+        ]
+        if self._catalogue_cache is None or self._catalogue_cache[0] != signature:
+            answer = self._ask_sites(["data", "catalogue", "--by-site"], None, "catalogues")
+            own = {name: answer[str(site_dir)] for name, site_dir in self.site_dirs.items()}
+            self._catalogue_cache = (signature, own)
+        return self._catalogue_cache[1]
 
-        return {name: public_catalogue(site_dir) for name, site_dir in self.site_dirs.items()}
+    def _ask_sites(self, command: list[str], stdin: str | None, what: str) -> dict[str, Any]:
+        """One ``flip-site`` call for all of this federation's own sites; its JSON answer, keyed by site folder."""
+        cmd = [*supervisor.flip_site(), *command]
+        for site_dir in self.site_dirs.values():
+            cmd += ["--site", str(site_dir)]
+        done = subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=600, check=False)
+        if done.returncode != 0:
+            reason = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
+            raise FederationError(f"the sites' {what} could not be read: {reason}")
+        return json.loads(done.stdout)
 
     def _own_nodes(self) -> set[int]:
         return {n for n in map(_node_id, self.site_dirs.values()) if n is not None}
@@ -481,46 +325,19 @@ class LocalFederation(Federation):
         On a local federation the sites' reports are read directly; the numbers are the same aggregates a site's
         data owner publishes, never images or per-patient values.
         """
-        from site_kernel.data import harmonisation_report
-        from site_kernel.settings import load_settings
-
         contract = getattr(plan_or_contract, "contract", plan_or_contract)
-        return {
-            name: harmonisation_report(site_dir, contract, site_steps=load_settings(site_dir).site_steps)
-            for name, site_dir in self.site_dirs.items()
-        }
+        answer = self._ask_sites(["data", "harmonisation"], json.dumps(contract), "harmonisation reports")
+        return {name: answer[str(site_dir)] for name, site_dir in self.site_dirs.items()}
 
     def kill_site(self, name: str) -> None:
-        """Stop one site kernel abruptly (SIGKILL), as a crash would: for fault drills and tests."""
-        import psutil
-
-        pid = self.state["site_pids"][name]
-        family = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
-        for proc in family:
-            try:
-                proc.kill()
-            except psutil.NoSuchProcess:
-                pass
-        _reap()
+        """Stop one site kernel abruptly (SIGKILL, its SuperNode included), as a crash would: for fault drills and
+        tests."""
+        supervisor.kill_family([self.state["site_pids"][name]])
 
     def kill_hub(self) -> None:
         """Stop the hub abruptly (SIGKILL, its runner and studies included), as a crash would: for fault drills
         and tests."""
-        import psutil
-
-        family = []
-        for pid in (self.state["hub_pid"], self.state.get("runner_pid")):
-            try:
-                family += [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
-            except (psutil.NoSuchProcess, TypeError):
-                pass
-        for proc in family:
-            try:
-                proc.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(family, timeout=10)  # reaps the hub when this process started it
-        _reap()
+        supervisor.kill_family([self.state["hub_pid"], self.state.get("runner_pid")])
 
     def restart_hub(self, timeout: float = 120.0) -> None:
         """Start the hub again on its port and state (after a crash or ``kill_hub``); waits until every site is
@@ -538,20 +355,20 @@ class LocalFederation(Federation):
         hub_dir = self.workdir / "hub"
         port = int(self.state["hub_port"])
         old = {self.state["hub_pid"], self.state.get("runner_pid")}
-        stop_pids([p for p in old if p is not None and alive(p)])  # a runner left without its SuperLink
-        hub, runner = _launch_hub(hub_dir, self.state.get("hub_host", "127.0.0.1"), port, None, durable=True)
+        supervisor.stop_pids([p for p in old if p is not None and alive(p)])  # a runner left without its SuperLink
+        hub, runner = supervisor.launch_hub(hub_dir, self.state.get("hub_host", "127.0.0.1"), port, None, durable=True)
         pids = [p for p in self.state["pids"] if p not in old] + [hub.pid, runner.pid]
         self.state.update(hub_pid=hub.pid, runner_pid=runner.pid, pids=pids)
-        _write_state(self.workdir, self.state)
-        dial = _dial_host(self.state.get("hub_host", "127.0.0.1"))
-        _wait_for(
-            lambda: _listening(port, dial),
-            HUB_START_TIMEOUT,
+        write_state(self.workdir, self.state)
+        dial = dial_host(self.state.get("hub_host", "127.0.0.1"))
+        supervisor.wait_for(
+            lambda: listening(port, dial),
+            supervisor.HUB_START_TIMEOUT,
             hub,
             "the hub did not start listening again",
             hub_dir / "superlink.log",
         )
-        _wait_for(
+        supervisor.wait_for(
             lambda: all(site["online"] for site in self.sites()),
             timeout,
             hub,
@@ -566,14 +383,20 @@ class LocalFederation(Federation):
         A federation that ``flip_lab.local_federation()`` joined (the one the JupyterLab panel runs) is only let
         go of: it keeps running for the panel, which stops it.
         """
+        self._watch.close()  # what follows stops the sites on purpose: nothing to report
         if self.joined:
             self.close()
             return
-        stop_pids(list(self.state.get("pids", [])))
+        supervisor.stop_pids(list(self.state.get("pids", [])))
         (self.workdir / STATE).unlink(missing_ok=True)
         self.close()
         if self.state.get("temporary"):
             remove(self.workdir)
+
+    def close(self) -> None:
+        """Let go of the hub connection and stop watching the sites' processes; the federation keeps running."""
+        self._watch.close()
+        super().close()
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
@@ -590,13 +413,6 @@ def _site_bundles(certs: Path, n_sites: int) -> list[Path]:
             f"start the hub alone (n_sites=0) and run each site with `flip-site run`"
         )
     return bundles[:n_sites]
-
-
-def _adopt_bundle(site_dir: Path, bundle: Path) -> None:
-    """Give a simulated site a provisioned identity: its CA certificate and key pair, as `flip-site init --certs`."""
-    from site_kernel.settings import install_certs, record_identity
-
-    record_identity(site_dir, install_certs(site_dir, bundle))
 
 
 def _trust(workdir: Path, certs: Path | None) -> tuple[Path, Path, str | None]:
@@ -627,13 +443,6 @@ def install_hub_trust(hub_dir: Path, ca: Path, crl: Path) -> None:
         shutil.copyfile(crl, target / "crl.pem")
 
 
-def _trust_site(site_dir: Path, ca: Path, crl: Path) -> None:
-    """A simulated site's own copy of the federation CA and revocation list (``flip-site trust``)."""
-    from site_kernel.settings import install_trust, record_identity
-
-    record_identity(site_dir, install_trust(site_dir, ca, crl))
-
-
 def _register(address: str, certs: HubCerts, hub: subprocess.Popen[bytes], hub_dir: Path) -> dict[str, int]:
     """Register the provisioned sites once the hub's Control API answers over TLS."""
     from ._flower import ControlClient
@@ -650,9 +459,9 @@ def _register(address: str, certs: HubCerts, hub: subprocess.Popen[bytes], hub_d
                 raise FederationError(f"{err}; see {hub_dir / 'superlink.log'}. Nothing was left running.") from err
             return True
 
-        _wait_for(
+        supervisor.wait_for(
             attempt,
-            HUB_START_TIMEOUT,
+            supervisor.HUB_START_TIMEOUT,
             hub,
             f"the hub at {address} did not accept the sites' keys",
             hub_dir / "superlink.log",
@@ -665,42 +474,10 @@ def _register(address: str, certs: HubCerts, hub: subprocess.Popen[bytes], hub_d
 def _node_id(site_dir: Path) -> int | None:
     from ._flower import supernode_id
 
-    log = site_dir / "logs" / "supernode.log"
-    if not log.exists():
+    supernode_log = site_dir / "logs" / "supernode.log"
+    if not supernode_log.exists():
         return None
-    return supernode_id(log.read_text(errors="replace"))
-
-
-def _write_state(workdir: Path, state: dict[str, Any]) -> None:
-    tmp = workdir / (STATE + ".tmp")
-    tmp.write_text(json.dumps(state, indent=1))
-    tmp.replace(workdir / STATE)
-
-
-def _wait_for(ready: Any, timeout: float, proc: subprocess.Popen[bytes], what: str, logs: Path) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if ready():
-                return
-        except FederationError:
-            raise
-        except Exception:  # the hub's API is not answering yet
-            pass
-        if proc.poll() is not None:
-            raise FederationError(f"{what}: the hub process exited with code {proc.returncode}; see {logs}")
-        time.sleep(0.1)
-    raise FederationError(f"{what} within {timeout:g} s; see {logs}. Nothing was left running.")
-
-
-def _start_reaper(workdir: Path, parent: int, pids: list[int]) -> None:
-    subprocess.Popen(
-        [sys.executable, "-m", "flip_lab._reaper", str(parent), str(workdir), *map(str, pids)],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    return supernode_id(supernode_log.read_text(errors="replace"))
 
 
 def panel_federation() -> LocalFederation | None:

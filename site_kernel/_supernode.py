@@ -197,7 +197,30 @@ def main() -> None:
     fast_object_pulls()
     hub = sys.argv[sys.argv.index("--superlink") + 1] if "--superlink" in sys.argv else "the hub"
     one_line_retries(f"the hub at {hub}")
+    _await_hub(hub, FIRST_CONNECT_WAIT_S)
     flower_supernode()
+
+
+FIRST_CONNECT_WAIT_S = 5.0  # how long a SuperNode started beside its hub waits for it before Flower's retries
+
+
+def _await_hub(hub: str, timeout: float) -> None:
+    """Wait (briefly) until something listens at ``hub`` before Flower's first connection attempt.
+
+    A local federation starts its sites while its hub is still starting; a first attempt that fails puts Flower's
+    exponential back-off (1 s, 2 s, 4 s ...) in front of the site's start. Checked every 50 ms; after ``timeout``
+    Flower's own retries (and their one log line) take over, as for a hub that is down.
+    """
+    import socket
+
+    host, _, port = hub.rpartition(":")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=0.5):
+                return
+        except (OSError, ValueError):
+            time.sleep(0.05)
 
 
 if __name__ == "__main__":

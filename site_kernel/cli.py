@@ -4,7 +4,9 @@ flip-site init SITE --name NAME --hub HOST:PORT    lay out a site folder (manual
 flip-site init SITE --certs BUNDLE                 ... for a provisioned hub: TLS + the site's own key
 flip-site data add NAME PATH --site SITE           register a folder of DICOM series or NIfTI images
     [--labels DIR|CSV] [--modality M] [--test-fraction F] [--seed N]
-flip-site data catalogue --site SITE               what researchers may see of the site's data
+flip-site data catalogue --site SITE [--site ...]  what researchers may see of the site's data
+flip-site data harmonisation --site SITE ...       a contract's aggregate harmonisation report (contract on stdin)
+flip-site demo ROOT --sites N --hub HOST:PORT      simulated hospitals as ready site folders (a local federation)
 flip-site trust SITE --ca CA.pem [--crl CRL.pem]   the federation CA that verifies researchers' signatures
 flip-site run SITE                                 serve the hub: SuperNode + the site's executor
 flip-site status SITE                              is the site running, and under which policy
@@ -131,7 +133,60 @@ def _cmd_data_add(args: argparse.Namespace) -> int:
 def _cmd_data_catalogue(args: argparse.Namespace) -> int:
     from .data import public_catalogue
 
-    print(json.dumps(public_catalogue(Path(args.site)), indent=1, default=str))
+    if len(args.site) == 1 and not args.by_site:
+        print(json.dumps(public_catalogue(Path(args.site[0])), indent=1, default=str))
+    else:  # several sites at once (a local federation's own): keyed by site folder as given
+        print(json.dumps({site: public_catalogue(Path(site)) for site in args.site}, default=str))
+    return 0
+
+
+def _cmd_data_harmonisation(args: argparse.Namespace) -> int:
+    """Each site's published harmonisation report for the contract read from stdin (JSON), keyed by site folder:
+    aggregate histograms only, the numbers a data owner publishes."""
+    from .data import harmonisation_report
+    from .settings import SettingsError, load_settings
+
+    try:
+        contract = json.loads(sys.stdin.read())
+    except ValueError as err:
+        raise SettingsError(f"the contract on stdin is not JSON ({err}); pass a plan's contract as a JSON object")
+    if not isinstance(contract, dict):
+        raise SettingsError("the contract on stdin must be a JSON object (a plan's contract)")
+    reports = {
+        site: harmonisation_report(Path(site), contract, site_steps=load_settings(Path(site)).site_steps)
+        for site in args.site
+    }
+    print(json.dumps(reports, default=str))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    """Simulated hospitals as site folders under ROOT; with --certs, site i takes bundle i (TLS and its key)."""
+    from .settings import SettingsError, install_certs, install_trust, record_identity
+    from .site_folders import create_demo_sites
+
+    if args.certs and len(args.certs) != args.sites:
+        raise SettingsError(f"{args.sites} simulated sites need as many --certs bundles, got {len(args.certs)}")
+    sites = create_demo_sites(
+        Path(args.root),
+        n_sites=args.sites,
+        seed=args.seed,
+        hub=args.hub,
+        approval=args.approval,
+        scale=args.scale,
+        cache=Path(args.cache) if args.cache else None,
+    )
+    for site_dir, bundle in zip(sites, args.certs or []):
+        record_identity(site_dir, install_certs(site_dir, Path(bundle)))
+    if args.trust_ca and not args.certs:
+        for site_dir in sites:
+            crl = Path(args.trust_crl) if args.trust_crl else None
+            record_identity(site_dir, install_trust(site_dir, Path(args.trust_ca), crl))
+    if args.json:
+        print(json.dumps({"sites": {site.name: str(site.absolute()) for site in sites}}))
+    else:
+        for site in sites:
+            print(f"site {site.name}: {site} (start it with `flip-site run {site}`)")
     return 0
 
 
@@ -184,8 +239,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the train/test split")
     p.set_defaults(func=_cmd_data_add)
     p = data.add_parser("catalogue", help="what researchers may see")
-    p.add_argument("--site", required=True)
+    p.add_argument("--site", required=True, action="append", help="repeat for several sites (JSON keyed by SITE)")
+    p.add_argument("--by-site", action="store_true", help="JSON keyed by SITE even for one site")
     p.set_defaults(func=_cmd_data_catalogue)
+    p = data.add_parser("harmonisation", help="aggregate harmonisation report for a contract read from stdin")
+    p.add_argument("--site", required=True, action="append", help="repeat for several sites (JSON keyed by SITE)")
+    p.set_defaults(func=_cmd_data_harmonisation)
+
+    p = sub.add_parser("demo", help="simulated hospitals as ready site folders, for a local federation")
+    p.add_argument("root", help="folder to create the sites in (one subfolder per hospital)")
+    p.add_argument("--sites", type=int, required=True, help="number of hospitals")
+    p.add_argument("--hub", required=True, help="the hub's HOST:PORT")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scale", type=float, default=1.0, help="multiplies each hospital's number of patients")
+    p.add_argument("--approval", choices=("automatic", "manual"), default="automatic")
+    p.add_argument("--cache", help="generate each seed's hospitals once here and reuse them")
+    p.add_argument("--certs", action="append", metavar="BUNDLE", help="site i's provisioned bundle (repeat)")
+    p.add_argument("--trust-ca", metavar="CA.pem", help="without --certs: the federation CA verifying studies")
+    p.add_argument("--trust-crl", metavar="CRL.pem", help="... and its revocation list")
+    p.add_argument("--json", action="store_true", help='print {"sites": {NAME: FOLDER}}')
+    p.set_defaults(func=_cmd_demo)
 
     from .governance_cli import add_governance_commands
 

@@ -124,6 +124,16 @@ def _announce(hub: str, name: str, supernode_pid: int, stop: threading.Event) ->
     log.info("site %s serving hub %s (SuperNode pid %s)", name, hub, supernode_pid)
 
 
+def _stop_with_parent() -> None:
+    """In the SuperNode's process before it runs: SIGTERM it when the daemon dies, however it dies (even SIGKILL).
+    A SuperNode without its executor would take tasks nobody runs, and so long as it sends heartbeats the hub sees
+    the site online; on SIGTERM it stops cleanly and tells the hub it has gone (Flower's ``DeactivateNode``)."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 def run_site(site_dir: Path, *, hub: str | None = None, parent_pid: int | None = None) -> int:
     """Serve the site until told to stop. Returns the process exit code."""
     from ._flower_runtime import one_line_retries
@@ -160,6 +170,7 @@ def run_site(site_dir: Path, *, hub: str | None = None, parent_pid: int | None =
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,  # same group: dies with us
             env=supernode_env(),
+            preexec_fn=_stop_with_parent,
         )
     state = {
         "pid": os.getpid(),

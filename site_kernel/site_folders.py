@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import fcntl
+import hashlib
+import json
+import shutil
 from pathlib import Path
+from typing import Any
 
 from .policy import write_default_policy
 from .settings import SiteSettings, load_settings, write_settings
@@ -27,7 +32,14 @@ def init_site(site_dir: Path, *, name: str, hub: str, demo: bool = False) -> Pat
 
 
 def create_demo_sites(
-    root: Path, *, n_sites: int, seed: int, hub: str, approval: str = "automatic", scale: float = 1.0
+    root: Path,
+    *,
+    n_sites: int,
+    seed: int,
+    hub: str,
+    approval: str = "automatic",
+    scale: float = 1.0,
+    cache: Path | None = None,
 ) -> list[Path]:
     """Generate ``n_sites`` simulated hospitals under ``root`` and make each a ready site folder.
 
@@ -35,18 +47,63 @@ def create_demo_sites(
     ``"manual"`` keeps the secure default, so a data owner approves each plan with ``flip-site plans approve``.
     Each hospital's own harmonisation steps (e.g. its CT window) go into its ``site.toml``, where only the site sees
     them.
-    """
-    from .data import generate_demo_hospitals
 
+    With ``cache`` the hospitals' archives (their image files and registered datasets) are generated once per seed,
+    size and generator version under ``cache`` and each site folder registers that archive, as a hospital registers
+    its PACS export: a second federation with the same seed starts without generating anything (and without
+    importing torch).
+    """
     root.mkdir(parents=True, exist_ok=True)
-    hospitals = generate_demo_hospitals(root, n_sites=n_sites, seed=seed, scale=scale, register=True)
+    hospitals = _cached_hospitals(cache, n_sites=n_sites, seed=seed, scale=scale) if cache else None
+    if hospitals is None:
+        from .data import generate_demo_hospitals
+
+        generated = generate_demo_hospitals(root, n_sites=n_sites, seed=seed, scale=scale, register=True)
+        hospitals = [(h.name, h.site_dir, list(h.site_steps)) for h in generated]
     sites = []
-    for hospital in hospitals:
-        site_dir = hospital.site_dir
+    for name, source, site_steps in hospitals:
+        site_dir = root / name
+        if source != site_dir:  # the cached archive's registered datasets, whose files stay in the cache
+            shutil.copytree(source / "data", site_dir / "data", dirs_exist_ok=True)
+            (site_dir / "logs").mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source / "logs" / "data.log", site_dir / "logs" / "data.log")
         for sub in ("approvals", "logs", "cache"):
             (site_dir / sub).mkdir(parents=True, exist_ok=True)
-        write_settings(site_dir, SiteSettings(name=hospital.name, hub=hub, site_steps=list(hospital.site_steps)))
+        write_settings(site_dir, SiteSettings(name=name, hub=hub, site_steps=site_steps))
         if not (site_dir / "policy.toml").exists():
             write_default_policy(site_dir, demo=approval == "automatic")
         sites.append(site_dir)
     return sites
+
+
+_CACHE_INDEX = "hospitals.json"  # written last: a cache entry without it is unfinished
+
+
+def _cached_hospitals(
+    cache: Path, *, n_sites: int, seed: int, scale: float
+) -> list[tuple[str, Path, list[dict[str, Any]]]]:
+    """The simulated hospitals for (seed, n_sites, scale) from ``cache``, generated there first if missing.
+
+    The entry's name hashes the data layer's source, so a change to the generator or to registration never reuses
+    an old archive. One generator at a time per entry (a lock file); an entry left half-written is made again.
+    """
+    digest = hashlib.sha256(f"{seed}/{n_sites}/{scale!r}".encode())
+    for source in sorted((Path(__file__).parent / "data").glob("*.py")):
+        digest.update(source.name.encode() + source.read_bytes())
+    entry = cache / f"seed{seed}-n{n_sites}-{digest.hexdigest()[:16]}"
+    index = entry / _CACHE_INDEX
+    if not index.is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        with open(cache / f"{entry.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not index.is_file():
+                from .data import generate_demo_hospitals
+
+                shutil.rmtree(entry, ignore_errors=True)
+                generated = generate_demo_hospitals(entry, n_sites=n_sites, seed=seed, scale=scale, register=True)
+                rows = [{"name": h.name, "site_steps": list(h.site_steps)} for h in generated]
+                tmp = entry / (_CACHE_INDEX + ".tmp")
+                tmp.write_text(json.dumps(rows))
+                tmp.replace(index)
+    rows = json.loads(index.read_text())
+    return [(row["name"], entry / row["name"], row["site_steps"]) for row in rows]

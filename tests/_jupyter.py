@@ -17,7 +17,8 @@ from pathlib import Path
 
 import httpx
 
-from flip_lab.local import free_port, read_state, stop_pids
+from flip_common.net import free_port
+from flip_lab.supervisor import read_state, stop_pids
 
 BIN = Path(sys.executable).parent
 

@@ -2,7 +2,7 @@
 
 The production hub verifies every study's signature (flip_lab.hub.signed) and has no switch to stop. A test starts
 its local federation's runner with this file in place of ``flip_lab.hub.runner`` (by setting
-``flip_lab.local.RUNNER`` to ``(this file, "runner")``); that runner starts each study with this file in place of
+``flip_lab.supervisor.RUNNER`` to ``(this file, "runner")``); that runner starts each study with this file in place of
 ``flip_lab.hub.study``, whose signature check then lets anything through:
 
     python tests/hub_unchecked.py runner ARGS...   # flip_lab.hub.runner's arguments

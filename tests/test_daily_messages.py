@@ -15,12 +15,13 @@ from test_plan import notebook
 
 import flip_lab
 from flip_common.contract import validate_contract
+from flip_common.net import free_port
 from flip_lab import Job, Plan, PlanError
 from flip_lab._offer import check_offered
 from flip_lab.cli import main as flip_lab_main
 from flip_lab.config import BUILTIN_STRATEGIES, validate
 from flip_lab.errors import ConfigError, FederationError, JobFailed, NoModelReleased, PlanCheckFailed
-from flip_lab.local import STATE, free_port
+from flip_lab.supervisor import STATE
 
 NOTEBOOKS = Path(__file__).parent / "notebooks"
 RECORDED = NOTEBOOKS / "recorded_job"
@@ -354,7 +355,8 @@ def test_a_site_whose_hub_is_down_says_so_once_and_serves_when_it_comes(tmp_path
 
 @pytest.mark.e2e
 def test_a_hub_alone_listens_where_sites_look_by_default(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from flip_lab.local import _listening, read_state
+    from flip_lab.supervisor import listening as _listening
+    from flip_lab.supervisor import read_state
     from site_kernel.settings import DEFAULT_HUB, SiteSettings
 
     assert SiteSettings(name="x").hub == DEFAULT_HUB == "127.0.0.1:9093"

@@ -185,7 +185,9 @@ def test_the_directory_asks_again_only_for_a_new_node_or_when_too_old() -> None:
 # -- a real hub with two sites started on their own --------------------------------------------------------------
 @pytest.fixture(scope="module")
 def hub_and_sites(tmp_path_factory):
-    from flip_lab.local import LocalFederation, _flower_env, stop_pids
+    from flip_lab.local import LocalFederation
+    from flip_lab.supervisor import flower_env as _flower_env
+    from flip_lab.supervisor import stop_pids
     from site_kernel.site_folders import create_demo_sites
 
     root = tmp_path_factory.mktemp("directory")

@@ -26,10 +26,10 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture(scope="module")
 def fed(tmp_path_factory):
     import flip_lab
-    import flip_lab.local
+    import flip_lab.supervisor
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(flip_lab.local, "RUNNER", (str(UNCHECKED_HUB), "runner"))
+        mp.setattr(flip_lab.supervisor, "RUNNER", (str(UNCHECKED_HUB), "runner"))
         federation = flip_lab.local_federation(2, workdir=tmp_path_factory.mktemp("identity"), scale=0.3)
     yield federation
     federation.shutdown()

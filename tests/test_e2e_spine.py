@@ -99,7 +99,7 @@ def test_cancel_stops_the_job(federation, tiny_plan):
 
 
 def test_unreachable_hub_is_reported_with_its_address(tiny_plan, tmp_path):
-    from flip_lab.local import free_port
+    from flip_common.net import free_port
 
     port = free_port()
     fed = flip_lab.connect(f"127.0.0.1:{port}", workdir=tmp_path)

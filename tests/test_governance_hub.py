@@ -20,10 +20,12 @@ from types import SimpleNamespace
 import pytest
 
 from flip_common.bundle import MAX_PLAN_BYTES, BundleRefused, read_plan_bundle
+from flip_common.net import free_port
 from flip_lab._flower import ControlClient, build_fab
 from flip_lab.cli import main as flip_lab_main
-from flip_lab.local import LocalFederation, free_port, read_state
+from flip_lab.local import LocalFederation
 from flip_lab.provision import provision
+from flip_lab.supervisor import read_state
 
 SERVER_APP_WRITES = """
 from pathlib import Path

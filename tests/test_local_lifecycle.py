@@ -169,3 +169,26 @@ def test_history_table_columns_and_aggregate_rows():
     assert set(frame.site) == {"a", "aggregate"}
     assert history.metric("loss", phase="train").tolist() == [0.4]
     assert Path(__file__).exists()
+
+
+def test_a_killed_site_kernel_is_gone_from_the_hubs_view_within_seconds(tmp_path):
+    """The federation watches its sites' processes: when a site kernel is killed (SIGKILL, its PID only), its
+    SuperNode stops with it and the hub is told at once, instead of the site staying "online" until Flower's
+    heartbeat expires (about 40 s), or for good while an orphaned SuperNode kept sending heartbeats."""
+    from flip_lab.local import LocalFederation, _node_id
+
+    with LocalFederation.start(2, workdir=tmp_path / "fed", watch_parent=False, scale=0.1) as fed:
+        victim, other = sorted(fed.site_dirs)
+        node = _node_id(fed.site_dirs[victim])
+        supernode = json.loads((fed.site_dirs[victim] / "run" / "state.json").read_text())["supernode_pid"]
+        os.kill(fed.state["site_pids"][victim], signal.SIGKILL)
+        deadline = time.monotonic() + 20  # generous; the heartbeat alone takes about 40 s
+        while time.monotonic() < deadline:
+            status = {n.node_id: n.status for n in fed.nodes()}
+            if status.get(node) != "online":
+                break
+            time.sleep(0.2)
+        assert status.get(node) != "online", "the hub still counts the killed site as online"
+        rows = {row["site"]: row for row in fed.sites()}
+        assert not rows[victim]["online"] and rows[other]["online"]
+        assert _gone([supernode], timeout=20), "the killed site's SuperNode must stop with it"

@@ -242,8 +242,9 @@ def multihost(tmp_path_factory):
     torch.set_num_threads(1)
     import flip_lab
     from flip_lab._bundle import bundle
-    from flip_lab.local import _flower_env, stop_pids
     from flip_lab.provision import Researcher, provision
+    from flip_lab.supervisor import flower_env as _flower_env
+    from flip_lab.supervisor import stop_pids
     from site_kernel.settings import install_certs, load_settings, write_settings
     from site_kernel.site_folders import create_demo_sites
 

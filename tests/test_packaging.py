@@ -146,7 +146,7 @@ def test_the_site_part_alone_runs_a_site_against_a_hub(tmp_path: Path) -> None:
     import flip_lab
     from flip_common.net import free_port
     from flip_lab.cli import main as flip_lab_main
-    from flip_lab.local import stop_pids
+    from flip_lab.supervisor import stop_pids
 
     started = time.monotonic()
     wheels = tmp_path / "wheels"

@@ -151,10 +151,10 @@ def test_a_notebook_starts_its_own_federation_when_the_panel_runs_none_or_a_fold
 
 
 def test_shutdown_of_a_joined_federation_leaves_the_panels_running(monkeypatch, tmp_path):
-    import flip_lab.local as local
+    from flip_lab import local
 
     stopped = []
-    monkeypatch.setattr(local, "stop_pids", lambda pids, timeout=8.0: stopped.append(pids))
+    monkeypatch.setattr(local.supervisor, "stop_pids", lambda pids, timeout=8.0: stopped.append(pids))
     (tmp_path / local.STATE).write_text("{}")
     fed = LocalFederation(tmp_path, {"hub_port": 9, "pids": [1], "sites": {}, "site_pids": {}}, owner=False)
     fed.joined = True

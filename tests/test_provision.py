@@ -15,8 +15,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from flip_lab.cli import main as flip_lab_main
 from flip_lab.errors import FederationError
-from flip_lab.local import hub_command
 from flip_lab.provision import HubCerts, ProvisionError, provision
+from flip_lab.supervisor import hub_command
 from site_kernel.cli import main as flip_site_main
 from site_kernel.daemon import supernode_command
 from site_kernel.settings import SettingsError, check_identity, load_settings

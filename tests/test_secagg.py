@@ -195,7 +195,7 @@ def secure_fed(tmp_path_factory):
     """Three sites whose policies bound their updates, and the folder where the hub records what it receives.
     The dropout test kills a site, so it runs last."""
     import flip_lab
-    import flip_lab.local
+    import flip_lab.supervisor
 
     root = tmp_path_factory.mktemp("secure")
     # A hub started as root runs its studies as an unprivileged uid, which cannot enter pytest's 0700 folders:
@@ -203,7 +203,7 @@ def secure_fed(tmp_path_factory):
     record_dir = Path(tempfile.mkdtemp(prefix="flip-hub-received-"))
     record_dir.chmod(0o777)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(flip_lab.local, "RUNNER", (str(RECORDING_HUB), str(record_dir), "runner"))
+        mp.setattr(flip_lab.supervisor, "RUNNER", (str(RECORDING_HUB), str(record_dir), "runner"))
         fed = flip_lab.local_federation(3, workdir=root / "fed", scale=0.1)
     try:
         for site_dir in fed.site_dirs.values():  # the executor reads the policy afresh for every message

@@ -17,7 +17,7 @@ import websocket  # websocket-client, a dependency of jupyter_server
 from _jupyter import Jupyter, start_jupyter
 
 import flip_lab
-from flip_lab.local import free_port
+from flip_common.net import free_port
 
 PLANS = Path(__file__).parent / "plans"
 API = "/flip-lab/api"

@@ -13,11 +13,12 @@ import pytest
 import torch
 
 import flip_lab
+from flip_common.net import free_port
 from flip_lab.errors import HubUnreachable
 from flip_lab.jobview import JobView
-from flip_lab.local import free_port, read_state, running_state, stop_pids
 from flip_lab.server.manager import Busy, FederationManager, NotConnected, PanelError
 from flip_lab.server.views import JobBoard, SiteBoard, dataset_summary, job_summary
+from flip_lab.supervisor import read_state, running_state, stop_pids
 
 PLANS = Path(__file__).parent / "plans"
 torch.set_num_threads(1)

@@ -30,7 +30,8 @@ from typing import Any
 
 from .._flower import RunInfo
 from ..errors import FederationError, FlipError, HubUnreachable, JobNotFound
-from ..local import LocalFederation, running_state
+from ..local import LocalFederation
+from ..supervisor import running_state
 from . import connection as connections
 from .connection import Connection
 from .messages import (
@@ -181,8 +182,8 @@ class FederationManager:
             self._replace(
                 None,
                 "starting",
-                f"Starting a hub and {n_sites} simulated hospitals on this machine: "
-                "each hospital generates its data, then its site connects to the hub.",
+                f"Starting a hub and {n_sites} simulated hospitals on this machine: their sites connect to the hub "
+                "as it starts (a first start also generates the hospitals' images, which later starts reuse).",
             )
         except BaseException:
             self._op.release()
