@@ -33,7 +33,9 @@ import flip_lab
 from flip_lab.local import LocalFederation
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import stock_flower  # noqa: E402  (beside this script)
+import itertools
+
+import stock_flower
 
 ROOT = Path(__file__).resolve().parent.parent
 PLAN = ROOT / "tests" / "plans" / "tiny_plan.py"
@@ -63,7 +65,7 @@ def flip_rounds(n_sites: int, repeats: int, rounds: int) -> dict[str, Any]:
                 lost += [e["site"] for e in job.errors if e["type"] == "site_error" and e["kind"] == "site_offline"]
                 if i:
                     done = sorted(e["t"] for e in job.events if e["type"] == "aggregate" and e["phase"] == "evaluate")
-                    times += [b - a for a, b in zip(done, done[1:])]
+                    times += [b - a for a, b in itertools.pairwise(done)]
     return {
         "start_to_online_s": up_s,
         "median_round_s": statistics.median(times) if times else None,
@@ -105,8 +107,10 @@ def main(argv: list[str] | None = None) -> int:
 def markdown(results: dict[str, Any]) -> str:
     base = next((r["flip"]["median_round_s"] for r in results["sizes"] if r["sites"] == 3), None)
     lines = [
-        "| sites | FLIP round (vs 3 sites) | stock Flower round | FLIP / stock | sites lost | FLIP start to online "
-        "| load avg |",
+        (
+            "| sites | FLIP round (vs 3 sites) | stock Flower round | FLIP / stock | sites lost | FLIP start to online "
+            "| load avg |"
+        ),
         "|---|---|---|---|---|---|---|",
     ]
     for r in results["sizes"]:
@@ -123,8 +127,10 @@ def markdown(results: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        f"Median of {results['rounds']}-round jobs x {results['repeats']}, rounds after the first; "
-        f"{results['machine']}. Flower's simulation runtime: {results['stock_flower_simulation']}.",
+        (
+            f"Median of {results['rounds']}-round jobs x {results['repeats']}, rounds after the first; "
+            f"{results['machine']}. Flower's simulation runtime: {results['stock_flower_simulation']}."
+        ),
     ]
     return "\n".join(lines) + "\n"
 

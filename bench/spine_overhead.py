@@ -23,6 +23,7 @@ on a shared machine every figure grows with it.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import signal
@@ -66,7 +67,7 @@ def run_job(fed: LocalFederation, plan: flip_lab.Plan, rounds: int) -> dict:
     overheads = round_overheads(events)
     done = sorted(e["t"] for e in events if e["type"] == "aggregate" and e["phase"] == "evaluate")
     return {
-        "round_s": [b - a for a, b in zip(done, done[1:])],
+        "round_s": [b - a for a, b in itertools.pairwise(done)],
         "cold_start_s": min(starts) - t0,
         "round_overheads_s": overheads[1:] or overheads,
         "first_round_overhead_s": overheads[0] if overheads else None,
@@ -98,7 +99,7 @@ def start_and_kill(starts: int) -> dict:
             t0 = time.perf_counter()
             with LocalFederation.start(3, workdir=tmp, watch_parent=False) as fed:
                 up.append(time.perf_counter() - t0)
-                victim = sorted(fed.site_dirs)[0]
+                victim = min(fed.site_dirs)
                 node = _node_id(fed.site_dirs[victim])
                 t1 = time.perf_counter()
                 os.kill(fed.state["site_pids"][victim], signal.SIGKILL)

@@ -9,6 +9,7 @@ Flower's simulation runtime needs Ray, which this environment does not install (
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import statistics
 import subprocess
@@ -83,7 +84,7 @@ def deployment(n_nodes: int, rounds: int, *, timeout: float = 1800) -> dict[str,
             return {
                 "start_to_online_s": online_s,
                 "submit_to_first_round_end_s": ends[0] - submitted,
-                "round_s": [b - a for a, b in zip(ends, ends[1:])],
+                "round_s": [b - a for a, b in itertools.pairwise(ends)],
                 # Under heavy load Flower may mark a run whose rounds all ran as failed ("No heartbeat received
                 # from the task") while its ServerApp process exits: recorded, the rounds' times stand.
                 "flower_status": f"{run.status}:{run.sub_status}",

@@ -149,7 +149,9 @@ def _cmd_data_harmonisation(args: argparse.Namespace) -> int:
     try:
         contract = json.loads(sys.stdin.read())
     except ValueError as err:
-        raise SettingsError(f"the contract on stdin is not JSON ({err}); pass a plan's contract as a JSON object")
+        raise SettingsError(
+            f"the contract on stdin is not JSON ({err}); pass a plan's contract as a JSON object"
+        ) from None
     if not isinstance(contract, dict):
         raise SettingsError("the contract on stdin must be a JSON object (a plan's contract)")
     reports = {
@@ -176,7 +178,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         scale=args.scale,
         cache=Path(args.cache) if args.cache else None,
     )
-    for site_dir, bundle in zip(sites, args.certs or []):
+    for site_dir, bundle in zip(sites, args.certs or [], strict=False):  # no --certs: none to install
         record_identity(site_dir, install_certs(site_dir, Path(bundle)))
     if args.trust_ca and not args.certs:
         for site_dir in sites:

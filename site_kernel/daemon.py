@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from flip_common.net import alive, free_port, is_loopback
@@ -124,14 +125,19 @@ def _announce(hub: str, name: str, supernode_pid: int, stop: threading.Event) ->
     log.info("site %s serving hub %s (SuperNode pid %s)", name, hub, supernode_pid)
 
 
-def _stop_with_parent() -> None:
-    """In the SuperNode's process before it runs: SIGTERM it when the daemon dies, however it dies (even SIGKILL).
+def _stop_with_parent() -> Callable[[], None]:
+    """For the SuperNode's process before it runs: SIGTERM it when the daemon dies, however it dies (even SIGKILL).
     A SuperNode without its executor would take tasks nobody runs, and so long as it sends heartbeats the hub sees
-    the site online; on SIGTERM it stops cleanly and tells the hub it has gone (Flower's ``DeactivateNode``)."""
+    the site online; on SIGTERM it stops cleanly and tells the hub it has gone (Flower's ``DeactivateNode``).
+
+    ``prctl`` is looked up here, before the fork: the child only calls it, and takes no import lock a thread of the
+    daemon might hold. The daemon forks from its main thread, whose end is the process's end (PDEATHSIG follows the
+    forking thread)."""
     import ctypes
 
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
     pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    return lambda: prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def run_site(site_dir: Path, *, hub: str | None = None, parent_pid: int | None = None) -> int:
@@ -170,7 +176,7 @@ def run_site(site_dir: Path, *, hub: str | None = None, parent_pid: int | None =
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,  # same group: dies with us
             env=supernode_env(),
-            preexec_fn=_stop_with_parent,
+            preexec_fn=_stop_with_parent(),  # noqa: PLW1509  (prctl only, resolved before the fork)
         )
     state = {
         "pid": os.getpid(),

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-# The two crossings left: the dry run's synthetic site data and the local federation's site set-up.
-STILL_CROSSING = {"flip_lab": {"flip_lab/_dryrun.py": ["site_kernel"], "flip_lab/local.py": ["site_kernel"]}}
+# The one crossing left: the dry run's synthetic site data.
+STILL_CROSSING = {"flip_lab": {"flip_lab/_dryrun.py": ["site_kernel"]}}
 
 
 def _imports(package: str, root: Path = ROOT) -> dict[str, set[str]]:
