@@ -3,7 +3,8 @@
 The production hub has no such switch. A test starts its local federation's runner with this file in place of
 ``flip_lab.hub.runner`` (by setting ``flip_lab.supervisor.RUNNER`` to ``(this file, FOLDER, "runner")``); that runner
 starts each study with this file in place of ``flip_lab.hub.study``, and the study wraps
-``StreamingGrid.send_and_receive`` so that every reply it hands on is saved first, as ``FOLDER/RUN/round-R/PHASE/SITE/KEY.safetensors``:
+``StreamingGrid.send_and_receive`` so that every reply it hands on is saved first, as
+``FOLDER/RUN/round-R/PHASE/SITE/KEY.safetensors``:
 
     python tests/hub_recording.py FOLDER runner ARGS...   # flip_lab.hub.runner's arguments
     python -I tests/hub_recording.py FOLDER study ARGS...  # flip_lab.hub.study's arguments
