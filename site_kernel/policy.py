@@ -112,6 +112,8 @@ class SitePolicy:
     error_line_numbers: bool = False
     # [jobs] concurrent: how many studies may hold a plan process at this site at once.
     concurrent_jobs: int = 2
+    # [resources] devices: accelerators studies may use, e.g. ("cuda:0",); empty: the CPU only.
+    devices: tuple[str, ...] = ()
 
     @property
     def label(self) -> str:
@@ -231,7 +233,19 @@ def _build(t: dict[str, Any], *, source: Path | None, dp: DpRules | None = None)
         ),
         reapprove_on_settings_change=_bool(t, "reapprove_on_settings_change"),
         concurrent_jobs=_int(t["jobs"], "concurrent", minimum=1, prefix="jobs."),
+        devices=_devices(t["resources"]),
     )
+
+
+def _devices(section: Mapping[str, Any]) -> tuple[str, ...]:
+    """``[resources] devices``: a list of distinct ``"cuda:N"`` names."""
+    value = section["devices"]
+    ok = isinstance(value, list) and all(
+        isinstance(v, str) and v.startswith("cuda:") and v[5:].isdigit() and len(v[5:]) < 4 for v in value
+    )
+    if not ok or len(set(value)) != len(value):
+        raise _wrong("resources.devices", 'a list of distinct GPU names such as ["cuda:0"]', value)
+    return tuple(value)
 
 
 def _allowed_config(section: Any) -> dict[str, dict[str, Any]]:

@@ -1,0 +1,221 @@
+"""Volumetric studies (``dims=3``): the contract, each case harmonised once into the cache as memory-mappable
+``.npy`` files, lazy reading by the worker, the MONAI-shaped ``data.train``/``data.test``, the dry run, and the
+site's ``[resources] devices`` policy with its CPU fallback."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from flip_common.sitedata import SiteData, VolumeCases, VolumeData, open_volumes
+from site_kernel.data import ContractError, generate_demo_hospitals, prepare, validate_contract
+from site_kernel.data.prepare import PreparedVolumes
+
+torch.set_num_threads(1)
+
+CONTRACT = {
+    "modality": ["CT", "MR"],
+    "dims": 3,
+    "spacing": [4.0, 4.0, 5.0],
+    "intensity": {"kind": "zscore"},
+    "labels": {"background": 0, "lesion": 1},
+}
+
+
+@pytest.fixture(scope="module")
+def sites(tmp_path_factory: pytest.TempPathFactory) -> list:
+    return generate_demo_hospitals(tmp_path_factory.mktemp("volumes"), n_sites=2, seed=3, scale=0.06, register=True)
+
+
+# -- the contract ----------------------------------------------------------------------------------------------
+def test_a_volumetric_contract_is_accepted_with_or_without_a_size() -> None:
+    native = validate_contract(CONTRACT)
+    assert native["dims"] == 3 and native["size"] is None and native["spacing"] == [4.0, 4.0, 5.0]
+    fixed = validate_contract({**CONTRACT, "size": [32, 32, 16]})
+    assert fixed["size"] == [32, 32, 16] and fixed["orientation"] == "RAS"
+    assert validate_contract({**CONTRACT, "size": None}) == native
+
+
+@pytest.mark.parametrize(
+    ("change", "key", "words"),
+    [
+        ({"spacing": [4.0, 4.0]}, "spacing", "three values [x, y, z]"),
+        ({"size": [32, 32]}, "size", "leave size out"),
+        ({"size": [32, 32, 4]}, "size", "[8, 1024]"),
+        ({"dims": 4, "size": [8, 8, 8]}, "dims", "dims=3 (volumes)"),
+        ({"orientation": "RAR"}, "orientation", "one of R/L"),
+    ],
+)
+def test_a_malformed_volumetric_contract_names_its_key(change: dict, key: str, words: str) -> None:
+    with pytest.raises(ContractError) as caught:
+        validate_contract({**CONTRACT, **change})
+    assert caught.value.key == key and words in str(caught.value)
+
+
+def test_two_dimensional_contracts_are_unchanged() -> None:
+    flat = {**CONTRACT, "dims": 2, "size": [48, 48], "spacing": [4.0, 4.0]}
+    assert validate_contract(flat)["size"] == [48, 48]
+    with pytest.raises(ContractError) as caught:
+        validate_contract({k: v for k, v in flat.items() if k != "size"})
+    assert caught.value.key == "size"
+
+
+# -- harmonised once, on disk, read lazily -----------------------------------------------------------------------
+def test_each_case_is_written_once_as_npy_with_its_geometry(sites: list) -> None:
+    site = sites[0]
+    data = prepare(site.site_dir, CONTRACT, site_steps=site.site_steps)
+    assert isinstance(data, PreparedVolumes) and not data.from_cache
+    index = json.loads((data.folder / "index.json").read_text())["cases"]
+    assert len(index) == data.num_train + data.num_test == site.num_cases
+    for entry in index:
+        image = np.load(data.folder / entry["image"], mmap_mode="r")
+        assert isinstance(image, np.memmap) and image.dtype == np.float32 and list(image.shape) == entry["shape"]
+        assert np.load(data.folder / entry["label"], mmap_mode="r").dtype == np.uint8
+        assert entry["spacing"] == pytest.approx([4.0, 4.0, 5.0])
+        assert np.allclose(np.linalg.norm(np.asarray(entry["affine"])[:3, :3], axis=0), [4.0, 4.0, 5.0])
+    case = data.train[0]
+    assert case["image"].shape[0] == 1 and case["label"].shape == case["image"].shape
+    assert case["label"].dtype == np.int64 and set(np.unique(case["label"])) <= {0, 1}
+    assert set(case["meta"]) == {"index", "spacing", "affine"}, "no identifier of the site's data"
+    again = prepare(site.site_dir, CONTRACT, site_steps=site.site_steps)
+    assert again.from_cache and again.folder == data.folder
+
+
+def test_a_fixed_size_crops_or_pads_every_case(sites: list) -> None:
+    site = sites[1]
+    data = prepare(site.site_dir, {**CONTRACT, "size": [40, 32, 8]}, site_steps=site.site_steps)
+    assert {tuple(c["image"].shape) for c in data.train} == {(1, 40, 32, 8)}
+
+
+def test_the_worker_reads_only_the_cases_the_plan_asks_for(sites: list, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loading a dims=3 job reads the index, not the cases; indexing one case reads that case's two files."""
+    import flip_common.sitedata as sitedata
+    from site_kernel.worker import Worker
+
+    site = sites[0]
+    folder = prepare(site.site_dir, CONTRACT, site_steps=site.site_steps).folder
+    opened: list[str] = []
+    real_load = np.load
+
+    def counting_load(path, *args, **kwargs):
+        opened.append(Path(path).name)
+        return real_load(path, *args, **kwargs)
+
+    monkeypatch.setattr(sitedata.np, "load", counting_load)
+    worker = Worker(-1, -1)
+    assert worker.load_data({"cases": str(folder), "arrays": None}) == {"ok": True}
+    assert isinstance(worker.data, VolumeData) and worker.data.num_train > 1
+    assert opened == [], "loading the job read case files"
+    worker.data.train[1]
+    assert sorted(opened) == ["0001_image.npy", "0001_label.npy"]
+
+
+def test_a_volumetric_plan_that_asks_for_train_x_is_told_what_to_use(sites: list) -> None:
+    data = open_volumes(prepare(sites[0].site_dir, CONTRACT, site_steps=sites[0].site_steps).folder)
+    with pytest.raises(AttributeError, match=r"use data.train / data.test"):
+        data.train_x  # noqa: B018
+
+
+# -- the MONAI-shaped interface ----------------------------------------------------------------------------------
+def test_cases_feed_monai_datasets_patch_samplers_and_sliding_windows(sites: list) -> None:
+    from monai.data import DataLoader, Dataset
+    from monai.inferers import sliding_window_inference
+    from monai.metrics import DiceMetric
+    from monai.transforms import Compose, RandCropByPosNegLabeld, SpatialPadd
+
+    data = open_volumes(prepare(sites[0].site_dir, CONTRACT, site_steps=sites[0].site_steps).folder)
+    patch = (16, 16, 4)
+    transform = Compose(
+        [
+            SpatialPadd(["image", "label"], spatial_size=patch),
+            RandCropByPosNegLabeld(["image", "label"], "label", spatial_size=patch, pos=1, neg=1, num_samples=2),
+        ]
+    )
+    loader = DataLoader(Dataset(data.train, transform=transform), batch_size=2, num_workers=0)
+    batch = next(iter(loader))
+    assert tuple(batch["image"].shape) == (4, 1, *patch) and tuple(batch["label"].shape) == (4, 1, *patch)
+    net = torch.nn.Conv3d(1, 2, 3, padding=1)
+    metric = DiceMetric(include_background=False, reduction="none", ignore_empty=False)
+    for case in data.test:
+        image = torch.as_tensor(case["image"])[None]
+        with torch.no_grad():
+            logits = sliding_window_inference(image, patch, 2, net)
+        prediction = torch.nn.functional.one_hot(logits.argmax(1), 2).permute(0, 4, 1, 2, 3)
+        target = torch.nn.functional.one_hot(torch.as_tensor(case["label"])[:, ...].long(), 2).permute(0, 4, 1, 2, 3)
+        metric(prediction, target)
+    assert metric.aggregate().shape == (len(data.test), 1)
+
+
+def test_two_dimensional_data_also_reads_as_cases() -> None:
+    x, y = torch.rand(3, 1, 8, 8), torch.randint(0, 2, (3, 8, 8))
+    data = SiteData(x, y, x[:1], y[:1])
+    assert len(data.train) == 3 and len(data.test) == 1
+    case = data.train[2]
+    assert tuple(case["image"].shape) == (1, 8, 8) and tuple(case["label"].shape) == (1, 8, 8)
+    assert torch.equal(case["image"], x[2])
+
+
+def test_the_dry_run_hands_a_volumetric_plan_synthetic_cases() -> None:
+    from flip_lab._dryrun import NATIVE_SIZE, SAMPLES, synthetic_data
+
+    data = synthetic_data(validate_contract(CONTRACT))
+    assert isinstance(data, VolumeData) and data.num_train == data.num_test == SAMPLES
+    case = data.train[0]
+    assert case["image"].shape == (1, NATIVE_SIZE, NATIVE_SIZE, NATIVE_SIZE) and case["label"].dtype == np.int64
+    sized = synthetic_data(validate_contract({**CONTRACT, "size": [16, 24, 8]}))
+    assert sized.test[1]["image"].shape == (1, 16, 24, 8)
+
+
+# -- the site's GPU ------------------------------------------------------------------------------------------------
+def test_the_policy_names_devices_and_refuses_anything_else(tmp_path: Path) -> None:
+    from site_kernel.errors import PolicyError
+    from site_kernel.policy import load_policy, write_default_policy
+
+    path = write_default_policy(tmp_path, demo=True)
+    assert load_policy(tmp_path).devices == ()
+    text = path.read_text()
+    path.write_text(text.replace("devices = []", 'devices = ["cuda:0", "cuda:1"]'))
+    assert load_policy(tmp_path).devices == ("cuda:0", "cuda:1")
+    for bad in ('["gpu0"]', '"cuda:0"', '["cuda:0", "cuda:0"]', '["cuda:x"]'):
+        path.write_text(text.replace("devices = []", f"devices = {bad}"))
+        with pytest.raises(PolicyError) as caught:
+            load_policy(tmp_path)
+        assert caught.value.key == "resources.devices"
+
+
+def test_without_a_granted_gpu_plans_run_on_the_cpu_and_are_told_why(monkeypatch: pytest.MonkeyPatch) -> None:
+    from site_kernel import worker
+
+    assert worker._device([]) == ("cpu", "the site's policy grants no GPU ([resources] devices is empty)")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    device, note = worker._device(["cuda:0"])
+    assert device == "cpu" and "no usable GPU" in note
+
+
+def test_the_sandbox_grants_device_files_only_for_granted_devices(monkeypatch: pytest.MonkeyPatch) -> None:
+    from site_kernel import sandbox
+
+    assert sandbox.gpu_paths([]) == ([], [])
+    present = {"/dev/nvidia1", "/dev/nvidiactl", "/dev/nvidia-uvm", "/proc/driver/nvidia", "/dev/nvidia0"}
+    monkeypatch.setattr(sandbox.os.path, "exists", lambda p: str(p) in present)
+    files, info = sandbox.gpu_paths(["cuda:1"])
+    assert [str(f) for f in files] == ["/dev/nvidia1", "/dev/nvidiactl", "/dev/nvidia-uvm"]
+    assert [str(p) for p in info] == ["/proc/driver/nvidia"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_a_granted_gpu_reaches_the_plan() -> None:
+    from site_kernel import worker
+
+    assert worker._device(["cuda:0"])[0] == "cuda:0"
+
+
+def test_volume_cases_slice_lazily(sites: list) -> None:
+    data = prepare(sites[1].site_dir, CONTRACT, site_steps=sites[1].site_steps)
+    cases = data.train
+    assert isinstance(cases, VolumeCases)
+    assert len(cases[1:]) == len(cases) - 1 and cases[1:].shapes == cases.shapes[1:]
