@@ -5,6 +5,7 @@ site's ``[resources] devices`` policy with its CPU fallback."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -93,7 +94,7 @@ def test_a_fixed_size_crops_or_pads_every_case(sites: list) -> None:
 
 def test_the_worker_reads_only_the_cases_the_plan_asks_for(sites: list, monkeypatch: pytest.MonkeyPatch) -> None:
     """Loading a dims=3 job reads the index, not the cases; indexing one case reads that case's two files."""
-    import flip_common.sitedata as sitedata
+    from flip_common import sitedata
     from site_kernel.worker import Worker
 
     site = sites[0]
@@ -219,3 +220,118 @@ def test_volume_cases_slice_lazily(sites: list) -> None:
     cases = data.train
     assert isinstance(cases, VolumeCases)
     assert len(cases[1:]) == len(cases) - 1 and cases[1:].shapes == cases.shapes[1:]
+
+
+# -- inside the sandbox ------------------------------------------------------------------------------------------
+CONFINED_PLAN = """
+import torch
+from monai.data import DataLoader, Dataset, ThreadDataLoader
+
+def model():
+    return torch.nn.Conv3d(1, 2, 1)
+
+def _reads(path):
+    try:
+        open(path, "rb").read(1)
+        return 1.0
+    except PermissionError:
+        return 0.0
+
+def train(model, data, config):
+    out = {"cases": float(len(data.train)), "own": float(data.train[0]["image"].ndim)}
+    out["other_contract"] = _reads(config["other"])
+    out["raw"] = _reads(config["raw"])
+    out["plain"] = float(sum(1 for _ in DataLoader(Dataset(data.train), batch_size=1, num_workers=0)))
+    out["threads"] = float(sum(1 for _ in ThreadDataLoader(Dataset(data.train), batch_size=1, num_workers=0)))
+    try:
+        out["processes"] = float(sum(1 for _ in DataLoader(Dataset(data.train), batch_size=1, num_workers=2)))
+    except PermissionError:
+        out["processes"] = -1.0
+    return out
+
+def evaluate(model, data, config):
+    return {}
+"""
+
+CONFINED_WORKER = r"""
+import json, sys
+spec = json.loads(sys.argv[1])
+from safetensors.torch import save
+from site_kernel import egress, sandbox  # as the worker's main() imports them before confinement
+from site_kernel.worker import Worker
+
+worker = Worker(-1, -1)
+header = {
+    "cases": spec["cases"], "source": spec["plan"], "scratch": spec["scratch"], "readable": [spec["cases"]],
+    "uid": 65534, "threads": 1,
+    "limits": {"memory_mb": 4096, "cpu_seconds": 120, "processes": 16, "open_files": 256, "file_size_mb": 64,
+               "train_seconds": 60, "evaluate_seconds": 60, "wall_seconds": 60},
+}
+assert worker.load_data(header)["ok"]
+loaded = worker.load(header)
+assert loaded["ok"], loaded
+reply, _ = worker.step({"op": "train", "config": spec["config"]}, save(worker.model.state_dict()))
+print(json.dumps({"reply": reply, "device": loaded["device"], "applied": loaded["confinement"]["applied"]}))
+"""
+
+
+def _sandbox_ready() -> bool:
+    import os
+
+    from site_kernel.sandbox import probe_isolation
+
+    return os.geteuid() == 0 and all(probe_isolation().values())
+
+
+@pytest.mark.skipif(not _sandbox_ready(), reason="needs root and a kernel with every sandbox mechanism")
+def test_a_confined_worker_reads_its_own_contract_s_cases_and_nothing_else(tmp_path_factory) -> None:
+    """The sandbox grants the job's own cache entry, read-only; another contract's entry and the raw files (both
+    readable by everyone through file modes) stay out of reach. DataLoader worker processes cannot start inside
+    it (their semaphores live in /dev/shm and tensors pass over UNIX sockets the sandbox forbids: see
+    docs/architecture.md); loading in the plan's process and MONAI's ThreadDataLoader work."""
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="flip-volumes-", dir="/tmp"))  # reachable by the sandbox user
+    root.chmod(0o755)
+    try:
+        _confined_worker_run(root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _confined_worker_run(root: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    site = generate_demo_hospitals(root, n_sites=1, seed=5, scale=0.04, register=True)[0]
+    own = prepare(site.site_dir, CONTRACT, site_steps=site.site_steps).folder
+    other = prepare(site.site_dir, {**CONTRACT, "size": [16, 16, 8]}, site_steps=site.site_steps).folder
+    raw = next(p for p in site.images_dir.rglob("*") if p.is_file())
+    for path in (raw, *raw.parents):
+        if path == root.parent:
+            break
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    scratch = root / "scratch"
+    scratch.mkdir()
+    config = {"other": str(next(other.rglob("*_image.npy"))), "raw": str(raw)}
+    spec = {"cases": str(own), "plan": CONFINED_PLAN, "scratch": str(scratch), "config": config}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env.update(USER="flip-plan", LOGNAME="flip-plan")  # as the executor starts workers (jobs._worker_env)
+    proc = subprocess.run(
+        [sys.executable, "-c", CONFINED_WORKER, json.dumps(spec)],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=180,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "landlock" in out["applied"] and out["device"] == "cpu"
+    metrics = out["reply"]["metrics"]
+    assert metrics["cases"] > 0 and metrics["own"] == 4.0
+    assert metrics["other_contract"] == 0.0 and metrics["raw"] == 0.0
+    assert metrics["plain"] == metrics["threads"] == metrics["cases"]
+    assert metrics["processes"] == -1.0
+    assert "plans run on cpu" in proc.stderr
