@@ -27,19 +27,26 @@ def init_site(site_dir: Path, *, name: str, hub: str, demo: bool = False) -> Pat
 
 
 def create_demo_sites(
-    root: Path, *, n_sites: int, seed: int, hub: str, approval: str = "automatic", scale: float = 1.0
+    root: Path,
+    *,
+    n_sites: int,
+    seed: int,
+    hub: str,
+    approval: str = "automatic",
+    scale: float = 1.0,
+    volumes: bool = False,
 ) -> list[Path]:
     """Generate ``n_sites`` simulated hospitals under ``root`` and make each a ready site folder.
 
     ``approval="automatic"`` writes the demo policy (labelled "automatic approval (demo only)" everywhere);
     ``"manual"`` keeps the secure default, so a data owner approves each plan with ``flip-site plans approve``.
     Each hospital's own harmonisation steps (e.g. its CT window) go into its ``site.toml``, where only the site sees
-    them.
+    them. ``volumes=True`` writes the 3D demo hospitals (whole volumes, for ``dims=3`` studies).
     """
     from .data import generate_demo_hospitals
 
     root.mkdir(parents=True, exist_ok=True)
-    hospitals = generate_demo_hospitals(root, n_sites=n_sites, seed=seed, scale=scale, register=True)
+    hospitals = generate_demo_hospitals(root, n_sites=n_sites, seed=seed, scale=scale, register=True, volumes=volumes)
     sites = []
     for hospital in hospitals:
         site_dir = hospital.site_dir

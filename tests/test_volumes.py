@@ -171,6 +171,34 @@ def test_the_dry_run_hands_a_volumetric_plan_synthetic_cases() -> None:
     assert sized.test[1]["image"].shape == (1, 16, 24, 8)
 
 
+# -- the 3D demo hospitals ---------------------------------------------------------------------------------------
+def test_the_3d_demo_writes_whole_volumes_as_varied_as_the_2d_demo(tmp_path: Path) -> None:
+    from site_kernel.data.demo import demo_profiles
+    from site_kernel.data.manifest import read_manifest
+    from site_kernel.data.scanners import PROFILES
+
+    sites = generate_demo_hospitals(tmp_path / "3d", n_sites=4, seed=0, scale=0.2, register=True, volumes=True)
+    assert [(s.modality, s.file_format) for s in sites] == [
+        ("CT", "dicom"),
+        ("MR", "nifti"),
+        ("CT", "nifti"),
+        ("MR", "dicom"),
+    ]
+    manifests = [read_manifest(s.site_dir, "default") for s in sites]
+    shapes = [m["cases"][0]["shape"] for m in manifests]
+    assert all(48 <= min(s[:2]) and max(s[:2]) <= 96 and s[2] >= 18 for s in shapes), shapes
+    assert len({tuple(s) for s in shapes}) == 4 and len({tuple(m["cases"][0]["spacing"]) for m in manifests}) == 4
+    assert len({m["cases"][0]["axcodes"] for m in manifests}) == 4
+    assert all(m["quarantine"] == [] and m["labelled"] for m in manifests)
+    # Lesions lie throughout the volume, not only in the 2D demo's slab of a few slices around z = 0.
+    data = prepare(sites[0].site_dir, {**CONTRACT, "spacing": [4.0, 4.0, 4.0]}, site_steps=sites[0].site_steps)
+    depths = [np.nonzero(c["label"][0].any(axis=(0, 1)))[0] for c in [*data.train, *data.test]]
+    assert max(d.max() - d.min() for d in depths if d.size) * 4.0 > 16.0
+    # The 2D demo stays the default: thin slabs of a few slices.
+    assert [p.slices for p in demo_profiles(4)] == [p.slices for p in PROFILES]
+    assert max(p.slices for p in PROFILES) <= 5
+
+
 # -- the site's GPU ------------------------------------------------------------------------------------------------
 def test_the_policy_names_devices_and_refuses_anything_else(tmp_path: Path) -> None:
     from site_kernel.errors import PolicyError
