@@ -15,7 +15,8 @@ import re
 
 import tomli_w
 
-from ._bundle_read import COMPONENTS, DIRECTORY_CONFIG, DIRECTORY_PROJECT, PUBLISHER
+from flip_common.bundle import COMPONENTS, DIRECTORY_CONFIG, DIRECTORY_PROJECT, PUBLISHER
+
 from ._flower import build_fab
 from .plan import BuiltPlan
 

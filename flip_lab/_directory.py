@@ -18,9 +18,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from site_kernel.textsafe import shown
-
-from ._protocol import event_of
+from flip_common.protocol import event_of
+from flip_common.textsafe import shown
 
 TTL_S = 30.0  # how old the catalogues that ``submit`` checks a contract against may be
 NAMES_TTL_S = 600.0  # how old the names may be: a node's name changes only with its site's settings

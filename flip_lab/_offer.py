@@ -17,7 +17,7 @@ _DATA_ADD = "flip-site data add NAME FOLDER --site SITE"
 def check_offered(contract: dict[str, Any], catalogues: dict[str, dict[str, Any]]) -> None:
     """Raise ``PlanError`` naming the contract's key when no site offers a dataset that matches it.
 
-    ``contract`` is a validated contract (``site_kernel.data.contract.validate_contract``); ``catalogues`` maps
+    ``contract`` is a validated contract (``flip_common.contract.validate_contract``); ``catalogues`` maps
     each site's name to its public catalogue.
     """
     name = contract["dataset"]

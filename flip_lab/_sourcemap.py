@@ -16,7 +16,7 @@ import linecache
 from dataclasses import dataclass, field
 from typing import Any
 
-from site_kernel.textsafe import shown
+from flip_common.textsafe import shown
 
 _MAX_TEXT = 160  # characters of a line shown in a message
 

@@ -47,7 +47,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
     transport = "TLS, node authentication" if fed.state.get("ca") else "plain HTTP, loopback only"
     print(f"hub:   {fed.address} listening on {fed.state['hub_host']}:{fed.state['hub_port']} ({transport})")
     if args.sites == 0:
-        from site_kernel.settings import DEFAULT_HUB
+        from flip_common.net import DEFAULT_HUB
 
         if not args.listen and fed.address != DEFAULT_HUB:
             print(f"note:  {DEFAULT_HUB}, where sites look for their hub by default, was taken")
@@ -65,7 +65,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
 def _default_listen(sites: int) -> str:
     """A hub alone listens where a site looks by default (127.0.0.1:9093) while that address is free; a hub with
     simulated sites, which are told its address, takes any free port, so that several can run side by side."""
-    from site_kernel.settings import DEFAULT_HUB
+    from flip_common.net import DEFAULT_HUB
 
     from .local import _listening
 

@@ -1,6 +1,6 @@
 """What a job looks like to a person: its state folded from events, and a static summary for saved notebooks.
 
-``JobView`` folds the hub's events (``flip_lab._protocol.Event``) into what the dashboard, the static summary and the
+``JobView`` folds the hub's events (``flip_common.protocol.Event``) into what the dashboard, the static summary and the
 study record show: round progress, each site's state with the site's own detail text, the governance facts (plan
 hash, each site's approval and policy label, the head of each site's audit log as reported with its last reply) and
 the metric history. It needs nothing but events, so a replayed ``events.jsonl`` gives exactly what the live job
@@ -21,9 +21,9 @@ from typing import Any, Protocol
 
 import pandas as pd
 
-from site_kernel.textsafe import shown
+from flip_common.protocol import FINAL
+from flip_common.textsafe import shown
 
-from ._protocol import FINAL
 from .history import AGGREGATE, History
 
 STATE_LABELS = {

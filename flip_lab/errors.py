@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-
-class FlipError(Exception):
-    """Root of every error FLIP Lab raises on purpose."""
+from flip_common.errors import FlipError
 
 
 class PlanError(FlipError):

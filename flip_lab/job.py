@@ -19,8 +19,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from flip_common.protocol import FINAL, WEIGHTS_PREFIX, event_of
+
 from ._flower import ControlClient
-from ._protocol import FINAL, WEIGHTS_PREFIX, event_of
 from ._sourcemap import describe
 from .errors import HubUnreachable, JobFailed, JobTimeout, NoModelReleased
 from .history import History

@@ -22,11 +22,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from site_kernel.daemon import alive, free_port  # the site daemon's, one definition for both sides
+from flip_common.net import alive, free_port, is_loopback
 
 from .errors import FederationError
 from .federation import Federation, _default_home
-from .provision import HubCerts, is_loopback
+from .provision import HubCerts
 
 STATE = "federation.json"
 HUB_START_TIMEOUT = 30.0

@@ -18,19 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flip_common.planhash import plan_hash
+
 from . import config as _config
 from ._capture import Capture, check_compiles
 from ._sourcemap import SourceMap
 from .errors import PlanError
 
 ENTRIES = ("model", "train", "evaluate")
-
-
-def plan_hash(source: str, contract: dict[str, Any], model_shapes: dict[str, list[int]]) -> str:
-    """The hash a data owner approves: the site's own definition, so both sides always agree."""
-    from site_kernel.approvals import plan_hash as site_plan_hash
-
-    return site_plan_hash(source, contract, model_shapes)
 
 
 @dataclass(frozen=True)
@@ -178,8 +173,7 @@ class Plan:
 
 def _validated_contract(contract: dict[str, Any]) -> dict[str, Any]:
     """The contract as every site will read it (defaults filled in), or a PlanError naming the bad key."""
-    from site_kernel.data.contract import validate_contract
-    from site_kernel.data.errors import ContractError
+    from flip_common.contract import ContractError, validate_contract
 
     try:
         return validate_contract(contract)

@@ -33,8 +33,6 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from site_kernel.daemon import is_loopback  # noqa: F401  (re-exported for the hub's command line)
-
 from .errors import FlipError
 
 if TYPE_CHECKING:

@@ -50,7 +50,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from site_kernel.textsafe import shown
+from flip_common.textsafe import shown
 
 from .errors import FlipError
 

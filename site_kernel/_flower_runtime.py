@@ -173,22 +173,6 @@ class RuntimeConnection:
             client.close()
 
 
-def fast_object_pulls(initial_backoff: float = 0.01, cap: float = 0.05) -> None:
-    """Make Flower's object pulls retry within milliseconds instead of after 1 s, 2 s, 4 s...
-
-    Sites and the hub's study processes alike call this (the hub imports it from here, so the site needs nothing from the lab).
-
-    A message's objects are often pulled a moment before the peer has stored them; Flower then backs off starting
-    at 1 s (``PULL_INITIAL_BACKOFF``), which alone cost about a second per message on loopback. The defaults are
-    keyword-only arguments bound at definition time, hence ``__kwdefaults__``.
-    """
-    from flwr.supercore.inflatable import inflatable_utils
-
-    for fn in (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree):
-        fn.__kwdefaults__["initial_backoff"] = initial_backoff
-        fn.__kwdefaults__["backoff_cap"] = cap
-
-
 class _OneLineRetries(logging.Filter):
     """Flower logs "Connection attempt failed, retrying in N seconds" before every retry of a call, several a
     minute for as long as its peer is away: this shows the first of a streak as one line naming whom it waits for,

@@ -31,13 +31,13 @@ def main() -> int:
     # One thread, for torch too should harmonising import it. Only a cache miss harmonises: a study that finds its
     # data in the cache imports no torch (importing it to set its thread count cost each site about 1 s of CPU).
     os.environ["OMP_NUM_THREADS"] = "1"
-    from .data import DataError, cache, prepare
+    from .data import ContractError, DataError, cache, prepare
     from .data.prepare import PreparedVolumes
 
     site_dir = Path(request["site_dir"])
     try:
         prepared = prepare(site_dir, request["contract"], site_steps=request.get("site_steps") or [])
-    except DataError as error:
+    except (DataError, ContractError) as error:
         with answer:
             json.dump({"failure": {"fixed_by": error.fixed_by, "message": str(error)}}, answer)
         raise

@@ -194,7 +194,9 @@ def main() -> None:
     from flwr.supernode import start_client_internal as sci
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
-    from ._flower_runtime import fast_object_pulls, one_line_retries
+    from flip_common.flower import fast_object_pulls
+
+    from ._flower_runtime import one_line_retries
 
     loop = _Loop(idle_s)
     sci.time = _patched_time(loop)  # type: ignore[assignment]

@@ -21,7 +21,6 @@ Example::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -32,6 +31,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
+from flip_common.planhash import model_shapes_of, plan_hash
+
 from .audit import AuditLog
 from .errors import AmbiguousPlan, ApprovalError, UnknownPlan
 from .policy import SitePolicy
@@ -39,28 +40,6 @@ from .run_settings import settings_hash
 
 State = Literal["pending", "approved", "rejected", "unknown"]
 _HEX64 = re.compile(r"[0-9a-f]{64}")
-_DOMAIN = b"flip-plan-v1\n"  # keeps plan hashes apart from any other SHA-256 of JSON
-
-
-def plan_hash(source: str, contract: dict[str, Any], model_shapes: dict[str, list[int]]) -> str:
-    """SHA-256 (hex) over the canonical JSON of the plan's source, data contract and model shapes.
-
-    Canonical means sorted keys and no whitespace, so dict order never matters while any change of
-    content does. Numbers hash as JSON writes them (``1`` and ``1.0`` differ), so hash what was
-    sent, as sent.
-    """
-    body = {"source": source, "contract": contract, "model_shapes": _shapes(model_shapes)}
-    try:
-        text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-    except (TypeError, ValueError) as err:
-        raise ApprovalError(f"a plan's data contract must be plain, finite JSON ({err})") from err
-    try:
-        data = text.encode("utf-8")
-    except UnicodeEncodeError as err:  # a lone surrogate: no file can hold it as sent
-        raise ApprovalError(
-            f"a plan must be valid Unicode text; it holds an unpaired surrogate at {err.start}"
-        ) from err
-    return hashlib.sha256(_DOMAIN + data).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -109,7 +88,7 @@ class ApprovalStore:
         request = {
             "hash": hash,
             "contract": contract,
-            "model_shapes": _shapes(model_shapes),
+            "model_shapes": model_shapes_of(model_shapes),
             "meta": dict(meta or {}),
             "submitted_at": _now(),
         }
@@ -265,16 +244,6 @@ class ApprovalStore:
             decided_at=decision.get("at"),
             note=decision.get("note", ""),
         )
-
-
-def _shapes(model_shapes: dict[str, Any]) -> dict[str, list[int]]:
-    out: dict[str, list[int]] = {}
-    for name, shape in model_shapes.items():
-        dims = list(shape)
-        if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in dims):
-            raise ApprovalError(f"model shape of {name!r} must be a list of non-negative integers")
-        out[str(name)] = dims
-    return out
 
 
 def _now() -> str:

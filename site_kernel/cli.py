@@ -21,13 +21,16 @@ import os
 import sys
 from pathlib import Path
 
+from flip_common.textsafe import shown
+
 from .errors import SiteKernelError
-from .textsafe import shown
 
 
 def _cmd_init(args: argparse.Namespace) -> int:
+    from flip_common.net import DEFAULT_HUB
+
+    from .settings import SettingsError, install_certs, record_identity
     from .site_folders import init_site
-    from .settings import DEFAULT_HUB, SettingsError, install_certs, record_identity
 
     site_dir = Path(args.site)
     identity: dict[str, str] = {}

@@ -14,9 +14,8 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from .data.contract import validate_contract
-from .data.errors import ContractError
-from .textsafe import shown
+from flip_common.contract import ContractError, validate_contract
+from flip_common.textsafe import shown
 
 HEADING = "contract that applies (the site harmonises its data to this; the source's own CONTRACT does not count):"
 

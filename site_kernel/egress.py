@@ -35,16 +35,14 @@ from typing import Any, Literal
 
 import numpy as np
 
+from flip_common.protocol import SITE_METRICS
+
 from .policy import SitePolicy
 
 Outcome = Literal["released", "withheld", "refused"]
 # Libraries a failure message may name as an exception's origin: a fixed list, hence safe to print.
 _LIBRARIES = ("torch", "numpy", "monai", "safetensors", "scipy", "sklearn", "pandas", "PIL")
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-# Metric names the site itself reports. They are computed by site code, not by the plan, so the
-# policy's [metrics] rules (written to limit what the plan can say) do not count them; a plan metric
-# of the same name is refused so that a plan can never pose as the site.
-SITE_METRICS = frozenset({"dp_epsilon", "dp_clip_norm"})
 
 
 @dataclass(frozen=True)

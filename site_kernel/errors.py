@@ -13,9 +13,11 @@ into a safe reply or a log line.
 
 from __future__ import annotations
 
+from flip_common.errors import FlipError
 
-class SiteKernelError(Exception):
-    """Root of every error raised by the site kernel."""
+
+class SiteKernelError(FlipError):
+    """Root of every error raised by the site kernel (a :class:`~flip_common.errors.FlipError`)."""
 
 
 class PolicyError(SiteKernelError):

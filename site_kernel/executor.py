@@ -22,16 +22,20 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
-from flip_lab._bundle_read import BundleRefused, DirectoryRequest, PlanBundle, read_bundle
-from flip_lab._packing import pack, unpack_arrays
+from flip_common import secagg as shared_secagg
+from flip_common.bundle import BundleRefused, DirectoryRequest, PlanBundle, read_bundle
+from flip_common.errors import FlipError
+from flip_common.flower import fast_object_pulls
+from flip_common.packing import pack, unpack_arrays
+from flip_common.planhash import plan_hash
 
 from . import _flower_runtime as rt
 from . import run_settings, secagg
 from ._pace import IdlePacer
-from .approvals import ApprovalStore, plan_hash
+from .approvals import ApprovalStore
 from .audit import AuditLog
 from .egress import check_reply
-from .errors import PolicyError, SiteKernelError
+from .errors import PolicyError
 from .jobs import JobWorker, StepResult, WorkerFailure
 from .policy import SitePolicy, load_policy
 from .privacy import PrivacyLedger, PrivacyLedgerError, Release, privatize, weights_digest
@@ -90,7 +94,7 @@ class Executor:
         never waits behind a plan that trains for an hour; one run's tasks still run in order
         (:meth:`_in_order`), and how many jobs hold a worker at once is the policy's ``[jobs] concurrent``.
         """
-        rt.fast_object_pulls()
+        fast_object_pulls()
         conn = rt.RuntimeConnection(self.runtime_address)
         pacer = IdlePacer(poll_s, idle_cap_s)
         try:
@@ -262,7 +266,7 @@ class Executor:
                 refusal.audit or "refused", run_id=run_id, kind=refusal.kind, op=op, reason=refusal.message
             )
             return self._error(message, refusal.kind, refusal.message)
-        except SiteKernelError as err:  # the site's own trouble: said in the site's words, kept short
+        except FlipError as err:  # the site's own trouble: said in the site's words, kept short
             self.audit.append("site_error", run_id=run_id, op=op, error=type(err).__name__)
             log.error("site error: %s", err)
             return self._error(
@@ -516,7 +520,7 @@ class Executor:
         content = {"metrics": MetricRecord(metrics)}
         if secure:  # only the masked vector leaves; the egress check above saw the bounded update in the clear
             masked = self._secagg_mask(message, spec, arrays, update, num_examples, run_id, round_)
-            content["arrays"] = pack(ArrayRecord({secagg.MASKED: Array(masked)}))
+            content["arrays"] = pack(ArrayRecord({shared_secagg.MASKED: Array(masked)}))
         elif op == "train":
             content["arrays"] = pack(ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in result.arrays.items()}))
         return self._reply(
@@ -663,7 +667,7 @@ class Executor:
         record = dict(message.content.config_records.get("secagg", {}))
         try:
             answer = secagg.answer(client, op, round_, record)
-        except secagg.SecAggError as err:
+        except shared_secagg.SecAggError as err:
             raise Refusal("secure_aggregation", f"site {self.settings.name}: {err}", audit="secagg_refused") from None
         if op == "secagg_unmask":  # what the hub may now rebuild, for the data owner's record
             self.audit.append(
@@ -699,12 +703,12 @@ class Executor:
         try:
             return client.mask(
                 round_,
-                secagg.parse_nodes(record.get("participants", "")),
-                secagg.unkeyed("ct", record),
-                secagg.flatten(update, secagg.float_keys(sent)),
+                shared_secagg.parse_nodes(record.get("participants", "")),
+                shared_secagg.unkeyed("ct", record),
+                secagg.flatten(update, shared_secagg.float_keys(sent)),
                 weight,
             )
-        except secagg.SecAggError as err:
+        except shared_secagg.SecAggError as err:
             raise Refusal("secure_aggregation", f"site {self.settings.name}: {err}", audit="secagg_refused") from None
 
     # -- replies -----------------------------------------------------------------------------------

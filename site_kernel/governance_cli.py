@@ -26,13 +26,14 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from flip_common.textsafe import shown, visible
+
 from . import contract_view
 from .approvals import ApprovalStore, PlanRecord
 from .audit import AuditLog
 from .errors import PolicyMissing, SiteKernelError
 from .policy import load_policy, write_default_policy
 from .privacy import PrivacyLedger
-from .textsafe import shown, visible
 
 Command = Callable[[argparse.Namespace], int]
 

@@ -79,7 +79,7 @@ def _describe(site: str, reply: dict[str, Any], source: str, *, lines: bool) -> 
 def _preparation_failure(site: str, answer: bytes) -> WorkerFailure:
     """The researcher's message for a failed preparation: the data layer's own message where it sent one (it names
     datasets, contract keys and reasons only), with whose action fixes it; a generic one otherwise."""
-    from .textsafe import shown
+    from flip_common.textsafe import shown
 
     try:
         failure = json.loads(answer)["failure"]

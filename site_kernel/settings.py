@@ -15,6 +15,8 @@ from typing import Any
 
 import tomli_w
 
+from flip_common.net import DEFAULT_HUB
+
 from .errors import SiteKernelError
 
 FILE = "site.toml"
@@ -22,10 +24,6 @@ FILE = "site.toml"
 
 class SettingsError(SiteKernelError):
     pass
-
-
-# Where a site looks for its hub unless told; a hub alone (`flip-lab up --sites 0`) listens here.
-DEFAULT_HUB = "127.0.0.1:9093"
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,8 @@ import argparse
 
 import pytest
 
-from site_kernel.approvals import ApprovalStore, plan_hash
+from flip_common.planhash import plan_hash
+from site_kernel.approvals import ApprovalStore
 from site_kernel.audit import AuditLog
 from site_kernel.errors import AmbiguousPlan, ApprovalError, UnknownPlan
 from site_kernel.governance_cli import add_governance_commands

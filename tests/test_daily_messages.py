@@ -9,19 +9,18 @@ import time
 from pathlib import Path
 
 import pytest
+from test_dryrun import CELLS as DRYRUN_CELLS
+from test_dryrun import MISMATCH, line_of
+from test_plan import notebook
 
 import flip_lab
+from flip_common.contract import validate_contract
 from flip_lab import Job, Plan, PlanError
 from flip_lab._offer import check_offered
-from flip_lab.config import BUILTIN_STRATEGIES, validate
-from flip_lab.errors import ConfigError, FederationError, JobFailed, NoModelReleased
-from flip_lab.local import STATE, free_port
 from flip_lab.cli import main as flip_lab_main
-from site_kernel.data.contract import validate_contract
-
-from flip_lab.errors import PlanCheckFailed
-from test_dryrun import CELLS as DRYRUN_CELLS, MISMATCH, line_of
-from test_plan import notebook
+from flip_lab.config import BUILTIN_STRATEGIES, validate
+from flip_lab.errors import ConfigError, FederationError, JobFailed, NoModelReleased, PlanCheckFailed
+from flip_lab.local import STATE, free_port
 
 NOTEBOOKS = Path(__file__).parent / "notebooks"
 RECORDED = NOTEBOOKS / "recorded_job"

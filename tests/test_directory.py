@@ -18,14 +18,14 @@ from pathlib import Path
 import pytest
 
 import flip_lab
-from flip_lab import Plan, PlanError
-from flip_lab._bundle import directory_bundle
-from flip_lab._bundle_read import (
+from flip_common.bundle import (
     BundleRefused,
     DirectoryRequest,
     PlanBundle,
     read_bundle,
 )
+from flip_lab import Plan, PlanError
+from flip_lab._bundle import directory_bundle
 
 PLANS = Path(__file__).parent / "plans"
 
@@ -98,8 +98,8 @@ def _site_executor(tmp_path: Path, monkeypatch, name: str = "north"):
     from flwr.supercore.task_identity import TaskIdentity
 
     from site_kernel.executor import Executor
-    from site_kernel.site_folders import init_site
     from site_kernel.settings import load_settings
+    from site_kernel.site_folders import init_site
 
     for key, value in {"_run_id": 5, "_task_id": "t", "_node_id": 0}.items():  # as a task's process sets them
         monkeypatch.setattr(TaskIdentity, key, value)

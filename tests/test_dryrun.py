@@ -9,15 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_plan import notebook
 
+from flip_common.contract import validate_contract
 from flip_lab import Job, Plan
 from flip_lab._dryrun import SAMPLES, synthetic_data
 from flip_lab.errors import PlanCheckFailed, PlanCheckWarning
 from flip_lab.federation import Federation
 from flip_lab.job import PLAN_LINES
-from site_kernel.data.contract import validate_contract
-
-from test_plan import notebook
 
 PLANS = Path(__file__).parent / "plans"
 CELLS = """

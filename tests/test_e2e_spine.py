@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import threading
 import time
+from pathlib import Path
 
 import pytest
 
 import flip_lab
 from flip_lab.errors import HubUnreachable, JobFailed
-
-from pathlib import Path
 
 PLANS = Path(__file__).parent / "plans"
 

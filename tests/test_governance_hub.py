@@ -19,7 +19,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from flip_lab._bundle_read import MAX_PLAN_BYTES, BundleRefused, read_plan_bundle
+from flip_common.bundle import MAX_PLAN_BYTES, BundleRefused, read_plan_bundle
 from flip_lab._flower import ControlClient, build_fab
 from flip_lab.cli import main as flip_lab_main
 from flip_lab.local import LocalFederation, free_port, read_state
@@ -319,7 +319,7 @@ def test_an_oversized_bundle_is_refused_before_anything_is_unpacked():
 
 @pytest.mark.parametrize("entry", ["pyproject.toml", "plan.py", "README.md"])
 def test_every_entry_is_refused_beyond_its_own_cap(entry, monkeypatch):
-    import flip_lab._bundle_read as reader
+    import flip_common.bundle as reader
 
     fab = _oversized_flip_plan(100)
     monkeypatch.setitem(reader.MAX_ENTRY_BYTES, entry, 3)

@@ -19,12 +19,12 @@ from types import SimpleNamespace
 import pyte
 import pytest
 
+from flip_common.textsafe import visible
 from site_kernel.approvals import ApprovalStore, plan_hash
-from site_kernel.governance_cli import add_governance_commands
 from site_kernel.audit import AuditLog
 from site_kernel.errors import PolicyError
+from site_kernel.governance_cli import add_governance_commands
 from site_kernel.policy import load_policy, write_default_policy
-from site_kernel.textsafe import visible
 
 CONTRACT = {"modality": "MR", "dims": 2, "size": [8, 8], "spacing": [1.0, 1.0]}
 SHAPES = {"fc.weight": [2, 64], "fc.bias": [2]}

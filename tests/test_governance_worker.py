@@ -18,10 +18,9 @@ import time
 from pathlib import Path
 
 import pytest
+from test_governance_battery import TINY, plan_with_train  # one way to build an attack plan
 
 import flip_lab
-
-from test_governance_battery import TINY, plan_with_train  # one way to build an attack plan
 
 
 @pytest.fixture(scope="module")

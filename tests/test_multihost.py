@@ -173,8 +173,8 @@ def _rogue_site(folder: Path, ca: Path) -> Path:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    from site_kernel.site_folders import init_site
     from site_kernel.settings import SiteSettings, write_settings
+    from site_kernel.site_folders import init_site
 
     init_site(folder, name="rogue", hub=f"{HUB_IP}:{HUB_PORT}", demo=True)
     (folder / "certs").mkdir(mode=0o700)
@@ -244,8 +244,8 @@ def multihost(tmp_path_factory):
     from flip_lab._bundle import bundle
     from flip_lab.local import _flower_env, stop_pids
     from flip_lab.provision import provision
-    from site_kernel.site_folders import create_demo_sites
     from site_kernel.settings import install_certs, load_settings, write_settings
+    from site_kernel.site_folders import create_demo_sites
 
     root = tmp_path_factory.mktemp("multihost")
     root.chmod(0o755)  # sandboxed site workers run as unprivileged users and must reach their job folders
@@ -274,7 +274,7 @@ def multihost(tmp_path_factory):
     from flwr.app import Array, ArrayRecord
     from safetensors.numpy import load
 
-    from flip_lab._packing import pack
+    from flip_common.packing import pack
 
     packed = pack(ArrayRecord({k: Array(v) for k, v in load(built.weights).items()}))
     on_the_wire = {"bundle": bundle(built), "packed model": packed["flip.packed"].numpy().tobytes()}

@@ -201,8 +201,8 @@ def test_tls_hub_on_loopback_registers_provisioned_sites_and_refuses_plain_http(
 
 
 def test_initialising_an_existing_site_again_keeps_its_own_settings(tmp_path: Path) -> None:
-    from site_kernel.site_folders import init_site
     from site_kernel.settings import load_settings, write_settings
+    from site_kernel.site_folders import init_site
 
     site = init_site(tmp_path / "site", name="north", hub="127.0.0.1:9092")
     steps = [{"kind": "ct_window", "center": 40.0, "width": 400.0}]

@@ -10,7 +10,6 @@ parser, so an option the README shows must exist.
 from __future__ import annotations
 
 import argparse
-import ast
 import importlib
 import inspect
 import json
@@ -152,7 +151,7 @@ def python_names() -> set[str]:
     for text in texts:
         names |= set(re.findall(rf"(?<![\w.])((?:{heads})(?:\.\w+)+)\s*\(", text))  # calls, also in comments
         names |= set(re.findall(rf"^@((?:{heads})\.\w+)", text, flags=re.M))
-        names |= set(re.findall(rf"(?<![\w.])((?:job|fed)\.\w+)\b(?!\s*\()", text))  # attributes: job.history
+        names |= set(re.findall(r"(?<![\w.])((?:job|fed)\.\w+)\b(?!\s*\()", text))  # attributes: job.history
     return names
 
 

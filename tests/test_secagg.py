@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load, load_file
 
+from flip_common import secagg as sa
 from flip_lab.hub.secagg import SecAggDiscarded, unmask_sum
-from site_kernel import secagg as sa
+from site_kernel import secagg as site_sa
 
 PLANS = Path(__file__).parent / "plans"
 RECORDING_HUB = Path(__file__).parent / "hub_recording.py"  # a hub that writes down every array it receives
@@ -21,7 +22,7 @@ NODES = [7, 19, 23, 42, 1 << 62]  # Flower's node ids are large unsigned integer
 
 def setup(nodes, bound=1.0, min_sites=1, round_=1):
     """Steps 1 and 2 for ``nodes``: clients, the public keys the hub saw, the shares in transit, the scale."""
-    clients = {n: sa.SecAggClient(n, bound) for n in nodes}
+    clients = {n: site_sa.SecAggClient(n, bound) for n in nodes}
     t = sa.threshold(len(nodes), min_sites)
     adverts = {n: c.advertise(round_, nodes, t) for n, c in clients.items()}
     mask_pks = {n: a["mask_pk"] for n, a in adverts.items()}
@@ -136,7 +137,7 @@ def test_shares_altered_in_transit_are_refused():
 @pytest.mark.parametrize("t", [1, 4])
 def test_a_threshold_at_or_below_half_or_above_n_is_refused(t):
     with pytest.raises(sa.SecAggError, match="threshold above half"):
-        sa.SecAggClient(7, 1.0).advertise(1, [7, 19, 23], t)
+        site_sa.SecAggClient(7, 1.0).advertise(1, [7, 19, 23], t)
 
 
 def test_a_single_masked_vector_looks_like_uniform_noise():
@@ -260,7 +261,7 @@ def test_a_secure_study_matches_fedavg_and_the_hub_never_sees_an_update(secure_f
         # Round 1 starts from the same model and seed in both studies: the plain study shows the true update.
         trained = seen_plain[(1, "train", site)]
         assert set(trained) == set(init)  # the plain study's hub did see this site's model
-        update = sa.flatten({k: trained[k].astype(np.float64) - init[k] for k in keys}, keys)
+        update = site_sa.flatten({k: trained[k].astype(np.float64) - init[k] for k in keys}, keys)
         plain_code = sa.encode(update, counts[(1, site)], scale)
         masked = arrays[sa.MASKED]
         assert masked.size == plain_code.size and np.mean(masked == plain_code) < 0.05
@@ -387,18 +388,18 @@ def test_the_site_s_bound_comes_from_its_policy_or_its_dp_or_nowhere():
     from site_kernel.policy import DpRules
 
     dp = DpRules(clip_norm=0.5, noise_multiplier=2.0, epsilon_budget=8.0, delta=1e-5)
-    assert sa.update_bound(3.0, dp, 100) == 3.0
-    assert sa.update_bound(None, dp, 100) == pytest.approx(0.5 * (1 + 2.0 * (10 + sa.DP_TAIL)))
-    assert sa.update_bound(None, None, 100) is None
+    assert site_sa.update_bound(3.0, dp, 100) == 3.0
+    assert site_sa.update_bound(None, dp, 100) == pytest.approx(0.5 * (1 + 2.0 * (10 + sa.DP_TAIL)))
+    assert site_sa.update_bound(None, None, 100) is None
     rng = np.random.default_rng(0)  # the bound covers DP noise of that size, as it claims
     norms = [np.linalg.norm(rng.normal(0, dp.noise_std, 100)) + dp.clip_norm for _ in range(1000)]
-    assert max(norms) < sa.update_bound(None, dp, 100)
+    assert max(norms) < site_sa.update_bound(None, dp, 100)
 
 
 def test_a_long_update_is_scaled_to_the_bound_and_integer_buffers_stay():
     sent = {"w": np.zeros((10, 10), np.float32), "steps": np.array(3, np.int64)}
     trained = {"w": np.full((10, 10), 1.0, np.float32), "steps": np.array(9, np.int64)}
-    arrays, update, clipped = sa.bound_update(sent, trained, 2.0)
+    arrays, update, clipped = site_sa.bound_update(sent, trained, 2.0)
     assert clipped and np.linalg.norm(update["w"]) == pytest.approx(2.0)
     assert np.allclose(arrays["w"], 0.2) and arrays["w"].dtype == np.float32 and arrays["steps"] == 9
     assert set(update) == {"w"}

@@ -25,7 +25,7 @@ DIRECTORY_TIMEOUT_S = 10.0  # a site that has not answered by then is listed wit
 
 def answer_directory(grid: Grid, sink: EventSink, timeout: float = DIRECTORY_TIMEOUT_S) -> None:
     """Ask every online node; emit ``directory_site`` or ``directory_error`` per node, then ``directory_finished``."""
-    from site_kernel._flower_runtime import fast_object_pulls
+    from flip_common.flower import fast_object_pulls
 
     fast_object_pulls()
     started = time.monotonic()

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .._protocol import EVENT_PREFIX, WEIGHTS_PREFIX
+from flip_common.protocol import EVENT_PREFIX, WEIGHTS_PREFIX
 
 _CHUNK = 48_000  # characters per log line; keeps each line far below any log buffer limit
 

@@ -16,7 +16,8 @@ from typing import Any
 from flwr.app import Message
 from flwr.serverapp import Grid
 
-from .._packing import is_packed, pack, unpack
+from flip_common.packing import is_packed, pack, unpack
+
 from .events import EventSink
 
 TRANSIENT_S = 30.0  # how long the hub keeps asking its SuperLink after a server-side error before giving up

@@ -26,7 +26,7 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.secure_aggregation.crypto.shamir import combine_shares
 from flwr.serverapp import Grid
 
-from site_kernel import secagg as sa
+from flip_common import secagg as sa
 
 from .events import EventSink
 from .grid import POLL_S, parse_site_error, pull_replies

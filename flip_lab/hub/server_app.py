@@ -264,7 +264,7 @@ class StudyFailed(Exception):
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    from site_kernel._flower_runtime import fast_object_pulls
+    from flip_common.flower import fast_object_pulls
 
     fast_object_pulls()
     spec = json.loads(str(context.run_config["flip-plan-spec"]))

@@ -17,7 +17,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from flwr.serverapp import strategy as fl
 
-from site_kernel.egress import SITE_METRICS
+from flip_common.protocol import SITE_METRICS
 
 from .events import EventSink
 from .grid import site_info

@@ -3,7 +3,7 @@
 It does what Flower's ``flwr-serverapp`` does (pull the task's input, keep its heartbeat, upload its
 output to the SuperLink's logs, push the task's result) except the one step that ran a submitter's
 code: instead of installing the bundle and importing the ServerApp it names, it reads the bundle as
-data (:mod:`flip_lab._bundle_read`) and calls FLIP's installed ServerApp with the run config found
+data (:mod:`flip_common.bundle`) and calls FLIP's installed ServerApp with the run config found
 there, or, for a directory request, asks the sites for their names and catalogues
 (:mod:`flip_lab.hub.directory`). A bundle that is not exactly FLIP's is refused: the run ends failed with the reason, the
 hub's log says so and ``HUB/refusals.jsonl`` records it. Output goes through Flower's log uploader
@@ -35,7 +35,7 @@ from flwr.supercore.logger import (
 from flwr.supercore.task_identity import TaskIdentity
 from flwr.superlink.grid import HttpGrid
 
-from .._bundle_read import BundleRefused, DirectoryRequest, read_bundle
+from flip_common.bundle import BundleRefused, DirectoryRequest, read_bundle
 
 log = logging.getLogger("flip.hub")
 REFUSALS = "refusals.jsonl"
@@ -60,7 +60,7 @@ def _drop_privileges() -> None:
     import safetensors
     import safetensors.numpy  # noqa: F401
 
-    from site_kernel import _flower_runtime  # noqa: F401  (fast_object_pulls)
+    import flip_common.flower  # noqa: F401
 
     from .. import _flower  # noqa: F401
     from . import directory, server_app  # noqa: F401

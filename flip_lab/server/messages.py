@@ -1,7 +1,7 @@
 """What the server extension says to the side panel: REST bodies and event-stream messages, written down once.
 
 The TypeScript side mirrors these in ``extensions/flip-lab/src/types.ts``. Job ids travel as strings: Flower's run
-ids are 64-bit and would lose digits as JavaScript numbers. Hub events (``flip_lab._protocol.Event``) are forwarded
+ids are 64-bit and would lose digits as JavaScript numbers. Hub events (``flip_common.protocol.Event``) are forwarded
 unchanged inside ``JobEventMessage``; everything else is shaped here, so the panel never has to interpret raw
 Flower or catalogue records.
 """
@@ -49,7 +49,7 @@ class SiteErrorNote(TypedDict):
 
 class JobSummary(TypedDict):
     id: str
-    status: str  # flip_lab._protocol.JobStatus
+    status: str  # flip_common.protocol.JobStatus
     # "round k of n" means the same in the panel and the notebook's dashboard (flip_lab.display.round_words): while
     # a job runs, k is the round in progress; once it ends, the rounds completed.
     round: int  # the highest round any site or aggregate has reached: the round in progress
@@ -59,7 +59,7 @@ class JobSummary(TypedDict):
     submitted: str  # ISO time the hub accepted the run
     strategy: str
     metrics: dict[str, list[tuple[int, float]]]  # aggregated evaluate metrics: name -> [(round, value)]
-    site_states: dict[str, str]  # site -> flip_lab._protocol.SiteState
+    site_states: dict[str, str]  # site -> flip_common.protocol.SiteState
     errors: list[SiteErrorNote]  # the most recent few site errors, rejections and discarded rounds
 
 

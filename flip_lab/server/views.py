@@ -11,7 +11,8 @@ from collections import deque
 from datetime import datetime
 from typing import Any
 
-from .._protocol import FINAL
+from flip_common.protocol import FINAL
+
 from .messages import JobSummary, SiteErrorNote, SiteRow
 
 # The hub events the panel uses; per-site replies stay server side (the notebook dashboard shows those).
@@ -39,7 +40,7 @@ def new_job_summary(job_id: str, *, status: str = "pending", submitted: str = ""
 
 
 def fold_event(job: JobSummary, event: dict[str, Any]) -> None:
-    """Apply one hub event (``flip_lab._protocol.Event``) to ``job`` in place; unknown kinds are ignored."""
+    """Apply one hub event (``flip_common.protocol.Event``) to ``job`` in place; unknown kinds are ignored."""
     kind = event.get("type")
     if kind == "job_started":
         if job["status"] not in FINAL:

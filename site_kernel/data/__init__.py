@@ -11,10 +11,10 @@ torch and MONAI to load. Harmonisation imports them inside ``prepare`` for the s
 
 from typing import TYPE_CHECKING, Any
 
+from flip_common.contract import ContractError, contract_hash, validate_contract
+
 from .catalogue import public_catalogue
-from .contract import contract_hash, validate_contract
 from .errors import (
-    ContractError,
     DataError,
     DatasetNotFound,
     DatasetUnusable,

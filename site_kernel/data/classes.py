@@ -25,7 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ContractError, RegistrationError
+from flip_common.contract import ContractError
+
+from .errors import RegistrationError
 from .manifest import CaseEntry
 
 #: A class table larger than this is not a table of cases (16 MiB hold some 200,000 rows keyed by long UIDs).

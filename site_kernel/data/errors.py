@@ -1,6 +1,7 @@
 """Errors raised by the site's data layer, and the reasons a file can be quarantined.
 
-Every error derives from :class:`DataError` (itself a :class:`site_kernel.errors.SiteKernelError`). Messages are
+Every error derives from :class:`DataError` (itself a :class:`site_kernel.errors.SiteKernelError`), except
+:class:`~flip_common.contract.ContractError`, which the lab raises too and which carries ``fixed_by`` all the same. Messages are
 written for the data owner and the researcher alike: they name the dataset, the contract key or the reason, never
 a patient name, a file name or a pixel value.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+from flip_common.errors import FixedBy
 from site_kernel.errors import SiteKernelError
 
 QuarantineReason = Literal[
@@ -59,10 +61,6 @@ REASON_TEXT: dict[str, str] = {
 }
 
 
-#: Whose action fixes an error: the researcher (the plan's contract) or the site's data owner (its data).
-FixedBy = Literal["researcher", "data_owner"]
-
-
 class DataError(SiteKernelError):
     """Root of every error raised by ``site_kernel.data``. ``fixed_by`` says whose action fixes it."""
 
@@ -84,19 +82,6 @@ class DatasetNotFound(DataError):
 
 class RegistrationError(DataError):
     """A dataset could not be registered at all (no source folder, no usable case, bad arguments)."""
-
-
-class ContractError(DataError, ValueError):
-    """A data contract is malformed or asks for something this site cannot provide.
-
-    ``key`` is the contract key at fault (``"intensity.kind"``), ``expected`` what would have been accepted.
-    """
-
-    def __init__(self, message: str, *, key: str = "", expected: str = "", fixed_by: FixedBy = "researcher") -> None:
-        super().__init__(message)
-        self.key = key
-        self.expected = expected
-        self.fixed_by = fixed_by
 
 
 class HarmonisationError(DataError):

@@ -52,7 +52,7 @@ def harmonise_case(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Return slices ``[Z, 1, H, W]`` float32 and label maps ``[Z, H, W]`` int64 (zeros when unlabelled).
 
-    ``contract`` must already be validated (:func:`site_kernel.data.contract.validate_contract`).
+    ``contract`` must already be validated (:func:`flip_common.contract.validate_contract`).
     """
     image, label_out = _harmonised(volume, label, contract, steps, mode)
     slices = np.moveaxis(np.asarray(image, dtype=np.float32)[0], -1, 0)[:, None]

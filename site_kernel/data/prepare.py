@@ -25,12 +25,12 @@ from typing import Any, Literal
 
 import numpy as np
 
+from flip_common.contract import ContractError, contract_hash, validate_contract
 from flip_common.sitedata import VolumeData, open_volumes
 
 from . import cache
 from .classes import class_indices, segment_lookup
-from .contract import contract_hash, validate_contract
-from .errors import ContractError, DataError, DatasetUnusable, InputRejected
+from .errors import DataError, DatasetUnusable, InputRejected
 from .manifest import Manifest, load_case, manifest_hash, read_manifest
 from .sitelog import site_log
 from .steps import build_steps
@@ -114,7 +114,7 @@ def prepare(
     dataset = contract.get("dataset", "-") if isinstance(contract, Mapping) else "-"
     try:
         return _prepare(site_dir, contract, site_steps, harmonise)
-    except DataError as error:
+    except (DataError, ContractError) as error:
         site_log(
             site_dir,
             f"dataset={dataset} prepare failed ({type(error).__name__}, "

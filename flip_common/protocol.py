@@ -15,6 +15,10 @@ from typing import Any, Literal, NotRequired, TypedDict
 
 EVENT_PREFIX = "FLIP-EVENT "
 WEIGHTS_PREFIX = "FLIP-WEIGHTS "
+# Metric names the site itself reports. They are computed by site code, not by the plan, so the
+# policy's [metrics] rules (written to limit what the plan can say) do not count them; a plan metric
+# of the same name is refused so that a plan can never pose as the site. The hub leaves them out of aggregates.
+SITE_METRICS = frozenset({"dp_epsilon", "dp_clip_norm"})
 
 
 def event_of(line: str) -> dict[str, Any] | None:

@@ -38,7 +38,21 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from .errors import ContractError
+from .errors import FixedBy, FlipError
+
+
+class ContractError(FlipError, ValueError):
+    """A data contract is malformed or asks for something this site cannot provide.
+
+    ``key`` is the contract key at fault (``"intensity.kind"``), ``expected`` what would have been accepted.
+    """
+
+    def __init__(self, message: str, *, key: str = "", expected: str = "", fixed_by: FixedBy = "researcher") -> None:
+        super().__init__(message)
+        self.key = key
+        self.expected = expected
+        self.fixed_by: FixedBy = fixed_by
+
 
 DEFAULTS: dict[str, Any] = {"orientation": "RAS", "dataset": "default"}
 REQUIRED = ("modality", "dims", "size", "spacing", "intensity", "labels")
