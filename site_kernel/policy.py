@@ -129,16 +129,20 @@ def default_policy_text() -> str:
     return resources.files(__package__).joinpath("policy_default.toml").read_text(encoding="utf-8")
 
 
-def write_default_policy(site_dir: Path, *, demo: bool, overwrite: bool = False) -> Path:
+def write_default_policy(site_dir: Path, *, demo: bool, overwrite: bool = False, min_cohort: int | None = None) -> Path:
     """Write the documented default policy to ``SITE/policy.toml`` and return its path.
 
     ``demo=True`` writes ``demo = true`` and ``approval = "automatic"``; everything else keeps its
-    secure default. An existing policy is never replaced unless ``overwrite`` is true.
+    secure default. ``min_cohort`` replaces the default minimum cohort (the 3D demo's sites, whose examples are
+    whole patients, hold fewer than 10 test patients). An existing policy is never replaced unless ``overwrite``
+    is true.
     """
     path = Path(site_dir) / POLICY_FILE
     if path.exists() and not overwrite:
         raise PolicyError(f"{path} already exists; edit it, or remove it first to start from the defaults")
     text = default_policy_text()
+    if min_cohort is not None:
+        text = _replace_line(text, "min_cohort = 10", f"min_cohort = {int(min_cohort)}")
     if demo:
         text = _replace_line(text, "demo = false", "demo = true")
         text = _replace_line(text, 'approval = "manual"', 'approval = "automatic"')

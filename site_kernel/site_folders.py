@@ -26,6 +26,10 @@ def init_site(site_dir: Path, *, name: str, hub: str, demo: bool = False) -> Pat
     return site_dir
 
 
+#: The minimum cohort of the 3D demo's site policies (see :func:`create_demo_sites`).
+VOLUME_MIN_COHORT = 3
+
+
 def create_demo_sites(
     root: Path,
     *,
@@ -54,6 +58,10 @@ def create_demo_sites(
             (site_dir / sub).mkdir(parents=True, exist_ok=True)
         write_settings(site_dir, SiteSettings(name=hospital.name, hub=hub, site_steps=list(hospital.site_steps)))
         if not (site_dir / "policy.toml").exists():
-            write_default_policy(site_dir, demo=approval == "automatic")
+            # A dims=3 study's examples are whole patients: the 3D demo's hospitals hold 3-6 test patients each, so
+            # their (demo) policy lowers the minimum cohort from 10 to 3.
+            write_default_policy(
+                site_dir, demo=approval == "automatic", min_cohort=VOLUME_MIN_COHORT if volumes else None
+            )
         sites.append(site_dir)
     return sites
