@@ -306,7 +306,8 @@ def write_outputs(summary: dict[str, Any], results: list[dict[str, Any]], out: P
         "# Heterogeneity benchmark",
         "",
         (
-            f"Mean over sites of each site's test Dice (lesion class, per image), {summary['config']['seeds']} seed(s); "
+            "Mean over sites of each site's test Dice (lesion class, per image), "
+            f"{summary['config']['seeds']} seed(s); "
             f"{summary['config']['rounds']} rounds x {summary['config']['local_epochs']} local epochs, "
             f"batch {summary['config']['batch_size']}, lr {summary['config']['lr']} (cosine over rounds)."
         ),
@@ -419,8 +420,10 @@ def _run(ns: argparse.Namespace, args: dict[str, Any], data: Path) -> dict[str, 
         ]
         results = list(pool.map(run_job, jobs))
     # The real federation runs alone: its site kernels share the machine's cores among themselves.
-    for seed in seeds[: args["real_seeds"]]:
-        results.append(run_real_federation_row(args, seed, load_sites(federations[seed], "full"), data))
+    results.extend(
+        run_real_federation_row(args, seed, load_sites(federations[seed], "full"), data)
+        for seed in seeds[: args["real_seeds"]]
+    )
     summary = summarise(results, args)
     summary["wall_seconds"] = {"data": round(prepared_s, 1), "total": round(time.perf_counter() - started, 1)}
     write_outputs(summary, results, ns.out, [s["name"] for s in federations[0]])

@@ -3,8 +3,8 @@
 Both sides import this package and it imports neither: ``site_kernel`` (the hospital) and ``flip_lab`` (the researcher
 and the hub) meet only here, so what a hospital must trust of the lab's code is exactly these modules.
 
-- :mod:`~flip_common.protocol`: the records that cross the boundary (plan specs, run settings, job events) and
-  their readers.
+- :mod:`~flip_common.protocol`: the records that cross the boundary (plan specs, run config and settings, site
+  replies and error kinds, worker frames, job events) and their checking readers.
 - :mod:`~flip_common.bundle`: the one strict reader of a study bundle, used by the hub and by every site.
 - :mod:`~flip_common.planhash`: the hash a data owner approves.
 - :mod:`~flip_common.contract`: data-contract validation, run by the lab at submit and by the site before data.

@@ -18,11 +18,13 @@ import zipfile
 from dataclasses import dataclass
 from typing import Any
 
+from .protocol import RUN_CONFIG_KEYS
+
 SERVER_APP = "flip_lab.hub.server_app:app"
 CLIENT_APP = "flip_lab.hub.client_app:app"
 COMPONENTS = {"serverapp": SERVER_APP, "clientapp": CLIENT_APP}
 PUBLISHER = "flip-lab"
-CONFIG_KEYS = frozenset({"flip-plan-source", "flip-plan-spec", "flip-init-weights", "flip-resume-from", "flip-study"})
+CONFIG_KEYS = RUN_CONFIG_KEYS  # flip_common.protocol.RunConfig
 
 DIRECTORY_PROJECT = "flip-directory"  # the project name of every directory request, and of no plan
 DIRECTORY_CONFIG = {"flip-request": "directory"}

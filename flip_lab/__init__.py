@@ -75,4 +75,4 @@ def load_ipython_extension(ipython: Any) -> None:
     load(ipython)
 
 
-__all__ = [*sorted(_EXPORTS), "attach", "local_federation"]
+__all__ = [*sorted(_EXPORTS), "attach", "local_federation"]  # noqa: PLE0604 - _EXPORTS is keyed by name

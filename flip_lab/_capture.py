@@ -269,9 +269,10 @@ class Capture:
     def _check_available(self, top: str, name: str, used_by: str) -> None:
         if top in SITE_PACKAGES or top in sys.stdlib_module_names:
             return
+        installed = ", ".join(sorted(p for p in SITE_PACKAGES if p not in sys.stdlib_module_names))
         raise PlanError(
             f"{name!r} (used by {used_by}) comes from {top!r}, which FLIP sites do not install; plans may use "
-            f"the standard library and {', '.join(sorted(p for p in SITE_PACKAGES if p not in sys.stdlib_module_names))}",
+            f"the standard library and {installed}",
             name=name,
         )
 

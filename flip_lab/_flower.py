@@ -1,13 +1,20 @@
-"""The one adapter over Flower's internal Control API modules.
+"""The lab's and the hub's one Flower compatibility module: every use and every patch of Flower's internals.
 
 Flower 1.42 exposes run submission, run listing, log streaming and run stopping only through internal modules
-(``flwr.supercore.control``, ``flwr.proto``). Everything FLIP Lab needs from them goes through this file, so a Flower
-upgrade touches one place; ``pyproject.toml`` pins the minor version for the same reason.
+(``flwr.supercore.control``, ``flwr.proto``): :class:`ControlClient`. The hub's study process does what
+``flwr-serverapp`` does, which takes three of Flower's private names (:func:`study_runtime`). A local federation
+learns its sites' node ids from what their SuperNodes log (:func:`supernode_id`). Everything FLIP Lab needs from
+Flower's internals on this side goes through this file, and each such reliance is checked where it starts (a study,
+a local federation) with :class:`~flip_common.flower.FlowerChanged` naming the internal that changed: a Flower
+upgrade fails loudly in one place, never as a silent no-op. ``pyproject.toml`` pins the minor version for the same
+reason; the site's side is ``site_kernel._flower_runtime``, what both sides share :mod:`flip_common.flower`;
+``tests/test_flower_compat.py`` runs every check against the installed Flower.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,11 +22,21 @@ from typing import Any
 
 import httpx
 
+from flip_common.flower import expect
+
 from .errors import HubUnreachable
 
 # Flower reports telemetry and checks for updates by default; a hospital deployment must not phone home.
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+
+
+def _module_source(module: str) -> str:
+    """A Flower module's source, read without importing it (a local federation need not import the SuperNode)."""
+    spec = importlib.util.find_spec(module)
+    expect(spec is not None and spec.origin is not None, module, "that module")
+    with open(spec.origin, encoding="utf-8") as fh:  # type: ignore[union-attr]
+        return fh.read()
 
 
 @dataclass(frozen=True)
@@ -167,3 +184,75 @@ def build_fab(files: dict[str, bytes]) -> bytes:
     from flwr.cli.build import build_fab_from_files
 
     return build_fab_from_files(files)[0]
+
+
+# -- a site's node id, as its SuperNode logs it ------------------------------------------------------------------------
+SUPERNODE_ID_LOG = "SuperNode ID: %s"  # flwr.supernode.start_client_internal logs this once the hub admitted the node
+_SUPERNODE = "flwr.supernode.start_client_internal"
+
+
+def check_supernode_id_log() -> None:
+    """Raise :class:`~flip_common.flower.FlowerChanged` unless Flower's SuperNode still logs its node id as
+    :data:`SUPERNODE_ID_LOG`."""
+    expect(
+        f'"{SUPERNODE_ID_LOG}", node_id' in _module_source(_SUPERNODE),
+        f"{_SUPERNODE}.start_client_internal",
+        f"the log line {SUPERNODE_ID_LOG!r} naming the node id the hub gave the SuperNode",
+    )
+
+
+def supernode_id(log_text: str) -> int | None:
+    """The node id a SuperNode's log names last (a restarted one may have another), or None before the hub admitted
+    it. :func:`check_supernode_id_log` says whether Flower still logs it so."""
+    prefix = SUPERNODE_ID_LOG.split("%s")[0]
+    node = None
+    for line in log_text.splitlines():
+        if prefix in line:
+            node = int(line.rsplit(":", 1)[1].strip())
+    return node
+
+
+# -- the hub's study process (flip_lab.hub.study): what flwr-serverapp does with Flower's private names -------------
+def study_runtime(grid: Any) -> Any:
+    """The Runtime API client of a study's ``HttpGrid`` (Flower keeps it private, as ``_runtime_client``; the
+    study pulls its task's input and pushes its output through it, as ``flwr-serverapp`` does)."""
+    client = getattr(grid, "_runtime_client", None)
+    expect(
+        client is not None and hasattr(client, "PullTaskInput") and hasattr(client, "PushTaskOutput"),
+        "flwr.superlink.grid.HttpGrid._runtime_client",
+        "the grid's Runtime API client, with PullTaskInput and PushTaskOutput",
+    )
+    return client
+
+
+def check_study(grid: Any) -> None:
+    """Raise :class:`~flip_common.flower.FlowerChanged` unless the study's grid and Flower's task identity are still
+    what :func:`study_runtime`, :func:`set_task_identity` and :func:`stop_retrying` take; called as a study
+    starts."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    study_runtime(grid)
+    expect(
+        hasattr(getattr(grid, "_retry_invoker", None), "max_tries"),
+        "flwr.superlink.grid.HttpGrid._retry_invoker",
+        "the grid's retry policy, with max_tries",
+    )
+    for name in ("task_id", "run_id", "node_id"):  # settable properties of its class: plain attributes go unread
+        setter = getattr(getattr(type(TaskIdentity), name, None), "fset", None)
+        expect(
+            setter is not None,
+            f"flwr.supercore.task_identity.TaskIdentity.{name}",
+            "the identity Flower's grid names its messages by, set by the process that runs the task",
+        )
+
+
+def set_task_identity(task_id: int, run_id: int, node_id: int) -> None:
+    """Name the study's messages by its task, as ``flwr-serverapp`` does (Flower's grid reads ``TaskIdentity``)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = task_id, run_id, node_id
+
+
+def stop_retrying(grid: Any) -> None:
+    """From here on the grid's calls are tried once (the SuperLink may be gone: a study ending does not wait on it)."""
+    grid._retry_invoker.max_tries = 1

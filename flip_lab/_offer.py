@@ -38,7 +38,7 @@ def check_offered(contract: dict[str, Any], catalogues: dict[str, dict[str, Any]
         raise PlanError(
             f"the contract asks for modality {_quoted(wanted)}; the sites offer {_by_value(offered_modality)} "
             f"(dataset {name!r}): change `modality` in the contract, or ask a site's data owner to register "
-            f"{asked} data (`{_DATA_ADD} --modality {sorted(wanted)[0]}`)",
+            f"{asked} data (`{_DATA_ADD} --modality {min(wanted)}`)",
             name="modality",
         )
     task = contract.get("task", "segmentation")

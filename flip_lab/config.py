@@ -58,7 +58,7 @@ def validate(values: dict[str, Any]) -> dict[str, Any]:
         value = values.get(key, spec.default)
         if spec.type is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
-        if isinstance(value, bool) and spec.type is not bool or not isinstance(value, spec.type):
+        if (isinstance(value, bool) and spec.type is not bool) or not isinstance(value, spec.type):
             expected = spec.type.__name__ if isinstance(spec.type, type) else " or ".join(t.__name__ for t in spec.type)
             raise ConfigError(key, f"a {expected}", value)
         if spec.min is not None and value < spec.min:

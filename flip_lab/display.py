@@ -1,10 +1,10 @@
 """What a job looks like to a person: its state folded from events, and a static summary for saved notebooks.
 
-``JobView`` folds the hub's events (``flip_common.protocol.Event``) into what the dashboard, the static summary and the
-study record show: round progress, each site's state with the site's own detail text, the governance facts (plan
-hash, each site's approval and policy label, the head of each site's audit log as reported with its last reply) and
-the metric history. It needs nothing but events, so a replayed ``events.jsonl`` gives exactly what the live job
-gave.
+``JobView`` is ``flip_lab.jobview``'s fold of the hub's events (``flip_common.protocol.Event``), the same fold the
+``Job`` and the Jupyter server's panel use, with what the dashboard, the static summary and the study record show
+of it: round progress, each site's state with the site's own detail text, the governance facts (plan hash, each
+site's approval and policy label, the head of each site's audit log as reported with its last reply) and the metric
+history. It needs nothing but events, so a replayed ``events.jsonl`` gives exactly what the live job gave.
 
 ``StaticSummary`` renders a view as HTML, markdown and plain text: what survives in a notebook executed headless
 (papermill, nbclient), where widget state renders nowhere.
@@ -15,15 +15,14 @@ from __future__ import annotations
 import html
 import re
 import threading
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import pandas as pd
 
-from flip_common.protocol import FINAL
 from flip_common.textsafe import shown
 
+from . import jobview
 from .history import AGGREGATE, History
 
 STATE_LABELS = {
@@ -59,103 +58,26 @@ class JobLike(Protocol):
 
 
 @dataclass
-class SiteView:
-    name: str
-    state: str = "pending"
-    detail: str = ""
-    round: int = 0
-    approval: str = ""
-    policy: str = ""
-    audit_head: str = ""
-    replies: int = 0
-    metrics: dict[str, float] = field(default_factory=dict)  # the site's latest evaluation metrics
-
-
-@dataclass
-class JobView:
-    """A job's state, folded from its events in order. ``apply`` is thread-safe; read under ``lock``."""
+class JobView(jobview.JobView):
+    """A job's state for the dashboard and the static summary: ``flip_lab.jobview``'s fold with a lock (the
+    dashboard folds on the job's thread and renders on the kernel's) and the metric history as a table."""
 
     job_id: int | str = ""
-    rounds: int = 0
-    released: int = 0  # highest round with an aggregate
-    status: str = "pending"
-    message: str = ""
-    strategy: str = ""
-    min_sites: int = 0
-    plan_hash: str = ""
-    sites: dict[str, SiteView] = field(default_factory=dict)
-    errors: list[dict[str, Any]] = field(default_factory=list)
-    history: History = field(default_factory=History)
-    metric_names: dict[str, set[str]] = field(default_factory=dict)  # phase -> names, for the primary metric
-    events: int = 0
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
-    @classmethod
-    def from_events(cls, events: Iterable[dict[str, Any]], **fields: Any) -> JobView:
-        view = cls(**fields)
-        for event in events:
-            view.apply(event)
-        return view
+    def apply(self, event: dict[str, Any]) -> None:
+        with self.lock:
+            jobview.fold(self, event)
 
     @property
-    def done(self) -> bool:
-        return self.status in FINAL
+    def history(self) -> History:
+        return History(self.rows)
 
     @property
     def current_round(self) -> int:
         """The round in progress: the highest round any site or aggregate has reached."""
         with self.lock:
-            return max([self.released, *(site.round for site in self.sites.values())])
-
-    def site(self, name: str) -> SiteView:
-        if name not in self.sites:
-            self.sites[name] = SiteView(name)
-        return self.sites[name]
-
-    def apply(self, event: dict[str, Any]) -> None:
-        """Fold one event in. Unknown event types and missing optional fields are ignored, never raised."""
-        kind = event.get("type")
-        with self.lock:
-            self.events += 1
-            if kind == "job_started":
-                self.status = "running"
-                self.rounds = int(event.get("rounds") or self.rounds)
-                self.strategy = str(event.get("strategy", ""))
-                self.min_sites = int(event.get("min_sites") or 0)
-                self.plan_hash = str(event.get("plan_hash") or self.plan_hash)
-                for name in event.get("sites") or []:
-                    self.site(str(name))
-            elif kind == "site_state":
-                site = self.site(str(event["site"]))
-                site.state = str(event["state"])
-                site.detail = str(event.get("detail", ""))
-                site.round = max(site.round, int(event.get("round", 0)))
-                if site.state == "preparing_data" and site.detail:
-                    site.policy = site.detail  # sites report their policy label when they approve
-                if site.state == "preparing_data" and not site.approval:
-                    site.approval = "approved"
-            elif kind == "reply":
-                site = self.site(str(event["site"]))
-                site.replies += 1
-                site.audit_head = str(event.get("audit_head") or site.audit_head)
-                site.approval = str(event.get("approval") or site.approval)
-                if event.get("phase") == "evaluate":
-                    site.metrics = {str(k): float(v) for k, v in (event.get("metrics") or {}).items() if v is not None}
-                self.history.add_reply(event)
-                self._note_metrics(event)
-            elif kind == "aggregate":
-                self.released = max(self.released, int(event["round"]))
-                self.history.add_aggregate(event)
-                self._note_metrics(event)
-            elif kind in ("site_error", "update_rejected", "round_discarded"):
-                self.errors.append(dict(event))
-            elif kind == "job_finished":
-                self.status = str(event.get("status", "failed"))
-                self.message = str(event.get("message", ""))
-                self.released = max(self.released, int(event.get("rounds_completed") or 0))
-
-    def _note_metrics(self, event: dict[str, Any]) -> None:
-        self.metric_names.setdefault(str(event.get("phase")), set()).update(map(str, event.get("metrics") or {}))
+            return max(self.released, self.round)
 
     def frame(self) -> pd.DataFrame:
         return self.history.frame()
@@ -166,29 +88,12 @@ class JobView:
             return _pick_primary(self.metric_names.get(phase, set()))
 
     def audit_heads(self) -> dict[str, str]:
-        """Per site, the last audit head it sent: ``flip-site audit verify --expected-head HEAD``
-        at that site fails if the log was cut back (or wiped) below it since."""
         with self.lock:
-            return {name: s.audit_head for name, s in sorted(self.sites.items()) if s.audit_head}
+            return super().audit_heads()
 
     def governance(self) -> dict[str, Any]:
-        """The facts a reviewer checks: plan hash, and per site its approval, policy label and audit head."""
         with self.lock:
-            return {
-                "plan_hash": self.plan_hash,
-                "strategy": self.strategy,
-                "min_sites": self.min_sites,
-                "sites": {
-                    name: {
-                        "approval": s.approval,
-                        "policy": s.policy,
-                        "audit_head": s.audit_head,
-                        "state": s.state,
-                        "replies": s.replies,
-                    }
-                    for name, s in sorted(self.sites.items())
-                },
-            }
+            return super().governance()
 
 
 def primary_metric(frame: pd.DataFrame, phase: str = "evaluate") -> str | None:
@@ -226,7 +131,7 @@ def site_rows(view: JobView) -> list[dict[str, str]]:
                     "state": shown(STATE_LABELS.get(s.state, s.state)),
                     "round": str(s.round),
                     (shown(metric) if metric else "metric"): "" if value is None else f"{value:.4f}",
-                    "detail": shown(s.detail) if s.state not in ("preparing_data",) else "",
+                    "detail": shown(s.detail) if s.state != "preparing_data" else "",
                     "approval": shown(s.approval),
                     "policy": shown(s.policy),
                     "audit head": shown(s.audit_head),
@@ -309,8 +214,10 @@ def summary_html(view: JobView) -> str:
     errors = error_lines(view)
     parts = [
         f"<h4>{html.escape(headline(view))}</h4>",
-        f"<p>{html.escape(aggregate_line(view))}; plan hash <code>{html.escape(view.plan_hash or 'unknown')}"
-        "</code></p>",
+        (
+            f"<p>{html.escape(aggregate_line(view))}; plan hash <code>{html.escape(view.plan_hash or 'unknown')}"
+            "</code></p>"
+        ),
         html_table(site_rows(view)),
     ]
     if errors:
@@ -349,8 +256,7 @@ def summary_markdown(view: JobView, *, escape: bool = True) -> str:
         keys = list(rows[0])
         lines.append("| " + " | ".join(md(k) for k in keys) + " |")
         lines.append("|" + "---|" * len(keys))
-        for row in rows:
-            lines.append("| " + " | ".join(cell(row[k]) for k in keys) + " |")
+        lines.extend("| " + " | ".join(cell(row[k]) for k in keys) + " |" for row in rows)
     lines += [f"- {md(e)}" for e in error_lines(view)]
     return "\n".join(lines) + "\n"
 

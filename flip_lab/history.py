@@ -7,7 +7,9 @@ from typing import Any
 
 import pandas as pd
 
-AGGREGATE = "aggregate"
+from .jobview import AGGREGATE
+
+__all__ = ["AGGREGATE", "COLUMNS", "History"]
 COLUMNS = ["round", "site", "phase", "metric", "value"]
 
 
@@ -18,8 +20,9 @@ class History:
     as the metric ``num_examples``.
     """
 
-    def __init__(self) -> None:
-        self._rows: list[tuple[int, str, str, str, float]] = []
+    def __init__(self, rows: list[tuple[int, str, str, str, float]] | None = None) -> None:
+        # ``rows`` may be a list another owner fills (a ``flip_lab.jobview.JobView``'s rows): read, not copied.
+        self._rows: list[tuple[int, str, str, str, float]] = [] if rows is None else rows
         self._lock = threading.Lock()
 
     def __len__(self) -> int:

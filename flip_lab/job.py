@@ -25,6 +25,7 @@ from ._flower import ControlClient
 from ._sourcemap import describe
 from .errors import HubUnreachable, JobFailed, JobTimeout, NoModelReleased
 from .history import History
+from .jobview import JobView
 
 log = logging.getLogger("flip_lab")
 Subscriber = Callable[[dict[str, Any]], None]
@@ -51,18 +52,12 @@ class Job:
         self.store = store
         self.store.mkdir(parents=True, exist_ok=True)
         self.plan_hash = plan_hash
-        self.rounds = rounds
-        self.round = 0  # the round in progress: the highest round any site or aggregate has reached
-        self.released = 0  # the rounds completed: the highest round with a released aggregate
-        self.status = "pending"
-        self.message = ""
+        self._rounds = rounds  # what the submitter asked for, until the hub's job_started says
         self.events: list[dict[str, Any]] = []
         # Each event once: a job folder may be followed by two processes at a time (a notebook's kernel and the
         # Jupyter server's panel), so its events.jsonl, and the stream position, can repeat events.
         self._seen: set[str] = set()
-        self._history = History()
-        self.site_states: dict[str, dict[str, Any]] = {}
-        self.errors: list[dict[str, Any]] = []
+        self.view = JobView()  # the events folded (flip_lab.jobview), read under the job's lock
         self._subscribers: list[Subscriber] = []
         self._weights_chunks: dict[int, str] = {}
         self._weights_total = 0
@@ -83,6 +78,45 @@ class Job:
 
         if show(self) is None:
             print(repr(self))
+
+    # -- the job's state, as folded from its events ---------------------------------------------------------
+    @property
+    def status(self) -> str:
+        """pending, running, completed, failed or cancelled (``flip_common.protocol.JobStatus``)."""
+        return self.view.status
+
+    @property
+    def message(self) -> str:
+        return self.view.message
+
+    @property
+    def rounds(self) -> int | None:
+        return self.view.rounds or self._rounds
+
+    @property
+    def round(self) -> int:
+        """The round in progress: the highest round any site or aggregate has reached."""
+        return self.view.round
+
+    @property
+    def released(self) -> int:
+        """The rounds completed: the highest round with a released aggregate."""
+        return self.view.released
+
+    @property
+    def errors(self) -> list[dict[str, Any]]:
+        """The site errors, rejected updates and discarded rounds, as their events."""
+        return self.view.errors
+
+    @property
+    def site_states(self) -> dict[str, dict[str, Any]]:
+        """Per site that has reported one, its latest state (``state``, ``round``, ``detail``)."""
+        with self._lock:
+            return {
+                name: {"site": name, "state": s.state, "round": s.round, "detail": s.detail}
+                for name, s in self.view.sites.items()
+                if s.reported
+            }
 
     def __repr__(self) -> str:
         rounds = f"{self.round}/{self.rounds}" if self.rounds else str(self.round)
@@ -109,32 +143,15 @@ class Job:
             if identity in self._seen:
                 return
             self._seen.add(identity)
-            kind = event.get("type")
             self.events.append(event)
-            if kind == "job_started":
-                self.status = "running"
-                self.rounds = int(event.get("rounds", self.rounds or 0))
-            elif kind == "site_state":
-                self.site_states[event["site"]] = event
-                self.round = max(self.round, int(event.get("round", 0)))
-            elif kind == "reply":
-                self._history.add_reply(event)
-            elif kind == "aggregate":
-                self._history.add_aggregate(event)
-                self.round = max(self.round, int(event["round"]))
-                self.released = max(self.released, int(event["round"]))
-            elif kind in ("site_error", "update_rejected", "round_discarded"):
-                self.errors.append(event)
-            elif kind == "job_finished":
-                self.status = str(event["status"])
-                self.message = str(event.get("message", ""))
+            self.view.apply(event)
             if persist:
                 with open(self.store / "events.jsonl", "a", encoding="utf-8") as fh:
                     fh.write(json.dumps(event) + "\n")
             subscribers = list(self._subscribers)
         for callback in subscribers:
             self._notify(callback, event)
-        if self.status in FINAL and (kind == "job_finished"):
+        if self.status in FINAL and event.get("type") == "job_finished":
             self._finished.set()
 
     def _load_store(self) -> None:
@@ -228,7 +245,7 @@ class Job:
                 self._weights_line(raw[idx + len(WEIGHTS_PREFIX) :])
 
     def _weights_line(self, rest: str) -> None:
-        _round, index, total, chunk = (rest.split(" ", 3) + [""])[:4]
+        _round, index, total, chunk = [*rest.split(" ", 3), ""][:4]
         self._weights_chunks[int(index)] = chunk.strip()
         self._weights_total = int(total)
         if len(self._weights_chunks) == self._weights_total:
@@ -240,11 +257,11 @@ class Job:
     @property
     def history(self) -> Any:
         """A pandas DataFrame (round, site, phase, metric, value); aggregated rows have site ``"aggregate"``."""
-        return self._history.frame()
+        return History(self.view.rows).frame()
 
     def metric(self, name: str, *, phase: str = "evaluate", site: str = "aggregate") -> Any:
         """One metric over rounds as a pandas Series, e.g. ``job.metric("dice")``."""
-        return self._history.metric(name, phase=phase, site=site)
+        return History(self.view.rows).metric(name, phase=phase, site=site)
 
     @property
     def done(self) -> bool:
@@ -316,11 +333,8 @@ class Job:
     def audit_heads(self) -> dict[str, str]:
         """Per site, the last audit head received from it, for ``flip-site audit verify
         --expected-head`` there: a log cut back or wiped after sending it fails that check."""
-        from .display import JobView  # pandas loads only when asked
-
         with self._lock:
-            events = list(self.events)
-        return JobView.from_events(events).audit_heads()
+            return self.view.audit_heads()
 
     def _why_no_model(self) -> str:
         released = max(

@@ -301,6 +301,10 @@ class LocalFederation(Federation):
 
         if n_sites < 0:
             raise FederationError("n_sites must be 0 (a hub alone) or more")
+        if n_sites:  # their node ids are read from their SuperNodes' logs
+            from ._flower import check_supernode_id_log
+
+            check_supernode_id_log()
         listen_host, listen_port = _parse_listen(listen)
         try:
             hub_certs = HubCerts.load(Path(certs).absolute()) if certs is not None else None
@@ -524,8 +528,8 @@ class LocalFederation(Federation):
 
     def restart_hub(self, timeout: float = 120.0) -> None:
         """Start the hub again on its port and state (after a crash or ``kill_hub``); waits until every site is
-        back online. Jobs that were running are not restarted by themselves: ``fed.resume(job_id)`` continues one from its
-        last released round."""
+        back online. Jobs that were running are not restarted by themselves: ``fed.resume(job_id)`` continues one from
+        its last released round."""
         if alive(self.state["hub_pid"]):
             raise FederationError(f"the hub of {self.workdir} is still running (pid {self.state['hub_pid']})")
         if self.state.get("ca"):
@@ -628,14 +632,12 @@ def _register(address: str, certs: HubCerts, hub: subprocess.Popen[bytes], hub_d
 
 
 def _node_id(site_dir: Path) -> int | None:
+    from ._flower import supernode_id
+
     log = site_dir / "logs" / "supernode.log"
     if not log.exists():
         return None
-    node = None
-    for line in log.read_text(errors="replace").splitlines():
-        if "SuperNode ID:" in line:
-            node = int(line.rsplit(":", 1)[1].strip())
-    return node
+    return supernode_id(log.read_text(errors="replace"))
 
 
 def _write_state(workdir: Path, state: dict[str, Any]) -> None:

@@ -54,7 +54,8 @@ class BuiltPlan:
 
 
 class Plan:
-    """A study's code and data contract. Register functions with ``@plan.model``, ``@plan.train``, ``@plan.evaluate``."""
+    """A study's code and data contract. Register functions with ``@plan.model``, ``@plan.train`` and
+    ``@plan.evaluate``."""
 
     def __init__(self, name: str = "plan", *, contract: dict[str, Any] | None = None) -> None:
         self.name = name

@@ -65,8 +65,7 @@ def _check_history(history: pd.DataFrame) -> None:
 
 def _select(history: pd.DataFrame, metric: str, phase: str) -> pd.DataFrame:
     _check_history(history)
-    rows = history[(history["metric"] == metric) & (history["phase"] == phase)]
-    return rows
+    return history[(history["metric"] == metric) & (history["phase"] == phase)]
 
 
 def learning_curves(

@@ -3,8 +3,8 @@
 A site polls twice over: its SuperNode asks the hub for messages, and its executor asks the SuperNode for tasks.
 Polling every 0.1 s and 20 ms keeps round latency low, but on a machine that runs a hub and three idle sites it cost
 more than one CPU core (104%, measured on an idle local federation; 15% with this pacing), most of it the hub
-answering the polls. So each poller polls fast for ``hot_s`` after its last piece of work and then doubles its wait up to
-``cap_s``: a study's rounds see the fast interval, and the first message after a long pause waits ``cap_s`` at most.
+answering the polls. So each poller polls fast for ``hot_s`` after its last piece of work and then doubles its wait up
+to ``cap_s``: a study's rounds see the fast interval, and the first message after a long pause waits ``cap_s`` at most.
 No library paces a polling loop like this; Flower's own SuperNode sleeps a fixed 3 s.
 """
 

@@ -1,5 +1,6 @@
 """Length-prefixed frames between the site executor and its sandboxed worker: a JSON header and raw bytes.
 
+What the headers hold is written down in ``flip_common.protocol`` (``WorkerRequest``, ``WorkerReply``).
 The worker runs researcher code, so whatever it writes is untrusted: frames are size-capped, the header is plain
 JSON and the payload is only ever parsed as safetensors. Nothing here unpickles.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+from collections.abc import Mapping
 from typing import Any
 
 MAX_HEADER = 1 << 20  # 1 MiB of JSON is far more than any honest header needs
@@ -35,7 +37,8 @@ def _read_exact(fd: int, n: int) -> bytes:
     return b"".join(chunks)
 
 
-def send(fd: int, header: dict[str, Any], payload: bytes = b"") -> None:
+def send(fd: int, header: Mapping[str, Any], payload: bytes = b"") -> None:
+    """Write one frame: ``header`` is a ``flip_common.protocol.WorkerRequest`` or ``WorkerReply``."""
     head = json.dumps(header, separators=(",", ":")).encode()
     data = _PREFIX.pack(len(head), len(payload)) + head + payload
     view = memoryview(data)

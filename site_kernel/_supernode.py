@@ -8,8 +8,9 @@ this module, which shortens those sleeps (the site's ``poll_interval``, 0.1 s by
 off to 1 s once the site has been idle for 30 s, see :mod:`site_kernel._pace`; 20 ms while waiting
 for its own executor), pushes only the replies that are ready so that the next message is pulled
 while a plan still runs (:class:`_Loop`), ends the tasks of runs stopped at the hub, and sends a
-reply that is ready even when no new message came in (:func:`_pull_or_flush`). Everything else is
-Flower's code path:
+reply that is ready even when no new message came in (:func:`_pull_or_flush`). The patches that put
+this into Flower's loop, and the checks that it is still the loop they were written for, are
+:func:`site_kernel._flower_runtime.patch_supernode_loop`'s. Everything else is Flower's code path:
 ``python -m site_kernel._supernode POLL_S [flower-supernode arguments...]``.
 """
 
@@ -18,13 +19,13 @@ from __future__ import annotations
 import logging
 import sys
 import time
-import types
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from flwr.common.constant import Status, SubStatus
 from flwr.supercore.run import RunNotRunningException
 
+from ._flower_runtime import FLOWER_IDLE_SLEEP_S, FLOWER_REPLY_SLEEP_S
 from ._pace import IdlePacer
 
 log = logging.getLogger("flip.site")
@@ -51,9 +52,9 @@ class _Loop:
         self._next_run_check = 0.0
 
     def sleep(self, seconds: float) -> None:
-        if seconds >= 3:  # the idle poll between requests to the hub
+        if seconds >= FLOWER_IDLE_SLEEP_S:  # the idle poll between requests to the hub
             self._idle(self.pacer.next_wait())
-        elif seconds == 0.5:  # a reply's content is still being written: the site is in a study
+        elif seconds == FLOWER_REPLY_SLEEP_S:  # a reply is not ready yet: the site is in a study
             self.pacer.active()
             _real_sleep(REPLY_POLL_S)
         else:
@@ -121,12 +122,6 @@ def _real_sleep(seconds: float) -> None:
     time.sleep(seconds)
 
 
-def _patched_time(loop: _Loop) -> types.SimpleNamespace:
-    names = {k: getattr(time, k) for k in dir(time) if not k.startswith("_")}
-    names["sleep"] = loop.sleep
-    return types.SimpleNamespace(**names)
-
-
 class _Receipt:
     """The node state as Flower's receive step sees it, noting the message it stores and the task it creates."""
 
@@ -191,18 +186,14 @@ def _pull_or_flush(pull: Callable[..., int | None], loop: _Loop) -> Callable[...
 def main() -> None:
     idle_s = float(sys.argv[1])
     sys.argv = ["flower-supernode", *sys.argv[2:]]
-    from flwr.supernode import start_client_internal as sci
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
     from flip_common.flower import fast_object_pulls
 
-    from ._flower_runtime import one_line_retries
+    from ._flower_runtime import one_line_retries, patch_supernode_loop
 
     loop = _Loop(idle_s)
-    sci.time = _patched_time(loop)  # type: ignore[assignment]
-    pull = sci._pull_and_store_message
-    sci._pull_and_store_message = _pull_or_flush(pull, loop)  # type: ignore[assignment]
-    sci._push_messages = loop.push_ready(sci._push_messages)  # type: ignore[assignment]
+    patch_supernode_loop(loop.sleep, lambda pull: _pull_or_flush(pull, loop), loop.push_ready)
     fast_object_pulls()
     hub = sys.argv[sys.argv.index("--superlink") + 1] if "--superlink" in sys.argv else "the hub"
     one_line_retries(f"the hub at {hub}")

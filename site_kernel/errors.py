@@ -6,7 +6,7 @@ Errors about the site's own state (policy, approvals, audit, sandbox, settings, 
 ``flip-site`` commands catch one root and print its message. Messages say what went wrong and what
 to do next. They are written for the data owner at the site; none of them may carry patient data,
 and none of them is ever sent to the hub as is (errors that leave the site go through
-:func:`site_kernel.egress.safe_error`). A job's internal signals (``executor.Refusal``,
+:func:`site_kernel.egress.safe_error`). A job's internal signals (``request.Refusal``,
 ``jobs.WorkerFailure``, ``_flower_runtime.TaskLost``) are not part of this tree: the site turns them
 into a safe reply or a log line.
 """

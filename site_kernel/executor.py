@@ -11,11 +11,11 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import re
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +28,10 @@ from flip_common.errors import FlipError
 from flip_common.flower import fast_object_pulls
 from flip_common.packing import pack, unpack_arrays
 from flip_common.planhash import plan_hash
+from flip_common.protocol import ERROR_CODE, SiteErrorReason, read_plan_spec
 
 from . import _flower_runtime as rt
-from . import run_settings, secagg
+from . import run_settings
 from ._pace import IdlePacer
 from .approvals import ApprovalStore
 from .audit import AuditLog
@@ -38,23 +39,13 @@ from .egress import check_reply
 from .errors import PolicyError
 from .jobs import JobWorker, StepResult, WorkerFailure
 from .policy import SitePolicy, load_policy
-from .privacy import PrivacyLedger, PrivacyLedgerError, Release, privatize, weights_digest
+from .privacy import weights_digest
+from .privacy_gate import PrivacyGate
+from .request import Refusal, Request, query_op
+from .secagg_gate import SecAggGate
 from .settings import SiteSettings, load_settings
 
 log = logging.getLogger("flip.site")
-
-ERROR_CODE = 0  # Flower's ErrorCode.UNKNOWN: the kind travels in the reason text, "kind: message"
-_SAFE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]{0,60}$")
-
-
-class Refusal(Exception):
-    """A request the site declines; ``kind`` and ``message`` are safe to send to the hub as they are."""
-
-    def __init__(self, kind: str, message: str, *, audit: str | None = None) -> None:
-        super().__init__(message)
-        self.kind = kind
-        self.message = message
-        self.audit = audit
 
 
 def _study(run_config: dict[str, Any], run_id: int) -> int:
@@ -78,7 +69,8 @@ class Executor:
         self._lock = threading.Lock()
         self._settings_mtime = 0.0
         self._last_refresh = 0.0
-        self._secagg: dict[int, secagg.SecAggClient] = {}  # each job's secure-aggregation state
+        self.privacy = PrivacyGate(site_dir, self.audit)  # the policy's [dp]
+        self.secagg = SecAggGate(self.audit)  # each job's secure-aggregation state
         self._run_queues: dict[int, _InOrder] = {}  # kept for the site's life: one per run
         self._busy: dict[int, int] = {}  # run -> its phases in progress: that worker is not evicted
         # every message of a study carries the same bundle: read it once, not once per round
@@ -155,7 +147,7 @@ class Executor:
         now."""
         with self._lock:
             worker = self.workers.pop(run_id, None)
-            self._secagg.pop(run_id, None)
+            self.secagg.forget(run_id)
         if worker is not None:
             worker.stop()
             self.audit.append("job_stopped", run_id=run_id, reason="the run was stopped at the hub")
@@ -192,7 +184,7 @@ class Executor:
             ]
             stopping = [self.workers.pop(run_id) for run_id in idle]
             for run_id in idle:
-                self._secagg.pop(run_id, None)
+                self.secagg.forget(run_id)
         for worker in stopping:
             worker.stop()
 
@@ -225,23 +217,35 @@ class Executor:
             settings = self._run_settings(run_id, spec, run_config)
             self.approvals.record_run(digest, run_id, settings)
             hold = self._settings_hold(digest, settings, policy) if state == "approved" else None
-            study = _study(run_config, run_id)
+            request = Request(
+                message=message,
+                op=op,
+                run_id=run_id,
+                study=_study(run_config, run_id),
+                site=self.settings.name,
+                policy=policy,
+                source=source,
+                spec=spec,
+                digest=digest,
+                config=dict(message.content.config_records.get("config", {})),
+            )
             if op == "query":
                 if hold is not None:
                     return self._reply(message, config={"approval": "pending", "detail": hold, "policy": policy.label})
-                if state == "approved" and _query_op(message).startswith("secagg_"):
-                    return self._secagg_step(message, policy, spec, run_id)
+                if state == "approved" and request.query_op.startswith("secagg_"):
+                    answer = self.secagg.answer(request)
+                    return self._reply(message, config={"approval": "approved"}, secagg=ConfigRecord(answer))
                 if state == "approved":
                     refused = (
                         self._settings_refusal(settings, policy, run_id)
-                        or self._dp_refusal_at_hello(policy, spec, run_id, study)
-                        or self._secagg_refusal_at_hello(policy, spec, run_id)
+                        or self.privacy.refusal_at_hello(request)
+                        or self.secagg.refusal_at_hello(request)
                     )
                     if refused is not None:
                         return self._reply(
                             message, config={"approval": "refused", "detail": refused, "policy": policy.label}
                         )
-                    self._worker(run_id, source, spec, digest, policy, prewarm=True)
+                    self._worker(request, prewarm=True)
                 return self._reply(message, config={"approval": state, "policy": policy.label})
             if state != "approved":
                 raise Refusal("not_approved", f"plan {digest[:12]} is {state} at site {self.settings.name}")
@@ -260,7 +264,7 @@ class Executor:
             # A resumed study starts from released weights, not from its initial ones.
             fresh = str(run_config.get("flip-resume-from", "0") or "0") == "0"
             init = str(run_config.get("flip-init-weights", "")) if fresh else None
-            return self._run_phase(message, op, source, spec, digest, policy, run_id, study, init_b64=init)
+            return self._run_phase(request, init_b64=init)
         except Refusal as refusal:
             self.audit.append(
                 refusal.audit or "refused", run_id=run_id, kind=refusal.kind, op=op, reason=refusal.message
@@ -307,7 +311,7 @@ class Executor:
         is needed, since it is what the data owner publishes (``flip-site data catalogue``) and no plan runs."""
         from .data import public_catalogue
 
-        if op != "query" or _query_op(message) != "directory":
+        if op != "query" or query_op(message) != "directory":
             raise Refusal(
                 "bundle_refused",
                 f"site {self.settings.name} answers a directory request's directory query only",
@@ -326,7 +330,7 @@ class Executor:
         run_config = bundle.run_config
         try:
             source = str(run_config["flip-plan-source"])
-            spec = json.loads(str(run_config["flip-plan-spec"]))
+            spec = read_plan_spec(str(run_config["flip-plan-spec"]))
             contract, shapes = spec["contract"], spec["model_shapes"]
         except (KeyError, ValueError, TypeError) as err:
             raise Refusal("bundle_refused", "the bundle carries no readable FLIP plan", audit="bundle_refused") from err
@@ -408,12 +412,11 @@ class Executor:
         self.audit.append("settings_refused", run_id=run_id, op="query", reason=reason)
         return reason
 
-    def _worker(
-        self, run_id: int, source: str, spec: dict, digest: str, policy: SitePolicy, prewarm: bool = False
-    ) -> JobWorker | None:
+    def _worker(self, request: Request, prewarm: bool = False) -> JobWorker | None:
         """This run's worker, started when needed. At most ``[jobs] concurrent`` runs hold one: an
         idle worker of another run makes room, one in the middle of a phase never does. Without room, a
         prewarm is skipped (``None``) and a phase refused."""
+        run_id, policy = request.run_id, request.policy
         evicted: list[JobWorker] = []
         try:
             with self._lock:
@@ -426,7 +429,7 @@ class Executor:
                     old_run = idle.pop(0)
                     others.remove(old_run)
                     evicted.append(self.workers.pop(old_run))
-                    self._secagg.pop(old_run, None)
+                    self.secagg.forget(old_run)
                 if len(others) >= policy.concurrent_jobs:
                     if prewarm:
                         return None
@@ -437,7 +440,16 @@ class Executor:
                         "when one finishes",
                         audit="site_busy",
                     )
-                worker = JobWorker(self.site_dir, self.settings, run_id, source, spec, digest, policy, self.audit)
+                worker = JobWorker(
+                    self.site_dir,
+                    self.settings,
+                    run_id,
+                    request.source,
+                    request.spec,
+                    request.digest,
+                    policy,
+                    self.audit,
+                )
                 self.workers[run_id] = worker
                 worker.start()
                 return worker
@@ -445,60 +457,49 @@ class Executor:
             for old in evicted:
                 old.stop()
 
-    def _run_phase(
-        self,
-        message: Message,
-        op: str,
-        source: str,
-        spec: dict,
-        digest: str,
-        policy: SitePolicy,
-        run_id: int,
-        study: int,
-        *,
-        init_b64: str | None = None,
-    ) -> Message:
-        config = dict(message.content.config_records.get("config", {}))
-        round_ = int(config.get("server-round", 0))
-        declared = spec["model_shapes"]
+    def _run_phase(self, request: Request, *, init_b64: str | None = None) -> Message:
+        """Train or evaluate: the privacy gate before and after the plan's step, the secure-aggregation gate after,
+        the egress check on what would leave, and the reply."""
+        op, run_id, round_ = request.op, request.run_id, request.round
+        declared = request.spec["model_shapes"]
         arrays = {}
-        for key, array in unpack_arrays(next(iter(message.content.array_records.values()))).items():
+        for key, array in unpack_arrays(next(iter(request.message.content.array_records.values()))).items():
             if key in declared and list(array.shape) == [1] and declared[key] == []:
                 array = array.reshape(())  # Flower's wire format carries 0-d arrays as shape (1,)
             arrays[key] = array
+        request = replace(request, arrays=arrays)
         if op == "train" and round_ == 1 and init_b64 is not None:
             self._check_first_weights(arrays, init_b64, run_id)
-        worker = self._worker(run_id, source, spec, digest, policy)
+        worker = self._worker(request)
         assert worker is not None  # only a prewarm goes without one
-        ledger, again = self._dp_before_train(policy, spec, study, round_, arrays) if op == "train" else (None, None)
-        if again is not None:  # released before this study was resumed: the same update again, at no cost
+        charge = self.privacy.before_train(request) if op == "train" else None
+        if charge is not None and charge.again is not None:  # released before the study was resumed: at no cost
+            again = charge.again
             result, num_examples = StepResult(again.arrays, again.metrics, 0.0, time.time()), again.num_examples
-            self.audit.append("dp_replay", run_id=run_id, round=round_, plan=digest, study=study)
         else:
             try:
                 with self._phase(run_id):
-                    result = worker.step(op, arrays, {**spec.get("train_config", {}), **config})
+                    result = worker.step(op, arrays, {**request.spec.get("train_config", {}), **request.config})
             except WorkerFailure as failure:
-                self.audit.append("plan_failed", run_id=run_id, round=round_, op=op, kind=failure.kind, plan=digest)
+                self.audit.append(
+                    "plan_failed", run_id=run_id, round=round_, op=op, kind=failure.kind, plan=request.digest
+                )
                 raise Refusal(failure.kind, failure.message) from None
             num_examples = worker.num_train if op == "train" else worker.num_test
         site_metrics: dict[str, float] = {}
-        clipped = False
-        if ledger is not None:  # the site's [dp], never the plan's: clip, noise, and say what was spent
-            if again is None:
-                result.arrays, clipped = privatize(arrays, result.arrays, ledger.rules)
-            spent = ledger.spent() if again is not None else ledger.epsilon_after(1)
-            site_metrics = {"dp_epsilon": spent, "dp_clip_norm": ledger.rules.clip_norm}
-        secure = op == "train" and _secure(spec)
+        if charge is not None:  # the site's [dp], never the plan's: clip, noise, and say what was spent
+            result.arrays = self.privacy.privatize(charge, request, result.arrays)
+            site_metrics = charge.site_metrics()
+        secure = op == "train" and request.secure
         if secure:  # the hub cannot screen a masked update: bound it here, before the egress check sees it
-            result.arrays, update = self._secagg_bound(policy, spec, arrays, result.arrays, run_id, round_)
+            result.arrays, update = self.secagg.bound(request, result.arrays)
         decision = check_reply(
             sent_shapes={k: tuple(v.shape) for k, v in arrays.items()},
             sent_dtypes={k: str(v.dtype) for k, v in arrays.items()},
             reply_arrays=result.arrays if op == "train" else None,
             metrics=result.metrics,
             num_examples=num_examples,
-            policy=policy,
+            policy=request.policy,
             site_metrics=site_metrics,
         )
         self.audit.append(
@@ -506,25 +507,24 @@ class Executor:
             run_id=run_id,
             round=round_,
             op=op,
-            plan=digest,
+            plan=request.digest,
             allowed=decision.allowed,
             reason=decision.reason or "",
         )
         if not decision.allowed:
             raise Refusal("withheld", f"site {self.settings.name} withheld its {op} reply: {decision.reason}")
-        if ledger is not None and again is None:
-            release = Release(result.arrays, dict(result.metrics), num_examples, weights_digest(arrays))
-            self._dp_record(ledger, study, round_, digest, clipped=clipped, release=release)
+        if charge is not None:
+            self.privacy.record(charge, request, result.arrays, result.metrics, num_examples)
         metrics = dict(decision.metrics)
         metrics["num-examples"] = num_examples
         content = {"metrics": MetricRecord(metrics)}
         if secure:  # only the masked vector leaves; the egress check above saw the bounded update in the clear
-            masked = self._secagg_mask(message, spec, arrays, update, num_examples, run_id, round_)
+            masked = self.secagg.mask(request, update, num_examples)
             content["arrays"] = pack(ArrayRecord({shared_secagg.MASKED: Array(masked)}))
         elif op == "train":
             content["arrays"] = pack(ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in result.arrays.items()}))
         return self._reply(
-            message,
+            request.message,
             config={"approval": "approved", "compute_s": result.compute_s, "started_at": result.started_at},
             **content,
         )
@@ -541,184 +541,13 @@ class Executor:
                 if not self._busy[run_id]:
                     del self._busy[run_id]
 
-    # -- differential privacy (the policy's [dp]; the plan has no say) -------------------------------
-    def _dp_ledger(self, policy: SitePolicy) -> PrivacyLedger | None:
-        """The site's epsilon ledger when its policy has ``[dp]``; a Refusal when the ledger is unreadable."""
-        if policy.dp is None:
-            return None
-        try:
-            return PrivacyLedger(self.site_dir, policy.dp)
-        except PrivacyLedgerError as err:
-            log.error("%s", err)  # the repair instructions are for the data owner, not the hub
-            raise Refusal(
-                "dp_ledger",
-                f"site {self.settings.name} cannot account for differential privacy "
-                "until its data owner repairs the site's privacy ledger",
-                audit="dp_refused",
-            ) from err
-
-    def _dp_budget_message(self, ledger: PrivacyLedger, rounds: int) -> str:
-        return (
-            f"site {self.settings.name}: this study's {rounds} round(s) would take its privacy spend to epsilon "
-            f"{ledger.epsilon_after(rounds):.3g} (budget {ledger.rules.epsilon_budget:g}, already spent "
-            f"{ledger.spent():.3g}; {ledger.rounds_that_fit(rounds)} round(s) would fit); ask the data owner "
-            "or run fewer rounds"
-        )
-
-    def _dp_refusal_at_hello(self, policy: SitePolicy, spec: dict, run_id: int, study: int) -> str | None:
-        """Why this job cannot run under the site's privacy budget, or ``None`` when it can (or there is no [dp]).
-        A resumed job needs only the rounds its study has not released yet."""
-        try:
-            ledger = self._dp_ledger(policy)
-            if ledger is None:
-                return None
-            rounds = max(0, int(spec["config"].get("rounds", 0)) - ledger.rounds_of(study))
-            if not ledger.would_exceed(rounds):
-                return None
-            reason = self._dp_budget_message(ledger, rounds)
-        except Refusal as refusal:
-            reason = refusal.message
-        self.audit.append("dp_refused", run_id=run_id, op="query", reason=reason)
-        return reason
-
-    def _dp_before_train(
-        self, policy: SitePolicy, spec: dict, study: int, round_: int, arrays: dict
-    ) -> tuple[PrivacyLedger | None, Release | None]:
-        """The ledger to charge, and the update to send again when this round of the study was released before
-        from the same weights; a refusal when the budget cannot pay for the round, or when it was released from
-        other weights (fresh noise would spend again)."""
-        ledger = self._dp_ledger(policy)
-        if ledger is None:
-            return None, None
-        if ledger.has(study, round_):
-            again = ledger.released(study, round_, weights_digest(arrays))
-            if again is None:
-                raise Refusal("dp_repeat", self._dp_repeat_message(round_), audit="dp_refused")
-            return ledger, again
-        if ledger.would_exceed(1):
-            left = max(1, int(spec["config"].get("rounds", 1)) - ledger.rounds_of(study))
-            raise Refusal("dp_budget", self._dp_budget_message(ledger, left), audit="dp_refused")
-        return ledger, None
-
-    def _dp_repeat_message(self, round_: int) -> str:
-        return (
-            f"site {self.settings.name} already sent its update for round {round_} of this study, from other "
-            "weights; it trains each round once, since a second noisy update would spend privacy budget"
-        )
-
-    def _dp_record(
-        self, ledger: PrivacyLedger, study: int, round_: int, digest: str, *, clipped: bool, release: Release
-    ) -> None:
-        """Record the spend before the reply leaves: a crash in between can only over-count. Another reply to the
-        same round recorded first (a request repeated while this one trained) means this one must not leave."""
-        if not ledger.record(study, round_, plan=digest, release=release):
-            raise Refusal("dp_repeat", self._dp_repeat_message(round_), audit="dp_refused")
-        rules = ledger.rules
-        self.audit.append(
-            "dp_spend",
-            study=study,
-            round=round_,
-            plan=digest,
-            epsilon=ledger.spent(),
-            budget=rules.epsilon_budget,
-            noise_multiplier=rules.noise_multiplier,
-            clip_norm=rules.clip_norm,
-            clipped=clipped,
-        )
-
-    # -- secure aggregation (site_kernel.secagg; the study's setting, the site's bound) ---------------
-    def _secagg_limit(self, policy: SitePolicy, spec: dict) -> float | None:
-        dims = sum(int(np.prod(shape, dtype=np.int64)) for shape in spec["model_shapes"].values())
-        return secagg.update_bound(policy.secagg_max_update_norm, policy.dp, dims)
-
-    def _secagg_refusal_at_hello(self, policy: SitePolicy, spec: dict, run_id: int) -> str | None:
-        """Why this site cannot join a secure-aggregation job (it has no update bound), else ``None``."""
-        if not _secure(spec) or self._secagg_limit(policy, spec) is not None:
-            return None
-        reason = (
-            f"site {self.settings.name} has no update bound for secure aggregation (under it the hub "
-            "cannot screen updates); its data owner can set [secure_aggregation] max_update_norm or [dp]"
-        )
-        self.audit.append("secagg_refused", run_id=run_id, op="query", reason=reason)
-        return reason
-
-    def _secagg_client(self, policy: SitePolicy, spec: dict, run_id: int, node_id: int) -> secagg.SecAggClient:
-        client = self._secagg.get(run_id)
-        if client is None:
-            bound = self._secagg_limit(policy, spec)
-            if bound is None:
-                raise Refusal("secure_aggregation", self._secagg_refusal_at_hello(policy, spec, run_id) or "")
-            client = secagg.SecAggClient(node_id, bound)
-            with self._lock:
-                self._secagg[run_id] = client
-        return client
-
-    def _secagg_step(self, message: Message, policy: SitePolicy, spec: dict, run_id: int) -> Message:
-        """One of the hub's key-setup or unmasking queries; see :mod:`site_kernel.secagg`."""
-        op = _query_op(message)
-        round_ = int(message.content.config_records["config"].get("server-round", 0))
-        if not _secure(spec):
-            raise Refusal(
-                "secure_aggregation",
-                f"site {self.settings.name}: this job does not use secure aggregation",
-                audit="secagg_refused",
-            )
-        client = self._secagg_client(policy, spec, run_id, message.metadata.dst_node_id)
-        record = dict(message.content.config_records.get("secagg", {}))
-        try:
-            answer = secagg.answer(client, op, round_, record)
-        except shared_secagg.SecAggError as err:
-            raise Refusal("secure_aggregation", f"site {self.settings.name}: {err}", audit="secagg_refused") from None
-        if op == "secagg_unmask":  # what the hub may now rebuild, for the data owner's record
-            self.audit.append(
-                "secagg_reveal",
-                run_id=run_id,
-                round=round_,
-                seeds=sum(k.startswith("seed.") for k in answer),
-                keys=sum(k.startswith("key.") for k in answer),
-            )
-        return self._reply(message, config={"approval": "approved"}, secagg=ConfigRecord(answer))
-
-    def _secagg_bound(
-        self, policy: SitePolicy, spec: dict, sent: dict, trained: dict, run_id: int, round_: int
-    ) -> tuple[dict, dict]:
-        bound = self._secagg_limit(policy, spec)
-        if bound is None:
-            raise Refusal("secure_aggregation", self._secagg_refusal_at_hello(policy, spec, run_id) or "")
-        arrays, update, clipped = secagg.bound_update(sent, trained, bound)
-        self.audit.append("secagg_bound", run_id=run_id, round=round_, bound=bound, clipped=clipped)
-        return arrays, update
-
-    def _secagg_mask(
-        self, message: Message, spec: dict, sent: dict, update: dict, weight: int, run_id: int, round_: int
-    ) -> np.ndarray:
-        client = self._secagg.get(run_id)
-        record = dict(message.content.config_records.get("secagg", {}))
-        if client is None or not record:
-            raise Refusal(
-                "secure_aggregation",
-                f"site {self.settings.name}: no secure-aggregation key setup for round {round_}; nothing was sent",
-                audit="secagg_refused",
-            )
-        try:
-            return client.mask(
-                round_,
-                shared_secagg.parse_nodes(record.get("participants", "")),
-                shared_secagg.unkeyed("ct", record),
-                secagg.flatten(update, shared_secagg.float_keys(sent)),
-                weight,
-            )
-        except shared_secagg.SecAggError as err:
-            raise Refusal("secure_aggregation", f"site {self.settings.name}: {err}", audit="secagg_refused") from None
-
     # -- replies -----------------------------------------------------------------------------------
     def _reply(self, message: Message, *, config: dict[str, Any], **records: Any) -> Message:
         info = {"site": self.settings.name, "audit_head": self.audit.head(), **config}
         return Message(RecordDict({**records, "flip": ConfigRecord(info)}), reply_to=message)
 
     def _error(self, message: Message, kind: str, text: str) -> Message:
-        kind = kind if _SAFE_NAME.match(kind) else "site_error"
-        return Message(Error(code=ERROR_CODE, reason=f"{kind}: {text}"[:500]), reply_to=message)
+        return Message(Error(code=ERROR_CODE, reason=SiteErrorReason(kind, text).reason()), reply_to=message)
 
 
 class _InOrder:
@@ -741,12 +570,3 @@ class _InOrder:
             with self._turn:
                 self._serving += 1
                 self._turn.notify_all()
-
-
-def _query_op(message: Message) -> str:
-    config = message.content.config_records.get("config")
-    return str(config.get("op", "hello")) if config is not None else "hello"
-
-
-def _secure(spec: dict) -> bool:
-    return bool(spec.get("config", {}).get("secure_aggregation", False))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import select
 import shutil
 import signal
@@ -19,11 +20,14 @@ import sys
 import threading
 import time
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from flip_common.protocol import LoadRequest, read_worker_reply
 
 from . import _pipe
 from ._output import copy_to_log
@@ -190,7 +194,7 @@ class JobWorker:
         # dims=3: the worker reads its cases lazily from this one cache entry, which the sandbox lets it read (and
         # nothing else of the site: not the other entries of the cache, not the raw data, not the manifests).
         cases = prepared.get("cases")
-        header = {
+        header: LoadRequest = {
             "op": "load",
             "source": self.source,
             "arrays": prepared.get("arrays"),
@@ -224,8 +228,10 @@ class JobWorker:
             raise WorkerFailure(
                 "model_mismatch", f"model() at site {self.settings.name} does not build the shapes the plan declared"
             )
-        self.device = str(reply.get("device", "cpu"))
-        log.info("job %s runs its plan on %s: %s", self.run_id, self.device, reply.get("device_note", ""))
+        # The load reply comes after the plan's top level ran: take the device only in its expected form.
+        device = str(reply.get("device", "cpu"))
+        self.device = device if device == "cpu" or re.fullmatch(r"cuda:\d{1,3}", device) else "unknown"
+        log.info("job %s runs its plan on %s", self.run_id, self.device)
         self.audit.append(
             "job_started",
             run_id=self.run_id,
@@ -276,7 +282,7 @@ class JobWorker:
         os.chmod(scratch, 0o700)
 
     def _exchange(
-        self, header: dict[str, Any], payload: bytes, *, timeout: float, what: str
+        self, header: Mapping[str, Any], payload: bytes, *, timeout: float, what: str
     ) -> tuple[dict[str, Any], bytes]:
         assert self.proc is not None
         _pipe.send(self._to_worker, header, payload)
@@ -297,8 +303,9 @@ class JobWorker:
                 "resource_limit", f"{what} exceeded site {self.settings.name}'s time limit of {timeout:g} s"
             )
         try:
-            return _pipe.recv(self._from_worker)
-        except (_pipe.PipeClosed, _pipe.FrameTooLarge, ValueError, OSError):
+            header, payload = _pipe.recv(self._from_worker)
+            return dict(read_worker_reply(header)), payload
+        except (_pipe.PipeClosed, _pipe.FrameTooLarge, ValueError, OSError):  # ProtocolError is a ValueError
             if self._stopping:  # the site stopped it (its run was cancelled): no limit, no violation
                 raise WorkerFailure("stopped", f"{what} was stopped at site {self.settings.name}") from None
             code = self.proc.wait(timeout=5)
@@ -317,7 +324,7 @@ class JobWorker:
         if self.proc is None or self.proc.poll() is not None:
             raise WorkerFailure("resource_limit", f"the plan's process at site {self.settings.name} has ended")
         with self._lock:
-            header = {"op": op, "config": {k: v for k, v in config.items() if _jsonable(v)}}
+            header = {"op": op, "config": {k: v for k, v in config.items() if _jsonable(v)}}  # a StepRequest
             # Timed here, not by the worker: a plan can patch the clocks of its own process, and a timing it
             # reported would leave the site beside the egress checks (an accession number fits in a float).
             started_at, started = time.time(), time.monotonic()

@@ -164,7 +164,7 @@ class PrivacyLedger:
 
             with safe_open(str(path), framework="numpy") as fh:
                 meta = json.loads((fh.metadata() or {})["flip"])
-                arrays = {key: fh.get_tensor(key) for key in fh.keys()}
+                arrays = {key: fh.get_tensor(key) for key in fh.keys()}  # noqa: SIM118 - a safetensors file, not a dict
         except (OSError, KeyError, ValueError):
             return None  # not kept (an older site) or damaged: the round is refused, never noised again
         if meta.get("weights") != weights:

@@ -20,7 +20,10 @@ import base64
 import binascii
 import hashlib
 import json
+from collections.abc import Mapping
 from typing import Any
+
+from flip_common.protocol import RunSettings
 
 from .policy import SitePolicy
 
@@ -31,7 +34,7 @@ _NOT_SETTINGS = frozenset({"round_timeout", "approval_timeout", "connect_timeout
 STANDARD_KEYS = frozenset({"rounds", "local_epochs", "lr", "batch_size", "seed", "proximal_mu"})
 
 
-def run_settings(spec: dict[str, Any], init_weights_b64: str) -> dict[str, Any]:
+def run_settings(spec: Mapping[str, Any], init_weights_b64: str) -> RunSettings:
     """One study's settings as plain JSON: name, config, train config, initial-weights hash."""
     try:
         weights = base64.b64decode(str(init_weights_b64), validate=True)
@@ -121,16 +124,12 @@ def _brief(value: Any) -> str:
 
 
 def _same(value: Any, allowed: Any) -> bool:
-    return (
-        type(value) is type(allowed)
+    return (type(value) is type(allowed) and value == allowed) or (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and isinstance(allowed, (int, float))
+        and not isinstance(allowed, bool)
         and value == allowed
-        or (
-            isinstance(value, (int, float))
-            and not isinstance(value, bool)
-            and isinstance(allowed, (int, float))
-            and not isinstance(allowed, bool)
-            and value == allowed
-        )
     )
 
 

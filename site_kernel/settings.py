@@ -34,9 +34,10 @@ class SiteSettings:
     loopback). ``auth_key``: the site's private key (OpenSSH, ECDSA P-384) that authenticates it to a hub with node
     authentication. Both are made by ``flip-lab provision``, and a relative path is relative to the site folder.
     ``site_steps``: site-specific harmonisation applied before the contract's own (e.g. a CT window).
-    ``worker_idle_s``: a job's sandboxed worker is stopped after this many idle seconds. ``sandbox``: false turns the sandbox off, honoured only under a demo
-    policy (used to measure what the sandbox costs); every job's audit entry says which. ``egress_capture``: a file
-    to which the site appends every reply it sends (for audits and tests of what leaves the site)."""
+    ``worker_idle_s``: a job's sandboxed worker is stopped after this many idle seconds. ``sandbox``: false turns the
+    sandbox off, honoured only under a demo policy (used to measure what the sandbox costs); every job's audit entry
+    says which. ``egress_capture``: a file to which the site appends every reply it sends (for audits and tests of what
+    leaves the site)."""
 
     name: str
     hub: str = DEFAULT_HUB

@@ -32,6 +32,7 @@ LONG_MODULES = (
     "test_governance_worker",
     "test_governance_hub",
     "test_directory",
+    "test_packaging",
     "test_lab_ui",
     "test_privacy",
     "test_server_manager",

@@ -1,9 +1,9 @@
 """A hub that also writes down every array it receives from a site, for tests to assert on what the hub saw.
 
 The production hub has no such switch. A test starts its local federation's runner with this file in place of
-``flip_lab.hub.runner`` (by setting ``flip_lab.local.RUNNER`` to ``(this file, FOLDER, "runner")``); that runner starts each study with this file in place of
-``flip_lab.hub.study``, and the study wraps ``StreamingGrid.send_and_receive`` so that every reply it hands on is
-saved first, as ``FOLDER/RUN/round-R/PHASE/SITE/KEY.safetensors``:
+``flip_lab.hub.runner`` (by setting ``flip_lab.local.RUNNER`` to ``(this file, FOLDER, "runner")``); that runner starts
+each study with this file in place of ``flip_lab.hub.study``, and the study wraps ``StreamingGrid.send_and_receive`` so
+that every reply it hands on is saved first, as ``FOLDER/RUN/round-R/PHASE/SITE/KEY.safetensors``:
 
     python tests/hub_recording.py FOLDER runner ARGS...   # flip_lab.hub.runner's arguments
     python -I tests/hub_recording.py FOLDER study ARGS...  # flip_lab.hub.study's arguments

@@ -106,7 +106,7 @@ def test_nifti_image_takes_the_label_beside_it(tmp_path: Path) -> None:
     assert summary.labelled and case["label_values"] == [0, 1] and case["modality"] == "MR"
     assert case["shape"] == [33, 41, 25] and case["axcodes"] == "LAS"
     assert data.num_train + data.num_test == 25  # one slice per axial plane of the real scan
-    assert 0 < (np.concatenate([data.train_y, data.test_y]) == 1).sum()
+    assert (np.concatenate([data.train_y, data.test_y]) == 1).sum() > 0
 
 
 def _smooth_integer_volume(shape: tuple[int, int, int]) -> np.ndarray:

@@ -46,7 +46,7 @@ def test_prepare_returns_the_contract_s_arrays(sites: list) -> None:
     assert data.train_x.shape[1:] == (1, 48, 48) and data.train_x.dtype == np.float32
     assert data.train_y.shape[1:] == (48, 48) and data.train_y.dtype == np.int64
     assert data.num_train == len(data.train_x) > 0 and data.num_test == len(data.test_x) > 0
-    assert 0.0 <= data.train_x.min() and data.train_x.max() <= 1.0
+    assert data.train_x.min() >= 0.0 and data.train_x.max() <= 1.0
     assert set(np.unique(np.concatenate([data.train_y, data.test_y]))) == {0, 1}
 
 

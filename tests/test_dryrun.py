@@ -164,7 +164,7 @@ def test_synthetic_data_is_shaped_as_a_site_hands_it(change: dict, label_shape: 
     assert data.train_x.dtype == torch.float32 and data.train_y.dtype == torch.int64
     assert list(data.train_y.shape) == list(data.test_y.shape) == label_shape
     assert set(torch.cat([data.train_y.flatten(), data.test_y.flatten()]).tolist()) <= values
-    assert 0.0 <= float(data.train_x.min()) and float(data.train_x.max()) <= 1.0  # a window maps to [0, 1]
+    assert float(data.train_x.min()) >= 0.0 and float(data.train_x.max()) <= 1.0  # a window maps to [0, 1]
     assert data.num_train == data.num_test == SAMPLES
 
 

@@ -38,7 +38,7 @@ def test_plan_waits_for_approval_then_runs_and_a_changed_plan_waits_again(manual
     plan = flip_lab.Plan.from_source(TINY, name="approve-me")
     job = fed.submit(plan, rounds=1, min_sites=1, expected_sites=1, approval_timeout=300, round_timeout=120)
     wait_for(lambda: any(e.get("state") == "waiting_approval" for e in job.events))
-    waiting = [e for e in job.events if e.get("state") == "waiting_approval"][0]
+    waiting = next(e for e in job.events if e.get("state") == "waiting_approval")
     assert "waiting for approval at site" in waiting["detail"]
     assert not list((site_dir / "logs").glob(f"researcher-{job.id}.log")), "an unapproved plan must never start"
 

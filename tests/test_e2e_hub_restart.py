@@ -1,5 +1,6 @@
-"""Faults with real processes: a straggler's late reply, a poisoned update, and the hub killed mid-study and started again (sites come
-back, the job resumes from its last released round, and sites under differential privacy count each round once)."""
+"""Faults with real processes: a straggler's late reply, a poisoned update, and the hub killed mid-study and started
+again (sites come back, the job resumes from its last released round, and sites under differential privacy count each
+round once)."""
 
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ def sizes(fed):
         flip_lab.Plan.from_file(PLANS / "fault_plan.py"), rounds=1, expected_sites=3, round_timeout=240
     ).wait(timeout=600)
     train = sizing.history[(sizing.history.phase == "train") & (sizing.history.metric == "num_examples")]
-    sizes = dict(zip(train.site, train.value.astype(int)))
+    sizes = dict(zip(train.site, train.value.astype(int), strict=True))
     assert len(set(sizes.values())) == len(sizes) == 3, "each site is told apart by its size"
     return sizes
 

@@ -44,7 +44,7 @@ class _Client:
     def __init__(self, answer):
         self.answer = answer
 
-    def SendTaskHeartbeat(self, request):  # noqa: N802 (Flower's name)
+    def SendTaskHeartbeat(self, request):  # Flower's name
         if isinstance(self.answer, Exception):
             raise self.answer
         return self.answer
@@ -70,7 +70,7 @@ class _Runtime:
     def __init__(self):
         self.known = True
 
-    def SendTaskHeartbeat(self, request):  # noqa: N802 (Flower's name)
+    def SendTaskHeartbeat(self, request):  # Flower's name
         return type("Reply", (), {"success": self.known})()
 
     def close(self):

@@ -96,8 +96,10 @@ def audit_events(site):
         ("write outside scratch", "    open('/tmp/flip-pwned', 'w').write('x')\n    return {'loss': 0.0}", "pwned"),
         (
             "run a shell command",
-            "    import subprocess\n    subprocess.run(['sh', '-c', 'touch /tmp/flip-shell'])\n"
-            "    return {'loss': 0.0}",
+            (
+                "    import subprocess\n    subprocess.run(['sh', '-c', 'touch /tmp/flip-shell'])\n"
+                "    return {'loss': 0.0}"
+            ),
             "flip-shell",
         ),
         (
@@ -178,15 +180,19 @@ def test_fork_bomb_is_contained_and_leaves_no_process(site):
         ("raise", f"    raise ValueError('{CANARY}' + repr(float(data.train_x[0, 0, 5, 5])))"),
         (
             "log",
-            f"    import logging\n    logging.getLogger('x').error('{CANARY}%s', float(data.train_x[0, 0, 5, 5]))\n"
-            "    return {'loss': 0.0}",
+            (
+                f"    import logging\n    logging.getLogger('x').error('{CANARY}%s', float(data.train_x[0, 0, 5, 5]))\n"
+                "    return {'loss': 0.0}"
+            ),
         ),
         ("metric name", f"    return {{'{CANARY}' + repr(float(data.train_x[0, 0, 5, 5])): 1.0}}"),
         ("exception class name", f"    raise type('{CANARY}X', (ValueError,), {{}})('x')"),
         (
             "extra array",
-            "    import torch\n    model.register_buffer('exfil', data.train_x[0, 0].clone())\n"
-            "    return {'loss': 0.0}",
+            (
+                "    import torch\n    model.register_buffer('exfil', data.train_x[0, 0].clone())\n"
+                "    return {'loss': 0.0}"
+            ),
         ),
         (
             "changed shape",

@@ -123,7 +123,7 @@ def test_a_federation_removes_the_temporary_folder_it_made_even_at_interpreter_e
             ("given", own_folder, "shutdown"),
         )
     }
-    done = {how: proc.communicate(timeout=300) + (proc.returncode,) for how, proc in runs.items()}
+    done = {how: (*proc.communicate(timeout=300), proc.returncode) for how, proc in runs.items()}
     for how in ("shutdown", "exit"):
         stdout, stderr, returncode = done[how]
         assert returncode == 0, stderr

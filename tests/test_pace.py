@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 
 from site_kernel import _pace
+from site_kernel._flower_runtime import FLOWER_IDLE_SLEEP_S, FLOWER_REPLY_SLEEP_S
 from site_kernel._pace import IdlePacer
-from site_kernel._supernode import IDLE_CAP_S, _Loop, _patched_time
+from site_kernel._supernode import IDLE_CAP_S, _Loop
 
 
 class Clock:
@@ -51,17 +52,17 @@ def test_work_brings_the_fast_interval_back_at_once(clock):
 
 
 def test_the_supernode_sleeps_fast_in_a_study_and_slowly_when_long_idle(clock, monkeypatch):
-    monkeypatch.setattr("time.sleep", clock.sleep)  # _patched_time keeps the real sleep it finds
-    patched = _patched_time(_Loop(0.1))
-    patched.sleep(3)  # Flower's idle poll
+    monkeypatch.setattr("time.sleep", clock.sleep)  # the loop's own sleeps are the real ones
+    patched = _Loop(0.1)  # its sleep is what Flower's loop calls (patch_supernode_loop)
+    patched.sleep(FLOWER_IDLE_SLEEP_S)  # Flower's idle poll
     assert clock.slept == [0.1]
     clock.now += 60
     for _ in range(8):
-        patched.sleep(3)
+        patched.sleep(FLOWER_IDLE_SLEEP_S)
     assert clock.slept[-1] == IDLE_CAP_S
-    patched.sleep(0.5)  # Flower waits for the site's executor: the site is in a study
+    patched.sleep(FLOWER_REPLY_SLEEP_S)  # Flower waits for the site's executor: the site is in a study
     assert clock.slept[-1] == 0.02
-    patched.sleep(3)
+    patched.sleep(FLOWER_IDLE_SLEEP_S)
     assert clock.slept[-1] == 0.1
     patched.sleep(0.25)  # other sleeps pass through
     assert clock.slept[-1] == 0.25
@@ -125,7 +126,7 @@ def _push(state, store) -> list[str]:
     push = threading.Thread(
         target=_push_messages,
         daemon=True,
-        kwargs=dict(state=state, object_store=store, send=send, push_object=lambda *a: None),
+        kwargs={"state": state, "object_store": store, "send": send, "push_object": lambda *a: None},
     )
     push.start()
     push.join(5)
@@ -164,7 +165,7 @@ def test_a_message_half_received_when_its_run_stopped_is_dropped_with_its_task()
     def receive_until_the_run_stops(*, state, **kw):  # what Flower's receive step does when the hub says "stopped"
         created.append(state.create_task(task_type=TaskType.CLIENT_APP, run_id=7, fab_hash="f"))
         state.store_message(message)
-        return None
+        return
 
     assert (
         _pull_or_flush(receive_until_the_run_stops, _Loop(0.1))(state=state, object_store=store, get_run=_no_run)
@@ -173,15 +174,6 @@ def test_a_message_half_received_when_its_run_stopped_is_dropped_with_its_task()
     assert not state.get_messages_legacy(is_reply=False), "no message is left for the executor to answer"
     (task,) = state.get_tasks(task_ids=created)
     assert task.status.status == Status.FINISHED
-
-
-def test_flowers_loop_step_still_has_the_shape_the_wrapper_relies_on():
-    import inspect
-
-    from flwr.supernode import start_client_internal as sci
-
-    assert "state" in inspect.signature(sci._pull_and_store_message).parameters
-    assert "state=state," in inspect.getsource(sci.start_client_internal), "the loop passes the state by name"
 
 
 def test_the_push_step_sends_only_what_is_ready_and_never_waits_for_a_reply():
@@ -216,7 +208,7 @@ def test_the_open_tasks_of_a_run_stopped_at_the_hub_end_and_others_stay():
 
     from site_kernel._supernode import _Loop
 
-    state, store = _node()
+    state, _store = _node()
     tasks = {}
     for run_id in (7, 8):
         tasks[run_id] = state.create_task(task_type=TaskType.CLIENT_APP, run_id=run_id, fab_hash="f")

@@ -93,29 +93,39 @@ def test_build_declares_shapes_and_a_hash_that_changes_with_one_character():
     "cells, message",
     [
         (
-            "import torch\nfrom flip_lab import Plan\nplan = Plan()\nsquash = lambda x: x\n"
-            "@plan.model\ndef model():\n    return squash(torch.nn.Linear(1, 1))\n",
+            (
+                "import torch\nfrom flip_lab import Plan\nplan = Plan()\nsquash = lambda x: x\n"
+                "@plan.model\ndef model():\n    return squash(torch.nn.Linear(1, 1))\n"
+            ),
             "'squash' (used by model) is a lambda",
         ),
         (
-            "import torch\nfrom flip_lab import Plan\nplan = Plan()\ndef make():\n    k = 3\n"
-            "    def inner():\n        return torch.nn.Linear(k, 1)\n    return inner\nbuilt = make()\n"
-            "@plan.model\ndef model():\n    return built()\n",
+            (
+                "import torch\nfrom flip_lab import Plan\nplan = Plan()\ndef make():\n    k = 3\n"
+                "    def inner():\n        return torch.nn.Linear(k, 1)\n    return inner\nbuilt = make()\n"
+                "@plan.model\ndef model():\n    return built()\n"
+            ),
             "closure over local variable(s) k",
         ),
         (
-            "import torch\nfrom flip_lab import Plan\nplan = Plan()\n"
-            "@plan.model\ndef model():\n    return undefined_thing(1)\n",
+            (
+                "import torch\nfrom flip_lab import Plan\nplan = Plan()\n"
+                "@plan.model\ndef model():\n    return undefined_thing(1)\n"
+            ),
             "name 'undefined_thing' used in model() is not defined",
         ),
         (
-            "import torch\nimport pandas\nfrom flip_lab import Plan\nplan = Plan()\n"
-            "@plan.model\ndef model():\n    return pandas.DataFrame()\n",
+            (
+                "import torch\nimport pandas\nfrom flip_lab import Plan\nplan = Plan()\n"
+                "@plan.model\ndef model():\n    return pandas.DataFrame()\n"
+            ),
             "comes from 'pandas', which FLIP sites do not install",
         ),
         (
-            "import torch, threading\nfrom flip_lab import Plan\nplan = Plan()\nLOCK = threading.Lock()\n"
-            "@plan.model\ndef model():\n    LOCK\n    return torch.nn.Linear(1, 1)\n",
+            (
+                "import torch, threading\nfrom flip_lab import Plan\nplan = Plan()\nLOCK = threading.Lock()\n"
+                "@plan.model\ndef model():\n    LOCK\n    return torch.nn.Linear(1, 1)\n"
+            ),
             "cannot travel as source",
         ),
     ],

@@ -103,7 +103,7 @@ def test_dp_is_off_by_default_and_a_dp_section_is_validated(tmp_path):
     write_default_policy(tmp_path, demo=False)
     assert load_policy(tmp_path).dp is None
     write(tmp_path, "[dp]\nclip = 1.0\n")  # the name planned before [dp] existed: refused, never ignored
-    with pytest.raises(PolicyError, match="unknown key `dp.clip`") as info:
+    with pytest.raises(PolicyError, match=r"unknown key `dp\.clip`") as info:
         load_policy(tmp_path)
     assert info.value.key == "dp.clip"
 
@@ -157,5 +157,5 @@ def test_how_many_studies_run_at_once_is_the_policys_and_at_least_one(tmp_path):
     write(tmp_path, "")
     assert load_policy(tmp_path).concurrent_jobs == 2
     write(tmp_path, "[jobs]\nconcurrent = 0\n")
-    with pytest.raises(PolicyError, match="jobs.concurrent"):
+    with pytest.raises(PolicyError, match=r"jobs\.concurrent"):
         load_policy(tmp_path)

@@ -15,7 +15,6 @@ import inspect
 import json
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -32,8 +31,8 @@ PROGRAMS = ("flip-lab", "flip-site", "./run", "python", "pip")
 PYTHON_NAMES = ("flip_lab", "fed", "job", "plan")  # the README's names for FLIP's API and the objects it returns
 
 # A command's key (program and subcommands, or an API name) -> "module::test" (or fixture) that runs it, a test
-# module whose own code does, or a notebook, which test_notebooks executes (as it does every notebook). Where the README's own
-# line would take minutes or a network, the test runs the same command on less, as its docstring says.
+# module whose own code does, or a notebook, which test_notebooks executes (as it does every notebook). Where the
+# README's own line would take minutes or a network, the test runs the same command on less, as its docstring says.
 RUN_BY = {
     "./run demo": "test_readme::test_the_run_script_offers_what_the_readme_says",
     "./run test": "test_readme::test_the_run_script_offers_what_the_readme_says",
@@ -54,14 +53,15 @@ RUN_BY = {
     "flip-site run": "test_daily_messages::test_a_site_whose_hub_is_down_says_so_once_and_serves_when_it_comes",
     "flip-site plans list": "test_e2e_approval::test_plan_waits_for_approval_then_runs_and_a_changed_plan_waits_again",
     "flip-site plans show": "test_e2e_approval::test_plan_waits_for_approval_then_runs_and_a_changed_plan_waits_again",
-    "flip-site plans approve": "test_e2e_approval::test_plan_waits_for_approval_then_runs_and_a_changed_plan_waits_again",
+    "flip-site plans approve": "test_e2e_approval::test_plan_waits_for_approval_then_runs_and_a_changed_plan_waits_again",  # noqa: E501 - a test's name
     "flip-site plans reject": "test_approvals::test_plans_commands",
     "flip-site audit show": "test_audit::test_audit_commands",
     "flip-site audit verify": "test_audit::test_audit_commands",
     "flip-site privacy": "test_privacy::test_flip_site_privacy_shows_budget_spent_remaining_and_jobs",
     "python bench/heterogeneity.py": "test_data_benchmark::test_quick_benchmark_shows_what_harmonisation_buys",
-    "pip wheel": "test_readme::test_the_package_builds_as_a_wheel_and_installs_offline",
-    "pip install": "test_readme::test_the_package_builds_as_a_wheel_and_installs_offline",
+    "python scripts/build-wheels": "test_readme::test_the_parts_build_as_wheels_and_install_offline",
+    "pip wheel": "test_readme::test_the_parts_build_as_wheels_and_install_offline",
+    "pip install": "test_readme::test_the_parts_build_as_wheels_and_install_offline",
     "flip_lab.local_federation": "conftest::federation",
     "flip_lab.connect": "test_e2e_spine::test_reattach_by_id_from_a_new_connection",
     "flip_lab.Plan": "test_plan",  # the module builds its plan as the README does, and its tests use it
@@ -87,7 +87,7 @@ RUN_BY = {
 
 # -- reading the README -----------------------------------------------------------------------------------------
 def _blocks(language: str) -> list[str]:
-    return re.findall(rf"^```{language}\n(.*?)^```", README, flags=re.M | re.S)
+    return re.findall(rf"^```{language}\n(.*?)^```", README, flags=re.MULTILINE | re.DOTALL)
 
 
 def _command_cells() -> list[str]:
@@ -150,7 +150,7 @@ def python_names() -> set[str]:
     heads = "|".join(PYTHON_NAMES)
     for text in texts:
         names |= set(re.findall(rf"(?<![\w.])((?:{heads})(?:\.\w+)+)\s*\(", text))  # calls, also in comments
-        names |= set(re.findall(rf"^@((?:{heads})\.\w+)", text, flags=re.M))
+        names |= set(re.findall(rf"^@((?:{heads})\.\w+)", text, flags=re.MULTILINE))
         names |= set(re.findall(r"(?<![\w.])((?:job|fed)\.\w+)\b(?!\s*\()", text))  # attributes: job.history
     return names
 
@@ -252,27 +252,19 @@ def test_the_run_script_offers_what_the_readme_says() -> None:
         ("bench", 'python "$b"'),
     ]:
         assert f"./run {command}" in listed.stdout
-        arm = re.search(rf"^  {command}\)(.*?);;", script, flags=re.M | re.S)
+        arm = re.search(rf"^  {command}\)(.*?);;", script, flags=re.MULTILINE | re.DOTALL)
         assert arm and starts in arm.group(1), f"./run {command} no longer starts `{starts}`"
 
 
-def test_the_package_builds_as_a_wheel_and_installs_offline(tmp_path: Path) -> None:
-    """The README's offline installation, ``pip wheel --wheel-dir wheelhouse .`` then ``pip install --no-index
-    --find-links wheelhouse flip-lab``, for FLIP Lab's own wheel: its dependencies are published wheels that would
-    need the network here (``--no-deps``), and the build backend is the one installed (``--no-build-isolation``).
-    The build is quiet about the package's metadata (setuptools warned about ``project.license`` once)."""
-    source = tmp_path / "source"  # a copy, so the build's own folders stay out of the working tree
-    shutil.copytree(
-        REPO,
-        source,
-        ignore=shutil.ignore_patterns(
-            ".venv", ".git", "build", "*.egg-info", "test-artifacts", "node_modules", "__pycache__"
-        ),
-    )
-    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
+def test_the_parts_build_as_wheels_and_install_offline(tmp_path: Path) -> None:
+    """The README's offline installation: ``python scripts/build-wheels wheelhouse``, ``pip wheel`` for the
+    dependencies, then ``pip install --no-index --find-links wheelhouse flip-site`` at a hospital and ``flip-lab``
+    for a researcher. Here with ``--no-deps``: the dependencies are published wheels that would need the network
+    (tests/test_packaging.py installs the site part with its whole closure). The build is quiet about the packages'
+    metadata (setuptools warned about ``project.license`` once)."""
     wheelhouse = tmp_path / "wheelhouse"
     built = subprocess.run(
-        [*pip, "wheel", "--wheel-dir", str(wheelhouse), "--no-deps", "--no-build-isolation", "--no-index", str(source)],
+        [sys.executable, str(REPO / "scripts" / "build-wheels"), str(wheelhouse)],
         capture_output=True,
         text=True,
         timeout=300,
@@ -280,26 +272,33 @@ def test_the_package_builds_as_a_wheel_and_installs_offline(tmp_path: Path) -> N
     )
     assert built.returncode == 0, built.stdout + built.stderr
     assert "Deprecat" not in built.stdout + built.stderr, built.stdout + built.stderr
-    target = tmp_path / "installed"
-    installed = subprocess.run(
-        [
-            *pip,
-            "install",
-            "--no-index",
-            "--find-links",
-            str(wheelhouse),
-            "--no-deps",
-            "--target",
-            str(target),
-            "flip-lab",
-        ],
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
+    offline = ["--no-index", "--find-links", str(wheelhouse), "--no-deps"]
+    again = subprocess.run(
+        [*pip, "wheel", *offline, "--wheel-dir", str(wheelhouse), "flip-site", "flip-lab"],
         capture_output=True,
         text=True,
         timeout=300,
         check=False,
     )
-    assert installed.returncode == 0, installed.stdout + installed.stderr
-    assert (target / "flip_lab" / "__init__.py").is_file() and (target / "site_kernel" / "cli.py").is_file()
+    assert again.returncode == 0, again.stdout + again.stderr
+    for part, holds, lacks in [
+        ("flip-site", "site_kernel/cli.py", "flip_lab"),
+        ("flip-lab", "flip_lab/labextension/package.json", "site_kernel"),
+    ]:
+        target = tmp_path / part
+        installed = subprocess.run(
+            [*pip, "install", *offline, "--target", str(target), part, "flip-common"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        assert installed.returncode == 0, installed.stdout + installed.stderr
+        assert (target / holds).is_file() and (target / "flip_common" / "py.typed").is_file()
+        assert not (target / lacks).exists()
+    shared = tmp_path / "flip-lab" / "share" / "jupyter" / "labextensions" / "flip-lab"
+    assert (shared / "install.json").is_file() and (shared / "package.json").is_file()
 
 
 def test_provision_and_a_hospitals_init_run_as_the_readme_shows(tmp_path: Path) -> None:

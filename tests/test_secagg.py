@@ -295,7 +295,7 @@ def test_a_site_killed_mid_round_is_unmasked_without_and_dp_is_charged_once_per_
     plan = flip_lab.Plan.from_file(PLANS / "fault_plan.py")
     sizing = fed.submit(plan, rounds=1, min_sites=3, expected_sites=3, round_timeout=240).wait(timeout=600)
     train = sizing.history[(sizing.history.phase == "train") & (sizing.history.metric == "num_examples")]
-    sizes = dict(zip(train.site, train.value.astype(int)))
+    sizes = dict(zip(train.site, train.value.astype(int), strict=True))
     slow = max(sizes, key=sizes.get)
     assert len(sizes) == 3 and list(sizes.values()).count(sizes[slow]) == 1, "the slow site is told by its size"
     settings = {"rounds": 3, "min_sites": 2, "expected_sites": 3, "round_timeout": 60, "seed": 3}

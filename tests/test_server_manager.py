@@ -14,9 +14,10 @@ import torch
 
 import flip_lab
 from flip_lab.errors import HubUnreachable
+from flip_lab.jobview import JobView
 from flip_lab.local import free_port, read_state, running_state, stop_pids
 from flip_lab.server.manager import Busy, FederationManager, NotConnected, PanelError
-from flip_lab.server.views import JobBoard, SiteBoard, dataset_summary, fold_event, new_job_summary
+from flip_lab.server.views import JobBoard, SiteBoard, dataset_summary, job_summary
 
 PLANS = Path(__file__).parent / "plans"
 torch.set_num_threads(1)
@@ -79,8 +80,8 @@ def test_site_board_counts_drops_of_a_flapping_site_and_remembers_when_it_was_se
     assert board.mark_unknown() and board.rows()[0]["state"] == "unknown"
 
 
-def test_fold_event_builds_the_summary_the_panel_shows():
-    job = new_job_summary("7")
+def test_the_job_view_gives_the_summary_the_panel_shows():
+    view = JobView()
     for event in [
         {"type": "job_started", "rounds": 2, "strategy": "fedavg"},
         {"type": "reply", "round": 1, "phase": "evaluate", "site": "a", "metrics": {"dice": 0.1}},
@@ -88,7 +89,8 @@ def test_fold_event_builds_the_summary_the_panel_shows():
         {"type": "site_error", "round": 2, "site": "a", "kind": "plan_error", "message": "ValueError"},
         {"type": "job_finished", "status": "failed", "message": "round 2 had too few sites"},
     ]:
-        fold_event(job, event)
+        view.apply(event)
+    job = job_summary("7", view)
     assert (job["status"], job["round"], job["released"], job["rounds"]) == ("failed", 1, 1, 2)
     assert job["metrics"] == {"dice": [(1, 0.5)]}, "per-site replies are not the aggregated series"
     assert job["errors"] == [{"site": "a", "round": 2, "kind": "plan_error", "message": "ValueError"}]
@@ -97,15 +99,17 @@ def test_fold_event_builds_the_summary_the_panel_shows():
 def test_round_is_the_round_in_progress_and_released_the_rounds_completed():
     """The panel says "round 2 of 3" while round 2 runs, and "1 of 3 rounds" for a job cancelled during it, as
     the notebook's dashboard does (flip_lab.display.round_words)."""
-    job = new_job_summary("7")
-    for event in [
-        {"type": "job_started", "rounds": 3},
-        {"type": "aggregate", "round": 1, "phase": "evaluate", "metrics": {"dice": 0.5}},
-        {"type": "site_state", "round": 2, "site": "a", "state": "training"},
-    ]:
-        fold_event(job, event)
+    view = JobView.from_events(
+        [
+            {"type": "job_started", "rounds": 3},
+            {"type": "aggregate", "round": 1, "phase": "evaluate", "metrics": {"dice": 0.5}},
+            {"type": "site_state", "round": 2, "site": "a", "state": "training"},
+        ]
+    )
+    job = job_summary("7", view)
     assert (job["round"], job["released"]) == (2, 1)
-    fold_event(job, {"type": "job_finished", "status": "cancelled", "rounds_completed": 1})
+    view.apply({"type": "job_finished", "status": "cancelled", "rounds_completed": 1})
+    job = job_summary("7", view)
     assert (job["round"], job["released"]) == (2, 1)
 
 

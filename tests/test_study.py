@@ -117,8 +117,10 @@ def test_a_plan_that_no_longer_gives_its_hash_is_found_even_when_resealed(copy: 
     plan.write_text(plan.read_text() + "\n# edited\n")
     seal(copy)
     assert verify_record(copy) == [
-        "jobs/21: plan.py and spec.json do not give the recorded plan hash "
-        f"{json.loads((RECORDED / 'spec.json').read_text())['plan_hash'][:16]}…"
+        (
+            "jobs/21: plan.py and spec.json do not give the recorded plan hash "
+            f"{json.loads((RECORDED / 'spec.json').read_text())['plan_hash'][:16]}…"
+        )
     ]
 
 

@@ -83,7 +83,9 @@ def train(model, data, config):
             x, y = augment(data.train_x[index], data.train_y[index], generator)
             loss = loss_fn(model(x), y.unsqueeze(1))
             if anchors:  # FedProx: stay close to the round's global model
-                loss = loss + mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchors))
+                loss = loss + mu / 2 * sum(
+                    ((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchors, strict=True)
+                )
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

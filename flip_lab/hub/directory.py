@@ -18,7 +18,7 @@ from flwr.serverapp import Grid
 
 from .._directory import MAX_CATALOGUE_CHARS, clean_catalogue, clean_name
 from .events import EventSink
-from .grid import POLL_S, parse_site_error, pull_replies, site_info
+from .grid import Exchange, parse_site_error, site_info
 
 DIRECTORY_TIMEOUT_S = 10.0  # a site that has not answered by then is listed without its name
 
@@ -32,30 +32,23 @@ def answer_directory(grid: Grid, sink: EventSink, timeout: float = DIRECTORY_TIM
     nodes = sorted(grid.get_node_ids())
     content = RecordDict({"config": ConfigRecord({"op": "directory"})})
     messages = [Message(content=content, message_type=MessageType.QUERY, dst_node_id=n) for n in nodes]
-    waiting = dict(zip(grid.push_messages(messages), nodes)) if messages else {}
+    exchange = Exchange(grid, messages)
     answered = 0
-    deadline = started + timeout
-    while waiting and time.monotonic() < deadline:
-        for reply in pull_replies(grid, list(waiting)):
-            node = waiting.pop(reply.metadata.reply_to_message_id, None)
-            if node is None:
-                continue
-            if reply.has_error():
-                kind, message = parse_site_error(reply.error.reason, int(reply.error.code))
-                sink.emit("directory_error", node_id=node, kind=kind, message=message)
-                continue
+    for node, reply in exchange.replies(started + timeout):
+        if reply.has_error():
+            kind, message = parse_site_error(reply.error.reason, int(reply.error.code))
+            sink.emit("directory_error", node_id=node, kind=kind, message=message)
+            continue
+        try:
             info = site_info(reply)
-            try:
-                catalogue = clean_catalogue(json.loads(str(info.get("catalogue", ""))[:MAX_CATALOGUE_CHARS]))
-            except (TypeError, ValueError):
-                sink.emit(
-                    "directory_error", node_id=node, kind="bad_reply", message="the site's catalogue was not readable"
-                )
-                continue
-            sink.emit("directory_site", node_id=node, site=clean_name(info.get("site", "")), catalogue=catalogue)
-            answered += 1
-        if waiting:
-            time.sleep(POLL_S)
-    for node in waiting.values():
+            catalogue = clean_catalogue(json.loads(str(info.get("catalogue", ""))[:MAX_CATALOGUE_CHARS]))
+        except (TypeError, ValueError):  # ProtocolError too: a ValueError
+            sink.emit(
+                "directory_error", node_id=node, kind="bad_reply", message="the site's catalogue was not readable"
+            )
+            continue
+        sink.emit("directory_site", node_id=node, site=clean_name(info.get("site", "")), catalogue=catalogue)
+        answered += 1
+    for node in exchange.waiting.values():
         sink.emit("directory_error", node_id=node, kind="no_answer", message=f"no answer within {timeout:g} s")
     sink.emit("directory_finished", asked=len(nodes), answered=answered, wall_s=round(time.monotonic() - started, 3))

@@ -3,20 +3,21 @@
 Flower's ``send_and_receive`` polls the SuperLink every 3 s and returns only when every reply is in; FLIP Lab wraps
 the run's Grid so that Flower's own strategies keep working unchanged while (a) replies are polled every 50 ms,
 (b) each reply is turned into an event for the researcher as it lands, (c) a site that goes offline or fails stops
-being waited for, and (d) only the sites that approved this plan are ever sampled; with secure aggregation, (e) each train round starts
-with the key setup of ``flip_lab.hub.secagg``.
+being waited for, and (d) only the sites that approved this plan are ever sampled; with secure aggregation, (e) each
+train round starts with the key setup of ``flip_lab.hub.secagg``.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from flwr.app import Message
 from flwr.serverapp import Grid
 
 from flip_common.packing import is_packed, pack, unpack
+from flip_common.protocol import ProtocolError, SiteInfo, parse_site_error, read_site_info
 
 from .events import EventSink
 
@@ -41,33 +42,55 @@ def pull_replies(grid: Grid, message_ids: list[str]) -> Iterable[Message]:
 
 
 POLL_S = 0.05
+LIVENESS_S = 2.0  # how often a round asks which of the sites it waits for are still online
+
+
+class Exchange:
+    """Messages pushed to their sites, then polled for every ``POLL_S`` until each is answered or time runs out:
+    the one loop by which the hub talks to sites (rounds, approval queries, secure-aggregation key setup, directory
+    requests). Flower's ``send_and_receive`` does the same but polls every 3 s and returns only when all are in.
+
+    >>> exchange = Exchange(grid, messages)               # doctest: +SKIP
+    >>> for node, reply in exchange.replies(deadline):    # doctest: +SKIP
+    ...     ...
+    >>> exchange.waiting                                  # doctest: +SKIP  (message id -> node, never answered)
+    """
+
+    def __init__(self, grid: Grid, messages: list[Message]) -> None:
+        self.grid = grid
+        nodes = [m.metadata.dst_node_id for m in messages]
+        # Flower returns no message ids at all for a push too large to send: then nothing is waited for.
+        self.waiting: dict[str, int] = dict(zip(grid.push_messages(messages), nodes, strict=False)) if messages else {}
+
+    def replies(
+        self, deadline: float, *, check: Callable[[dict[str, int]], None] | None = None
+    ) -> Iterator[tuple[int, Message]]:
+        """Yield ``(node, reply)`` as each reply lands, until none is awaited or ``deadline`` (``time.monotonic``)
+        passes; a reply to a message not awaited (a straggler's, to an older one) is skipped. ``check`` is called
+        every ``LIVENESS_S`` with the awaited messages and may drop some (e.g. of sites gone offline)."""
+        next_check = time.monotonic() + LIVENESS_S
+        while self.waiting and time.monotonic() < deadline:
+            for reply in pull_replies(self.grid, list(self.waiting)):
+                node = self.waiting.pop(reply.metadata.reply_to_message_id, None)
+                if node is not None:
+                    yield node, reply
+            if check is not None and self.waiting and time.monotonic() >= next_check:
+                check(self.waiting)
+                next_check = time.monotonic() + LIVENESS_S
+            if self.waiting:
+                time.sleep(POLL_S)
 
 
 class NotEnoughSites(RuntimeError):
     """Fewer approved sites are online than the study's minimum: the round cannot be released."""
 
 
-def site_info(msg: Message) -> dict[str, Any]:
-    """The ``flip`` ConfigRecord a site attaches to every reply (name, audit head, timings)."""
+def site_info(msg: Message) -> SiteInfo:
+    """The ``flip`` ConfigRecord a site attaches to every reply (name, audit head, timings), checked:
+    ``ProtocolError`` for one of another shape."""
     if msg.has_error() or "flip" not in msg.content.config_records:
         return {}
-    return dict(msg.content.config_records["flip"])
-
-
-_FLOWER_KINDS = {5: "site_offline", 3: "message_lost", 4: "message_lost", 7: "bundle_refused", 8: "site_crashed"}
-
-
-def parse_site_error(reason: str, code: int = 0) -> tuple[str, str]:
-    """Split a site's error reason ``"kind: message"``; the site already made the message safe.
-
-    Errors that Flower itself raised (a node that stopped sending heartbeats, say) carry a non-zero code.
-    """
-    if code in _FLOWER_KINDS:
-        return _FLOWER_KINDS[code], reason.split("\n")[0][:300]
-    kind, sep, message = reason.partition(": ")
-    if not sep or not kind.replace("_", "").isalnum():
-        return "site_error", reason[:300]
-    return kind, message[:300]
+    return read_site_info(msg.content.config_records["flip"])
 
 
 class StreamingGrid:
@@ -127,29 +150,19 @@ class StreamingGrid:
             self.sink.emit("site_state", round=round_, site=self.name(msg.metadata.dst_node_id), state=state)
         if self.secagg is not None and phase == "train":  # key setup first; sites that miss it sit the round out
             messages = self.secagg.prepare(round_, messages)
-        waiting = dict(zip(self._grid.push_messages(messages), (m.metadata.dst_node_id for m in messages)))
+        exchange = Exchange(self._grid, messages)
         deadline = time.monotonic() + (timeout if timeout is not None else 3600.0)
         replies: list[Message] = []
-        next_liveness_check = time.monotonic() + 2.0
-        while waiting and time.monotonic() < deadline:
-            for reply in pull_replies(self._grid, list(waiting)):
-                node = waiting.pop(reply.metadata.reply_to_message_id, None)
-                if node is None:  # a straggler's reply to an older message: ignore it
-                    continue
-                if not reply.has_error():
-                    for key, record in list(reply.content.array_records.items()):
-                        if is_packed(record):
-                            reply.content[key] = unpack(record)
-                replies.append(reply)
-                self._report(reply, node, phase, round_)
-            if waiting and time.monotonic() >= next_liveness_check:
-                self._drop_offline(waiting, phase, round_)
-                next_liveness_check = time.monotonic() + 2.0
-            if waiting:
-                time.sleep(POLL_S)
+        for node, reply in exchange.replies(deadline, check=lambda waiting: self._drop_offline(waiting, phase, round_)):
+            if not reply.has_error():
+                for key, record in list(reply.content.array_records.items()):
+                    if is_packed(record):
+                        reply.content[key] = unpack(record)
+            replies.append(reply)
+            self._report(reply, node, phase, round_)
         # A site that missed the deadline sits this round out but is asked again next round: a slow site is not a
         # dead one (a dead one is dropped when it goes offline), and its late reply to this round is never read.
-        for node in waiting.values():
+        for node in exchange.waiting.values():
             self.sink.emit(
                 "site_error",
                 round=round_,
@@ -185,7 +198,12 @@ class StreamingGrid:
             else:
                 self.sink.emit("site_state", round=round_, site=site, state="failed", detail=message)
             return
-        info = site_info(reply)
+        try:
+            info = site_info(reply)
+        except ProtocolError as err:
+            self.sink.emit("site_error", round=round_, phase=phase, site=site, kind="bad_reply", message=str(err))
+            self.sink.emit("site_state", round=round_, site=site, state="failed", detail=str(err))
+            return
         metrics = dict(reply.content.metric_records.get("metrics", {}))
         num_examples = int(metrics.pop("num-examples", 0))
         self.sink.emit(

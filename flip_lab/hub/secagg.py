@@ -29,7 +29,7 @@ from flwr.serverapp import Grid
 from flip_common import secagg as sa
 
 from .events import EventSink
-from .grid import POLL_S, parse_site_error, pull_replies
+from .grid import Exchange, parse_site_error
 from .strategies import RoundBelowMinimum
 
 
@@ -108,7 +108,7 @@ class SecureAggregator:
         enc_pks = {n: bytes(keys[n]["enc_pk"]) for n in ready}
         scale = sa.fixed_point_scale(len(ready), max(float(keys[n]["bound"]) for n in ready))
         relay = {**sa.keyed("mask_pk", mask_pks), **sa.keyed("enc_pk", enc_pks), "scale": scale}
-        shares = self._ask("secagg_shares", round_, {n: relay for n in ready})
+        shares = self._ask("secagg_shares", round_, dict.fromkeys(ready, relay))
         self._enough(round_, shares, t, "shared their keys")
         participants = sorted(shares)
         for node in sorted(set(sampled) - set(participants)):
@@ -160,12 +160,12 @@ class SecureAggregator:
             if node in participants and record is not None and list(record.keys()) == [sa.MASKED]:
                 masked[node] = np.asarray(record[sa.MASKED].numpy(), np.uint64)
         lengths = {len(v) for v in masked.values()}
-        if len(lengths) > 1 or lengths and lengths != {sum(self._size(k) for k in self.keys) + 1}:
+        if len(lengths) > 1 or (lengths and lengths != {sum(self._size(k) for k in self.keys) + 1}):
             self._discard(round_, "masked vectors of the wrong length arrived")
         dropped = sorted(set(participants) - set(masked))
         self._enough(round_, masked, t, "sent a masked update")
         request = {"survivors": sa.nodes_text(sorted(masked)), "dropped": sa.nodes_text(dropped)}
-        revealed = self._ask("secagg_unmask", round_, {n: request for n in sorted(masked)})
+        revealed = self._ask("secagg_unmask", round_, dict.fromkeys(sorted(masked), request))
         self._enough(round_, revealed, t, "revealed their shares")
         seed_shares = {s: [bytes(r[f"seed.{s}"]) for r in revealed.values() if f"seed.{s}" in r] for s in masked}
         key_shares = {d: [bytes(r[f"key.{d}"]) for r in revealed.values() if f"key.{d}" in r] for d in dropped}
@@ -219,21 +219,13 @@ class SecureAggregator:
             )
             for node, body in payloads.items()
         ]
-        waiting = dict(zip(self.grid.push_messages(msgs), payloads))
         answers: dict[int, dict[str, Any]] = {}
-        deadline = time.monotonic() + self.timeout
-        while waiting and time.monotonic() < deadline:
-            for reply in pull_replies(self.grid, list(waiting)):
-                node = waiting.pop(reply.metadata.reply_to_message_id, None)
-                if node is None:
-                    continue
-                if reply.has_error():
-                    kind, message = parse_site_error(reply.error.reason or "", int(reply.error.code))
-                    self.sink.emit(
-                        "site_error", round=round_, phase="train", site=self.name(node), kind=kind, message=message
-                    )
-                elif "secagg" in reply.content.config_records:
-                    answers[node] = dict(reply.content.config_records["secagg"])
-            if waiting:
-                time.sleep(POLL_S)
+        for node, reply in Exchange(self.grid, msgs).replies(time.monotonic() + self.timeout):
+            if reply.has_error():
+                kind, message = parse_site_error(reply.error.reason or "", int(reply.error.code))
+                self.sink.emit(
+                    "site_error", round=round_, phase="train", site=self.name(node), kind=kind, message=message
+                )
+            elif "secagg" in reply.content.config_records:
+                answers[node] = dict(reply.content.config_records["secagg"])
         return answers

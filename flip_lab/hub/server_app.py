@@ -8,7 +8,6 @@ plan's source is never executed here.
 from __future__ import annotations
 
 import base64
-import json
 import os
 import time
 from collections import OrderedDict
@@ -19,9 +18,11 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from flip_common.protocol import ProtocolError, read_plan_spec
+
 from ..config import SUM_STRATEGIES
 from .events import EventSink, load_checkpoint
-from .grid import POLL_S, NotEnoughSites, StreamingGrid, parse_site_error, pull_replies, site_info
+from .grid import Exchange, NotEnoughSites, StreamingGrid, parse_site_error, site_info
 from .robust import RobustConfig
 from .secagg import SecureAggregator
 from .strategies import RoundBelowMinimum, make_strategy
@@ -61,17 +62,8 @@ class HubRun:
     def _query(self, nodes: list[int]) -> dict[int, Message]:
         content = RecordDict({"config": ConfigRecord({"op": "hello", "plan-hash": self.spec["plan_hash"]})})
         msgs = [Message(content=content, message_type=MessageType.QUERY, dst_node_id=n) for n in nodes]
-        waiting = dict(zip(self.grid.push_messages(msgs), nodes))
-        replies: dict[int, Message] = {}
-        deadline = time.monotonic() + float(self.config["round_timeout"])
-        while waiting and time.monotonic() < deadline:
-            for reply in pull_replies(self.grid, list(waiting)):
-                node = waiting.pop(reply.metadata.reply_to_message_id, None)
-                if node is not None:
-                    replies[node] = reply
-            if waiting:
-                time.sleep(POLL_S)
-        return replies
+        exchange = Exchange(self.grid, msgs)
+        return dict(exchange.replies(time.monotonic() + float(self.config["round_timeout"])))
 
     def _wait_for_sites(self) -> list[int]:
         deadline = time.monotonic() + float(self.config["connect_timeout"])
@@ -115,7 +107,12 @@ class HubRun:
                         message=message,
                     )
                     continue
-                info = site_info(reply)
+                try:
+                    info = site_info(reply)
+                except ProtocolError as err:
+                    site = names.get(node, f"node-{node}")
+                    self.sink.emit("site_error", round=0, phase="train", site=site, kind="bad_reply", message=str(err))
+                    continue
                 name = names[node] = str(info.get("site", f"node-{node}"))
                 state = str(info.get("approval", "unknown"))
                 if state == "approved":
@@ -267,7 +264,7 @@ def main(grid: Grid, context: Context) -> None:
     from flip_common.flower import fast_object_pulls
 
     fast_object_pulls()
-    spec = json.loads(str(context.run_config["flip-plan-spec"]))
+    spec = read_plan_spec(str(context.run_config["flip-plan-spec"]))
     weights = load_weights(str(context.run_config["flip-init-weights"]))
     hub_dir = os.environ.get("FLIP_HUB_DIR")
     record_dir = Path(hub_dir) / "runs" / str(grid.run.run_id) if hub_dir else None

@@ -17,7 +17,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from flwr.serverapp import strategy as fl
 
-from flip_common.protocol import SITE_METRICS
+from flip_common.protocol import SITE_METRICS, ProtocolError
 
 from .events import EventSink
 from .grid import site_info
@@ -65,7 +65,10 @@ class FlipChecks:
         self.released: dict[str, np.ndarray] = dict(reference)
 
     def _site(self, msg: Message) -> str:
-        return str(site_info(msg).get("site", f"node-{msg.metadata.src_node_id}"))
+        try:
+            return str(site_info(msg).get("site", f"node-{msg.metadata.src_node_id}"))
+        except ProtocolError:  # reported as a bad reply where it was received (StreamingGrid)
+            return f"node-{msg.metadata.src_node_id}"
 
     # A resumed job continues at round ``round_offset + 1``: Flower's loop counts from 1, the sites, the events
     # and the checkpoints see the study's own round numbers.

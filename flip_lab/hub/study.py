@@ -5,9 +5,9 @@ output to the SuperLink's logs, push the task's result) except the one step that
 code: instead of installing the bundle and importing the ServerApp it names, it reads the bundle as
 data (:mod:`flip_common.bundle`) and calls FLIP's installed ServerApp with the run config found
 there, or, for a directory request, asks the sites for their names and catalogues
-(:mod:`flip_lab.hub.directory`). A bundle that is not exactly FLIP's is refused: the run ends failed with the reason, the
-hub's log says so and ``HUB/refusals.jsonl`` records it. Output goes through Flower's log uploader
-because that is how researchers' jobs receive their events.
+(:mod:`flip_lab.hub.directory`). A bundle that is not exactly FLIP's is refused: the run ends failed with the reason,
+the hub's log says so and ``HUB/refusals.jsonl`` records it. Output goes through Flower's log uploader because that is
+how researchers' jobs receive their events.
 """
 
 from __future__ import annotations
@@ -32,10 +32,11 @@ from flwr.supercore.logger import (
     start_log_uploader,
     stop_log_uploader,
 )
-from flwr.supercore.task_identity import TaskIdentity
 from flwr.superlink.grid import HttpGrid
 
 from flip_common.bundle import BundleRefused, DirectoryRequest, read_bundle
+
+from .._flower import check_study, set_task_identity, stop_retrying, study_runtime
 
 log = logging.getLogger("flip.hub")
 REFUSALS = "refusals.jsonl"
@@ -96,16 +97,17 @@ def run_task(address: str, token: str, root_certificates: bytes | None) -> None:
         root_certificates=root_certificates,
         token=token,
     )
-    heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(grid._runtime_client))
+    check_study(grid)
+    runtime = study_runtime(grid)
+    heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(runtime))
     heartbeat.start()
     uploader = None
     context = None
     status, details = SubStatus.FAILED, "the hub could not start this run"
     try:
-        res = grid._runtime_client.PullTaskInput(PullTaskInputRequest())
+        res = runtime.PullTaskInput(PullTaskInputRequest())
         # Flower's grid names its messages by the task it belongs to, as flwr-serverapp sets it
-        TaskIdentity.task_id, TaskIdentity.run_id = res.task_id, res.run.run_id
-        TaskIdentity.node_id = res.context.node_id
+        set_task_identity(res.task_id, res.run.run_id, res.context.node_id)
         context, run, fab = (
             context_from_proto(res.context),
             run_from_proto(res.run),
@@ -113,7 +115,7 @@ def run_task(address: str, token: str, root_certificates: bytes | None) -> None:
         )
         _drop_privileges()  # before anything of the submitter's bundle is read
         grid.set_run(run)
-        uploader = start_log_uploader(log_queue=log_queue, node_id=0, run_id=run.run_id, client=grid._runtime_client)
+        uploader = start_log_uploader(log_queue=log_queue, node_id=0, run_id=run.run_id, client=runtime)
         try:
             bundle = read_bundle(fab.content)
             if run.override_config:
@@ -141,11 +143,11 @@ def run_task(address: str, token: str, root_certificates: bytes | None) -> None:
         log.exception("the hub's ServerApp failed")
         details = f"the hub's ServerApp failed: {type(err).__name__}"
     finally:
-        grid._retry_invoker.max_tries = 1  # the SuperLink may be gone: do not wait on it at exit
+        stop_retrying(grid)  # the SuperLink may be gone: do not wait on it at exit
         if uploader is not None:
             flush_logs(log_queue)
         try:
-            grid._runtime_client.PushTaskOutput(
+            runtime.PushTaskOutput(
                 PushTaskOutputRequest(
                     context=context_to_proto(context) if context is not None else None,
                     sub_status=status,

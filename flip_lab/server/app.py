@@ -78,7 +78,7 @@ class FlipLabApp(ExtensionApp):
     async def _restore(self) -> None:
         try:
             await asyncio.to_thread(self.manager.restore)
-        except Exception as err:  # noqa: BLE001 - the panel shows "not connected"; the reason belongs in the log
+        except Exception as err:  # the panel shows "not connected"; the reason belongs in the log
             log.warning("FLIP Lab could not pick up its saved federation connection: %s", err)
 
     async def stop_extension(self) -> None:

@@ -88,7 +88,10 @@ class JobMessage(TypedDict):
 
 
 class JobEventMessage(TypedDict):
-    """One hub event of one job, to be folded into the panel's record (see ``views.fold_event``)."""
+    """One hub event of one job, to be folded into the panel's record.
+
+    The server folds it with ``flip_lab.jobview.fold``; ``views.job_summary`` reads the result.
+    """
 
     type: Literal["job_event"]
     job_id: str

@@ -1,8 +1,9 @@
 """What the panel shows, computed from what the hub reports: pure functions and one small tracker, no I/O.
 
-``fold_event`` is the server's half of the panel's job reducer (``extensions/flip-lab/src/state.ts`` is the other
-half): both fold the same hub events into the same ``JobSummary``, so a panel that reconnects gets from the snapshot
-exactly what it would have built from the live events.
+``job_summary`` reads the panel's ``JobSummary`` from a job's events folded by ``flip_lab.jobview``, the fold the
+notebook's ``Job`` and dashboard use; ``extensions/flip-lab/src/state.ts`` folds the same events into the same
+``JobSummary`` in the browser, so a panel that reconnects gets from the snapshot exactly what it would have built
+from the live events.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 
 from flip_common.protocol import FINAL
 
+from ..jobview import JobView
 from .messages import JobSummary, SiteErrorNote, SiteRow
 
 # The hub events the panel uses; per-site replies stay server side (the notebook dashboard shows those).
@@ -23,53 +25,30 @@ MAX_ERRORS = 5
 FLAP_WINDOW_S = 600.0
 
 
-def new_job_summary(job_id: str, *, status: str = "pending", submitted: str = "") -> JobSummary:
-    return {
-        "id": job_id,
-        "status": status,
-        "round": 0,
-        "released": 0,
-        "rounds": None,
-        "message": "",
-        "submitted": submitted,
-        "strategy": "",
-        "metrics": {},
-        "site_states": {},
-        "errors": [],
-    }
-
-
-def fold_event(job: JobSummary, event: dict[str, Any]) -> None:
-    """Apply one hub event (``flip_common.protocol.Event``) to ``job`` in place; unknown kinds are ignored."""
-    kind = event.get("type")
-    if kind == "job_started":
-        if job["status"] not in FINAL:
-            job["status"] = "running"
-        job["rounds"] = int(event.get("rounds") or 0) or job["rounds"]
-        job["strategy"] = str(event.get("strategy", ""))
-    elif kind == "site_state":
-        job["site_states"][str(event["site"])] = str(event["state"])
-        job["round"] = max(job["round"], int(event.get("round", 0)))
-    elif kind == "aggregate":
-        job["round"] = max(job["round"], int(event["round"]))
-        job["released"] = max(job["released"], int(event["round"]))
-        if event.get("phase") == "evaluate":
-            for name, value in event.get("metrics", {}).items():
-                series = [p for p in job["metrics"].get(name, []) if p[0] != int(event["round"])]
-                series.append((int(event["round"]), float(value)))
-                job["metrics"][name] = sorted(series)
-    elif kind in ("site_error", "update_rejected", "round_discarded"):
-        note: SiteErrorNote = {
+def job_summary(job_id: str, view: JobView, *, submitted: str = "") -> JobSummary:
+    """What the panel shows of a job, read from its events' fold (``flip_lab.jobview``)."""
+    notes: list[SiteErrorNote] = [
+        {
             "site": str(event.get("site", "")),
             "round": int(event.get("round", 0)),
-            "kind": str(event.get("kind", kind)),
+            "kind": str(event.get("kind", event.get("type"))),
             "message": str(event.get("message") or event.get("reason") or ""),
         }
-        job["errors"] = [*job["errors"], note][-MAX_ERRORS:]
-    elif kind == "job_finished":
-        job["status"] = str(event["status"])
-        job["message"] = str(event.get("message", ""))
-        job["released"] = max(job["released"], int(event.get("rounds_completed") or 0))
+        for event in view.errors[-MAX_ERRORS:]
+    ]
+    return {
+        "id": job_id,
+        "status": view.status,
+        "round": view.round,
+        "released": view.released,
+        "rounds": view.rounds or None,
+        "message": view.message,
+        "submitted": submitted,
+        "strategy": view.strategy,
+        "metrics": view.aggregate_series("evaluate"),
+        "site_states": {name: site.state for name, site in view.sites.items() if site.reported},
+        "errors": notes,
+    }
 
 
 def dataset_summary(catalogue: dict[str, Any]) -> str:
@@ -156,42 +135,47 @@ class JobBoard:
     """The jobs the panel lists: folded from the hub's events and, until those arrive, from Flower's run status."""
 
     def __init__(self) -> None:
-        self._jobs: dict[str, JobSummary] = {}
+        self._jobs: dict[str, tuple[JobView, str]] = {}  # job id -> its events' fold, when the hub accepted it
 
     def __contains__(self, job_id: object) -> bool:
         return job_id in self._jobs
 
     def get(self, job_id: str) -> JobSummary | None:
-        return self._jobs.get(job_id)
+        if job_id not in self._jobs:
+            return None
+        view, submitted = self._jobs[job_id]
+        return job_summary(job_id, view, submitted=submitted)
 
     def rows(self) -> list[JobSummary]:
         """Newest first."""
-        return sorted(self._jobs.values(), key=lambda j: j["submitted"], reverse=True)
+        newest = sorted(self._jobs.items(), key=lambda item: item[1][1], reverse=True)
+        return [job_summary(job_id, view, submitted=submitted) for job_id, (view, submitted) in newest]
 
     def clear(self) -> None:
         self._jobs.clear()
 
     def add(self, job_id: str, *, status: str, submitted: str) -> JobSummary:
-        self._jobs[job_id] = new_job_summary(job_id, status=status, submitted=submitted)
-        return self._jobs[job_id]
+        self._jobs[job_id] = (JobView(status=status), submitted)
+        return job_summary(job_id, self._jobs[job_id][0], submitted=submitted)
 
     def discard(self, job_id: str) -> None:
         self._jobs.pop(job_id, None)
 
     def apply(self, job_id: str, event: dict[str, Any]) -> bool:
         """Fold a hub event into its job; False for jobs not listed and events the panel does not use."""
-        job = self._jobs.get(job_id)
-        if job is None or event.get("type") not in PANEL_EVENTS:
+        if job_id not in self._jobs or event.get("type") not in PANEL_EVENTS:
             return False
-        fold_event(job, event)
+        self._jobs[job_id][0].apply(event)
         return True
 
     def update_from_hub(self, job_id: str, status: str, details: str = "") -> JobSummary | None:
         """Take Flower's status for a job whose own events have not said more; the job if it changed."""
-        job = self._jobs.get(job_id)
-        if job is None or job["status"] not in ("pending", "starting") or status == job["status"]:
+        if job_id not in self._jobs:
             return None
-        job["status"] = status
-        if status in FINAL and not job["message"]:
-            job["message"] = details
-        return job
+        view, submitted = self._jobs[job_id]
+        if view.status not in ("pending", "starting") or status == view.status:
+            return None
+        view.status = status
+        if status in FINAL and not view.message:
+            view.message = details
+        return job_summary(job_id, view, submitted=submitted)

@@ -84,7 +84,7 @@ def check_image_header(ds: Dataset) -> Dataset:
         raise InputRejected("unsupported", "multi-frame objects other than Enhanced CT/MR are not read")
     check_dimensions((int(ds.Columns), int(ds.Rows)))
     for tag, multiplicity in _GEOMETRY_TAGS.items():
-        if tag not in ds or ds[tag].VM != multiplicity:
+        if tag not in ds or ds[tag].VM != multiplicity:  # noqa: SIM300 - VM is the element's value multiplicity, not a constant
             if str(ds.get("SOPClassUID", "")) in _SECONDARY_CAPTURE:
                 raise InputRejected("secondary_capture", f"no usable {tag}")
             raise InputRejected("missing_geometry", f"no usable {tag}")

@@ -1,9 +1,9 @@
 """Errors raised by the site's data layer, and the reasons a file can be quarantined.
 
 Every error derives from :class:`DataError` (itself a :class:`site_kernel.errors.SiteKernelError`), except
-:class:`~flip_common.contract.ContractError`, which the lab raises too and which carries ``fixed_by`` all the same. Messages are
-written for the data owner and the researcher alike: they name the dataset, the contract key or the reason, never
-a patient name, a file name or a pixel value.
+:class:`~flip_common.contract.ContractError`, which the lab raises too and which carries ``fixed_by`` all the same.
+Messages are written for the data owner and the researcher alike: they name the dataset, the contract key or the reason,
+never a patient name, a file name or a pixel value.
 """
 
 from __future__ import annotations

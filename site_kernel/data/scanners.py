@@ -79,10 +79,7 @@ def acquire(profile: ScannerProfile, anatomy: phantom.Anatomy, seed: int) -> tup
     texture = _mottle(rng, shape, profile.spacing, sigma_mm=3.0)
     signal = table[tissue] + phantom.TEXTURE[tissue] * unit * texture
     image = torch.from_numpy(_smooth_in_plane(signal, profile.psf_mm, profile.spacing)[None])
-    if ct:
-        stored = _scan_ct(profile, image, seed)
-    else:
-        stored = _scan_mr(profile, image, seed)
+    stored = _scan_ct(profile, image, seed) if ct else _scan_mr(profile, image, seed)
     return stored, label, affine
 
 

@@ -44,7 +44,7 @@ class SiteStep(ABC):
         self.values = values
         self.check()
 
-    def check(self) -> None:
+    def check(self) -> None:  # noqa: B027 - a hook: most steps accept any values
         """Refuse parameter values that make no sense (override where needed)."""
 
     def spec(self) -> dict[str, Any]:

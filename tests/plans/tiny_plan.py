@@ -39,7 +39,7 @@ def train(model, data, config):
             loss = F.cross_entropy(model(x), y)
             if config.get("proximal_mu", 0) > 0:
                 loss = loss + config["proximal_mu"] / 2 * sum(
-                    ((p - g) ** 2).sum() for p, g in zip(model.parameters(), config["global_params"])
+                    ((p - g) ** 2).sum() for p, g in zip(model.parameters(), config["global_params"], strict=True)
                 )
             loss.backward()
             opt.step()

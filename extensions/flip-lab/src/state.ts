@@ -1,6 +1,6 @@
 /**
  * The panel's state and its reducer: pure functions, no DOM, no Jupyter imports (tested with node).
- * `foldEvent` mirrors `fold_event` in `flip_lab/server/views.py`, so the snapshot a reconnecting panel
+ * `foldEvent` mirrors the server's fold (`flip_lab/jobview.py`, read by `job_summary` in `flip_lab/server/views.py`), so the snapshot a reconnecting panel
  * receives equals what it would have built from the live events.
  */
 import { IConnectionInfo, IHubEvent, IJobSummary, ISiteRow, StreamMessage } from './types';

@@ -57,17 +57,38 @@ export interface IJobSummary {
   errors: ISiteErrorNote[];
 }
 
-/** A hub event (`flip_lab._protocol.Event`); only the fields the panel reads are typed. */
+/** The hub events the server forwards to the panel (`PANEL_EVENTS` in `flip_lab/server/views.py`). */
+export type HubEventType =
+  | 'job_started'
+  | 'site_state'
+  | 'aggregate'
+  | 'round_discarded'
+  | 'site_error'
+  | 'update_rejected'
+  | 'job_finished';
+
+/**
+ * A hub event (`flip_common.protocol.Event`), as the server forwards it: every field of every kind in
+ * `HubEventType`, each optional since each kind carries some of them. A test (`tests/test_panel_types.py`) keeps
+ * this in step with the Python records.
+ */
 export interface IHubEvent {
-  type: string;
+  type: HubEventType | string;
+  t?: number;
   round?: number;
   rounds?: number;
   rounds_completed?: number;
   strategy?: string;
+  min_sites?: number;
+  sites?: string[];
+  plan_hash?: string;
   phase?: 'train' | 'evaluate';
   site?: string;
   state?: string;
+  detail?: string;
   metrics?: Record<string, number>;
+  contributors?: string[];
+  wall_s?: number;
   kind?: string;
   message?: string;
   reason?: string;
