@@ -160,7 +160,7 @@ def _synthetic_entry(root: Path, count: int, size: int, seed: int) -> Path:
     writer = VolumeWriter(root, f"synthetic-{count}-{size}")
     rng = np.random.default_rng(seed)
     grid = np.stack(np.meshgrid(*(np.arange(size),) * 3, indexing="ij"))
-    for i in range(count):
+    for _ in range(count):
         centre = rng.uniform(size * 0.3, size * 0.7, 3)[:, None, None, None]
         label = (np.sum((grid - centre) ** 2, axis=0) < (size / 8) ** 2).astype(np.uint8)[None]
         image = rng.standard_normal((1, size, size, size), dtype=np.float32) + label

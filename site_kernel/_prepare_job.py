@@ -9,10 +9,11 @@ and tells the executor where they are. The worker is then handed that file and n
 
 Request (JSON): ``{"site_dir", "contract", "site_steps"}``. Answer on stdout (JSON):
 ``{"arrays": PATH, "num_train": N, "num_test": N}``, or for a ``dims=3`` contract ``{"cases": FOLDER, ...}``
-(the cache entry holding one memory-mappable ``.npy`` per case, which the worker reads lazily); on failure a traceback on stderr (for the site's log) and
-exit status 1, and for the data layer's own errors also ``{"failure": {"fixed_by", "message"}}`` on stdout: their
-messages name datasets, contract keys and reasons, never a file or a patient (:mod:`site_kernel.data.errors`), so
-the executor may tell the researcher what is wrong and whose action fixes it.
+(the cache entry holding one memory-mappable ``.npy`` per case, which the worker reads lazily); on failure a
+traceback on stderr (for the site's log) and exit status 1, and for the data layer's own errors also
+``{"failure": {"fixed_by", "message"}}`` on stdout: their messages name datasets, contract keys and reasons, never
+a file or a patient (:mod:`site_kernel.data.errors`), so the executor may tell the researcher what is wrong and whose
+action fixes it.
 """
 
 from __future__ import annotations

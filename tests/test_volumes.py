@@ -186,7 +186,7 @@ def test_the_3d_demo_writes_whole_volumes_as_varied_as_the_2d_demo(tmp_path: Pat
     ]
     manifests = [read_manifest(s.site_dir, "default") for s in sites]
     shapes = [m["cases"][0]["shape"] for m in manifests]
-    assert all(48 <= min(s[:2]) and max(s[:2]) <= 96 and s[2] >= 18 for s in shapes), shapes
+    assert all(min(s[:2]) >= 48 and max(s[:2]) <= 96 and s[2] >= 18 for s in shapes), shapes
     assert len({tuple(s) for s in shapes}) == 4 and len({tuple(m["cases"][0]["spacing"]) for m in manifests}) == 4
     assert len({m["cases"][0]["axcodes"] for m in manifests}) == 4
     assert all(m["quarantine"] == [] and m["labelled"] for m in manifests)
