@@ -411,6 +411,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--parts", default="memory,throughput,cache,learning", help="which measures to run again")
     parser.add_argument("--rounds", type=int, default=None, help="learning: federated rounds")
     parser.add_argument("--epochs", type=int, default=None, help="learning: local epochs per round")
+    parser.add_argument("--scale", type=float, default=0.5, help="learning: demo hospital size (1.0: 12-24 patients)")
+    parser.add_argument("--seeds", type=int, default=None, help="learning: how many seeds")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -434,10 +436,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "cache": lambda: measure_cache(work),
         "learning": lambda: measure_learning(
             work,
-            seeds=[0] if quick else [0, 1],
+            seeds=list(range(args.seeds or (1 if quick else 2))),
             rounds=args.rounds or (3 if quick else 16),
             epochs=args.epochs or 1,
-            scale=0.5,
+            scale=args.scale,
         ),
     }
     try:
