@@ -269,6 +269,11 @@ def train(model, data, config):
     out = {"cases": float(len(data.train)), "own": float(data.train[0]["image"].ndim)}
     out["other_contract"] = _reads(config["other"])
     out["raw"] = _reads(config["raw"])
+    try:
+        open(data.train.folder / "index.json", "a").close()
+        out["writes_own"] = 1.0
+    except PermissionError:
+        out["writes_own"] = 0.0
     out["plain"] = float(sum(1 for _ in DataLoader(Dataset(data.train), batch_size=1, num_workers=0)))
     out["threads"] = float(sum(1 for _ in ThreadDataLoader(Dataset(data.train), batch_size=1, num_workers=0)))
     try:
@@ -360,6 +365,7 @@ def _confined_worker_run(root: Path) -> None:
     metrics = out["reply"]["metrics"]
     assert metrics["cases"] > 0 and metrics["own"] == 4.0
     assert metrics["other_contract"] == 0.0 and metrics["raw"] == 0.0
+    assert metrics["writes_own"] == 0.0, "the job's own cases are read-only"
     assert metrics["plain"] == metrics["threads"] == metrics["cases"]
     assert metrics["processes"] == -1.0
     assert "plans run on cpu" in proc.stderr
