@@ -18,6 +18,7 @@ import zipfile
 from dataclasses import dataclass
 from typing import Any
 
+from .identity import SIGNATURE_KEYS
 from .protocol import RUN_CONFIG_KEYS
 
 SERVER_APP = "flip_lab.hub.server_app:app"
@@ -25,6 +26,9 @@ CLIENT_APP = "flip_lab.hub.client_app:app"
 COMPONENTS = {"serverapp": SERVER_APP, "clientapp": CLIENT_APP}
 PUBLISHER = "flip-lab"
 CONFIG_KEYS = RUN_CONFIG_KEYS  # flip_common.protocol.RunConfig
+# A signed plan carries these three more (flip_common.identity: statement, signature, certificate); whether a plan
+# must be signed is the reader's caller's decision (the hub and every site refuse unsigned ones).
+SIGNED_CONFIG_KEYS = CONFIG_KEYS | SIGNATURE_KEYS
 
 DIRECTORY_PROJECT = "flip-directory"  # the project name of every directory request, and of no plan
 DIRECTORY_CONFIG = {"flip-request": "directory"}
@@ -170,8 +174,11 @@ def read_plan_bundle(fab: bytes) -> PlanBundle:
     if _project_name(project) == DIRECTORY_PROJECT:  # it would pass for one in run lists
         raise BundleRefused(f"a plan's project name is not {DIRECTORY_PROJECT!r}")
     config = app.get("config")
-    if not isinstance(config, dict) or set(config) != CONFIG_KEYS:
-        raise BundleRefused(f"the bundle's run config keys are not exactly FLIP's ({', '.join(sorted(CONFIG_KEYS))})")
+    if not isinstance(config, dict) or set(config) not in (CONFIG_KEYS, SIGNED_CONFIG_KEYS):
+        raise BundleRefused(
+            f"the bundle's run config keys are not exactly FLIP's ({', '.join(sorted(CONFIG_KEYS))}, and for a "
+            f"signed study {', '.join(sorted(SIGNATURE_KEYS))})"
+        )
     if not all(isinstance(v, str) for v in config.values()):
         raise BundleRefused("the bundle's run config values must all be text")
     if len(config["flip-plan-source"].encode()) > MAX_PLAN_BYTES:

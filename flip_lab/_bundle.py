@@ -3,7 +3,9 @@
 A FAB carries text files only. The plan rides in the app's run config (``[tool.flwr.app.config]``), which Flower
 hands to the hub's ServerApp and to every site's context as-is: ``flip-plan-source`` (the module text),
 ``flip-plan-spec`` (JSON: hash, contract, declared shapes, config) and ``flip-init-weights`` (base64 safetensors).
-``plan.py`` is included as a file too, for whoever reviews the bundle by hand. A directory request
+A study is signed by its researcher: three more keys (``flip-submission``, ``flip-signature``,
+``flip-certificate``, see :mod:`flip_common.identity`). ``plan.py`` is included as a file too, for whoever reviews the
+bundle by hand. A directory request
 (``directory_bundle``) carries no plan at all, only its kind.
 """
 
@@ -16,26 +18,44 @@ import re
 import tomli_w
 
 from flip_common.bundle import COMPONENTS, DIRECTORY_CONFIG, DIRECTORY_PROJECT, PUBLISHER
+from flip_common.identity import Identity, sign
 
 from ._flower import build_fab
 from .plan import BuiltPlan
 
 
-def bundle(plan: BuiltPlan, *, resume_from: int = 0, study: int = 0) -> bytes:
+def bundle(
+    plan: BuiltPlan,
+    *,
+    resume_from: int = 0,
+    study: int = 0,
+    identity: Identity | None = None,
+    project: str = "",
+) -> bytes:
     """The Flower bundle (FAB) of a plan; ``resume_from`` names a job whose last released round it continues, and
-    ``study`` the first job of the study (sites count a study's privacy spend once, over all the jobs carrying it)."""
+    ``study`` the first job of the study (sites count a study's privacy spend once, over all the jobs carrying it).
+    With ``identity`` the study is signed (:func:`flip_common.identity.sign`): hub and sites refuse unsigned ones."""
+    config = plan_config(plan, resume_from=resume_from, study=study)
+    if identity is not None:
+        config.update(sign(identity, config, project=project))
+    return plan_fab(plan, config)
+
+
+def plan_config(plan: BuiltPlan, *, resume_from: int = 0, study: int = 0) -> dict[str, str]:
+    """A plan's run config, unsigned (``flip_common.bundle.CONFIG_KEYS``)."""
+    return {
+        "flip-plan-source": plan.source,
+        "flip-plan-spec": json.dumps(plan.spec, sort_keys=True),
+        "flip-init-weights": base64.b64encode(plan.weights).decode(),
+        "flip-resume-from": str(resume_from),
+        "flip-study": str(study),
+    }
+
+
+def plan_fab(plan: BuiltPlan, config: dict[str, str]) -> bytes:
+    """The FAB that carries ``config`` (a plan's run config, signed or not) for ``plan``."""
     slug = re.sub(r"[^a-z0-9-]+", "-", plan.name.lower()).strip("-") or "plan"
-    pyproject = _pyproject(
-        f"flip-plan-{slug}",
-        f"FLIP Lab plan {plan.name} ({plan.hash[:12]})",
-        {
-            "flip-plan-source": plan.source,
-            "flip-plan-spec": json.dumps(plan.spec, sort_keys=True),
-            "flip-init-weights": base64.b64encode(plan.weights).decode(),
-            "flip-resume-from": str(resume_from),
-            "flip-study": str(study),
-        },
-    )
+    pyproject = _pyproject(f"flip-plan-{slug}", f"FLIP Lab plan {plan.name} ({plan.hash[:12]})", config)
     files = {
         "pyproject.toml": pyproject,
         "plan.py": plan.source.encode(),

@@ -4,6 +4,8 @@ flip-lab demo [--sites 4 --rounds 3]      start a local federation, run the demo
 flip-lab up [--sites 3] [--workdir DIR]   start a local federation in the background
 flip-lab up --sites 0 --listen HOST:PORT --certs DIR/hub   a hub alone, for sites on other machines (TLS)
 flip-lab provision DIR --hub-address HOST:PORT --site NAME ...   CA, hub certificate, site key pairs
+    [--researcher ID:Person:Organisation:kind ...]                researcher identities that sign studies
+flip-lab revoke DIR ID                    revoke a researcher (the CA's revocation list; sites refuse them)
 flip-lab status [--workdir DIR]           hub, sites and jobs of a local federation
 flip-lab down [--workdir DIR]             stop it by PID; nothing is left running
 flip-lab jobs / cancel JOB                list or stop studies on the local federation
@@ -76,9 +78,12 @@ def _default_listen(sites: int) -> str:
 
 
 def _cmd_provision(args: argparse.Namespace) -> int:
-    from .provision import provision
+    from .provision import Researcher, provision
 
-    result = provision(args.dir, hub_address=args.hub_address, sites=args.site, force=args.force)
+    researchers = [Researcher.parse(text) for text in args.researcher]
+    result = provision(
+        args.dir, hub_address=args.hub_address, sites=args.site, researchers=researchers, force=args.force
+    )
     print(f"federation CA:     {result.root / 'ca'}  (keep ca.key offline)")
     print(
         f"hub:               {result.hub}  -> the hub machine: flip-lab up --sites 0 --listen HOST:PORT "
@@ -90,6 +95,23 @@ def _cmd_provision(args: argparse.Namespace) -> int:
     )
     for name, folder in result.sites.items():
         print(f"site {name + ':':<12} {folder}  -> that hospital: flip-site init SITE --certs {folder.name}")
+    for name, folder in result.researchers.items():
+        print(
+            f"researcher {name + ':':<6} {folder}  -> flip_lab.connect('{result.hub_address}', "
+            f"root_certificates='ca.pem', identity='{folder.name}')"
+        )
+    return 0
+
+
+def _cmd_revoke(args: argparse.Namespace) -> int:
+    from .provision import revoke
+
+    crl = revoke(args.dir, args.researcher)
+    print(f"revoked researcher {args.researcher}; the CA's revocation list is now {crl}")
+    print(
+        f"copy it to the hub (`{Path(args.dir) / 'hub' / 'crl.pem'}` is updated: restart the hub) and to every "
+        f"site: flip-site trust SITE --crl crl.pem"
+    )
     return 0
 
 
@@ -284,11 +306,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--site", action="append", default=[], metavar="NAME", help="a site to provision (repeat)")
     p.add_argument(
+        "--researcher",
+        action="append",
+        default=[],
+        metavar="ID:PERSON:ORGANISATION:KIND",
+        help="a researcher identity to issue (repeat), e.g. 'alice:Alice Smith:King's College London:university'; "
+        "KIND is one of nhs_trust, hospital, university, company, charity, government, other",
+    )
+    p.add_argument(
         "--force",
         action="store_true",
         help="start over: a new CA, hub certificate and site keys (every bundle handed out is void)",
     )
     p.set_defaults(func=_cmd_provision)
+    p = sub.add_parser("revoke", help="revoke a researcher's certificate (rotate: revoke, then provision again)")
+    p.add_argument("dir", help="the provision folder (its ca/ca.key signs the revocation list)")
+    p.add_argument("researcher", help="the researcher's ID (its folder under DIR/researchers)")
+    p.set_defaults(func=_cmd_revoke)
     for name, func, help_ in (
         ("status", _cmd_status, "show the local federation"),
         ("down", _cmd_down, "stop the local federation"),

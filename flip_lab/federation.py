@@ -1,6 +1,6 @@
 """Federations: where plans are sent. ``connect`` reaches any hub; ``local_federation`` starts one on this machine.
 
->>> fed = connect("hub.example.org:9093", root_certificates="ca.pem")   # doctest: +SKIP
+>>> fed = connect("hub.example.org:9093", root_certificates="ca.pem", identity="researchers/alice")  # doctest: +SKIP
 >>> job = fed.submit(plan, rounds=5, strategy="fedprox", proximal_mu=0.01)  # doctest: +SKIP
 """
 
@@ -10,11 +10,13 @@ import os
 from pathlib import Path
 from typing import Any
 
+from flip_common.identity import Identity
+
 from ._bundle import bundle
 from ._directory import DIRECTORY_FAB_ID, NAMES_TTL_S, Answers, Directory
 from ._flower import ControlClient, NodeInfo, RunInfo
 from ._offer import check_offered
-from .errors import JobNotFound
+from .errors import FederationError, JobNotFound
 from .job import PLAN_LINES, Job
 from .plan import BuiltPlan, Plan
 
@@ -29,9 +31,18 @@ class Federation:
     """A hub to submit plans to. The same API serves a local federation, papermill runs and remote hubs."""
 
     def __init__(
-        self, address: str, *, root_certificates: str | bytes | None = None, workdir: str | Path | None = None
+        self,
+        address: str,
+        *,
+        root_certificates: str | bytes | None = None,
+        workdir: str | Path | None = None,
+        identity: str | Path | Identity | None = None,
+        project: str = "",
     ) -> None:
         self.address = address
+        identity = identity or os.environ.get("FLIP_LAB_IDENTITY") or None
+        self.identity = identity if isinstance(identity, Identity) or identity is None else Identity.load(identity)
+        self.project = project
         if isinstance(root_certificates, str) and Path(root_certificates).exists():
             root_certificates = Path(root_certificates).read_bytes()
         self._client = ControlClient(address, root_certificates=root_certificates)
@@ -69,6 +80,7 @@ class Federation:
         catalogues = self._catalogues()
         if catalogues:
             check_offered(built.spec["contract"], catalogues)
+        self._signer()
         if check:
             built.check()
         job = self._start(built)
@@ -89,7 +101,8 @@ class Federation:
         the events it carries over from an interrupted job of ``study``)."""
         import json
 
-        run_id = self._client.start_run(bundle(built, resume_from=resume_from, study=study))
+        fab = bundle(built, resume_from=resume_from, study=study, identity=self._signer(), project=self.project)
+        run_id = self._client.start_run(fab)
         store = self._job_dir(run_id)
         store.mkdir(parents=True, exist_ok=True)
         if study:
@@ -104,6 +117,16 @@ class Federation:
         self._jobs[run_id] = job
         _OPEN_JOBS[store.resolve()] = job
         return job
+
+    def _signer(self) -> Identity:
+        """The researcher identity studies are signed with; hubs and sites refuse unsigned studies."""
+        if self.identity is None:
+            raise FederationError(
+                f"studies sent to {self.address} must be signed: connect with your researcher identity, "
+                f"flip_lab.connect('{self.address}', identity='DIR/researchers/ID') (made by `flip-lab provision "
+                f"DIR ... --researcher ID:Person:Organisation:kind`), or set FLIP_LAB_IDENTITY to that folder"
+            )
+        return self.identity
 
     def _job_dir(self, job_id: int) -> Path:
         return self.workdir / "jobs" / str(job_id)
@@ -232,10 +255,18 @@ class Federation:
 
 
 def connect(
-    address: str, *, root_certificates: str | bytes | None = None, workdir: str | Path | None = None
+    address: str,
+    *,
+    root_certificates: str | bytes | None = None,
+    workdir: str | Path | None = None,
+    identity: str | Path | None = None,
+    project: str = "",
 ) -> Federation:
     """Connect to a running hub (a FLIP hub is a Flower SuperLink) at ``host:port``.
 
     Beyond loopback, pass the federation's CA certificate (``root_certificates``) so traffic is encrypted.
+    ``identity`` is your researcher folder from ``flip-lab provision`` (``DIR/researchers/ID``, or the
+    ``FLIP_LAB_IDENTITY`` environment variable): every study is signed with it, and the hub and each site verify
+    who sent it. ``project`` names the project the studies are signed for.
     """
-    return Federation(address, root_certificates=root_certificates, workdir=workdir)
+    return Federation(address, root_certificates=root_certificates, workdir=workdir, identity=identity, project=project)

@@ -26,6 +26,7 @@ from flip_common.net import alive, free_port, is_loopback
 
 from .errors import FederationError
 from .federation import Federation, _default_home
+from .hub.signed import TRUST_DIR
 from .provision import HubCerts
 
 STATE = "federation.json"
@@ -252,6 +253,7 @@ class LocalFederation(Federation):
             state.get("hub_address") or f"127.0.0.1:{state['hub_port']}",
             workdir=workdir,
             root_certificates=Path(ca).read_bytes() if ca else None,
+            identity=state.get("identity"),
         )
         self.state = state
         self.site_dirs = {name: Path(p) for name, p in state["sites"].items()}
@@ -345,6 +347,8 @@ class LocalFederation(Federation):
             )
             hub_dir = workdir / "hub"
             hub_dir.mkdir(exist_ok=True)
+            trust_ca, trust_crl, state["identity"] = _trust(workdir, Path(certs).absolute() if certs else None)
+            install_hub_trust(hub_dir, trust_ca, trust_crl)
             durable = hub_certs is not None if durable is None else durable
             state["durable"] = durable
             hub, runner = _launch_hub(hub_dir, listen_host, hub_port, hub_certs, durable)
@@ -377,6 +381,8 @@ class LocalFederation(Federation):
             for i, site_dir in enumerate(site_dirs):
                 if bundles:
                     _adopt_bundle(site_dir, bundles[i])
+                else:
+                    _trust_site(site_dir, trust_ca, trust_crl)
                 cmd = [sys.executable, "-m", "site_kernel.cli", "run", str(site_dir)]
                 if watch_parent:
                     cmd += ["--parent-pid", str(os.getpid())]
@@ -601,6 +607,41 @@ def _adopt_bundle(site_dir: Path, bundle: Path) -> None:
     from site_kernel.settings import install_certs, record_identity
 
     record_identity(site_dir, install_certs(site_dir, bundle))
+
+
+def _trust(workdir: Path, certs: Path | None) -> tuple[Path, Path, str | None]:
+    """The federation CA and revocation list that the hub and the simulated sites verify studies with, and the
+    researcher identity this federation signs with: a provision folder's own (its ``researchers/default``, issued
+    when its CA key is at hand), else a CA and a default researcher made for this federation (``WORKDIR/trust``),
+    so that a local federation's studies are signed and verified as any other's, in one call."""
+    from .provision import ensure_trust
+
+    if certs is None:
+        identity = ensure_trust(workdir / "trust")
+        return workdir / "trust" / "ca" / "ca.pem", workdir / "trust" / "ca" / "crl.pem", str(identity)
+    root = certs.parent if (certs / "hub.pem").exists() else certs
+    if (root / "ca" / "ca.key").is_file():
+        identity: Path | None = ensure_trust(root)
+    else:  # a hub's folder alone: it verifies, and whoever submits brings their own identity
+        identity = root / "researchers" / "default" if (root / "researchers" / "default").is_dir() else None
+    hub = root / "hub" if (root / "hub" / "ca.pem").is_file() else certs
+    return hub / "ca.pem", hub / "crl.pem", str(identity) if identity else None
+
+
+def install_hub_trust(hub_dir: Path, ca: Path, crl: Path) -> None:
+    """Copy the CA and revocation list into ``HUB/trust``, where each study's process verifies its signature."""
+    target = hub_dir / TRUST_DIR
+    target.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(ca, target / "ca.pem")
+    if crl.is_file():
+        shutil.copyfile(crl, target / "crl.pem")
+
+
+def _trust_site(site_dir: Path, ca: Path, crl: Path) -> None:
+    """A simulated site's own copy of the federation CA and revocation list (``flip-site trust``)."""
+    from site_kernel.settings import install_trust, record_identity
+
+    record_identity(site_dir, install_trust(site_dir, ca, crl))
 
 
 def _register(address: str, certs: HubCerts, hub: subprocess.Popen[bytes], hub_dir: Path) -> dict[str, int]:

@@ -7,6 +7,15 @@
     DIR/hub/sites.toml                the registration file: each site's public key, the only nodes the hub admits
     DIR/sites/NAME/                   one bundle per hospital: ca.pem, NAME.key, NAME.pub, bundle.toml
     DIR/researcher/ca.pem             what a researcher's notebook verifies the hub with
+    DIR/researchers/ID/               one researcher's identity: ID.key (0600), ID.cert.pem, ca.pem
+                                      -> flip_lab.connect(..., identity="DIR/researchers/ID")
+    DIR/ca/crl.pem, revoked.toml      the CA's signed revocation list (copied as crl.pem to hub/ and each site)
+
+A researcher's certificate names the person (common name), the organisation (organisation name) and its kind
+(business category, e.g. ``university``); the lab signs every study with it and each site verifies the signature
+with its own copy of ``ca.pem`` and ``crl.pem`` (:mod:`flip_common.identity`). ``revoke(DIR, ID)`` (``flip-lab
+revoke``) adds the researcher's certificate to the revocation list; rotating a key is a revocation followed by a
+new ``--researcher`` with the same ID.
 
 Site keys are ECDSA P-384 in OpenSSH format, the form Flower 1.42's SuperNode loads
 (``--auth-supernode-private-key``) and its Control API registers (a NIST-curve public key). Files holding a private
@@ -23,7 +32,7 @@ import os
 import re
 import shutil
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,6 +41,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from flip_common.identity import IdentityError, researcher_certificate, revocation_list
 
 from .errors import FlipError
 
@@ -88,9 +99,41 @@ class Provision:
     hub: Path
     researcher_ca: Path
     sites: dict[str, Path]
+    researchers: dict[str, Path] = field(default_factory=dict)
 
 
-def provision(root: str | Path, *, hub_address: str, sites: list[str], force: bool = False) -> Provision:
+@dataclass(frozen=True)
+class Researcher:
+    """Who a researcher credential names: ``id`` (its folder), the person, the organisation and its kind."""
+
+    id: str
+    person: str
+    organisation: str
+    kind: str
+
+    @classmethod
+    def parse(cls, text: str) -> Researcher:
+        """``ID:Person:Organisation:kind``, as ``--researcher`` takes it."""
+        parts = [part.strip() for part in text.split(":")]
+        if len(parts) != 4 or not all(parts):
+            raise ProvisionError(
+                f"--researcher {text!r} must be ID:Person:Organisation:kind, e.g. "
+                f"'alice:Alice Smith:King's College London:university'"
+            )
+        return cls(*parts)
+
+
+DEFAULT_RESEARCHER = Researcher("default", "Local researcher", "This machine", "other")
+
+
+def provision(
+    root: str | Path,
+    *,
+    hub_address: str,
+    sites: list[str],
+    researchers: list[Researcher] = (),  # type: ignore[assignment]
+    force: bool = False,
+) -> Provision:
     """Create (or complete) the federation's identities under ``root``; see the module docstring for the layout.
 
     ``hub_address`` is the ``HOST:PORT`` sites and researchers dial; the hub's certificate names that host plus
@@ -99,7 +142,7 @@ def provision(root: str | Path, *, hub_address: str, sites: list[str], force: bo
     """
     root = Path(root)
     host, _port = split_address(hub_address)
-    for name in sites:
+    for name in [*sites, *(r.id for r in researchers)]:
         if not SITE_NAME.match(name):
             raise ProvisionError(
                 f"site name {name!r} must be letters, digits, '-', '_' or '.' (at most 63), "
@@ -109,7 +152,7 @@ def provision(root: str | Path, *, hub_address: str, sites: list[str], force: bo
         raise ProvisionError("each --site name must be given once")
     meta_path = root / "federation.toml"
     if force:
-        for sub in ("ca", "hub", "sites", "researcher"):
+        for sub in ("ca", "hub", "sites", "researcher", "researchers"):
             shutil.rmtree(root / sub, ignore_errors=True)
         meta_path.unlink(missing_ok=True)
     elif meta_path.exists():
@@ -129,6 +172,9 @@ def provision(root: str | Path, *, hub_address: str, sites: list[str], force: bo
     shutil.copyfile(root / "ca" / "ca.pem", root / "researcher" / "ca.pem")
     for name in sites:
         _ensure_site(root / "sites" / name, name, hub_address, root / "ca" / "ca.pem")
+    for researcher in researchers:
+        _ensure_researcher(root, researcher, ca_key, ca_cert)
+    _publish_crl(root, ca_key, ca_cert)
     all_sites = sorted(p.name for p in (root / "sites").iterdir() if (p / f"{p.name}.pub").is_file())
     registry = {
         "sites": {
@@ -146,7 +192,119 @@ def provision(root: str | Path, *, hub_address: str, sites: list[str], force: bo
         hub=root / "hub",
         researcher_ca=root / "researcher" / "ca.pem",
         sites={name: root / "sites" / name for name in all_sites},
+        researchers=_researchers(root),
     )
+
+
+def ensure_trust(root: str | Path, researcher: Researcher = DEFAULT_RESEARCHER) -> Path:
+    """A CA, its revocation list and one researcher, without a hub certificate: what a local federation on
+    loopback needs so that its studies are signed and verified like any other. Returns the researcher's folder."""
+    root = Path(root)
+    (root / "ca").mkdir(parents=True, exist_ok=True)
+    ca_key, ca_cert = _ensure_ca(root / "ca")
+    folder = _ensure_researcher(root, researcher, ca_key, ca_cert)
+    _publish_crl(root, ca_key, ca_cert)
+    return folder
+
+
+def revoke(root: str | Path, researcher_id: str) -> Path:
+    """Revoke a researcher's certificate: its serial joins the CA's revocation list (``DIR/ca/crl.pem``, copied to
+    ``DIR/hub`` and every site bundle) and its folder is renamed ``ID.revoked-SERIAL``, so that provisioning the same
+    ID again issues a new key pair (a rotation). Sites refuse the old certificate once they hold the new list."""
+    root = Path(root)
+    folder = root / "researchers" / researcher_id
+    cert_path = folder / f"{researcher_id}.cert.pem"
+    if not cert_path.is_file():
+        raise ProvisionError(f"no researcher {researcher_id!r} in {root / 'researchers'}; nothing was revoked")
+    ca_key, ca_cert = _ensure_ca(root / "ca")
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    revoked = _revoked(root)
+    revoked[f"{cert.serial_number:x}"] = {
+        "researcher": researcher_id,
+        "at": datetime.datetime.now(datetime.UTC).isoformat(),
+    }
+    (root / "ca" / "revoked.toml").write_text(tomli_w.dumps({"revoked": revoked}))
+    folder.rename(folder.with_name(f"{researcher_id}.revoked-{cert.serial_number:x}"))
+    return _publish_crl(root, ca_key, ca_cert)
+
+
+def _revoked(root: Path) -> dict[str, dict[str, str]]:
+    path = root / "ca" / "revoked.toml"
+    return dict(tomllib.loads(path.read_text()).get("revoked", {})) if path.exists() else {}
+
+
+def _publish_crl(root: Path, ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate) -> Path:
+    """The CA's revocation list, signed again when its revocations changed or it has under 30 days left, copied
+    wherever ``ca.pem`` was handed out (an unchanged list stays byte for byte what the sites already hold)."""
+    serials = {
+        int(serial, 16): datetime.datetime.fromisoformat(entry["at"]) for serial, entry in _revoked(root).items()
+    }
+    path = root / "ca" / "crl.pem"
+    if not _crl_current(path, ca_cert, set(serials)):
+        path.write_bytes(revocation_list(ca_key, ca_cert, serials).public_bytes(serialization.Encoding.PEM))
+    for holder in [root / "hub", *(root / "sites").glob("*"), *(root / "researchers").glob("*")]:
+        if (holder / "ca.pem").is_file():
+            shutil.copyfile(path, holder / "crl.pem")
+    return path
+
+
+def _crl_current(path: Path, ca_cert: x509.Certificate, serials: set[int]) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        crl = x509.load_pem_x509_crl(path.read_bytes())
+    except ValueError:
+        return False
+    soon = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=30)
+    return (
+        crl.issuer == ca_cert.subject
+        and crl.is_signature_valid(ca_cert.public_key())
+        and crl.next_update_utc is not None
+        and crl.next_update_utc > soon
+        and {r.serial_number for r in crl} == serials
+    )
+
+
+def _researchers(root: Path) -> dict[str, Path]:
+    folder = root / "researchers"
+    return (
+        {p.name: p for p in sorted(folder.iterdir()) if (p / f"{p.name}.cert.pem").is_file()} if folder.is_dir() else {}
+    )
+
+
+def _ensure_researcher(
+    root: Path, who: Researcher, ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate
+) -> Path:
+    """``DIR/researchers/ID``: a key pair and a certificate from the CA naming the person and organisation. An
+    existing identity is kept when it names the same person and organisation; another needs ``revoke`` first."""
+    folder = root / "researchers" / who.id
+    key_path, cert_path = folder / f"{who.id}.key", folder / f"{who.id}.cert.pem"
+    if key_path.exists() and cert_path.exists():
+        existing = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        names = {a.oid: a.value for a in existing.subject}
+        wanted = {
+            NameOID.COMMON_NAME: who.person,
+            NameOID.ORGANIZATION_NAME: who.organisation,
+            NameOID.BUSINESS_CATEGORY: who.kind,
+        }
+        if names != wanted or existing.issuer != ca_cert.subject:
+            raise ProvisionError(
+                f"researcher {who.id} already names someone else or another CA; revoke it first "
+                f"(`flip-lab revoke {root} {who.id}`) to issue a new identity under that ID"
+            )
+    else:
+        folder.mkdir(parents=True, exist_ok=True)
+        key = ec.generate_private_key(ec.SECP384R1())
+        try:
+            cert = researcher_certificate(
+                ca_key, ca_cert, key.public_key(), person=who.person, organisation=who.organisation, kind=who.kind
+            )
+        except IdentityError as err:
+            raise ProvisionError(str(err)) from err
+        _write_private(key_path, _pem_key(key))
+        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    shutil.copyfile(root / "ca" / "ca.pem", folder / "ca.pem")
+    return folder
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -272,7 +430,16 @@ def _ensure_site(folder: Path, name: str, hub_address: str, ca_pem: Path) -> Non
     shutil.copyfile(ca_pem, folder / "ca.pem")
     (folder / "bundle.toml").write_text(
         "# Copy this folder to the hospital and run: flip-site init SITE --certs THIS_FOLDER\n"
-        + tomli_w.dumps({"name": name, "hub": hub_address, "root_certificates": "ca.pem", "auth_key": f"{name}.key"})
+        + tomli_w.dumps(
+            {
+                "name": name,
+                "hub": hub_address,
+                "root_certificates": "ca.pem",
+                "auth_key": f"{name}.key",
+                "federation_ca": "ca.pem",
+                "revocation_list": "crl.pem",
+            }
+        )
     )
 
 

@@ -147,12 +147,17 @@ class ApprovalStore:
         settings = {r["settings_hash"]: r["settings"] for r in self.runs(hash)}
         return self._decide(hash, "approved", by=by, note=note, settings=settings)
 
-    def record_run(self, hash: str, run_id: int, settings: dict[str, Any]) -> bool:
-        """Keep a study's run settings beside its plan and audit them, once per run; True if new."""
+    def record_run(
+        self, hash: str, run_id: int, settings: dict[str, Any], *, submitter: dict[str, str] | None = None
+    ) -> bool:
+        """Keep a study's run settings (and its verified submitter) beside its plan and audit them, once per run;
+        True if new."""
         folder = self.root / hash / "runs"
         folder.mkdir(exist_ok=True)
         digest = settings_hash(settings)
         body = {"run_id": int(run_id), "settings": settings, "settings_hash": digest, "at": _now()}
+        if submitter:
+            body["submitter"] = dict(submitter)
         try:
             with open(folder / f"{int(run_id)}.json", "x", encoding="utf-8") as fh:
                 json.dump(body, fh, indent=2, sort_keys=True)

@@ -5,6 +5,7 @@ flip-site init SITE --certs BUNDLE                 ... for a provisioned hub: TL
 flip-site data add NAME PATH --site SITE           register a folder of DICOM series or NIfTI images
     [--labels DIR|CSV] [--modality M] [--test-fraction F] [--seed N]
 flip-site data catalogue --site SITE               what researchers may see of the site's data
+flip-site trust SITE --ca CA.pem [--crl CRL.pem]   the federation CA that verifies researchers' signatures
 flip-site run SITE                                 serve the hub: SuperNode + the site's executor
 flip-site status SITE                              is the site running, and under which policy
 flip-site plans list|show|approve|reject ...       decide which plans may run
@@ -47,6 +48,23 @@ def _cmd_init(args: argparse.Namespace) -> int:
     print(f"site {name} created in {site}, hub {hub}")
     print(f"policy: {site / 'policy.toml'} ({'automatic approval (demo only)' if args.demo else 'manual approval'})")
     print(f"next: flip-site data add default /path/to/images --site {site}")
+    return 0
+
+
+def _cmd_trust(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from .settings import install_trust, load_settings, site_path, write_settings
+
+    site = Path(args.site)
+    settings = load_settings(site)
+    ca = Path(args.ca) if args.ca else site_path(site, settings.federation_ca or settings.root_certificates or "-")
+    keys = install_trust(site, ca, Path(args.crl) if args.crl else None)
+    if not keys["revocation_list"]:
+        keys["revocation_list"] = settings.revocation_list
+    write_settings(site, replace(settings, **keys))
+    print(f"studies are verified with {site / keys['federation_ca']}", end="")
+    print(f" and the revocation list {site / keys['revocation_list']}" if keys["revocation_list"] else "")
     return 0
 
 
@@ -133,6 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--demo", action="store_true", help="demo policy: automatic approval, labelled as such")
     p.set_defaults(func=_cmd_init)
+
+    p = sub.add_parser("trust", help="the federation CA (and revocation list) that verifies who submits studies")
+    p.add_argument("site")
+    p.add_argument("--ca", help="the federation's ca.pem (default: the one the site already has)")
+    p.add_argument("--crl", help="the CA's revocation list, crl.pem from `flip-lab provision` or `flip-lab revoke`")
+    p.set_defaults(func=_cmd_trust)
 
     p = sub.add_parser("run", help="serve the hub until stopped")
     p.add_argument("site")

@@ -26,6 +26,7 @@ from flip_common import secagg as shared_secagg
 from flip_common.bundle import BundleRefused, DirectoryRequest, PlanBundle, read_bundle
 from flip_common.errors import FlipError
 from flip_common.flower import fast_object_pulls
+from flip_common.identity import SubmissionRefused
 from flip_common.packing import pack, unpack_arrays
 from flip_common.planhash import plan_hash
 from flip_common.protocol import ERROR_CODE, SiteErrorReason, read_plan_spec
@@ -44,6 +45,7 @@ from .privacy_gate import PrivacyGate
 from .request import Refusal, Request, query_op
 from .secagg_gate import SecAggGate
 from .settings import SiteSettings, load_settings
+from .submitters import SubmitterCheck, submitter_meta
 
 log = logging.getLogger("flip.site")
 
@@ -65,6 +67,7 @@ class Executor:
         self.runtime_address = runtime_address
         self.audit = AuditLog(site_dir / "audit.jsonl")
         self.approvals = ApprovalStore(site_dir, audit=self.audit)
+        self.submitters = SubmitterCheck(site_dir, self.audit)
         self.workers: dict[int, JobWorker] = {}
         self._lock = threading.Lock()
         self._settings_mtime = 0.0
@@ -213,9 +216,10 @@ class Executor:
                 return self._directory(message, op, run_id)
             policy = self._policy()
             source, spec, digest = self._read_plan(run_config, fab_content, run_id)
-            state = self._approval_state(digest, source, spec, policy, run_id)
+            who = self._submitter(fab_content, run_id)
+            state = self._approval_state(digest, source, spec, policy, run_id, who)
             settings = self._run_settings(run_id, spec, run_config)
-            self.approvals.record_run(digest, run_id, settings)
+            self.approvals.record_run(digest, run_id, settings, submitter=who)
             hold = self._settings_hold(digest, settings, policy) if state == "approved" else None
             request = Request(
                 message=message,
@@ -341,7 +345,20 @@ class Executor:
             )
         return source, spec, digest
 
-    def _approval_state(self, digest: str, source: str, spec: dict, policy: SitePolicy, run_id: int) -> str:
+    def _submitter(self, fab_content: bytes, run_id: int) -> dict[str, str]:
+        """Who signed this study, verified with the site's own CA (:mod:`site_kernel.submitters`), or a refusal
+        that names why (unsigned, unknown_ca, expired, revoked, forged, altered, replayed, no_ca)."""
+        try:
+            verified = self.submitters.check(self._read_bundle(fab_content).run_config, run_id, self.settings)
+        except SubmissionRefused as err:
+            raise Refusal(
+                err.reason, f"site {self.settings.name} refused the study: {err.message}", audit="submission_refused"
+            ) from err
+        return submitter_meta(verified)
+
+    def _approval_state(
+        self, digest: str, source: str, spec: dict, policy: SitePolicy, run_id: int, who: dict[str, str]
+    ) -> str:
         state = self.approvals.state(digest)
         if state == "unknown":
             store = ApprovalStore(self.site_dir, policy=policy, audit=self.audit)
@@ -350,7 +367,7 @@ class Executor:
                 source,
                 spec["contract"],
                 spec["model_shapes"],
-                {"name": str(spec.get("name", ""))[:100], "run_id": run_id},
+                {"name": str(spec.get("name", ""))[:100], "run_id": run_id, **who},
             )
         return state
 

@@ -133,7 +133,7 @@ def _plans_list(args: argparse.Namespace) -> int:
 def _hides_text(r: PlanRecord, runs: list[dict[str, Any]]) -> bool:
     """Whether anything the data owner reads of this plan needed escaping to be shown truthfully."""
     texts = [*_strings(r.meta), *_strings(r.contract), *r.model_shapes, r.decided_by or "", r.note]
-    texts += _strings([run.get("settings") for run in runs])
+    texts += _strings([[run.get("settings"), run.get("submitter")] for run in runs])
     return any(visible(t)[1] for t in texts) or visible(r.source, multiline=True)[1]
 
 
@@ -196,6 +196,12 @@ def _print_runs(store: ApprovalStore, r: PlanRecord, most: int = 10) -> None:
             f"{shown(config.get('strategy'))}, seed {shown(config.get('seed'))}, initial weights "
             f"{shown(settings.get('init_weights', ''))[:12]}, name {shown(settings.get('name'))}"
         )
+        if who := run.get("submitter"):
+            print(
+                f"      submitted by {shown(who.get('submitter'))} ({shown(who.get('organisation'))}, "
+                f"{shown(who.get('organisation_kind'))}), verified with this site's CA"
+                + (f"; project {shown(who.get('project'))}" if who.get("project") else "")
+            )
         train = json.dumps(settings.get("train_config") or {}, sort_keys=True, ensure_ascii=False)
         rest = {k: v for k, v in config.items() if k not in ("rounds", "strategy", "seed", "extra")}
         print(f"      train config {shown(train)}")

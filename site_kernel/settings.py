@@ -33,6 +33,9 @@ class SiteSettings:
     hub while idle. ``root_certificates``: the federation's CA certificate, which verifies a TLS hub (none on
     loopback). ``auth_key``: the site's private key (OpenSSH, ECDSA P-384) that authenticates it to a hub with node
     authentication. Both are made by ``flip-lab provision``, and a relative path is relative to the site folder.
+    ``federation_ca``: the CA certificate that issued the researchers whose signed studies this site verifies (it
+    falls back to ``root_certificates``; a site with neither refuses every study), ``revocation_list``: that CA's
+    signed list of revoked researchers (:mod:`site_kernel.submitters`).
     ``site_steps``: site-specific harmonisation applied before the contract's own (e.g. a CT window).
     ``worker_idle_s``: a job's sandboxed worker is stopped after this many idle seconds. ``sandbox``: false turns the
     sandbox off, honoured only under a demo policy (used to measure what the sandbox costs); every job's audit entry
@@ -46,6 +49,8 @@ class SiteSettings:
     poll_interval: float = 0.1
     root_certificates: str = ""
     auth_key: str = ""
+    federation_ca: str = ""
+    revocation_list: str = ""
     site_steps: list[dict[str, Any]] = field(default_factory=list)
     worker_idle_s: float = 120.0
     sandbox: bool = True
@@ -89,7 +94,11 @@ def site_path(site_dir: Path, value: str) -> Path:
 def check_identity(site_dir: Path, settings: SiteSettings) -> None:
     """Refuse to start with a CA or key file that is missing, or a private key that others can read (as ssh does):
     a key readable by other accounts on the site's machine lets them pose as the site."""
-    for key, value in (("root_certificates", settings.root_certificates), ("auth_key", settings.auth_key)):
+    for key, value in (
+        ("root_certificates", settings.root_certificates),
+        ("auth_key", settings.auth_key),
+        ("federation_ca", settings.federation_ca),
+    ):
         if value and not site_path(site_dir, value).is_file():
             raise SettingsError(
                 f"{site_dir / FILE}: {key} = {value!r} is not a file; copy the site's bundle from "
@@ -133,18 +142,41 @@ def install_certs(site_dir: Path, bundle: Path) -> dict[str, str]:
     public = Path(names["auth_key"]).with_suffix(".pub").name
     if (bundle / public).is_file():
         shutil.copyfile(bundle / public, target / public)
-    return {
+    identity = {
         "name": str(meta["name"]),
         "hub": str(meta["hub"]),
         "root_certificates": f"{CERTS_DIR}/{names['root_certificates']}",
         "auth_key": f"{CERTS_DIR}/{names['auth_key']}",
     }
+    crl = str(meta.get("revocation_list", "crl.pem"))
+    return {**identity, **install_trust(site_dir, bundle / names["root_certificates"], bundle / crl)}
+
+
+def install_trust(site_dir: Path, ca: Path, crl: Path | None = None) -> dict[str, str]:
+    """Copy the federation's CA certificate (and its revocation list, when there is one) into ``SITE/certs``, where the
+    site verifies researchers' signatures with them; returns the ``site.toml`` keys that point at the copies."""
+    if not ca.is_file():
+        raise SettingsError(f"{ca} is not a file: pass the federation's ca.pem from `flip-lab provision`")
+    target = site_dir / CERTS_DIR
+    target.mkdir(parents=True, exist_ok=True)
+    if ca.resolve() != (target / "ca.pem").resolve():
+        shutil.copyfile(ca, target / "ca.pem")
+    keys = {"federation_ca": f"{CERTS_DIR}/ca.pem", "revocation_list": ""}
+    if crl is not None and crl.is_file():
+        shutil.copyfile(crl, target / "crl.pem")
+        keys["revocation_list"] = f"{CERTS_DIR}/crl.pem"
+    return keys
 
 
 def record_identity(site_dir: Path, identity: dict[str, str]) -> SiteSettings:
     """Point ``site.toml`` at the certificates that :func:`install_certs` copied (``identity`` is what it returned)."""
     settings = replace(
-        load_settings(site_dir), root_certificates=identity["root_certificates"], auth_key=identity["auth_key"]
+        load_settings(site_dir),
+        **{
+            k: v
+            for k, v in identity.items()
+            if k in ("root_certificates", "auth_key", "federation_ca", "revocation_list")
+        },
     )
     write_settings(site_dir, settings)
     return settings

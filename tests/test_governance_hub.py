@@ -211,6 +211,57 @@ def test_the_side_panel_shows_a_refused_run_as_failed_with_the_reason_and_no_eve
         manager.close()
 
 
+def _tiny_built(**settings):
+    from flip_lab import Plan
+
+    return Plan.from_file(Path(__file__).parent / "plans" / "tiny_plan.py").build({"rounds": 1, **settings})
+
+
+@pytest.mark.e2e
+def test_an_unsigned_flip_plan_is_refused_at_the_hub(hub):
+    from flip_lab._bundle import plan_config, plan_fab
+
+    fed, client = hub
+    built = _tiny_built()
+    run = _finished(client, client.start_run(plan_fab(built, plan_config(built))))
+    assert run.job_status == "failed" and run.details.startswith("refused by the hub: unsigned:"), run.details
+    assert run.run_id in _refusals(fed.workdir / "hub")
+
+
+@pytest.mark.e2e
+def test_a_study_signed_outside_the_federation_or_altered_after_signing_is_refused_at_the_hub(hub, tmp_path):
+    from flip_common.identity import SIGNATURE_KEYS, Identity, sign
+    from flip_lab._bundle import bundle, plan_config, plan_fab
+    from flip_lab.provision import Researcher, ensure_trust
+
+    fed, client = hub
+    stranger = Identity.load(ensure_trust(tmp_path / "elsewhere", Researcher("eve", "Eve", "Elsewhere", "company")))
+    run = _finished(client, client.start_run(bundle(_tiny_built(), identity=stranger)))
+    assert run.job_status == "failed" and run.details.startswith("refused by the hub: unknown_ca:"), run.details
+    signed = plan_config(_tiny_built())
+    signed.update(sign(fed.identity, signed))
+    more = _tiny_built(rounds=5)
+    replay = {**plan_config(more), **{k: signed[k] for k in SIGNATURE_KEYS}}
+    run = _finished(client, client.start_run(plan_fab(more, replay)))
+    assert run.job_status == "failed" and "altered" in run.details and "rounds 1 -> 5" in run.details
+    assert run.run_id in _refusals(fed.workdir / "hub")
+
+
+@pytest.mark.e2e
+def test_a_study_signed_by_the_federations_researcher_is_admitted_by_the_hub(hub):
+    from flip_lab._bundle import bundle
+
+    fed, client = hub
+    run_id = client.start_run(bundle(_tiny_built(connect_timeout=5), identity=fed.identity))
+    log = fed.workdir / "hub" / "superlink.log"
+    deadline = time.monotonic() + 120
+    while f"run {run_id} signed by Local researcher" not in log.read_text(errors="replace"):
+        assert time.monotonic() < deadline, "the hub did not admit a signed study"
+        time.sleep(0.25)
+    client.stop_run(run_id)
+    assert run_id not in _refusals(fed.workdir / "hub")
+
+
 @pytest.fixture(scope="module")
 def tls_hub(tmp_path_factory):
     """A hub with certificates, started as `flip-lab up --certs ... --workdir RELATIVE`."""

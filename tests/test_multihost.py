@@ -243,7 +243,7 @@ def multihost(tmp_path_factory):
     import flip_lab
     from flip_lab._bundle import bundle
     from flip_lab.local import _flower_env, stop_pids
-    from flip_lab.provision import provision
+    from flip_lab.provision import Researcher, provision
     from site_kernel.settings import install_certs, load_settings, write_settings
     from site_kernel.site_folders import create_demo_sites
 
@@ -257,7 +257,8 @@ def multihost(tmp_path_factory):
         policy = site_dir / "policy.toml"
         policy.write_text(re.sub(r"(?m)^min_cohort = \d+$", "min_cohort = 2", policy.read_text()))
     names = [d.name for d in site_dirs]
-    prov = provision(root / "provision", hub_address=hub_address, sites=names)
+    alice = Researcher("alice", "Alice Smith", "King's College London", "university")
+    prov = provision(root / "provision", hub_address=hub_address, sites=names, researchers=[alice])
     for site_dir in site_dirs:
         identity = install_certs(site_dir, prov.sites[site_dir.name])
         write_settings(
@@ -339,7 +340,12 @@ def multihost(tmp_path_factory):
                     env=env,
                 )
             pids.append(proc.pid)
-        fed = flip_lab.connect(hub_address, root_certificates=str(prov.researcher_ca), workdir=root / "researcher")
+        fed = flip_lab.connect(
+            hub_address,
+            root_certificates=str(prov.researcher_ca),
+            workdir=root / "researcher",
+            identity=prov.researchers["alice"],
+        )
         deadline = time.monotonic() + 180
         while sum(n.status == "online" for n in fed.nodes()) < 3:
             assert time.monotonic() < deadline, "the three sites did not come online: see " + str(root / "sites")

@@ -76,6 +76,8 @@ def test_site_keys_are_p384_openssh_pairs_and_the_hub_registers_exactly_them(pro
             "hub": "hub.example.org:9093",
             "root_certificates": "ca.pem",
             "auth_key": f"{name}.key",
+            "federation_ca": "ca.pem",
+            "revocation_list": "crl.pem",
         }
         assert (folder / "ca.pem").read_bytes() == prov.researcher_ca.read_bytes()
 

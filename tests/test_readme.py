@@ -45,6 +45,8 @@ RUN_BY = {
     "flip-lab jobs": "test_e2e_spine::test_jobs_lists_and_cancel_stops_a_study",
     "flip-lab cancel": "test_e2e_spine::test_jobs_lists_and_cancel_stops_a_study",
     "flip-lab provision": "test_readme::test_provision_and_a_hospitals_init_run_as_the_readme_shows",
+    "flip-lab revoke": "test_readme::test_provision_and_a_hospitals_init_run_as_the_readme_shows",
+    "flip-site trust": "test_readme::test_provision_and_a_hospitals_init_run_as_the_readme_shows",
     "flip-lab study run": "test_study::study_record",  # a fixture: its record is what the module's tests read
     "flip-lab study verify": "test_study::test_an_intact_record_verifies",
     "flip-lab study heads": "test_governance_review::test_audit_heads_are_exported_from_a_run_record",
@@ -318,13 +320,23 @@ def test_provision_and_a_hospitals_init_run_as_the_readme_shows(tmp_path: Path) 
                 "st-marys",
                 "--site",
                 "royal-infirmary",
+                "--researcher",
+                "alice:Alice Smith:King's College London:university",
             ]
         )
         == 0
     )
-    for written in ("ca/ca.key", "hub/sites.toml", "sites/st-marys/bundle.toml", "researcher/ca.pem"):
+    for written in ("ca/ca.key", "hub/sites.toml", "sites/st-marys/bundle.toml", "researcher/ca.pem", "ca/crl.pem"):
         assert (fed / written).is_file(), written
     assert (fed / "ca" / "ca.key").stat().st_mode & 0o077 == 0
     site = tmp_path / "srv" / "flip-site"
     assert flip_site_main(["init", str(site), "--certs", str(fed / "sites" / "st-marys")]) == 0
     assert 'name = "st-marys"' in (site / "site.toml").read_text()
+    assert 'federation_ca = "certs/ca.pem"' in (site / "site.toml").read_text()
+    assert (fed / "researchers" / "alice" / "alice.cert.pem").is_file()
+    # revoking a researcher, and the hospital taking the new list
+    before = (fed / "ca" / "crl.pem").read_bytes()
+    assert flip_lab_main(["revoke", str(fed), "alice"]) == 0
+    assert (fed / "ca" / "crl.pem").read_bytes() != before and not (fed / "researchers" / "alice").exists()
+    assert flip_site_main(["trust", str(site), "--crl", str(fed / "ca" / "crl.pem")]) == 0
+    assert (site / "certs" / "crl.pem").read_bytes() == (fed / "ca" / "crl.pem").read_bytes()

@@ -5,9 +5,10 @@ output to the SuperLink's logs, push the task's result) except the one step that
 code: instead of installing the bundle and importing the ServerApp it names, it reads the bundle as
 data (:mod:`flip_common.bundle`) and calls FLIP's installed ServerApp with the run config found
 there, or, for a directory request, asks the sites for their names and catalogues
-(:mod:`flip_lab.hub.directory`). A bundle that is not exactly FLIP's is refused: the run ends failed with the reason,
-the hub's log says so and ``HUB/refusals.jsonl`` records it. Output goes through Flower's log uploader because that is
-how researchers' jobs receive their events.
+(:mod:`flip_lab.hub.directory`). A bundle that is not exactly FLIP's is refused, and so is a study that no researcher
+of the federation's CA signed (:mod:`flip_lab.hub.signed`): the run ends failed with the reason, the hub's log says so
+and ``HUB/refusals.jsonl`` records it. Output goes through Flower's log uploader because that is how researchers' jobs
+receive their events.
 """
 
 from __future__ import annotations
@@ -34,9 +35,10 @@ from flwr.supercore.logger import (
 )
 from flwr.superlink.grid import HttpGrid
 
-from flip_common.bundle import BundleRefused, DirectoryRequest, read_bundle
+from flip_common.bundle import BundleRefused, DirectoryRequest, PlanBundle, read_bundle
 
 from .._flower import check_study, set_task_identity, stop_retrying, study_runtime
+from .signed import check_signed
 
 log = logging.getLogger("flip.hub")
 REFUSALS = "refusals.jsonl"
@@ -120,6 +122,9 @@ def run_task(address: str, token: str, root_certificates: bytes | None) -> None:
             bundle = read_bundle(fab.content)
             if run.override_config:
                 raise BundleRefused("a FLIP run takes its settings from its plan, not from run-config overrides")
+            if isinstance(bundle, PlanBundle):
+                who = check_signed(bundle, os.environ.get("FLIP_HUB_DIR")).submitter
+                log.info("run %s signed by %s", run.run_id, who.label)
         except BundleRefused as err:
             details = f"refused by the hub: {err.reason}"
             log.warning("run %s %s", run.run_id, details)
