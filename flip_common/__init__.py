@@ -8,6 +8,7 @@ and the hub) meet only here, so what a hospital must trust of the lab's code is 
 - :mod:`~flip_common.bundle`: the one strict reader of a study bundle, used by the hub and by every site.
 - :mod:`~flip_common.planhash`: the hash a data owner approves.
 - :mod:`~flip_common.contract`: data-contract validation, run by the lab at submit and by the site before data.
+- :mod:`~flip_common.sitedata`: the ``data`` a plan's ``train``/``evaluate`` receive, at a site and in the dry run.
 - :mod:`~flip_common.packing`: arrays on the wire (one safetensors blob per record).
 - :mod:`~flip_common.secagg`: secure-aggregation arithmetic (fixed point, masks, keys) shared by hub and sites.
 - :mod:`~flip_common.textsafe`: untrusted text made visible, never interpreted.

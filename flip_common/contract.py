@@ -10,8 +10,13 @@ Keys (unknown keys are refused, so a typo cannot silently change a study):
 - ``modality``: ``"CT"``, ``"MR"``, ... or a list of them; a dataset of another modality is refused.
 - ``dims``: ``2``: the site returns axial slices ([N, 1, H, W]). Every slice of every case is used (not only
   slices with a lesion), so the class balance of the data reaches the researcher as it is.
-- ``size``: ``[H, W]`` output slice size in pixels (after resampling, centred crop or pad).
-- ``spacing``: ``[row, column]`` in-plane pixel size in mm; slice thickness is kept.
+  ``3``: the site returns whole volumes, one case at a time (``data.train`` / ``data.test``, sequences of
+  ``{"image": [1, X, Y, Z], "label": [1, X, Y, Z], "meta": ...}``), read lazily from the site's cache.
+- ``size``: ``dims=2``: ``[H, W]`` output slice size in pixels (after resampling, centred crop or pad).
+  ``dims=3``: ``[X, Y, Z]`` voxels (centred crop or pad), or left out (or ``None``): each case keeps its native
+  extent after resampling, as patch training wants.
+- ``spacing``: ``dims=2``: ``[row, column]`` in-plane pixel size in mm; slice thickness is kept. ``dims=3``:
+  ``[x, y, z]`` voxel size in mm along the three output axes.
 - ``orientation``: axis codes of the output (default ``"RAS"``); slices run along the third axis.
 - ``intensity``: ``{"kind": "percentile", "lower": 1, "upper": 99}`` (per volume, to [0, 1], clipped),
   ``{"kind": "zscore"}`` (per volume, over all its voxels), or
@@ -51,6 +56,7 @@ class ContractError(FlipError, ValueError):
 
 DEFAULTS: dict[str, Any] = {"orientation": "RAS", "dataset": "default"}
 REQUIRED = ("modality", "dims", "size", "spacing", "intensity", "labels")
+DIMS = (2, 3)
 TASKS = ("segmentation", "classification")
 KNOWN = frozenset(REQUIRED) | frozenset(DEFAULTS) | {"task"}
 _AXES = ({"R", "L"}, {"A", "P"}, {"S", "I"})
@@ -67,7 +73,9 @@ def validate_contract(contract: Mapping[str, Any]) -> dict[str, Any]:
             key=unknown[0],
             expected=", ".join(sorted(KNOWN)),
         )
-    missing = [k for k in REQUIRED if k not in contract]
+    # A volumetric contract may leave out ``size``: its cases keep their native extent after resampling.
+    native = contract.get("dims") == 3 and contract.get("size") is None
+    missing = [k for k in REQUIRED if k not in contract and not (k == "size" and native)]
     if missing:
         raise ContractError(
             f"data contract lacks {missing}; e.g. {{'modality': 'MR', 'dims': 2, 'size': [64, 64], "
@@ -78,12 +86,18 @@ def validate_contract(contract: Mapping[str, Any]) -> dict[str, Any]:
         )
     out = {**DEFAULTS, **contract}
     out["modality"] = _modality(out["modality"])
-    if out["dims"] != 2 or isinstance(out["dims"], bool):
+    if out["dims"] not in DIMS or isinstance(out["dims"], bool):
         raise ContractError(
-            f"dims={out['dims']!r} is not supported; use dims=2 (axial slices)", key="dims", expected="2"
+            f"dims={out['dims']!r} is not supported; use dims=2 (axial slices) or dims=3 (volumes)",
+            key="dims",
+            expected="2 | 3",
         )
-    out["size"] = [_number(v, "size", int, 8, 1024) for v in _pair(out["size"], "size")]
-    out["spacing"] = [_number(v, "spacing", float, 0.01, 50.0) for v in _pair(out["spacing"], "spacing")]
+    axes = out["dims"]
+    if native:
+        out["size"] = None
+    else:
+        out["size"] = [_number(v, "size", int, 8, 1024) for v in _axes(out["size"], "size", axes)]
+    out["spacing"] = [_number(v, "spacing", float, 0.01, 50.0) for v in _axes(out["spacing"], "spacing", axes)]
     out["orientation"] = _orientation(out["orientation"])
     out["intensity"] = _intensity(out["intensity"])
     # The default task is left out of the normalised form, so contracts written before ``task`` existed keep
@@ -118,9 +132,16 @@ def _modality(value: Any) -> list[str]:
     return sorted({v.upper() for v in values})
 
 
-def _pair(value: Any, key: str) -> list[Any]:
-    if not isinstance(value, (list, tuple)) or len(value) != 2:
-        raise ContractError(f"{key} must be a pair [rows, columns], got {value!r}", key=key, expected="[a, b]")
+def _axes(value: Any, key: str, dims: int) -> list[Any]:
+    """A value per output axis: ``[rows, columns]`` for slices, ``[x, y, z]`` for volumes."""
+    if not isinstance(value, (list, tuple)) or len(value) != dims:
+        shape = "a pair [rows, columns]" if dims == 2 else "three values [x, y, z]"
+        hint = "" if dims == 2 or key != "size" else " (or leave size out to keep each case's extent)"
+        raise ContractError(
+            f"{key} must be {shape} for dims={dims}, got {value!r}{hint}",
+            key=key,
+            expected="[a, b]" if dims == 2 else "[x, y, z]",
+        )
     return list(value)
 
 

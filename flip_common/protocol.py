@@ -223,7 +223,9 @@ class LoadRequest(TypedDict):
 
     op: Literal["load"]
     source: str
-    arrays: str  # the .npz the site prepared for this job
+    arrays: str | None  # the .npz the site prepared for this job (dims=2)
+    cases: NotRequired[str | None]  # dims=3: the cache entry holding one .npy per case, read lazily
+    devices: NotRequired[list[str]]  # the site policy's [resources] devices, e.g. ["cuda:0"]
     scratch: str
     readable: list[str]
     threads: int
@@ -256,6 +258,8 @@ class WorkerDone(TypedDict):
     metrics: NotRequired[dict[str, float | None]]  # a step: the plan's metrics, None for a value not a number
     model_shapes: NotRequired[dict[str, list[int]]]  # the load: the shapes model() built
     confinement: NotRequired[dict[str, Any]]  # the load: the sandbox's report
+    device: NotRequired[str]  # the load: "cpu" or "cuda:0", what the plan's config["device"] says
+    device_note: NotRequired[str]  # the load: why (for the site's log)
 
 
 class WorkerFailed(TypedDict):

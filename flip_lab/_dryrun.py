@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from .plan import BuiltPlan
 
 SAMPLES = 2  # synthetic training and test images: two, so a batch norm still has a batch
+NATIVE_SIZE = 32  # voxels a side of a synthetic volume when a dims=3 contract keeps each case's own extent
 _NEXT = "nothing was sent: fix the plan, or submit it with check=False to send it as it is"
 
 
@@ -36,15 +37,19 @@ def synthetic_data(contract: dict[str, Any], seed: int = 0) -> Any:
     """What a site's worker hands ``train``/``evaluate`` as ``data``, shaped by ``contract`` (validated), made up.
 
     Images float32 ``[N, 1, H, W]`` in the contract's intensity range; labels int64, label maps ``[N, H, W]`` of
-    the contract's label values, or class indices ``[N]`` for a classification contract.
+    the contract's label values, or class indices ``[N]`` for a classification contract. For ``dims=3``, cases
+    ``{"image": [1, X, Y, Z], "label": [1, X, Y, Z], "meta"}`` of the contract's ``size`` (or
+    :data:`NATIVE_SIZE` voxels a side when it has none), in ``data.train`` / ``data.test``.
     """
     import torch
 
-    from site_kernel.worker import SiteData
+    from flip_common.sitedata import SiteData
 
     rng = np.random.default_rng(seed)
-    height, width = contract["size"]
     values = sorted(contract["labels"].values())
+    if contract["dims"] == 3:
+        return _synthetic_volumes(contract, rng, values)
+    height, width = contract["size"]
     label_shape = (SAMPLES,) if contract.get("task") == "classification" else (SAMPLES, height, width)
 
     def images() -> Any:
@@ -56,6 +61,25 @@ def synthetic_data(contract: dict[str, Any], seed: int = 0) -> Any:
         return torch.from_numpy(rng.choice(values, size=label_shape).astype(np.int64))
 
     return SiteData(images(), labels(), images(), labels())
+
+
+def _synthetic_volumes(contract: dict[str, Any], rng: np.random.Generator, values: list[int]) -> Any:
+    from flip_common.sitedata import MemoryCases, VolumeData
+
+    size = tuple(contract["size"] or (NATIVE_SIZE,) * 3)
+    affine = np.diag([*contract["spacing"], 1.0])
+
+    def case(index: int) -> dict[str, Any]:
+        shape = (1, *size)
+        image = rng.standard_normal(shape) if contract["intensity"]["kind"] == "zscore" else rng.random(shape)
+        if contract.get("task") == "classification":
+            label: Any = np.int64(rng.choice(values))
+        else:
+            label = rng.choice(values, size=shape).astype(np.int64)
+        meta = {"index": index, "spacing": np.asarray(contract["spacing"], np.float64), "affine": affine}
+        return {"image": image.astype(np.float32), "label": label, "meta": meta}
+
+    return VolumeData(MemoryCases([case(i) for i in range(SAMPLES)]), MemoryCases([case(i) for i in range(SAMPLES)]))
 
 
 def dry_run(built: BuiltPlan) -> None:
@@ -83,7 +107,7 @@ def dry_run(built: BuiltPlan) -> None:
                 role="model",
             ) from err
         for role in ("train", "evaluate"):
-            config = {**spec["train_config"], "local_epochs": 1, "op": role, "server-round": 1}
+            config = {**spec["train_config"], "local_epochs": 1, "op": role, "server-round": 1, "device": "cpu"}
             if role == "train" and float(config.get("proximal_mu", 0.0)) > 0:  # as the site's worker adds it
                 config["global_params"] = [p.detach().clone() for p in model.parameters()]
             torch.manual_seed(seed * 100_003 + 1)
@@ -141,11 +165,15 @@ def _failure(built: BuiltPlan, who: str, err: Exception, *, role: str = "plan") 
     where = located(*frame) if frame is not None else None
     at = f" at {describe(where)}" if where is not None else ""
     shape = built.spec["contract"]
-    height, width = shape["size"]
+    if shape["dims"] == 3:
+        size = ", ".join(str(n) for n in shape["size"] or (NATIVE_SIZE,) * 3)
+        what = f"{SAMPLES} cases in data.train/data.test, images [1, {size}]"
+    else:
+        what = f"{SAMPLES} images [1, {', '.join(str(n) for n in shape['size'])}]"
     kind = "classes" if shape.get("task") == "classification" else "label values"
     return PlanCheckFailed(
         f"{who} raised {type(err).__name__}{at}: {err}. This was a dry run on synthetic data shaped as the "
-        f"contract says ({SAMPLES} images [1, {height}, {width}], {kind} {sorted(shape['labels'].values())}); "
+        f"contract says ({what}, {kind} {sorted(shape['labels'].values())}); "
         f"{_NEXT}",
         role=role,
         line=where["line"] if where else None,

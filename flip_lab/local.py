@@ -84,11 +84,15 @@ class LocalFederation(Federation):
         approval: str = "automatic",
         watch_parent: bool = True,
         scale: float = 1.0,
+        volumes: bool = False,
         listen: str = "127.0.0.1:0",
         certs: str | Path | None = None,
         durable: bool | None = None,
     ) -> LocalFederation:
         """Start the hub and ``n_sites`` simulated hospitals (``scale`` < 1 makes each hospital smaller).
+
+        ``volumes=True`` gives the hospitals the 3D demo's whole abdominal volumes, for ``dims=3`` studies; the
+        default 2D demo's thin slabs are quicker to harmonise and train on.
 
         ``approval="manual"`` gives every site the secure default policy: each plan waits for its data owner
         (``flip-site plans approve HASH --site SITE``). ``watch_parent`` stops the federation when this process
@@ -172,6 +176,7 @@ class LocalFederation(Federation):
                     cache=_default_home() / DEMO_CACHE,
                     bundles=bundles,
                     trust=None if bundles else (trust_ca, trust_crl),
+                    volumes=volumes,
                 )
                 if n_sites
                 else None

@@ -193,6 +193,7 @@ def make_demo_sites(
     cache: Path | None,
     bundles: list[Path],
     trust: tuple[Path, Path] | None = None,
+    volumes: bool = False,
 ) -> subprocess.Popen[str]:
     """Start ``flip-site demo``, which lays out ``n_sites`` simulated hospitals under ``root`` (from ``cache``
     when they were generated before), each with provisioned bundle i or with ``trust`` (CA, revocation list);
@@ -201,6 +202,8 @@ def make_demo_sites(
     cmd += ["--approval", approval, "--scale", repr(scale), "--json"]
     if cache is not None:
         cmd += ["--cache", str(cache)]
+    if volumes:
+        cmd.append("--volumes")
     for bundle in bundles:
         cmd += ["--certs", str(bundle)]
     if trust is not None:  # the federation CA and revocation list the sites verify studies with

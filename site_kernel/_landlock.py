@@ -79,8 +79,9 @@ def handled_fs(abi: int) -> int:
     return rights
 
 
-def create_ruleset(abi: int, *, read: Iterable[Path], write: Iterable[Path]) -> int:
-    """A ruleset fd allowing only reads beneath ``read`` and reads and writes beneath ``write``.
+def create_ruleset(abi: int, *, read: Iterable[Path], write: Iterable[Path], devices: Iterable[Path] = ()) -> int:
+    """A ruleset fd allowing only reads beneath ``read`` and reads and writes beneath ``write``; ``devices`` are
+    device files the process may read, write and (ABI 5) send ioctls to, such as a GPU's.
 
     No path gets EXECUTE, so nothing can be executed. From ABI 4 on, TCP bind and connect are
     handled with no rule allowing them; from ABI 6 on, signals and abstract UNIX sockets are scoped
@@ -101,7 +102,7 @@ def create_ruleset(abi: int, *, read: Iterable[Path], write: Iterable[Path]) -> 
         "landlock_create_ruleset",
     )
     try:
-        for paths, rights in ((read, READ), (write, WRITE)):
+        for paths, rights in ((read, READ), (write, WRITE), (devices, READ_FILE | WRITE_FILE | IOCTL_DEV)):
             for path in paths:
                 _add_path(libc, fd, Path(path), rights & fs)
     except BaseException:

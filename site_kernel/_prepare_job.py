@@ -8,10 +8,12 @@ cache (:mod:`site_kernel.data.cache`, which holds arrays and aggregate statistic
 and tells the executor where they are. The worker is then handed that file and nothing else.
 
 Request (JSON): ``{"site_dir", "contract", "site_steps"}``. Answer on stdout (JSON):
-``{"arrays": PATH, "num_train": N, "num_test": N}``; on failure a traceback on stderr (for the site's log) and
-exit status 1, and for the data layer's own errors also ``{"failure": {"fixed_by", "message"}}`` on stdout: their
-messages name datasets, contract keys and reasons, never a file or a patient (:mod:`site_kernel.data.errors`), so
-the executor may tell the researcher what is wrong and whose action fixes it.
+``{"arrays": PATH, "num_train": N, "num_test": N}``, or for a ``dims=3`` contract ``{"cases": FOLDER, ...}``
+(the cache entry holding one memory-mappable ``.npy`` per case, which the worker reads lazily); on failure a
+traceback on stderr (for the site's log) and exit status 1, and for the data layer's own errors also
+``{"failure": {"fixed_by", "message"}}`` on stdout: their messages name datasets, contract keys and reasons, never
+a file or a patient (:mod:`site_kernel.data.errors`), so the executor may tell the researcher what is wrong and whose
+action fixes it.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ def main() -> int:
     # data in the cache imports no torch (importing it to set its thread count cost each site about 1 s of CPU).
     os.environ["OMP_NUM_THREADS"] = "1"
     from .data import ContractError, DataError, cache, prepare
+    from .data.prepare import PreparedVolumes
 
     site_dir = Path(request["site_dir"])
     try:
@@ -39,11 +42,17 @@ def main() -> int:
         with answer:
             json.dump({"failure": {"fixed_by": error.fixed_by, "message": str(error)}}, answer)
         raise
-    arrays = cache.entry_dir(site_dir, prepared.cache_key) / "data.npz"
+    entry = cache.entry_dir(site_dir, prepared.cache_key)
+    counts = {"num_train": prepared.num_train, "num_test": prepared.num_test}
+    if isinstance(prepared, PreparedVolumes):  # dims=3: the worker reads the cases from this folder, lazily
+        with answer:
+            json.dump({"cases": str(entry), **counts}, answer)
+        return 0
+    arrays = entry / "data.npz"
     if not arrays.is_file():
         raise FileNotFoundError("the prepared arrays are missing from the site's cache")
     with answer:
-        json.dump({"arrays": str(arrays), "num_train": prepared.num_train, "num_test": prepared.num_test}, answer)
+        json.dump({"arrays": str(arrays), **counts}, answer)
     return 0
 
 

@@ -177,6 +177,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         approval=args.approval,
         scale=args.scale,
         cache=Path(args.cache) if args.cache else None,
+        volumes=args.volumes,
     )
     for site_dir, bundle in zip(sites, args.certs or [], strict=False):  # no --certs: none to install
         record_identity(site_dir, install_certs(site_dir, Path(bundle)))
@@ -255,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scale", type=float, default=1.0, help="multiplies each hospital's number of patients")
     p.add_argument("--approval", choices=("automatic", "manual"), default="automatic")
+    p.add_argument("--volumes", action="store_true", help="the 3D demo hospitals (whole volumes, dims=3 studies)")
     p.add_argument("--cache", help="generate each seed's hospitals once here and reuse them")
     p.add_argument("--certs", action="append", metavar="BUNDLE", help="site i's provisioned bundle (repeat)")
     p.add_argument("--trust-ca", metavar="CA.pem", help="without --certs: the federation CA verifying studies")

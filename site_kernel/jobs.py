@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import select
 import shutil
 import signal
@@ -129,6 +130,7 @@ class JobWorker:
         self._failure: WorkerFailure | None = None
         self._preparing: subprocess.Popen[bytes] | None = None
         self.num_train = self.num_test = 0
+        self.device = "cpu"
         self._lock = threading.Lock()
         self.last_used = time.monotonic()
         self._stopping = False
@@ -189,12 +191,17 @@ class JobWorker:
         prepared = self._prepare_data()
         self.num_train, self.num_test = int(prepared["num_train"]), int(prepared["num_test"])
         limits = self.policy.limits
+        # dims=3: the worker reads its cases lazily from this one cache entry, which the sandbox lets it read (and
+        # nothing else of the site: not the other entries of the cache, not the raw data, not the manifests).
+        cases = prepared.get("cases")
         header: LoadRequest = {
             "op": "load",
             "source": self.source,
-            "arrays": prepared["arrays"],
+            "arrays": prepared.get("arrays"),
+            "cases": cases,
             "scratch": str(scratch),
-            "readable": [],
+            "readable": [cases] if cases else [],
+            "devices": list(self.policy.devices),
             "threads": self.settings.threads,
             "seed": int(self.spec["config"].get("seed", 0)),
             "limits": {k: getattr(limits, k) for k in limits.__dataclass_fields__},
@@ -221,7 +228,17 @@ class JobWorker:
             raise WorkerFailure(
                 "model_mismatch", f"model() at site {self.settings.name} does not build the shapes the plan declared"
             )
-        self.audit.append("job_started", run_id=self.run_id, plan=self.digest, confinement=reply.get("confinement", {}))
+        # The load reply comes after the plan's top level ran: take the device only in its expected form.
+        device = str(reply.get("device", "cpu"))
+        self.device = device if device == "cpu" or re.fullmatch(r"cuda:\d{1,3}", device) else "unknown"
+        log.info("job %s runs its plan on %s", self.run_id, self.device)
+        self.audit.append(
+            "job_started",
+            run_id=self.run_id,
+            plan=self.digest,
+            confinement=reply.get("confinement", {}),
+            device=self.device,
+        )
 
     def _prepare_data(self) -> dict[str, Any]:
         """Run :mod:`site_kernel._prepare_job` for this job's contract; its answer, or a safe WorkerFailure."""

@@ -112,6 +112,8 @@ class SitePolicy:
     error_line_numbers: bool = False
     # [jobs] concurrent: how many studies may hold a plan process at this site at once.
     concurrent_jobs: int = 2
+    # [resources] devices: accelerators studies may use, e.g. ("cuda:0",); empty: the CPU only.
+    devices: tuple[str, ...] = ()
 
     @property
     def label(self) -> str:
@@ -127,16 +129,20 @@ def default_policy_text() -> str:
     return resources.files(__package__).joinpath("policy_default.toml").read_text(encoding="utf-8")
 
 
-def write_default_policy(site_dir: Path, *, demo: bool, overwrite: bool = False) -> Path:
+def write_default_policy(site_dir: Path, *, demo: bool, overwrite: bool = False, min_cohort: int | None = None) -> Path:
     """Write the documented default policy to ``SITE/policy.toml`` and return its path.
 
     ``demo=True`` writes ``demo = true`` and ``approval = "automatic"``; everything else keeps its
-    secure default. An existing policy is never replaced unless ``overwrite`` is true.
+    secure default. ``min_cohort`` replaces the default minimum cohort (the 3D demo's sites, whose examples are
+    whole patients, hold fewer than 10 test patients). An existing policy is never replaced unless ``overwrite``
+    is true.
     """
     path = Path(site_dir) / POLICY_FILE
     if path.exists() and not overwrite:
         raise PolicyError(f"{path} already exists; edit it, or remove it first to start from the defaults")
     text = default_policy_text()
+    if min_cohort is not None:
+        text = _replace_line(text, "min_cohort = 10", f"min_cohort = {int(min_cohort)}")
     if demo:
         text = _replace_line(text, "demo = false", "demo = true")
         text = _replace_line(text, 'approval = "manual"', 'approval = "automatic"')
@@ -231,7 +237,19 @@ def _build(t: dict[str, Any], *, source: Path | None, dp: DpRules | None = None)
         ),
         reapprove_on_settings_change=_bool(t, "reapprove_on_settings_change"),
         concurrent_jobs=_int(t["jobs"], "concurrent", minimum=1, prefix="jobs."),
+        devices=_devices(t["resources"]),
     )
+
+
+def _devices(section: Mapping[str, Any]) -> tuple[str, ...]:
+    """``[resources] devices``: a list of distinct ``"cuda:N"`` names."""
+    value = section["devices"]
+    ok = isinstance(value, list) and all(
+        isinstance(v, str) and v.startswith("cuda:") and v[5:].isdigit() and len(v[5:]) < 4 for v in value
+    )
+    if not ok or len(set(value)) != len(value):
+        raise _wrong("resources.devices", 'a list of distinct GPU names such as ["cuda:0"]', value)
+    return tuple(value)
 
 
 def _allowed_config(section: Any) -> dict[str, dict[str, Any]]:

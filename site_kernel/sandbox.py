@@ -172,11 +172,14 @@ def confine(
     gid: int | None = None,
     accept_weaker_isolation: bool = False,
     protected: Sequence[Path] = (),
+    devices: Sequence[str] = (),
 ) -> ConfinementReport:
     """Confine the calling process for good; see the module docstring for what and why.
 
     ``uid``/``gid`` is the unprivileged user to become (``gid`` defaults to ``uid``; ``uid=None``
-    keeps the current user, which counts as missing ``drop_privileges`` when that is root). Raises
+    keeps the current user, which counts as missing ``drop_privileges`` when that is root). ``devices``
+    (``"cuda:N"`` names from the site's ``[resources]``) adds exactly those GPUs' device files, read, write and
+    ioctl, the driver's control files, and read access to the driver's information (:func:`gpu_paths`). Raises
     :class:`SandboxUnavailable` when a mechanism is missing and ``accept_weaker_isolation`` is
     false, and :class:`SandboxError` for bad arguments or a mechanism failing part way.
     """
@@ -197,6 +200,7 @@ def confine(
         raise SandboxError(f"scratch {scratch} is not a folder")
     python = python_paths()
     system = [Path(p) for p in _SYSTEM_READ if os.path.exists(p)]
+    device_files, driver_info = gpu_paths(devices)
     _refuse_protected([*readable, *python, scratch], [Path(p).resolve() for p in protected])
 
     is_root = os.geteuid() == 0
@@ -239,8 +243,9 @@ def confine(
         ruleset = (
             _landlock.create_ruleset(
                 _landlock.abi_version(),
-                read=[*readable, *python, *system],
+                read=[*readable, *python, *system, *driver_info],
                 write=[scratch, Path("/dev/null")],
+                devices=device_files,
             )
             if probe["landlock"]
             else None
@@ -279,6 +284,25 @@ def confine(
         elapsed_ms=(time.perf_counter() - start) * 1000,
         notes=tuple(notes),
     )
+
+
+#: What the NVIDIA driver opens besides the GPU's own device file: its control files (read, write, ioctl) and
+#: its read-only information about the driver and the PCI devices.
+_GPU_CONTROL = ("/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools")
+_GPU_INFO = ("/proc/driver/nvidia", "/sys/module/nvidia", "/sys/bus/pci/devices", "/sys/devices")
+
+
+def gpu_paths(devices: Sequence[str]) -> tuple[list[Path], list[Path]]:
+    """The device files (read, write, ioctl) and driver information (read) that ``devices`` need, those present.
+
+    ``cuda:N`` maps to ``/dev/nvidiaN``: the worker sets ``CUDA_DEVICE_ORDER=PCI_BUS_ID`` so that CUDA numbers
+    GPUs as the driver does. Nothing is granted when ``devices`` is empty.
+    """
+    if not devices:
+        return [], []
+    wanted = [f"/dev/nvidia{int(str(d).split(':', 1)[1])}" for d in devices]
+    files = [Path(p) for p in (*wanted, *_GPU_CONTROL) if os.path.exists(p)]
+    return files, [Path(p) for p in _GPU_INFO if os.path.exists(p)]
 
 
 def _set_limits(limits: Limits) -> None:

@@ -31,6 +31,10 @@ def init_site(site_dir: Path, *, name: str, hub: str, demo: bool = False) -> Pat
     return site_dir
 
 
+#: The minimum cohort of the 3D demo's site policies (see :func:`create_demo_sites`).
+VOLUME_MIN_COHORT = 3
+
+
 def create_demo_sites(
     root: Path,
     *,
@@ -40,13 +44,14 @@ def create_demo_sites(
     approval: str = "automatic",
     scale: float = 1.0,
     cache: Path | None = None,
+    volumes: bool = False,
 ) -> list[Path]:
     """Generate ``n_sites`` simulated hospitals under ``root`` and make each a ready site folder.
 
     ``approval="automatic"`` writes the demo policy (labelled "automatic approval (demo only)" everywhere);
     ``"manual"`` keeps the secure default, so a data owner approves each plan with ``flip-site plans approve``.
     Each hospital's own harmonisation steps (e.g. its CT window) go into its ``site.toml``, where only the site sees
-    them.
+    them. ``volumes=True`` writes the 3D demo hospitals (whole volumes, for ``dims=3`` studies).
 
     With ``cache`` the hospitals' archives (their image files and registered datasets) are generated once per seed,
     size and generator version under ``cache`` and each site folder registers that archive, as a hospital registers
@@ -54,11 +59,13 @@ def create_demo_sites(
     importing torch).
     """
     root.mkdir(parents=True, exist_ok=True)
-    hospitals = _cached_hospitals(cache, n_sites=n_sites, seed=seed, scale=scale) if cache else None
+    hospitals = _cached_hospitals(cache, n_sites=n_sites, seed=seed, scale=scale, volumes=volumes) if cache else None
     if hospitals is None:
         from .data import generate_demo_hospitals
 
-        generated = generate_demo_hospitals(root, n_sites=n_sites, seed=seed, scale=scale, register=True)
+        generated = generate_demo_hospitals(
+            root, n_sites=n_sites, seed=seed, scale=scale, register=True, volumes=volumes
+        )
         hospitals = [(h.name, h.site_dir, list(h.site_steps)) for h in generated]
     sites = []
     for name, source, site_steps in hospitals:
@@ -71,7 +78,11 @@ def create_demo_sites(
             (site_dir / sub).mkdir(parents=True, exist_ok=True)
         write_settings(site_dir, SiteSettings(name=name, hub=hub, site_steps=site_steps))
         if not (site_dir / "policy.toml").exists():
-            write_default_policy(site_dir, demo=approval == "automatic")
+            # A dims=3 study's examples are whole patients: the 3D demo's hospitals hold 3-6 test patients each, so
+            # their (demo) policy lowers the minimum cohort from 10 to 3.
+            write_default_policy(
+                site_dir, demo=approval == "automatic", min_cohort=VOLUME_MIN_COHORT if volumes else None
+            )
         sites.append(site_dir)
     return sites
 
@@ -80,17 +91,17 @@ _CACHE_INDEX = "hospitals.json"  # written last: a cache entry without it is unf
 
 
 def _cached_hospitals(
-    cache: Path, *, n_sites: int, seed: int, scale: float
+    cache: Path, *, n_sites: int, seed: int, scale: float, volumes: bool = False
 ) -> list[tuple[str, Path, list[dict[str, Any]]]]:
-    """The simulated hospitals for (seed, n_sites, scale) from ``cache``, generated there first if missing.
+    """The simulated hospitals for (seed, n_sites, scale, 2D or 3D) from ``cache``, generated there first if missing.
 
     The entry's name hashes the data layer's source, so a change to the generator or to registration never reuses
     an old archive. One generator at a time per entry (a lock file); an entry left half-written is made again.
     """
-    digest = hashlib.sha256(f"{seed}/{n_sites}/{scale!r}".encode())
+    digest = hashlib.sha256(f"{seed}/{n_sites}/{scale!r}/{'3d' if volumes else '2d'}".encode())
     for source in sorted((Path(__file__).parent / "data").glob("*.py")):
         digest.update(source.name.encode() + source.read_bytes())
-    entry = cache / f"seed{seed}-n{n_sites}-{digest.hexdigest()[:16]}"
+    entry = cache / f"seed{seed}-n{n_sites}{'-3d' if volumes else ''}-{digest.hexdigest()[:16]}"
     index = entry / _CACHE_INDEX
     if not index.is_file():
         cache.mkdir(parents=True, exist_ok=True)
@@ -100,7 +111,9 @@ def _cached_hospitals(
                 from .data import generate_demo_hospitals
 
                 shutil.rmtree(entry, ignore_errors=True)
-                generated = generate_demo_hospitals(entry, n_sites=n_sites, seed=seed, scale=scale, register=True)
+                generated = generate_demo_hospitals(
+                    entry, n_sites=n_sites, seed=seed, scale=scale, register=True, volumes=volumes
+                )
                 rows = [{"name": h.name, "site_steps": list(h.site_steps)} for h in generated]
                 tmp = entry / (_CACHE_INDEX + ".tmp")
                 tmp.write_text(json.dumps(rows))

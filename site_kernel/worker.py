@@ -10,33 +10,19 @@ never to the hub.
 
 from __future__ import annotations
 
+import os
 import sys
 import types
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from flip_common.sitedata import SiteData, VolumeData, open_volumes
+
 from . import _pipe
 
-
-@dataclass
-class SiteData:
-    """What the plan's ``train``/``evaluate`` receive as ``data``: harmonised tensors, nothing else."""
-
-    train_x: Any
-    train_y: Any
-    test_x: Any
-    test_y: Any
-
-    @property
-    def num_train(self) -> int:
-        return int(self.train_x.shape[0])
-
-    @property
-    def num_test(self) -> int:
-        return int(self.test_x.shape[0])
+__all__ = ["SiteData", "VolumeData", "Worker", "main"]
 
 
 def _failure(role: str, exc: BaseException) -> dict[str, Any]:
@@ -58,13 +44,21 @@ class Worker:
         self.fd_in, self.fd_out = fd_in, fd_out
         self.ns: dict[str, Any] = {}
         self.model: Any = None
-        self.data: SiteData | None = None
+        self.data: SiteData | VolumeData | None = None
+        self.device = "cpu"
 
     def load_data(self, header: dict[str, Any]) -> dict[str, Any]:
         """Read the harmonised arrays the site prepared for this job (``header["arrays"]``, an ``.npz`` in the
         site's cache). Trusted code, before the sandbox and the plan exist. The site prepared them in a process
         of its own (:mod:`site_kernel._prepare_job`): this process never reads a manifest, a raw file or its
-        path, so the plan finds none of them in its memory."""
+        path, so the plan finds none of them in its memory.
+
+        A ``dims=3`` job gets ``header["cases"]`` instead, a cache entry of one ``.npy`` per case: only its index
+        is read here; the cases are read one at a time when the plan indexes ``data.train`` / ``data.test``,
+        after confinement, from that folder alone (the sandbox grants it read-only)."""
+        if header.get("cases"):
+            self.data = open_volumes(Path(header["cases"]))
+            return {"ok": True}
         import torch
 
         with np.load(header["arrays"], allow_pickle=False) as arrays:
@@ -79,11 +73,19 @@ class Worker:
     def load(self, header: dict[str, Any]) -> dict[str, Any]:
         import torch
 
+        devices = [str(d) for d in header.get("devices", [])]
+        if devices:  # the plan sees its granted GPU as cuda:0, numbered as the site's policy numbers it
+            os.environ["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(d.split(":", 1)[1] for d in devices)
         report = self._confine(header)
         if report.get("refused"):
             return {"ok": False, "kind": "sandbox_unavailable", "missing": report.get("missing", [])}
         # Threads only after confine(): namespaces and Landlock bind the calling thread and those it starts.
         torch.set_num_threads(int(header.get("threads", 1)))
+        self.device, note = _device(devices)
+        print(f"flip: plans run on {self.device}: {note}", file=sys.stderr, flush=True)
+        if self.data is not None:
+            self.data.device = self.device
         module = types.ModuleType("flip_plan")
         module.__file__ = "plan.py"
         try:
@@ -94,7 +96,7 @@ class Worker:
         except Exception as exc:  # researcher code: report kind and line only
             return _failure("model", exc)
         shapes = {k: list(v.shape) for k, v in self.model.state_dict().items()}
-        return {"ok": True, "confinement": report, "model_shapes": shapes}
+        return {"ok": True, "confinement": report, "model_shapes": shapes, "device": self.device, "device_note": note}
 
     def _confine(self, header: dict[str, Any]) -> dict[str, Any]:
         if not header.get("confine", True):
@@ -113,6 +115,7 @@ class Worker:
                 uid=int(header.get("uid", 65534)),
                 accept_weaker_isolation=bool(header.get("accept_weaker", False)),
                 protected=[Path(p) for p in header.get("protected", [])],
+                devices=[str(d) for d in header.get("devices", [])],
             )
         except SandboxError as exc:  # unavailable, or a mechanism failed part way: run nothing
             return {"refused": True, "missing": list(getattr(exc, "missing", []))}
@@ -124,7 +127,7 @@ class Worker:
 
         op = header["op"]
         function = "train" if op == "train" else "evaluate"
-        config = dict(header.get("config", {}))
+        config = {**header.get("config", {}), "device": self.device}
         try:
             self.model.load_state_dict(load(payload), strict=True)
         except Exception as exc:
@@ -175,6 +178,17 @@ class Worker:
                 return
             reply, out = self.step(header, payload)
             _pipe.send(self.fd_out, reply, out)
+
+
+def _device(devices: list[str]) -> tuple[str, str]:
+    """The device the plan gets, and why: after confinement, so that CUDA starts its threads inside it."""
+    if not devices:
+        return "cpu", "the site's policy grants no GPU ([resources] devices is empty)"
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu", f"the site's policy grants {devices[0]} but this machine has no usable GPU there"
+    return "cuda:0", f"the site's policy grants {devices[0]} (seen by the plan as cuda:0)"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -38,6 +38,7 @@ LONG_MODULES = (
     "test_server_manager",
     "test_data_benchmark",
     "test_e2e_spine",
+    "test_e2e_volumes",
     "test_e2e_approval",
     "test_server_handlers",
     "test_local_lifecycle",

@@ -51,12 +51,18 @@ def _flipped(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndar
     return np.flip(array, (0, 2)).copy(), affine @ flip
 
 
-def _register_and_prepare(root: Path) -> np.ndarray:
+def _register_and_prepare(root: Path, dims: int = 2) -> np.ndarray:
     register_dataset(root / "site", "default", root / "export", test_fraction=0.0)
-    return prepare(root / "site", CONTRACT).train_x
+    if dims == 2:
+        return prepare(root / "site", CONTRACT).train_x
+    volumes = prepare(root / "site", {**CONTRACT, "dims": 3, "size": None, "spacing": [2.0, 2.0, 4.0]})
+    return np.stack([case["image"] for case in volumes.train])
 
 
-def test_a_flipped_reversed_series_and_an_enhanced_file_harmonise_to_the_same_array(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("dims", "shape"), [(2, (6, 1, 24, 24)), (3, (1, 1, 15, 12, 6))])
+def test_a_flipped_reversed_series_and_an_enhanced_file_harmonise_to_the_same_array(
+    tmp_path: Path, dims: int, shape: tuple[int, ...]
+) -> None:
     stored = _volume()
     flipped, flipped_affine = _flipped(stored, _grid())
     write_series(
@@ -82,10 +88,10 @@ def test_a_flipped_reversed_series_and_an_enhanced_file_harmonise_to_the_same_ar
         frame_order=[3, 0, 5, 1, 4, 2],
     )
 
-    from_series = _register_and_prepare(tmp_path / "series")
-    from_enhanced = _register_and_prepare(tmp_path / "enhanced")
+    from_series = _register_and_prepare(tmp_path / "series", dims)
+    from_enhanced = _register_and_prepare(tmp_path / "enhanced", dims)
 
-    assert from_series.shape == (6, 1, 24, 24)
+    assert from_series.shape == shape
     np.testing.assert_allclose(from_enhanced, from_series, atol=1e-6)
     (case,) = read_manifest(tmp_path / "enhanced" / "site", "default")["cases"]
     assert (case["shape"], case["spacing"], case["modality"]) == ([20, 16, 6], [1.5, 1.5, 4.0], "CT")

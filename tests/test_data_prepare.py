@@ -112,7 +112,8 @@ def test_site_steps_run_before_the_contract(sites: list) -> None:
     [
         ({k: v for k, v in CONTRACT.items() if k != "size"}, "size"),
         ({**CONTRACT, "colour": "blue"}, "colour"),
-        ({**CONTRACT, "dims": 3}, "dims"),
+        ({**CONTRACT, "dims": 3}, "size"),
+        ({**CONTRACT, "dims": 4}, "dims"),
         ({**CONTRACT, "size": [64]}, "size"),
         ({**CONTRACT, "size": [64.5, 64]}, "size"),
         ({**CONTRACT, "spacing": [-1.0, 1.0]}, "spacing"),

@@ -54,13 +54,16 @@ CASES = {
     "workshop/03_governance_site_side.ipynb": ("plan_error", "audit log intact", "pending"),
     "workshop/04_privacy.ipynb": ("withheld", "update norm"),
     "workshop/05_reproducible_study.ipynb": ("[[], []]", "largest difference between the two runs: 0.0"),
+    "workshop/06_volumes.ipynb": ("completed", "on 3D volumes"),
 }
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_notebook_runs_headless(name, federation, tmp_path):
     params = {"scale": 0.3}
-    if name != "workshop/03_governance_site_side.ipynb":
+    if name == "workshop/06_volumes.ipynb":  # its own 3D hospitals: two, each with 3 test patients or more
+        params = {"n_sites": 2, "scale": 0.7, "rounds": 1}
+    elif name != "workshop/03_governance_site_side.ipynb":
         params["federation_workdir"] = str(federation.workdir)
         params["rounds"] = 1  # every cell still runs; a second round adds time, not coverage
     text, kinds = execute(name, tmp_path, **params)

@@ -32,7 +32,7 @@ from . import phantom
 from .dicom import write_series
 from .ingest import DatasetSummary, register_dataset
 from .nifti import write_nifti
-from .scanners import PROFILES, ScannerProfile, acquire
+from .scanners import PROFILES, VOLUME_PROFILES, VOLUME_SLAB_HALF_MM, ScannerProfile, acquire
 
 _MARKER = ".flip-demo"
 
@@ -53,15 +53,17 @@ class DemoSite:
     dataset: str | None = None
 
 
-def demo_profiles(n_sites: int, *, scale: float = 1.0) -> list[ScannerProfile]:
-    """The profiles of the first ``n_sites`` hospitals, cycling through the four kinds with numbered names."""
+def demo_profiles(n_sites: int, *, scale: float = 1.0, volumes: bool = False) -> list[ScannerProfile]:
+    """The profiles of the first ``n_sites`` hospitals, cycling through the four kinds with numbered names
+    (``volumes``: the 3D demo's whole-abdomen grids, :data:`~site_kernel.data.scanners.VOLUME_PROFILES`)."""
     if n_sites < 1:
         raise ValueError(f"n_sites must be at least 1, got {n_sites}")
     if scale <= 0:
         raise ValueError(f"scale must be positive, got {scale}")
     profiles = []
     for i in range(n_sites):
-        base = PROFILES[i % len(PROFILES)]
+        kinds = VOLUME_PROFILES if volumes else PROFILES
+        base = kinds[i % len(kinds)]
         name = base.name if i < len(PROFILES) else f"{base.name}-{i // len(PROFILES) + 1}"
         profiles.append(dataclasses.replace(base, name=name, num_cases=max(4, round(base.num_cases * scale))))
     return profiles
@@ -75,17 +77,21 @@ def generate_demo_hospitals(
     scale: float = 1.0,
     register: bool = False,
     dataset: str = "default",
+    volumes: bool = False,
 ) -> list[DemoSite]:
     """Write ``n_sites`` simulated hospitals under ``root`` and return what each holds.
 
     ``scale`` multiplies every hospital's number of patients (at least 4 each). With ``register=True`` each
     hospital's files become dataset ``dataset`` of site folder ``root/<name>``, split with ``seed``.
+    ``volumes=True`` writes the 3D demo: whole abdominal volumes (48-80 voxels a side, 18-36 slices, lesions
+    anywhere in the liver) for ``dims=3`` studies; the default is the 2D demo's thin slabs of 3-5 slices.
     """
     root = Path(root)
     sites = []
-    for index, profile in enumerate(demo_profiles(n_sites, scale=scale)):
+    slab = VOLUME_SLAB_HALF_MM if volumes else phantom.SLAB_HALF_MM
+    for index, profile in enumerate(demo_profiles(n_sites, scale=scale, volumes=volumes)):
         with _one_torch_thread():
-            site = _write_site(root / profile.name, profile, seed=seed, index=index)
+            site = _write_site(root / profile.name, profile, seed=seed, index=index, slab_half_mm=slab)
         if register:
             register_demo_site(site, name=dataset, seed=seed)
             site = dataclasses.replace(site, dataset=dataset)
@@ -113,7 +119,9 @@ def _one_torch_thread() -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def _write_site(site_dir: Path, profile: ScannerProfile, *, seed: int, index: int) -> DemoSite:
+def _write_site(
+    site_dir: Path, profile: ScannerProfile, *, seed: int, index: int, slab_half_mm: float = phantom.SLAB_HALF_MM
+) -> DemoSite:
     raw = site_dir / "raw"
     if raw.exists():
         # Regenerating over an earlier demo must not leave its extra slices behind; anything else is not ours.
@@ -126,7 +134,9 @@ def _write_site(site_dir: Path, profile: ScannerProfile, *, seed: int, index: in
     labels = site_dir / "raw" / "labels" if profile.file_format == "dicom" else None
     for case in range(profile.num_cases):
         rng = np.random.default_rng([seed, index, case])
-        anatomy = phantom.sample_anatomy(rng, lesion_radius=profile.lesion_radius, prevalence=profile.prevalence)
+        anatomy = phantom.sample_anatomy(
+            rng, lesion_radius=profile.lesion_radius, prevalence=profile.prevalence, slab_half_mm=slab_half_mm
+        )
         scan_seed = int(np.random.SeedSequence([seed, index, case, 1]).generate_state(1)[0])
         stored, label, affine = acquire(profile, anatomy, scan_seed)
         token = rng.bytes(4).hex().upper()

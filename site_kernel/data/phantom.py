@@ -69,9 +69,15 @@ def _column(x: float, y: float, r: float) -> Ellipsoid:
 
 
 def sample_anatomy(
-    rng: np.random.Generator, *, lesion_radius: tuple[float, float], prevalence: float, max_lesions: int = 2
+    rng: np.random.Generator,
+    *,
+    lesion_radius: tuple[float, float],
+    prevalence: float,
+    max_lesions: int = 2,
+    slab_half_mm: float = SLAB_HALF_MM,
 ) -> Anatomy:
-    """Draw one patient. ``prevalence`` is the chance of at least one lesion; radii are in mm."""
+    """Draw one patient. ``prevalence`` is the chance of at least one lesion; radii are in mm. Lesions, cysts and
+    vessels lie within ``slab_half_mm`` of z = 0: the thin slab of the 2D demo, or most of a volume's extent."""
     u = rng.uniform
     body = Ellipsoid((u(-4, 4), u(-4, 4), 0.0), (u(78, 94), u(58, 72), 1e4), u(-0.05, 0.05))
     liver = Ellipsoid((u(34, 48), u(-2, 14), u(-15, 15)), (u(34, 44), u(30, 40), u(60, 90)), u(-0.35, 0.35))
@@ -82,12 +88,12 @@ def sample_anatomy(
         Ellipsoid((u(-45, -5), u(10, 45), u(-20, 20)), (u(7, 13), u(6, 11), u(8, 20)), u(0, np.pi))
         for _ in range(int(rng.integers(3, 7)))
     ]
-    vessels = [_vessel(rng, liver) for _ in range(int(rng.integers(3, 7)))]
-    cysts = [_blob(rng, liver, (4.0, 8.0)) for _ in range(int(rng.random() < 0.4))]
+    vessels = [_vessel(rng, liver, slab_half_mm) for _ in range(int(rng.integers(3, 7)))]
+    cysts = [_blob(rng, liver, (4.0, 8.0), slab_half_mm) for _ in range(int(rng.random() < 0.4))]
     n_lesions = int(rng.integers(1, max_lesions + 1)) if rng.random() < prevalence else 0
     lesions = []
     for _ in range(n_lesions):
-        lobe = _blob(rng, liver, lesion_radius)
+        lobe = _blob(rng, liver, lesion_radius, slab_half_mm)
         lobes = [lobe]
         if rng.random() < 0.5:  # lobulated lesions: a second, overlapping lobe
             offset = rng.normal(0, 0.5, 3) * np.asarray(lobe.radii)
@@ -97,7 +103,9 @@ def sample_anatomy(
     return Anatomy(body, u(6, 13), liver, spleen, aorta, spine, bowel, vessels, cysts, lesions, u(3.0, 4.5))
 
 
-def _point_in(rng: np.random.Generator, organ: Ellipsoid, depth: float) -> tuple[float, float, float]:
+def _point_in(
+    rng: np.random.Generator, organ: Ellipsoid, depth: float, slab_half_mm: float
+) -> tuple[float, float, float]:
     """A point inside ``organ``'s cross-section at most ``depth`` of the way to its surface, within the slab.
 
     Scanners image a slab centred on z = 0 (see :mod:`site_kernel.data.scanners`); the liver spans it.
@@ -110,18 +118,19 @@ def _point_in(rng: np.random.Generator, organ: Ellipsoid, depth: float) -> tuple
     local = p * depth * np.asarray(organ.radii[:2])
     x = organ.centre[0] + c * local[0] - s * local[1]
     y = organ.centre[1] + s * local[0] + c * local[1]
-    return (float(x), float(y), float(rng.uniform(-SLAB_HALF_MM, SLAB_HALF_MM)))
+    return (float(x), float(y), float(rng.uniform(-slab_half_mm, slab_half_mm)))
 
 
-def _blob(rng: np.random.Generator, organ: Ellipsoid, radius: tuple[float, float]) -> Ellipsoid:
+def _blob(rng: np.random.Generator, organ: Ellipsoid, radius: tuple[float, float], slab_half_mm: float) -> Ellipsoid:
     r = rng.uniform(*radius)
     radii = (r * rng.uniform(0.8, 1.2), r * rng.uniform(0.8, 1.2), r * rng.uniform(0.7, 1.1))
-    return Ellipsoid(_point_in(rng, organ, 0.6), radii, float(rng.uniform(0, np.pi)))
+    return Ellipsoid(_point_in(rng, organ, 0.6, slab_half_mm), radii, float(rng.uniform(0, np.pi)))
 
 
-def _vessel(rng: np.random.Generator, organ: Ellipsoid) -> Ellipsoid:
+def _vessel(rng: np.random.Generator, organ: Ellipsoid, slab_half_mm: float) -> Ellipsoid:
     r = rng.uniform(1.5, 3.5)
-    return Ellipsoid(_point_in(rng, organ, 0.8), (r, r * rng.uniform(1, 2.5), 40.0), float(rng.uniform(0, np.pi)))
+    centre = _point_in(rng, organ, 0.8, slab_half_mm)
+    return Ellipsoid(centre, (r, r * rng.uniform(1, 2.5), 40.0), float(rng.uniform(0, np.pi)))
 
 
 def render(anatomy: Anatomy, affine: np.ndarray, shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:

@@ -4,6 +4,9 @@
 >>> data.train_x.shape, data.train_y.dtype
 ((492, 1, 64, 64), dtype('int64'))
 
+A ``dims=3`` contract gives :class:`PreparedVolumes` instead: each case harmonised once into the site's cache as
+memory-mappable ``.npy`` files, read lazily through ``.train`` / ``.test``.
+
 With ``"task": "classification"`` in the contract, ``train_y``/``test_y`` are class indices int64 [N] from the
 contract's ``labels``: each slice carries its case's class (:mod:`site_kernel.data.classes`).
 
@@ -15,7 +18,7 @@ dataset's voxels, safe to show the researcher (:func:`harmonisation_report`).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -23,6 +26,7 @@ from typing import Any, Literal
 import numpy as np
 
 from flip_common.contract import ContractError, contract_hash, validate_contract
+from flip_common.sitedata import VolumeData, open_volumes
 
 from . import cache
 from .classes import class_indices, segment_lookup
@@ -61,13 +65,44 @@ class PreparedData:
         return int(self.test_x.shape[0])
 
 
+@dataclass
+class PreparedVolumes:
+    """A ``dims=3`` dataset harmonised into the site's cache: ``folder`` holds one ``.npy`` image and label per
+    case and an ``index.json`` (:mod:`site_kernel.data.cache`). ``train``/``test`` read the cases lazily, as the
+    worker does (:mod:`flip_common.sitedata`)."""
+
+    folder: Path
+    stats: dict[str, Any] = field(default_factory=dict)
+    cache_key: str = ""
+    from_cache: bool = False
+
+    def data(self, device: str = "cpu") -> VolumeData:
+        return open_volumes(self.folder, device=device)
+
+    @property
+    def train(self) -> Sequence[dict[str, Any]]:
+        return self.data().train
+
+    @property
+    def test(self) -> Sequence[dict[str, Any]]:
+        return self.data().test
+
+    @property
+    def num_train(self) -> int:
+        return len(self.train)
+
+    @property
+    def num_test(self) -> int:
+        return len(self.test)
+
+
 def prepare(
     site_dir: Path,
     contract: Mapping[str, Any],
     *,
     site_steps: Sequence[Mapping[str, Any]] | None = None,
     harmonise: Mode = "full",
-) -> PreparedData:
+) -> PreparedData | PreparedVolumes:
     """Harmonise dataset ``contract["dataset"]`` of ``site_dir`` onto ``contract`` (cached).
 
     ``site_steps`` come from the site's settings and run first. ``harmonise`` is ``"full"`` for studies;
@@ -96,7 +131,7 @@ def _prepare(
     contract: Mapping[str, Any],
     site_steps: Sequence[Mapping[str, Any]] | None,
     harmonise: Mode,
-) -> PreparedData:
+) -> PreparedData | PreparedVolumes:
     spec = validate_contract(contract)
     if harmonise not in MODES:
         raise ContractError(f"harmonise must be one of {list(MODES)}, got {harmonise!r}", key="harmonise")
@@ -111,6 +146,8 @@ def _prepare(
     )
     steps = build_steps(site_steps)
     key = cache.cache_key(spec, manifest_hash(manifest), [s.spec() for s in steps], harmonise)
+    if spec["dims"] == 3:
+        return _prepare_volumes(site_dir, spec, manifest, steps, harmonise, key, classes)
     hit = cache.load(site_dir, key)
     if hit is not None:
         arrays, meta = hit
@@ -120,37 +157,15 @@ def _prepare(
 
     parts: dict[str, list[np.ndarray]] = {name: [] for name in cache.ARRAYS}
     before: list[np.ndarray] = []
-    skipped = 0
-    for case in manifest["cases"]:
-        try:
-            volume, label = load_case(case)
-        except (InputRejected, OSError) as error:  # a file changed or vanished since registration
-            site_log(
-                site_dir,
-                f"dataset={manifest['name']} case={case['id']} skipped in prepare: {type(error).__name__}: {error}",
-            )
-            skipped += 1
-            continue
-        except Exception as error:  # unexpected trouble with one case: name it for the data owner, then stop
-            site_log(site_dir, f"dataset={manifest['name']} case={case['id']} failed: {type(error).__name__}: {error}")
-            raise DataError(
-                f"case {case['id']} of dataset {manifest['name']!r} could not be read "
-                f"({type(error).__name__}); see the site's data.log"
-            ) from error
+    skipped: list[str] = []
+    for case, volume, label in _read_cases(site_dir, manifest, spec, skipped):
         before.append(_sample(volume.array))
-        lookup = segment_lookup(case.get("label_names", {}), spec["labels"])
-        if label is not None and lookup is not None:
-            label = lookup[label]
         slices, maps = harmonise_case(volume, None if classify else label, spec, steps=steps, mode=harmonise)
         if classify:
             maps = np.full(len(slices), classes[str(case.get("class_name"))], np.int64)
         parts[f"{case['split']}_x"].append(slices)
         parts[f"{case['split']}_y"].append(maps)
-    if manifest["cases"] and skipped == len(manifest["cases"]):
-        raise DatasetUnusable(
-            f"no case of dataset {manifest['name']!r} can be read any more (files moved, edited or damaged since "
-            "registration); its data owner must register it again (flip-site data add)"
-        )
+    _check_some_read(manifest, skipped)
     height, width = spec["size"]
     empty_y = (0,) if classify else (0, height, width)
     arrays = {
@@ -165,15 +180,99 @@ def _prepare(
     after = np.concatenate([arrays["train_x"].ravel(), arrays["test_x"].ravel()])
     stats = _stats(np.concatenate(before) if before else np.zeros(0), after[:: max(1, after.size // 200_000)])
     stats.update(
-        cases=len(manifest["cases"]) - skipped, skipped_cases=skipped, slices=int(after.size // (height * width))
+        cases=len(manifest["cases"]) - len(skipped),
+        skipped_cases=len(skipped),
+        slices=int(after.size // (height * width)),
     )
     cache.store(site_dir, key, arrays, {"stats": stats, "contract": spec, "mode": harmonise})
     site_log(
         site_dir,
         f"dataset={manifest['name']} prepared contract={contract_hash(spec)[:12]} mode={harmonise} "
-        f"train={arrays['train_x'].shape[0]} test={arrays['test_x'].shape[0]} skipped={skipped}",
+        f"train={arrays['train_x'].shape[0]} test={arrays['test_x'].shape[0]} skipped={len(skipped)}",
     )
     return PreparedData(**arrays, stats=stats, cache_key=key, from_cache=False)
+
+
+def _prepare_volumes(
+    site_dir: Path,
+    spec: dict[str, Any],
+    manifest: Manifest,
+    steps: list[Any],
+    harmonise: Mode,
+    key: str,
+    classes: dict[str, int],
+) -> PreparedVolumes:
+    """``dims=3``: harmonise each case once into the cache, one at a time; memory holds one case, not the dataset."""
+    meta = cache.load_volumes(site_dir, key)
+    if meta is not None:
+        return PreparedVolumes(cache.entry_dir(site_dir, key), meta["stats"], key, from_cache=True)
+    from .harmonise import harmonise_volume
+
+    classify = spec.get("task") == "classification"
+    writer = cache.VolumeWriter(site_dir, key)
+    before: list[np.ndarray] = []
+    after: list[np.ndarray] = []
+    skipped: list[str] = []
+    try:
+        for case, volume, label in _read_cases(site_dir, manifest, spec, skipped):
+            before.append(_sample(volume.array))
+            image, label_out, affine = harmonise_volume(
+                volume, None if classify else label, spec, steps=steps, mode=harmonise
+            )
+            after.append(_sample(image))
+            index = classes[str(case.get("class_name"))] if classify else None
+            writer.add(str(case["split"]), image, None if classify else label_out, affine, index)
+            del volume, label, image, label_out
+        _check_some_read(manifest, skipped)
+        stats = _stats(
+            np.concatenate(before) if before else np.zeros(0), np.concatenate(after) if after else np.zeros(0)
+        )
+        stats.update(cases=len(writer.cases), skipped_cases=len(skipped))
+        folder = writer.commit({"stats": stats, "contract": spec, "mode": harmonise})
+    except BaseException:
+        writer.abort()
+        raise
+    site_log(
+        site_dir,
+        f"dataset={manifest['name']} prepared contract={contract_hash(spec)[:12]} mode={harmonise} dims=3 "
+        f"train={writer.counts.get('train', 0)} test={writer.counts.get('test', 0)} skipped={len(skipped)}",
+    )
+    return PreparedVolumes(folder, stats, key, from_cache=False)
+
+
+def _read_cases(
+    site_dir: Path, manifest: Manifest, spec: dict[str, Any], skipped: list[str]
+) -> Iterator[tuple[dict[str, Any], Any, np.ndarray | None]]:
+    """Each readable case with its image and its label mapped onto the contract's segment names; a case whose files
+    changed or vanished since registration is logged for the data owner and appended to ``skipped``."""
+    for case in manifest["cases"]:
+        try:
+            volume, label = load_case(case)
+        except (InputRejected, OSError) as error:  # a file changed or vanished since registration
+            site_log(
+                site_dir,
+                f"dataset={manifest['name']} case={case['id']} skipped in prepare: {type(error).__name__}: {error}",
+            )
+            skipped.append(str(case["id"]))
+            continue
+        except Exception as error:  # unexpected trouble with one case: name it for the data owner, then stop
+            site_log(site_dir, f"dataset={manifest['name']} case={case['id']} failed: {type(error).__name__}: {error}")
+            raise DataError(
+                f"case {case['id']} of dataset {manifest['name']!r} could not be read "
+                f"({type(error).__name__}); see the site's data.log"
+            ) from error
+        lookup = segment_lookup(case.get("label_names", {}), spec["labels"])
+        if label is not None and lookup is not None:
+            label = lookup[label]
+        yield case, volume, label
+
+
+def _check_some_read(manifest: Manifest, skipped: list[str]) -> None:
+    if manifest["cases"] and len(skipped) == len(manifest["cases"]):
+        raise DatasetUnusable(
+            f"no case of dataset {manifest['name']!r} can be read any more (files moved, edited or damaged since "
+            "registration); its data owner must register it again (flip-site data add)"
+        )
 
 
 def harmonisation_report(

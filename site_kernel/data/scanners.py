@@ -10,7 +10,7 @@ MR), each seeded per patient so that a hospital is reproducible from one seed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -197,4 +197,26 @@ PROFILES: tuple[ScannerProfile, ...] = (
         reverse_files=True,
         site_steps=({"kind": "bias_field_correction"},),
     ),
+)
+
+
+#: The 3D demo federation: the same four hospitals scanning whole abdominal volumes of 48-80 voxels a side
+#: instead of a slab of a few slices, each on its own grid (matrix, anisotropic spacing, stored orientation) and
+#: with its own number of patients. Lesions lie anywhere in the liver within ``VOLUME_SLAB_HALF_MM`` of its middle.
+VOLUME_SLAB_HALF_MM = 35.0
+_VOLUME_GRIDS = {  # name: (matrix, spacing, slices, patients)
+    "st-aldhelm": ((80, 80), (2.5, 2.5, 4.0), 28, 24),
+    "northgate": ((64, 64), (3.2, 3.2, 5.0), 22, 16),
+    "riverside": ((72, 72), (2.8, 2.8, 3.0), 36, 20),
+    "westmoor": ((56, 56), (3.6, 3.6, 6.0), 18, 12),
+}
+VOLUME_PROFILES: tuple[ScannerProfile, ...] = tuple(
+    replace(
+        p,
+        matrix=_VOLUME_GRIDS[p.name][0],
+        spacing=_VOLUME_GRIDS[p.name][1],
+        slices=_VOLUME_GRIDS[p.name][2],
+        num_cases=_VOLUME_GRIDS[p.name][3],
+    )
+    for p in PROFILES
 )
