@@ -12,8 +12,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-# The one crossing left: the dry run's synthetic site data.
-STILL_CROSSING = {"flip_lab": {"flip_lab/_dryrun.py": ["site_kernel"]}}
 
 
 def _imports(package: str, root: Path = ROOT) -> dict[str, set[str]]:
@@ -37,7 +35,7 @@ def _imports(package: str, root: Path = ROOT) -> dict[str, set[str]]:
 )
 def test_no_part_imports_the_other_side(package: str, forbidden: set[str]) -> None:
     crossing = {module: sorted(names & forbidden) for module, names in _imports(package).items() if names & forbidden}
-    assert crossing == STILL_CROSSING.get(package, {})
+    assert crossing == {}
 
 
 def test_the_check_sees_imports_inside_functions_and_relative_ones(tmp_path: Path) -> None:
