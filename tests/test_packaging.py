@@ -29,6 +29,7 @@ NOT_IMPORTED = {
     "flip-lab": {
         "jupyterlab": "the side panel is a JupyterLab extension",
         "ipykernel": "papermill runs study notebooks on the Python kernel",
+        "flip-site": "a local federation runs `flip-site` processes; the lab imports none of the site's code",
     },
 }
 # What a hospital never installs.

@@ -34,6 +34,7 @@ PYTHON_NAMES = ("flip_lab", "fed", "job", "plan")  # the README's names for FLIP
 # module whose own code does, or a notebook, which test_notebooks executes (as it does every notebook). Where the
 # README's own line would take minutes or a network, the test runs the same command on less, as its docstring says.
 RUN_BY = {
+    "flip-site demo": "test_supervisor::test_flip_site_demo_lays_out_ready_site_folders_as_the_readme_shows",
     "./run demo": "test_readme::test_the_run_script_offers_what_the_readme_says",
     "./run test": "test_readme::test_the_run_script_offers_what_the_readme_says",
     "./run lab": "test_readme::test_the_run_script_offers_what_the_readme_says",
