@@ -100,7 +100,9 @@ MEMORY_SCAN = r"""
 
 @pytest.mark.e2e
 def test_the_plans_memory_holds_none_of_the_sites_identifiers(site):
-    series = [p.name for p in (site["dir"] / "raw" / "images").iterdir() if p.is_dir()]
+    # the export the site registered: the demo hospital's archive, which stays in the per-seed cache
+    source = Path(json.loads((site["dir"] / "data" / "default" / "manifest.json").read_text())["source"])
+    series = [p.name for p in source.iterdir() if p.is_dir()]
     assert series and all(re.fullmatch(r"ACC[0-9]{7}", name) for name in series)  # the needles are real
     job = run(site, plan_with_train("    import os" + MEMORY_SCAN))
     assert job.status == "completed", job.errors
