@@ -75,3 +75,33 @@ def test_nothing_is_pushed_for_no_messages():
     grid = _Grid({})
     exchange = Exchange(grid, [])
     assert list(exchange.replies(time.monotonic() + 1.0)) == [] and grid.polls == 0
+
+
+def test_a_site_gone_between_rounds_is_said_once_and_asked_again_when_back():
+    """A local federation unregisters a dead site at once, so no exchange waits for it: the researcher must still
+    hear that the site is gone (once), and the site takes part again should it come back."""
+    from flip_lab.hub.grid import StreamingGrid
+
+    class Nodes:
+        def __init__(self):
+            self.online = {1, 2, 3}
+
+        def get_node_ids(self):
+            return sorted(self.online)
+
+    class Sink:
+        def __init__(self):
+            self.events = []
+
+        def emit(self, type_, **fields):
+            self.events.append({"type": type_, **fields})
+
+    nodes, sink = Nodes(), Sink()
+    grid = StreamingGrid(nodes, sink, site_names={1: "a", 2: "b", 3: "c"}, min_sites=2)
+    assert grid.get_node_ids() == [1, 2, 3] and sink.events == []
+    nodes.online = {1, 3}
+    assert grid.get_node_ids() == [1, 3]
+    assert grid.get_node_ids() == [1, 3]
+    assert [(e["site"], e["kind"], e["round"], e["phase"]) for e in sink.events] == [("b", "site_offline", 1, "train")]
+    nodes.online = {1, 2, 3}
+    assert grid.get_node_ids() == [1, 2, 3] and len(sink.events) == 1

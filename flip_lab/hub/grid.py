@@ -113,6 +113,8 @@ class StreamingGrid:
         self.on_reply = on_reply
         self.current_round = 0
         self.dropped: set[int] = set()
+        self._said_offline: set[int] = set()  # approved sites found offline between rounds, each told once
+        self._next: tuple[int, str] = (1, "train")  # the round and phase the next exchange will be
         self.secagg = secagg  # a flip_lab.hub.secagg.SecureAggregator when the study uses secure aggregation
 
     def __getattr__(self, name: str) -> Any:  # everything not overridden goes to Flower's grid
@@ -122,7 +124,24 @@ class StreamingGrid:
         return self.site_names.get(node_id, f"node-{node_id}")
 
     def online_sites(self) -> list[int]:
+        """The approved sites the next exchange can ask. A site that went offline between rounds (a local
+        federation unregisters a dead site at once, so no exchange ever waits for it) is said once as a
+        ``site_offline`` error of the round it misses, and asked again should it come back."""
         online = set(self._grid.get_node_ids())
+        round_, phase = self._next
+        for node in self.site_names:
+            if node in online:
+                self._said_offline.discard(node)
+            elif node not in self.dropped and node not in self._said_offline:
+                self._said_offline.add(node)
+                self.sink.emit(
+                    "site_error",
+                    round=round_,
+                    phase=phase,
+                    site=self.name(node),
+                    kind="site_offline",
+                    message="the site went offline between rounds; the study goes on without it",
+                )
         return [n for n in self.site_names if n in online and n not in self.dropped]
 
     def get_node_ids(self) -> list[int]:
@@ -171,6 +190,8 @@ class StreamingGrid:
                 kind="timeout",
                 message=f"no reply within {timeout:g} s; the round goes on without this site",
             )
+        if phase in ("train", "evaluate"):
+            self._next = (round_, "evaluate") if phase == "train" else (round_ + 1, "train")
         return replies
 
     def _drop_offline(self, waiting: dict[str, int], phase: str, round_: int) -> None:
