@@ -134,14 +134,7 @@ class StreamingGrid:
                 self._said_offline.discard(node)
             elif node not in self.dropped and node not in self._said_offline:
                 self._said_offline.add(node)
-                self.sink.emit(
-                    "site_error",
-                    round=round_,
-                    phase=phase,
-                    site=self.name(node),
-                    kind="site_offline",
-                    message="the site went offline between rounds; the study goes on without it",
-                )
+                self._offline(node, round_, phase, "between rounds; the study goes on without it")
         return [n for n in self.site_names if n in online and n not in self.dropped]
 
     def get_node_ids(self) -> list[int]:
@@ -200,14 +193,17 @@ class StreamingGrid:
             if node not in online:
                 del waiting[msg_id]
                 self.dropped.add(node)
-                self.sink.emit(
-                    "site_error",
-                    round=round_,
-                    phase=phase,
-                    site=self.name(node),
-                    kind="site_offline",
-                    message="the site went offline during the round; the round goes on without it",
-                )
+                self._offline(node, round_, phase, "during the round; the round goes on without it")
+
+    def _offline(self, node: int, round_: int, phase: str, when: str) -> None:
+        self.sink.emit(
+            "site_error",
+            round=round_,
+            phase=phase,
+            site=self.name(node),
+            kind="site_offline",
+            message=f"the site went offline {when}",
+        )
 
     def _report(self, reply: Message, node: int, phase: str, round_: int) -> None:
         site = self.name(node)
